@@ -1,0 +1,53 @@
+"""Rich progress bars on stderr for long stages: items done, tokens/s and ETA."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+class StageProgress:
+    """A progress bar counting items (samples, rows) that also shows tokens/s since the start."""
+
+    def __init__(self, description: str, total: int, completed: int = 0):
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = self._progress.add_task(description, total=total, completed=completed, rate="-")
+        self.tokens = 0
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> StageProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self._start
+
+    def advance(self, items: int = 0, tokens: int = 0) -> None:
+        self.tokens += tokens
+        rate = f"{self.tokens / self.seconds:,.0f}" if self.seconds > 0 else "-"
+        self._progress.update(self._task, advance=items, rate=rate)

@@ -1,0 +1,174 @@
+"""Stage `rollout`: sample a model on a prompt file into a sharded rollout store.
+
+Prompts are validated and tokenized before any model is loaded, so bad input fails in seconds
+and leaves no store behind. Shard i holds the samples of prompts [i·P, (i+1)·P) in file order,
+all samples of a prompt together. Every row's random stream is keyed by (seed, prompt id,
+sample index), so an interrupted run resumed later, or a run with another batch size, writes
+the same rows; a re-run skips the shards the manifest lists as complete.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from lightopd import models
+from lightopd.config import RolloutConfig
+from lightopd.errors import InputError
+from lightopd.generate import generate
+from lightopd.progress import StageProgress, console
+from lightopd.prompts import PromptRecord, encode, file_fingerprint, read_prompts
+from lightopd.sampling import row_key
+from lightopd.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA, StoreWriter
+
+
+def _plan_batches(lengths: list[int], n: int, batch_size: int) -> list[list[tuple[int, range]]]:
+    """Group (prompt, sample range) pieces into batches of at most `batch_size` rows.
+
+    Longest prompts first, so similar lengths share a batch (little padding) and a batch too
+    large for memory fails at the start rather than at the end.
+    """
+    pieces = [(i, range(s, min(s + batch_size, n))) for i in range(len(lengths)) for s in range(0, n, batch_size)]
+    pieces.sort(key=lambda piece: -lengths[piece[0]])
+    batches, current, rows = [], [], 0
+    for piece in pieces:
+        if rows + len(piece[1]) > batch_size:
+            batches.append(current)
+            current, rows = [], 0
+        current.append(piece)
+        rows += len(piece[1])
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _encode_all(tokenizer, records: list[PromptRecord], context: int | None) -> list[list[int]]:
+    encoded = []
+    for record in records:
+        ids = encode(tokenizer, record)
+        if not ids:
+            raise InputError(f"{record.where}: the prompt encodes to no tokens")
+        if context is not None and len(ids) >= context:
+            raise InputError(
+                f"{record.where}: prompt is {len(ids)} tokens, which leaves no room to generate "
+                f"within the model's context of {context} tokens"
+            )
+        encoded.append(ids)
+    return encoded
+
+
+def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, int]:
+    columns = {name: [] for name in ROLLOUT_SCHEMA.names}
+    tokens = 0
+    for record, ids, samples in zip(records, encoded, completions):
+        for j in range(keys_n):
+            c = samples[j]
+            columns["prompt_id"].append(record.id)
+            columns["sample_index"].append(j)
+            columns["prompt_ids"].append(ids)
+            columns["completion_ids"].append(c.ids)
+            columns["behavior_logprobs"].append(c.logprobs)
+            columns["finish_reason"].append(c.finish_reason)
+            columns["answer"].append(record.answer)
+            tokens += len(c.ids)
+    return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA), tokens
+
+
+def run(cfg: RolloutConfig) -> dict:
+    """Write (or finish) the rollout store `cfg.out`; return the JSON summary."""
+    from transformers import AutoConfig, GenerationConfig
+
+    model_dir = models.check_model_dir(cfg.model)
+    records = read_prompts(cfg.prompts, cfg.limit)
+    tokenizer = models.load_tokenizer(model_dir, cfg.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=cfg.trust_remote_code)
+    context = models.context_length(model_config)
+    encoded = _encode_all(tokenizer, records, context)
+    try:
+        generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:
+        generation_config = None
+    eos_ids = models.eos_token_ids(tokenizer, generation_config)
+    if not eos_ids:
+        raise InputError(f"--model {cfg.model}: neither the tokenizer nor the model names an EOS token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
+
+    metadata = {
+        "model": {
+            "path": str(Path(cfg.model).resolve()),
+            "fingerprint": models.model_fingerprint(model_dir),
+            "dtype": str(dtype).removeprefix("torch."),
+            "sft_teacher": (models.read_provenance(model_dir) or {}).get("sft_teacher"),
+        },
+        "tokenizer": {
+            "fingerprint": models.tokenizer_fingerprint(tokenizer),
+            "vocab_size": len(tokenizer),
+            "eos_token_ids": eos_ids,
+            "pad_token_id": pad_id,
+        },
+        "sampling": {
+            "n": cfg.n,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed,
+        },
+        "prompts": {
+            "path": str(Path(cfg.prompts).resolve()),
+            "fingerprint": file_fingerprint(cfg.prompts),
+            "count": len(records),
+            "limit": cfg.limit,
+        },
+        "prompts_per_shard": cfg.prompts_per_shard,
+    }
+    num_shards = math.ceil(len(records) / cfg.prompts_per_shard)
+    writer = StoreWriter(cfg.out, ROLLOUT_FORMAT, metadata, num_shards)
+    done = writer.completed()
+    todo = [i for i in range(num_shards) if i not in done]
+    start = time.perf_counter()
+    new_tokens = 0
+    if todo:
+        if done:
+            console.print(f"resuming {cfg.out}: {len(done)} of {num_shards} shards already complete")
+        model = models.load_model(model_dir, device, dtype, cfg.trust_remote_code)
+        P = cfg.prompts_per_shard
+        rows_done = sum(min(P, len(records) - i * P) for i in done) * cfg.n
+        with StageProgress("rollout", total=len(records) * cfg.n, completed=rows_done) as bar:
+            for shard in todo:
+                lo, hi = shard * P, min((shard + 1) * P, len(records))
+                shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
+                completions = [[None] * cfg.n for _ in shard_records]
+                for batch in _plan_batches([len(x) for x in shard_ids], cfg.n, cfg.batch_size):
+                    prompts = [shard_ids[i] for i, _ in batch]
+                    keys = [[row_key(cfg.seed, shard_records[i].id, j) for j in js] for i, js in batch]
+                    limits = [
+                        cfg.max_new_tokens if context is None else min(cfg.max_new_tokens, context - len(p))
+                        for p in prompts
+                    ]
+                    out = generate(model, prompts, keys, cfg.sampling, eos_ids, limits, pad_id,
+                                   on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+                    for (i, js), samples in zip(batch, out):
+                        for j, c in zip(js, samples):
+                            completions[i][j] = c
+                table, tokens = _shard_table(shard_records, shard_ids, completions, cfg.n)
+                writer.write_shard(shard, table, tokens, prompt_tokens=sum(len(x) for x in shard_ids) * cfg.n)
+                new_tokens += tokens
+    seconds = time.perf_counter() - start
+    manifest = writer.manifest()
+    return {
+        "command": "rollout",
+        "store": str(cfg.out),
+        "format": manifest["format"],
+        "complete": manifest["complete"],
+        "shards": len(manifest["shards"]),
+        "shards_written": len(todo),
+        "rows": manifest["rows"],
+        "tokens": manifest["tokens"],
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(new_tokens / seconds, 1) if new_tokens else None,
+    }

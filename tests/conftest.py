@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models, prompt files, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import make_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny Llama whose generation_config carries sampling defaults lightopd must ignore."""
+    return make_model(
+        tmp_path_factory.mktemp("models") / "student",
+        generation_defaults={"do_sample": True, "temperature": 0.6, "top_k": 5, "top_p": 0.9,
+                             "eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 0},
+    )
+
+
+@pytest.fixture(scope="session")
+def plain_model(tmp_path_factory) -> Path:
+    """A tiny Llama whose tokenizer has no chat template."""
+    return make_model(tmp_path_factory.mktemp("models") / "plain", chat_template=None, seed=1)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    words = [f"w{i}" for i in range(40)]
+    records = [{"id": f"p{i}", "prompt": " ".join(words[i % 7: i % 7 + 1 + i % 5]), "answer": str(i)} for i in range(10)]
+    records[3] = {"id": "p3", "messages": [{"role": "user", "content": "what is w3 ?"}], "answer": "3"}
+    return write_jsonl(tmp_path / "prompts.jsonl", records)
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m lightopd ARGS` in a subprocess, as a user's shell script would."""
+    proc = subprocess.run([sys.executable, "-m", "lightopd", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lightopd {' '.join(args)} exited {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
