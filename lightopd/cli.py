@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
+from typer import Option
 
 from lightopd import __version__
 from lightopd.config import DEVICES, DTYPES, RolloutConfig
@@ -24,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 R = RolloutConfig  # class attributes hold the defaults
@@ -42,27 +44,41 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: Annotated[bool, Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    pass
+    """Offline on-policy distillation: each command writes a store on disk for the next."""
 
 
 @app.command()
 def rollout(
-    model: Path = typer.Option(..., help="Model to sample: a local Hugging Face causal-LM directory (safetensors weights)."),
-    prompts: Path = typer.Option(..., help="Prompt file, .jsonl or .parquet; records with `prompt` or `messages`, optional `id` and `answer`."),
-    out: Path = typer.Option(..., help="Directory of the rollout store to write (or to resume, if it holds an unfinished one)."),
-    n: int = typer.Option(R.n, help="Samples per prompt."),
-    max_new_tokens: int = typer.Option(R.max_new_tokens, help="Most tokens to generate per sample (fewer if the model's context ends first)."),
-    temperature: float = typer.Option(R.temperature, help="Sampling temperature; 0 is greedy decoding."),
-    top_p: float = typer.Option(R.top_p, help="Nucleus sampling: sample from the smallest set of tokens holding this much probability; 1 disables it."),
-    seed: int = typer.Option(R.seed, help="Seed of every sample's random stream; same seed and inputs give the same rollouts."),
-    limit: Optional[int] = typer.Option(R.limit, help="Use only the first N prompt records."),
-    batch_size: int = typer.Option(R.batch_size, help="Sequences decoded together; prompts are grouped by length. Lower it if memory runs out."),
-    prompts_per_shard: int = typer.Option(R.prompts_per_shard, help="Prompts per Parquet shard (the unit of resumption)."),
-    device: str = typer.Option(R.device, help=f"Device: {', '.join(DEVICES)} or cuda:N; auto picks CUDA when available."),
-    dtype: str = typer.Option(R.dtype, help=f"Weight dtype: {', '.join(DTYPES)}; auto is bfloat16 on CUDA, float32 on CPU."),
-    trust_remote_code: bool = typer.Option(R.trust_remote_code, help="Allow model code shipped inside the model directory to run."),
+    model: Annotated[Path, Option(
+        help="Model to sample: a local Hugging Face causal-LM directory (safetensors weights).")],
+    prompts: Annotated[Path, Option(
+        help="Prompt file, .jsonl or .parquet: records with `prompt` or `messages`, optional `id` and `answer`.")],
+    out: Annotated[Path, Option(
+        help="Directory of the rollout store to write (or to resume, if it holds an unfinished one).")],
+    n: Annotated[int, Option(help="Samples per prompt.")] = R.n,
+    max_new_tokens: Annotated[int, Option(
+        help="Most tokens to generate per sample (fewer if the model's context ends first).")] = R.max_new_tokens,
+    temperature: Annotated[float, Option(help="Sampling temperature; 0 is greedy decoding.")] = R.temperature,
+    top_p: Annotated[float, Option(
+        help="Nucleus sampling: draw from the smallest set of most likely tokens holding this much "
+             "probability; 1 disables it.")] = R.top_p,
+    seed: Annotated[int, Option(
+        help="Seed of every sample's random stream: the same seed and inputs give the same rollouts, "
+             "whatever the batch size.")] = R.seed,
+    limit: Annotated[Optional[int], Option(help="Use only the first N prompt records.")] = R.limit,
+    batch_size: Annotated[int, Option(
+        help="Sequences decoded together; prompts are grouped by length. Lower it if memory runs out.")] = R.batch_size,
+    prompts_per_shard: Annotated[int, Option(
+        help="Prompts per Parquet shard, the unit of resumption.")] = R.prompts_per_shard,
+    device: Annotated[str, Option(
+        help=f"Device: {', '.join(DEVICES)} or cuda:N; auto picks CUDA when available.")] = R.device,
+    dtype: Annotated[str, Option(
+        help=f"Weight dtype: {', '.join(DTYPES)}; auto is bfloat16 on CUDA, float32 elsewhere.")] = R.dtype,
+    trust_remote_code: Annotated[bool, Option(
+        "--trust-remote-code", help="Allow Python code shipped inside the model directory to run.")] = False,
 ) -> None:
     """Sample a model on a prompt file into a sharded rollout store.
 
@@ -84,10 +100,12 @@ def rollout(
 
 @app.command()
 def inspect(
-    store: Path = typer.Argument(..., help="A store directory (holding manifest.json)."),
-    verify: bool = typer.Option(False, "--verify", help="Check every shard's checksum and row count; exit 2 naming any shard that is missing, partial or corrupt."),
+    store: Annotated[Path, typer.Argument(help="A store directory (holding manifest.json).")],
+    verify: Annotated[bool, Option(
+        "--verify", help="Check every shard's checksum and row count; exit 2 naming any shard that is "
+                         "missing, partial or corrupt.")] = False,
 ) -> None:
-    """Describe a store: format, model and tokenizer fingerprints, parameters, shards, rows, tokens, bytes per token."""
+    """Describe a store: format, fingerprints, parameters, shards, rows, tokens, bytes per token."""
     from lightopd.inspect import run as inspect_run
 
     result, ok = inspect_run(store, verify)
@@ -97,21 +115,11 @@ def inspect(
 
 
 def main() -> None:
+    """Console entry point; click handles usage errors (exit 2) and --help, we handle InputError."""
     try:
-        code = app(standalone_mode=False)
+        app()
     except InputError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
-        sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("aborted")
-        sys.exit(130)
-    except Exception as e:  # click's own usage errors carry their exit code (2)
-        import click
+        from rich.text import Text
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
-    sys.exit(code if isinstance(code, int) else 0)
+        console.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)
+        sys.exit(2)

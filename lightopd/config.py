@@ -60,7 +60,7 @@ class RolloutConfig:
         _check(self.device in DEVICES or self.device.startswith("cuda:"), "--device",
                f"must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         _check(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        self.sampling  # validates temperature, top-p and max-new-tokens
+        SamplingConfig(self.temperature, self.top_p, self.max_new_tokens)  # validates those three
 
     @property
     def sampling(self) -> SamplingConfig:

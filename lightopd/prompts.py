@@ -8,6 +8,7 @@ index) and an optional `answer`. Anything else is an error naming the file, reco
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,9 +106,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptRecor
         raise InputError(f"--prompts {path}: no such file")
     records: list[PromptRecord] = []
     seen: dict[str, str] = {}
-    for index, (where, raw) in enumerate(_raw_records(path)):
-        if limit is not None and index >= limit:
-            break
+    for index, (where, raw) in enumerate(itertools.islice(_raw_records(path), limit)):
         rec = _validate(where, index, raw)
         if rec.id in seen:
             raise InputError(f"{where}: duplicate id {rec.id!r} (first at {seen[rec.id]})")

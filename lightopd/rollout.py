@@ -63,7 +63,7 @@ def _encode_all(tokenizer, records: list[PromptRecord], context: int | None) -> 
 def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, int]:
     columns = {name: [] for name in ROLLOUT_SCHEMA.names}
     tokens = 0
-    for record, ids, samples in zip(records, encoded, completions):
+    for record, ids, samples in zip(records, encoded, completions, strict=True):
         for j in range(keys_n):
             c = samples[j]
             columns["prompt_id"].append(record.id)
@@ -152,8 +152,8 @@ def run(cfg: RolloutConfig) -> dict:
                     ]
                     out = generate(model, prompts, keys, cfg.sampling, eos_ids, limits, pad_id,
                                    on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
-                    for (i, js), samples in zip(batch, out):
-                        for j, c in zip(js, samples):
+                    for (i, js), samples in zip(batch, out, strict=True):
+                        for j, c in zip(js, samples, strict=True):
                             completions[i][j] = c
                 table, tokens = _shard_table(shard_records, shard_ids, completions, cfg.n)
                 writer.write_shard(shard, table, tokens, prompt_tokens=sum(len(x) for x in shard_ids) * cfg.n)

@@ -36,7 +36,8 @@ def write_jsonl(path: Path, records: list) -> Path:
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
     words = [f"w{i}" for i in range(40)]
-    records = [{"id": f"p{i}", "prompt": " ".join(words[i % 7: i % 7 + 1 + i % 5]), "answer": str(i)} for i in range(10)]
+    records = [{"id": f"p{i}", "prompt": " ".join(words[i % 7: i % 7 + 1 + i % 5]), "answer": str(i)}
+               for i in range(10)]
     records[3] = {"id": "p3", "messages": [{"role": "user", "content": "what is w3 ?"}], "answer": "3"}
     return write_jsonl(tmp_path / "prompts.jsonl", records)
 

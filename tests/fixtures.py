@@ -43,6 +43,9 @@ def make_model(
 ) -> Path:
     """Save a randomly initialised tiny Llama and its tokenizer to `path`."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     tokenizer = make_tokenizer(vocab_words, chat_template)
     config = LlamaConfig(
