@@ -40,22 +40,26 @@ def make_model(
     context: int = 64,
     chat_template: str | None = CHAT_TEMPLATE,
     generation_defaults: dict | None = None,
+    arch: str = "llama",
 ) -> Path:
-    """Save a randomly initialised tiny Llama and its tokenizer to `path`."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    """Save a randomly initialised tiny Llama (rotary positions) or GPT-2 (learned absolute
+    positions) and its tokenizer to `path`."""
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     tokenizer = make_tokenizer(vocab_words, chat_template)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=context, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=context, **special))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=context, **special))
     with torch.no_grad():  # sharper logits than the default init, so sampling settings matter
         model.lm_head.weight.mul_(40.0)
     if generation_defaults:

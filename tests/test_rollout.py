@@ -27,11 +27,23 @@ def do_rollout(model, prompts, out, **kw) -> dict:
     return rollout.run(RolloutConfig(model=str(model), prompts=str(prompts), out=str(out), **kw))
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.5, 0.8)])
-def test_behavior_logprobs_match_an_independent_forward(tiny_model, prompts_file, tmp_path, temperature, top_p):
+@pytest.fixture(scope="module")
+def gpt2_model(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("models") / "gpt2", arch="gpt2", seed=4)
+
+
+@pytest.mark.parametrize("temperature,top_p,arch", [
+    (1.0, 1.0, "llama"), (0.7, 1.0, "llama"), (1.5, 0.8, "llama"), (0.7, 0.9, "gpt2"),
+])
+def test_behavior_logprobs_match_an_independent_forward(
+    tiny_model, gpt2_model, prompts_file, tmp_path, temperature, top_p, arch
+):
+    """Batches mix prompt lengths (left padding) and drop finished rows; each row must still see
+    exactly the logits of an unpadded forward of its own tokens."""
     out = tmp_path / "store"
+    tiny_model = gpt2_model if arch == "gpt2" else tiny_model
     result = do_rollout(tiny_model, prompts_file, out, n=3, max_new_tokens=12,
-                        temperature=temperature, top_p=top_p, batch_size=5, prompts_per_shard=4)
+                        temperature=temperature, top_p=top_p, batch_size=9, prompts_per_shard=5)
     assert result["complete"] and result["rows"] == 30
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     rows = read_rows(out)
