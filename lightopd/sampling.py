@@ -18,23 +18,49 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
+NUCLEUS_CANDIDATES = 1024  # top-p looks for the nucleus among this many tokens before sorting all
+BLOCK = 256  # inverse-CDF sampling goes through block sums, then one block
+
+
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Float32 log-probs [..., V] of softmax(logits / temperature) restricted to the top-p nucleus.
+    """Float32 log-probs [B, V] of softmax(logits / temperature) restricted to the top-p nucleus.
 
     The nucleus is the smallest set of most likely tokens whose mass reaches `top_p`: a token is
     kept when the mass of the tokens ranked before it is below `top_p` (so the top token always
     is). Tokens outside it get -inf; the rest are renormalised. `temperature` must be > 0.
     """
-    lp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_lp, order = lp.sort(dim=-1, descending=True)
-        probs = sorted_lp.exp()
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop_sorted[..., 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        lp = torch.log_softmax(lp.masked_fill(drop, float("-inf")), dim=-1)
-    return lp
+    lp = torch.log_softmax(logits.float() / temperature if temperature != 1 else logits.float(), dim=-1)
+    if top_p >= 1.0:
+        return lp
+    k = min(lp.shape[-1], NUCLEUS_CANDIDATES)
+    ranked_lp, order = lp.topk(k, dim=-1)  # cheap, and holds the nucleus whenever it holds top_p mass
+    if k < lp.shape[-1] and bool((ranked_lp.exp().sum(-1) < top_p).any()):
+        ranked_lp, order = lp.sort(dim=-1, descending=True)
+    probs = ranked_lp.exp()
+    keep_ranked = (probs.cumsum(dim=-1) - probs) < top_p
+    keep_ranked[:, 0] = True
+    keep = torch.zeros_like(lp, dtype=torch.bool).scatter_(-1, order, keep_ranked)
+    return torch.log_softmax(lp.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token i of each row with CDF(i-1) <= u·total < CDF(i): exact sampling by inversion.
+
+    Goes through block sums, then a cumulative sum inside one block, so the float64 work is
+    O(V / BLOCK + BLOCK) per row instead of a float64 cumulative sum over the whole vocabulary.
+    """
+    rows, vocab = probs.shape
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64
+    padded = torch.nn.functional.pad(probs, (0, (-vocab) % BLOCK)).view(rows, -1, BLOCK)
+    block_cdf = padded.sum(-1).to(wide).cumsum(-1)
+    target = u.to(device=probs.device, dtype=wide) * block_cdf[:, -1]
+    block = torch.searchsorted(block_cdf, target.unsqueeze(-1), right=True)
+    block = torch.minimum(block, torch.searchsorted(block_cdf, block_cdf[:, -1:].contiguous()))
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)
+    inner_cdf = padded.gather(1, block.unsqueeze(-1).expand(-1, -1, BLOCK)).squeeze(1).to(wide).cumsum(-1)
+    inner = torch.searchsorted(inner_cdf, (target.unsqueeze(-1) - before), right=True)
+    inner = torch.minimum(inner, torch.searchsorted(inner_cdf, inner_cdf[:, -1:].contiguous()))  # rounding guard
+    return (block * BLOCK + inner).squeeze(-1)
 
 
 def row_key(seed: int, prompt_id: str, sample_index: int) -> int:
@@ -65,10 +91,5 @@ def choose(
         tokens = logits.argmax(dim=-1)
         return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
     lp = sampling_logprobs(logits, temperature, top_p)
-    cdf_dtype = torch.float32 if lp.device.type == "mps" else torch.float64
-    cdf = lp.to(cdf_dtype).exp().cumsum(dim=-1)
-    target = u.to(device=cdf.device, dtype=cdf_dtype) * cdf[:, -1]
-    tokens = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
-    last_possible = torch.searchsorted(cdf, cdf[:, -1:].contiguous()).squeeze(-1)  # guards u * total rounding up
-    tokens = torch.minimum(tokens, last_possible)
+    tokens = _inverse_cdf(lp.exp(), u)
     return tokens, lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

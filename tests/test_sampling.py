@@ -4,12 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+from lightopd import sampling
 from lightopd.sampling import choose, row_key, sampling_logprobs, uniforms
 from tests.reference import nucleus_logprobs
 
 
+@pytest.mark.parametrize("candidates", [4, 1024], ids=["sort-fallback", "top-k-candidates"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (2.0, 1.0), (1.0, 0.7), (0.8, 0.3)])
-def test_sampling_logprobs_match_reference(temperature, top_p):
+def test_sampling_logprobs_match_reference(temperature, top_p, candidates, monkeypatch):
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
     torch.manual_seed(0)
     logits = torch.randn(5, 50) * 3
     got = sampling_logprobs(logits, temperature, top_p).double().numpy()
@@ -41,14 +44,16 @@ def test_uniforms_are_uniform_and_keyed():
     assert row_key(0, "a", 0) != row_key(1, "a", 0) != row_key(0, "a", 1)
 
 
-def test_choose_samples_the_stated_distribution():
+@pytest.mark.parametrize("block", [4, 256])
+def test_choose_samples_the_stated_distribution(block, monkeypatch):
+    monkeypatch.setattr(sampling, "BLOCK", block)  # 4: eight blocks, the last one padded
     torch.manual_seed(1)
-    logits = torch.randn(1, 8) * 1.5
+    logits = torch.randn(1, 30) * 1.5
     temperature, top_p, draws = 0.9, 0.8, 40000
     keys = np.array([row_key(3, "x", i) for i in range(draws)], dtype=np.uint64)
-    tokens, lps = choose(logits.expand(draws, 8), temperature, top_p, torch.from_numpy(uniforms(keys, 0)))
+    tokens, lps = choose(logits.expand(draws, 30), temperature, top_p, torch.from_numpy(uniforms(keys, 0)))
     want = np.exp(nucleus_logprobs(logits[0].numpy(), temperature, top_p))
-    freq = np.bincount(tokens.numpy(), minlength=8) / draws
+    freq = np.bincount(tokens.numpy(), minlength=30) / draws
     np.testing.assert_allclose(freq, want, atol=0.01)
     assert (want[tokens.numpy()] > 0).all(), "never a token outside the nucleus"
     np.testing.assert_allclose(lps.numpy(), np.log(want[tokens.numpy()]), atol=1e-5)
