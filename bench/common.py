@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from lightopd.tiny import SPECIALS, default_words, make_model
+
 
 def machine() -> dict:
     return {
@@ -21,24 +23,6 @@ def machine() -> dict:
 
 
 def make_bench_model(path: Path, vocab: int = 32000, hidden: int = 256, layers: int = 4, seed: int = 0) -> Path:
-    """A Llama-shaped model with a 32k word-level vocabulary, saved like a real checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(vocab - 4)]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    ))
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    """A Llama-shaped model with a realistic (32k) word-level vocabulary, saved like a real checkpoint."""
+    words = default_words(vocab - len(SPECIALS) - 6)
+    return make_model(path, words, hidden=hidden, layers=layers, context=1024, seed=seed)

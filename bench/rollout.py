@@ -39,7 +39,7 @@ def main() -> None:
         rng = random.Random(0)
         prompts = tmp / "prompts.jsonl"
         prompts.write_text("".join(
-            json.dumps({"prompt": " ".join(f"t{rng.randrange(31996)}" for _ in range(rng.randint(8, 96)))}) + "\n"
+            json.dumps({"prompt": " ".join(f"w{rng.randrange(31990)}" for _ in range(rng.randint(8, 96)))}) + "\n"
             for _ in range(args.prompts)
         ))
 

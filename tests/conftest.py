@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import make_model
+from lightopd.tiny import make_model
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lightopd.cli import main
+from lightopd.tiny import make_model
 from tests.conftest import write_jsonl
-from tests.fixtures import make_model
 
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

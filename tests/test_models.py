@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lightopd import models
-from tests.fixtures import WORDS, make_model, make_tokenizer
+from lightopd.tiny import default_words, make_model, make_tokenizer
+
+WORDS = default_words(40)
 
 
 def test_model_fingerprint_follows_the_weights(tmp_path):
@@ -36,8 +38,8 @@ def test_large_weight_files_are_sampled_not_reread(tmp_path, monkeypatch):
 
 
 def test_tokenizer_fingerprint_is_the_vocabulary():
-    base = models.tokenizer_fingerprint(make_tokenizer())
-    assert models.tokenizer_fingerprint(make_tokenizer(chat_template=None)) == base
+    base = models.tokenizer_fingerprint(make_tokenizer(WORDS))
+    assert models.tokenizer_fingerprint(make_tokenizer(WORDS, chat_template=None)) == base
     assert models.tokenizer_fingerprint(make_tokenizer(WORDS + ["extra"])) != base
     assert models.tokenizer_fingerprint(make_tokenizer(list(reversed(WORDS)))) != base
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lightopd import rollout
 from lightopd.config import RolloutConfig
 from lightopd.store import ROLLOUT_SCHEMA, iter_batches, open_store, verify
+from lightopd.tiny import make_model
 from tests.conftest import write_jsonl
-from tests.fixtures import make_model
 from tests.reference import completion_logits, nucleus_logprobs
 
 

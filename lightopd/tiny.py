@@ -1,0 +1,105 @@
+"""Tiny random Hugging Face models and tokenizers, built from configs and saved like real ones.
+
+For tests, benchmarks, and trying the pipeline without downloading anything:
+`python -m lightopd.tiny OUT_DIR [--vocab N] [--arch llama|gpt2]`. The tokenizer is word-level
+(whitespace-separated words `w0 w1 ...`), prepends `<s>`, ends with `</s>`, and has a chat
+template; the model is a randomly initialised Llama (rotary positions) or GPT-2 (learned
+absolute positions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def default_words(count: int) -> list[str]:
+    return [f"w{i}" for i in range(count)] + ["user", "assistant", ":", "?", "what", "is"]
+
+
+def make_tokenizer(words: list[str], chat_template: str | None = CHAT_TEMPLATE):
+    """A word-level fast tokenizer; ids are the four specials, then `words` in order."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def make_model(
+    path: str | Path,
+    words: list[str] | None = None,
+    arch: str = "llama",
+    hidden: int = 32,
+    layers: int = 2,
+    context: int = 64,
+    seed: int = 0,
+    logit_scale: float = 40.0,
+    chat_template: str | None = CHAT_TEMPLATE,
+    generation_defaults: dict | None = None,
+) -> Path:
+    """Save a random model and its tokenizer to `path` (safetensors); returns the path.
+
+    `logit_scale` multiplies the output layer so the random model's next-token distributions
+    are peaked like a trained model's rather than nearly uniform.
+    """
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = make_tokenizer(words if words is not None else default_words(40), chat_template)
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=context, **special))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=context, **special))
+    else:
+        raise ValueError(f"unknown arch {arch!r} (llama or gpt2)")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(logit_scale)
+    if generation_defaults:
+        model.generation_config = GenerationConfig(**generation_defaults)
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="directory to write the model to")
+    ap.add_argument("--words", type=int, default=40, help="vocabulary words besides specials (default 40)")
+    ap.add_argument("--arch", choices=["llama", "gpt2"], default="llama")
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    path = make_model(args.out, default_words(args.words), args.arch, args.hidden, args.layers, args.context, args.seed)
+    print(json.dumps({"model": str(path), "vocab_size": len(make_tokenizer(default_words(args.words)))}))
+
+
+if __name__ == "__main__":
+    main()
