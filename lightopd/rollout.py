@@ -131,7 +131,7 @@ def run(cfg: RolloutConfig) -> dict:
     done = writer.completed()
     todo = [i for i in range(num_shards) if i not in done]
     start = time.perf_counter()
-    new_tokens = 0
+    new_tokens, sampling_seconds = 0, 0.0
     if todo:
         if done:
             console.print(f"resuming {cfg.out}: {len(done)} of {num_shards} shards already complete")
@@ -158,6 +158,7 @@ def run(cfg: RolloutConfig) -> dict:
                 table, tokens = _shard_table(shard_records, shard_ids, completions, cfg.n)
                 writer.write_shard(shard, table, tokens, prompt_tokens=sum(len(x) for x in shard_ids) * cfg.n)
                 new_tokens += tokens
+            sampling_seconds = bar.seconds
     seconds = time.perf_counter() - start
     manifest = writer.manifest()
     return {
@@ -170,5 +171,5 @@ def run(cfg: RolloutConfig) -> dict:
         "rows": manifest["rows"],
         "tokens": manifest["tokens"],
         "seconds": round(seconds, 3),
-        "tokens_per_s": round(new_tokens / seconds, 1) if new_tokens else None,
+        "tokens_per_s": round(new_tokens / sampling_seconds, 1) if new_tokens else None,
     }
