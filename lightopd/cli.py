@@ -15,7 +15,7 @@ import typer
 from typer import Option
 
 from lightopd import __version__
-from lightopd.config import DEVICES, DTYPES, RolloutConfig
+from lightopd.config import DEVICES, DTYPES, TOPK_DTYPES, RolloutConfig, ScoreConfig
 from lightopd.errors import InputError
 from lightopd.progress import console
 
@@ -29,6 +29,7 @@ app = typer.Typer(
 )
 
 R = RolloutConfig  # class attributes hold the defaults
+S = ScoreConfig
 
 
 def _emit(result: dict) -> None:
@@ -93,6 +94,49 @@ def rollout(
         model=str(model), prompts=str(prompts), out=str(out), n=n, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, limit=limit, batch_size=batch_size,
         prompts_per_shard=prompts_per_shard, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    _emit(stage.run(cfg))
+
+
+@app.command("score-teacher")
+def score_teacher(
+    teacher: Annotated[Path, Option(
+        help="Teacher model: a local Hugging Face causal-LM directory with the rollouts' vocabulary.")],
+    rollouts: Annotated[Path, Option(help="A complete rollout store (from `lightopd rollout`).")],
+    out: Annotated[Path, Option(
+        help="Directory of the teacher store to write (or to resume, or to share with other workers).")],
+    top_k: Annotated[int, Option(help="Teacher log-probs stored per position: its k most likely tokens.")] = S.top_k,
+    temperature: Annotated[float, Option(
+        help="Scoring temperature: statistics are of softmax(logits / temperature).")] = S.temperature,
+    worker: Annotated[str, Option(
+        help="I/N: score only shards i with i % N == I, so N processes (on one machine or many sharing a "
+             "filesystem) fill one store together.")] = S.worker,
+    max_batch_tokens: Annotated[int, Option(
+        help="Padded tokens per forward pass; rows are sorted by length and packed to this budget.")]
+    = S.max_batch_tokens,
+    topk_dtype: Annotated[str, Option(
+        help=f"Storage dtype of top-k log-probs: {', '.join(TOPK_DTYPES)} (float16 halves the store; its "
+             "rounding is documented in the README).")] = S.topk_dtype,
+    device: Annotated[str, Option(
+        help=f"Device: {', '.join(DEVICES)} or cuda:N; auto picks CUDA when available.")] = S.device,
+    dtype: Annotated[str, Option(
+        help=f"Teacher weight dtype: {', '.join(DTYPES)}; auto is bfloat16 on CUDA, float32 elsewhere.")]
+    = S.dtype,
+    trust_remote_code: Annotated[bool, Option(
+        "--trust-remote-code", help="Allow Python code shipped inside the model directory to run.")] = False,
+) -> None:
+    """Run the teacher once over a rollout store and write a teacher store.
+
+    Per completion token: the teacher's log-prob of the sampled token (exact, float32, also
+    outside the top-k), its top-k ids and log-probs, and its full-vocabulary entropy. Re-running
+    skips finished shards; `--worker I/N` splits the work between processes.
+    """
+    from lightopd import score as stage
+
+    cfg = ScoreConfig(
+        teacher=str(teacher), rollouts=str(rollouts), out=str(out), top_k=top_k, temperature=temperature,
+        worker=worker, max_batch_tokens=max_batch_tokens, topk_dtype=topk_dtype, device=device, dtype=dtype,
         trust_remote_code=trust_remote_code,
     )
     _emit(stage.run(cfg))

@@ -12,11 +12,18 @@ from lightopd.errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOPK_DTYPES = ("float16", "float32")
 
 
 def _check(ok: bool, option: str, message: str) -> None:
     if not ok:
         raise InputError(f"{option}: {message}")
+
+
+def _check_device_dtype(device: str, dtype: str) -> None:
+    _check(device in DEVICES or device.startswith("cuda:"), "--device",
+           f"must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
+    _check(dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,7 @@ class RolloutConfig:
         _check(self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}")
         _check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         _check(self.prompts_per_shard >= 1, "--prompts-per-shard", f"must be >= 1, got {self.prompts_per_shard}")
-        _check(self.device in DEVICES or self.device.startswith("cuda:"), "--device",
-               f"must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
-        _check(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check_device_dtype(self.device, self.dtype)
         SamplingConfig(self.temperature, self.top_p, self.max_new_tokens)  # validates those three
 
     @property
@@ -68,3 +73,45 @@ class RolloutConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_worker(spec: str) -> tuple[int, int]:
+    """`I/N` -> (I, N), with 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise InputError(f"--worker: expected I/N (e.g. 0/4), got {spec!r}") from None
+    _check(count >= 1 and 0 <= index < count, "--worker", f"expected 0 <= I < N, got {spec!r}")
+    return index, count
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """`lightopd score-teacher`: the teacher's log-probs over a rollout store, into a teacher store."""
+
+    teacher: str
+    rollouts: str
+    out: str
+    top_k: int = 32
+    temperature: float = 1.0
+    worker: str = "0/1"
+    max_batch_tokens: int = 8192
+    chunk_elements: int = 1 << 25  # logits entries processed at once: bounds the float32 scratch
+    topk_dtype: str = "float16"
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "--top-k", f"must be >= 1, got {self.top_k}")
+        _check(self.temperature > 0, "--temperature", f"must be > 0, got {self.temperature}")
+        _check(self.max_batch_tokens >= 1, "--max-batch-tokens", f"must be >= 1, got {self.max_batch_tokens}")
+        _check(self.chunk_elements >= 1, "chunk_elements", f"must be >= 1, got {self.chunk_elements}")
+        _check(self.topk_dtype in TOPK_DTYPES, "--topk-dtype",
+               f"must be one of {', '.join(TOPK_DTYPES)}, got {self.topk_dtype!r}")
+        _check_device_dtype(self.device, self.dtype)
+        parse_worker(self.worker)
+
+    @property
+    def worker_index(self) -> tuple[int, int]:
+        return parse_worker(self.worker)

@@ -45,8 +45,27 @@ ROLLOUT_SCHEMA = pa.schema(
 )
 
 
+TEACHER_FORMAT = "lightopd.teacher"
+TEACHER_COLUMNS = ("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_entropy")
+
+
+def teacher_schema(topk_dtype: str = "float16") -> pa.Schema:
+    """Every rollout column, plus the teacher's per-token statistics."""
+    values = pa.float16() if topk_dtype == "float16" else pa.float32()
+    return pa.schema(list(ROLLOUT_SCHEMA) + [
+        ("teacher_logprobs", pa.list_(pa.float32())),
+        ("topk_ids", pa.list_(pa.int32())),
+        ("topk_logprobs", pa.list_(values)),
+        ("teacher_entropy", pa.list_(pa.float32())),
+    ])
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+def shard_index(name: str) -> int:
+    return int(SHARD_RE.match(name).group(1))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -153,8 +172,10 @@ class StoreWriter:
     different settings would silently corrupt the store.
     """
 
-    def __init__(self, directory: str | Path, fmt: str, metadata: dict, num_shards: int):
+    def __init__(self, directory: str | Path, fmt: str, metadata: dict, num_shards: int,
+                 parquet_options: dict | None = None):
         self.directory = Path(directory)
+        self.parquet_options = parquet_options or {"compression": "zstd"}
         self.format = fmt
         self.num_shards = num_shards
         manifest_path = self.directory / MANIFEST
@@ -208,7 +229,7 @@ class StoreWriter:
 
     def completed(self) -> set[int]:
         """Indices of shards already listed in the manifest."""
-        return {int(SHARD_RE.match(s["name"]).group(1)) for s in self.manifest()["shards"]}
+        return {shard_index(s["name"]) for s in self.manifest()["shards"]}
 
     def write_shard(self, index: int, table: pa.Table, tokens: int, **extra: Any) -> dict:
         """Write shard `index` atomically, then list it in the manifest. Returns its entry."""
@@ -218,7 +239,7 @@ class StoreWriter:
         final = self.directory / name
         tmp = _tmp_path(final)
         with pa.OSFile(str(tmp), "wb") as sink:
-            pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(len(table), 4096)))
+            pq.write_table(table, sink, row_group_size=max(1, min(len(table), 4096)), **self.parquet_options)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         entry = {
@@ -248,6 +269,11 @@ class StoreWriter:
             change(manifest)
             _write_json_atomic(self.directory / MANIFEST, manifest)
         return manifest
+
+
+def manifest_fingerprint(directory: str | Path) -> str:
+    """sha256 of a store's manifest: names the exact content a derived store was computed from."""
+    return "sha256:" + sha256_file(Path(directory) / MANIFEST)[:32]
 
 
 def open_store(directory: str | Path, formats: tuple[str, ...] | None = None) -> dict:

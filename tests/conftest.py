@@ -52,3 +52,25 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def teacher_model(tmp_path_factory) -> Path:
+    """A different (larger) tiny Llama with the student's vocabulary."""
+    return make_model(tmp_path_factory.mktemp("models") / "teacher", seed=7, hidden=48, layers=3, logit_scale=20.0)
+
+
+@pytest.fixture(scope="session")
+def rollout_store(tmp_path_factory, tiny_model) -> Path:
+    """A complete rollout store: 10 prompts x 2 samples in 4 shards, sampled from the student."""
+    from lightopd import rollout
+    from lightopd.config import RolloutConfig
+
+    tmp = tmp_path_factory.mktemp("rollouts")
+    words = [f"w{i}" for i in range(40)]
+    prompts = write_jsonl(tmp / "p.jsonl", [{"id": f"p{i}", "prompt": " ".join(words[i: i + 2 + i % 6])}
+                                            for i in range(10)])
+    out = tmp / "store"
+    rollout.run(RolloutConfig(model=str(tiny_model), prompts=str(prompts), out=str(out), n=2,
+                              max_new_tokens=12, prompts_per_shard=3))
+    return out

@@ -1,0 +1,193 @@
+"""Stage `score-teacher`: run the teacher once over a rollout store, into a teacher store.
+
+Teacher shard i is computed from rollout shard i and carries every rollout column plus, per
+completion token, the teacher's log-prob of the sampled token, its top-k ids and log-probs and
+its entropy. Workers started with `--worker I/N` take the shards with i % N == I and add them
+to the same store; whichever finishes last completes the manifest. A re-run skips shards the
+manifest already lists. Everything that can be wrong with the input (a damaged rollout store,
+a teacher with another vocabulary, a k larger than the vocabulary, rows longer than the
+teacher's context) is reported before the teacher is loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from lightopd import models
+from lightopd.batching import pack_by_tokens
+from lightopd.config import ScoreConfig
+from lightopd.errors import InputError
+from lightopd.progress import StageProgress, console
+from lightopd.store import (
+    ROLLOUT_FORMAT,
+    TEACHER_FORMAT,
+    StoreWriter,
+    iter_batches,
+    manifest_fingerprint,
+    open_store,
+    shard_index,
+    teacher_schema,
+    verify,
+)
+from lightopd.teacher import PositionStats, Scorer
+
+# Chosen by measurement on a 32k-vocabulary teacher at k = 32 (bytes per completion token, whole
+# shard): zstd-3 defaults 108.8; byte-stream-split floats 95.9; and zstd level 6 90.3, which
+# writes as fast as level 3 (higher levels gain < 1 byte and write slower).
+PARQUET_OPTIONS = {
+    "compression": "zstd",
+    "compression_level": 6,
+    "use_dictionary": ["prompt_id", "finish_reason", "answer"],
+    "column_encoding": {
+        "teacher_logprobs": "BYTE_STREAM_SPLIT",
+        "topk_logprobs": "BYTE_STREAM_SPLIT",
+        "teacher_entropy": "BYTE_STREAM_SPLIT",
+        "behavior_logprobs": "BYTE_STREAM_SPLIT",
+    },
+}
+
+
+def _check_rollouts(cfg: ScoreConfig) -> dict:
+    manifest = open_store(cfg.rollouts, formats=(ROLLOUT_FORMAT,))
+    problems = verify(cfg.rollouts)
+    if problems:
+        raise InputError(f"--rollouts {cfg.rollouts}: damaged store ({'; '.join(problems[:3])}); "
+                         "`lightopd inspect --verify` lists every problem")
+    return manifest
+
+
+def _longest_row(directory: str, manifest: dict) -> tuple[int, str]:
+    longest, which = 0, ""
+    for batch in iter_batches(directory, columns=["prompt_id", "prompt_ids", "completion_ids"], manifest=manifest):
+        total = pc.add(pc.list_value_length(batch["prompt_ids"]), pc.list_value_length(batch["completion_ids"]))
+        i = int(pc.index(total, pc.max(total)).as_py())
+        if total[i].as_py() > longest:
+            longest, which = total[i].as_py(), batch["prompt_id"][i].as_py()
+    return longest, which
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+
+def teacher_table(rollouts: pa.Table, stats: list[PositionStats], topk_dtype: str) -> pa.Table:
+    """The rollout rows with the teacher columns appended (top-k flattened row-major by position)."""
+    schema = teacher_schema(topk_dtype)
+    lengths = np.array([len(s.logprobs) for s in stats], dtype=np.int64)
+    k = stats[0].topk_ids.shape[1] if stats else 0
+    cat = {f: torch.cat([getattr(s, f) for s in stats]).numpy() for f in
+           ("logprobs", "topk_ids", "topk_logprobs", "entropy")}
+    columns = {
+        "teacher_logprobs": _list_array(cat["logprobs"].astype(np.float32), lengths, pa.float32()),
+        "topk_ids": _list_array(cat["topk_ids"].astype(np.int32).reshape(-1), lengths * k, pa.int32()),
+        "topk_logprobs": _list_array(cat["topk_logprobs"].astype(topk_dtype).reshape(-1), lengths * k,
+                                     schema.field("topk_logprobs").type.value_type),
+        "teacher_entropy": _list_array(cat["entropy"].astype(np.float32), lengths, pa.float32()),
+    }
+    table = rollouts.select(list(rollouts.schema.names))
+    for name, array in columns.items():
+        table = table.append_column(schema.field(name), array)
+    return table.cast(schema)
+
+
+def run(cfg: ScoreConfig) -> dict:
+    """Score this worker's share of the rollout store into `cfg.out`; return the JSON summary."""
+    from transformers import AutoConfig
+
+    worker, workers = cfg.worker_index
+    teacher_dir = models.check_model_dir(cfg.teacher, "--teacher")
+    rollout_manifest = _check_rollouts(cfg)
+    tokenizer = models.load_tokenizer(teacher_dir, cfg.trust_remote_code)
+    teacher_tok = models.tokenizer_fingerprint(tokenizer)
+    rollout_tok = rollout_manifest["tokenizer"]["fingerprint"]
+    if teacher_tok != rollout_tok:
+        raise InputError(
+            f"--teacher {cfg.teacher}: its tokenizer ({teacher_tok}) differs from the one the rollouts were "
+            f"sampled with ({rollout_tok}, model {rollout_manifest['model']['path']}); the teacher must score "
+            "the same token ids, so it needs the same vocabulary"
+        )
+    config = AutoConfig.from_pretrained(str(teacher_dir), trust_remote_code=cfg.trust_remote_code)
+    vocab = getattr(config, "vocab_size", None) or len(tokenizer)
+    if cfg.top_k > vocab:
+        raise InputError(f"--top-k {cfg.top_k}: larger than the teacher's vocabulary ({vocab})")
+    context = models.context_length(config)
+    longest, which = _longest_row(cfg.rollouts, rollout_manifest)
+    if context is not None and longest > context:
+        raise InputError(f"--rollouts {cfg.rollouts}: prompt {which!r} with its completion is {longest} tokens, "
+                         f"longer than the teacher's context of {context}")
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
+
+    metadata = {
+        "teacher": {"path": str(Path(cfg.teacher).resolve()), "fingerprint": models.model_fingerprint(teacher_dir),
+                    "dtype": str(dtype).removeprefix("torch.")},
+        "tokenizer": rollout_manifest["tokenizer"],
+        "rollouts": {
+            "path": str(Path(cfg.rollouts).resolve()),
+            "fingerprint": manifest_fingerprint(cfg.rollouts),
+            "model": rollout_manifest["model"],
+            "sampling": rollout_manifest["sampling"],
+            "prompts": rollout_manifest["prompts"],
+        },
+        "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
+                    "vocab_size": vocab},
+    }
+    num_shards = rollout_manifest["num_shards"]
+    writer = StoreWriter(cfg.out, TEACHER_FORMAT, metadata, num_shards, PARQUET_OPTIONS)
+    done = writer.completed()
+    mine = [s for s in rollout_manifest["shards"] if shard_index(s["name"]) % workers == worker]
+    todo = [s for s in mine if shard_index(s["name"]) not in done]
+    start = time.perf_counter()
+    new_tokens, scoring_seconds = 0, 0.0
+    if todo:
+        if len(todo) < len(mine):
+            console.print(f"resuming {cfg.out}: {len(mine) - len(todo)} of this worker's {len(mine)} shards complete")
+        model = models.load_model(teacher_dir, device, dtype, cfg.trust_remote_code)
+        scorer = Scorer(model, cfg.top_k, cfg.temperature, cfg.chunk_elements)
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1) as io, StageProgress(
+            "score-teacher", total=sum(s["rows"] for s in todo)
+        ) as bar:
+            for shard in todo:
+                rollouts = pq.read_table(Path(cfg.rollouts) / shard["name"])
+                prompts = rollouts["prompt_ids"].to_pylist()
+                completions = rollouts["completion_ids"].to_pylist()
+                stats: list[PositionStats | None] = [None] * len(prompts)
+                lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+                for batch in pack_by_tokens(lengths, cfg.max_batch_tokens):
+                    scored = scorer.score([prompts[i] for i in batch], [completions[i] for i in batch])
+                    for i, s in zip(batch, scored, strict=True):
+                        stats[i] = s
+                    bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
+                table = teacher_table(rollouts, stats, cfg.topk_dtype)
+                if pending is not None:
+                    pending.result()  # at most one shard waits to be written while the next is scored
+                pending = io.submit(writer.write_shard, shard_index(shard["name"]), table, shard["tokens"])
+                new_tokens += shard["tokens"]
+            if pending is not None:
+                pending.result()
+            scoring_seconds = bar.seconds
+    manifest = writer.manifest()
+    return {
+        "command": "score-teacher",
+        "store": str(cfg.out),
+        "format": manifest["format"],
+        "worker": cfg.worker,
+        "complete": manifest["complete"],
+        "shards": len(manifest["shards"]),
+        "shards_written": len(todo),
+        "rows": manifest["rows"],
+        "tokens": manifest["tokens"],
+        "seconds": round(time.perf_counter() - start, 3),
+        "tokens_per_s": round(new_tokens / scoring_seconds, 1) if new_tokens else None,
+    }

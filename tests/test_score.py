@@ -1,0 +1,84 @@
+"""`lightopd score-teacher` against an independent float64 full-vocabulary forward of the teacher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightopd import score
+from lightopd.config import ScoreConfig
+from lightopd.store import TEACHER_FORMAT, iter_batches, open_store, teacher_schema, verify
+from lightopd.teacher import Scorer
+from lightopd.tiny import make_model
+from tests.reference import completion_logits, log_softmax64
+
+
+def do_score(teacher, rollouts, out, **kw) -> dict:
+    return score.run(ScoreConfig(teacher=str(teacher), rollouts=str(rollouts), out=str(out), **kw))
+
+
+def rows_of(store) -> list[dict]:
+    return [r for b in iter_batches(store) for r in b.to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def gpt2_teacher(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("models") / "gpt2-teacher", arch="gpt2", seed=9, logit_scale=20.0)
+
+
+@pytest.mark.parametrize("k,temperature,topk_dtype,arch,split_head,chunk", [
+    (5, 1.0, "float16", "llama", True, 1 << 25),
+    (50, 1.0, "float32", "llama", True, 100),  # k = V, and chunks of 2 positions
+    (8, 2.0, "float16", "llama", False, 1 << 25),  # the model's own full forward
+    (8, 1.0, "float32", "gpt2", True, 1 << 25),
+])
+def test_matches_float64_reference(teacher_model, gpt2_teacher, rollout_store, tmp_path, monkeypatch,
+                                   k, temperature, topk_dtype, arch, split_head, chunk):
+    teacher = gpt2_teacher if arch == "gpt2" else teacher_model
+    if not split_head:
+        monkeypatch.setattr(Scorer, "_split_head_matches", lambda self: False)
+    out = tmp_path / "teacher"
+    result = do_score(teacher, rollout_store, out, top_k=k, temperature=temperature, topk_dtype=topk_dtype,
+                      chunk_elements=chunk, max_batch_tokens=40)
+    assert result["complete"] and verify(out) == []
+    assert pq.ParquetFile(out / "part-00000.parquet").schema_arrow == teacher_schema(topk_dtype)
+    reference = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float64).eval()
+    outside_topk = 0
+    for row in rows_of(out):
+        n = len(row["completion_ids"])
+        ref = log_softmax64(completion_logits(reference, row["prompt_ids"], row["completion_ids"]) / temperature)
+        want_sampled = ref[np.arange(n), row["completion_ids"]]
+        np.testing.assert_allclose(row["teacher_logprobs"], want_sampled, atol=1e-5, rtol=0)
+        ids = np.array(row["topk_ids"]).reshape(n, k)
+        lps = np.array(row["topk_logprobs"], dtype=np.float64).reshape(n, k)
+        want_ids = np.argsort(-ref, axis=-1, kind="stable")[:, :k]
+        assert (ids == want_ids).all()
+        want_lps = np.take_along_axis(ref, want_ids, axis=-1)
+        tol = np.abs(want_lps) * 2.0**-11 + 1e-7 if topk_dtype == "float16" else 1e-5
+        assert (np.abs(lps - want_lps) <= tol).all()
+        assert (np.diff(lps, axis=-1) <= 0).all(), "top-k in descending order"
+        entropy = -(np.exp(ref) * ref).sum(-1)
+        np.testing.assert_allclose(row["teacher_entropy"], entropy, atol=1e-4, rtol=0)
+        outside_topk += sum(y not in ids[t] for t, y in enumerate(row["completion_ids"]))
+    if k < 50:
+        assert outside_topk > 0, "the test should cover sampled tokens outside the top-k"
+
+
+def test_teacher_store_carries_rollout_columns_and_provenance(teacher_model, rollout_store, tmp_path):
+    out = tmp_path / "teacher"
+    do_score(teacher_model, rollout_store, out, top_k=4)
+    manifest, rollouts = open_store(out), open_store(rollout_store)
+    assert manifest["format"] == TEACHER_FORMAT and manifest["num_shards"] == rollouts["num_shards"] == 4
+    assert manifest["rows"] == rollouts["rows"] and manifest["tokens"] == rollouts["tokens"]
+    assert manifest["scoring"] == {"top_k": 4, "temperature": 1.0, "topk_logprobs_dtype": "float16", "vocab_size": 50}
+    assert manifest["tokenizer"]["fingerprint"] == rollouts["tokenizer"]["fingerprint"]
+    assert manifest["rollouts"]["model"]["fingerprint"] == rollouts["model"]["fingerprint"]
+    assert manifest["rollouts"]["fingerprint"].startswith("sha256:")
+    assert manifest["teacher"]["fingerprint"] != rollouts["model"]["fingerprint"]
+    got, want = rows_of(out), rows_of(rollout_store)
+    for g, w in zip(got, want, strict=True):
+        assert {c: g[c] for c in w} == w
+        assert len(g["topk_ids"]) == 4 * len(g["completion_ids"]) == 4 * len(g["teacher_entropy"])

@@ -1,0 +1,148 @@
+"""score-teacher: bad input refused before compute; workers, kills and re-runs never lose or duplicate rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lightopd import rollout
+from lightopd.config import RolloutConfig
+from lightopd.store import open_store, verify
+from lightopd.tiny import default_words, make_model
+from tests.conftest import last_json, run_cli, write_jsonl
+from tests.test_bad_input import cli
+from tests.test_score import do_score, rows_of
+
+
+@pytest.fixture
+def score_bad(monkeypatch, capsys, teacher_model, rollout_store, tmp_path):
+    def run(*extra: str, teacher=teacher_model, rollouts=rollout_store) -> str:
+        out = tmp_path / "out"
+        code, stdout, stderr = cli(monkeypatch, capsys, "score-teacher", "--teacher", str(teacher),
+                                   "--rollouts", str(rollouts), "--out", str(out), *extra)
+        assert code == 2, stderr
+        assert "Traceback" not in stderr and stdout == "" and stderr.startswith("error: ")
+        assert not out.exists(), "nothing is written for bad input"
+        return stderr
+
+    return run
+
+
+def test_teacher_with_another_vocabulary(score_bad, tmp_path):
+    other = make_model(tmp_path / "other", default_words(41), seed=3)
+    err = score_bad(teacher=other)
+    assert "its tokenizer (sha256:" in err and "differs from the one the rollouts were sampled with (sha256:" in err
+    assert str(other) in err
+
+
+@pytest.mark.parametrize("k", ["0", "51"])
+def test_k_out_of_range(score_bad, k):
+    assert "--top-k" in score_bad("--top-k", k)
+
+
+def test_bad_worker_spec(score_bad):
+    assert "--worker: expected 0 <= I < N" in score_bad("--worker", "2/2")
+    assert "--worker: expected I/N" in score_bad("--worker", "half")
+
+
+def test_incomplete_rollout_store(score_bad, rollout_store, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(rollout_store, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:2]
+    manifest["complete"] = False
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    assert "store is incomplete (2 of 4 shards)" in score_bad(rollouts=partial)
+
+
+def test_corrupt_rollout_store(score_bad, rollout_store, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(rollout_store, damaged)
+    shard = damaged / "part-00002.parquet"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    assert "damaged store (part-00002.parquet: corrupt" in score_bad(rollouts=damaged)
+
+
+def test_not_a_rollout_store(score_bad, tmp_path):
+    assert "not a lightopd store" in score_bad(rollouts=tmp_path)
+
+
+def test_rows_longer_than_teacher_context(score_bad, tmp_path):
+    short = make_model(tmp_path / "short", seed=2, context=8)
+    assert "longer than the teacher's context of 8" in score_bad(teacher=short)
+
+
+def test_two_concurrent_workers_fill_one_store(teacher_model, rollout_store, tmp_path):
+    out = tmp_path / "teacher"
+    args = ["score-teacher", "--teacher", str(teacher_model), "--rollouts", str(rollout_store), "--out", str(out),
+            "--top-k", "4"]
+    procs = [subprocess.Popen([sys.executable, "-m", "lightopd", *args, "--worker", f"{i}/2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert sorted(r["shards_written"] for r in results) == [2, 2]
+    manifest = open_store(out)
+    assert [s["name"] for s in manifest["shards"]] == [f"part-0000{i}.parquet" for i in range(4)]
+    assert verify(out) == []
+    single = tmp_path / "single"
+    do_score(teacher_model, rollout_store, single, top_k=4)
+    assert rows_of(out) == rows_of(single), "splitting the work changes nothing"
+
+
+def test_killed_worker_resumes_without_loss_or_duplicates(tiny_model, teacher_model, tmp_path):
+    words = " ".join(f"w{i}" for i in range(30))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": words[: 5 + 3 * (i % 25)]}
+                                                 for i in range(40)])
+    rollouts = tmp_path / "rollouts"
+    rollout.run(RolloutConfig(model=str(tiny_model), prompts=str(prompts), out=str(rollouts), n=2,
+                              max_new_tokens=40, prompts_per_shard=1))
+    out = tmp_path / "teacher"
+    args = ["score-teacher", "--teacher", str(teacher_model), "--rollouts", str(rollouts), "--out", str(out),
+            "--top-k", "4", "--max-batch-tokens", "16"]
+    workers = [subprocess.Popen([sys.executable, "-m", "lightopd", *args, "--worker", f"{i}/2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    manifest = out / "manifest.json"
+
+    def worker0_shards() -> int:
+        if not manifest.exists():
+            return 0
+        return sum(int(s["name"][5:10]) % 2 == 0 for s in json.loads(manifest.read_text())["shards"])
+
+    deadline = time.time() + 120
+    while time.time() < deadline and workers[0].poll() is None and worker0_shards() < 3:
+        time.sleep(0.005)
+    os.kill(workers[0].pid, signal.SIGKILL)
+    workers[0].wait()
+    assert workers[1].wait(timeout=300) == 0
+    before = json.loads(manifest.read_text())
+    assert not before["complete"] and 3 <= worker0_shards() < 20, "the kill must land mid-run"
+
+    resumed = last_json(run_cli(*args, "--worker", "0/2"))
+    assert resumed["complete"] and resumed["shards_written"] == 40 - len(before["shards"])
+    assert verify(out) == [] and not list(out.glob(".*.tmp"))
+    rows = rows_of(out)
+    keys = [(r["prompt_id"], r["sample_index"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 80
+    reference = tmp_path / "reference"
+    do_score(teacher_model, rollouts, reference, top_k=4, max_batch_tokens=16)
+    assert rows == rows_of(reference)
+
+
+def test_rerun_with_other_k_is_refused(teacher_model, rollout_store, tmp_path):
+    out = tmp_path / "teacher"
+    do_score(teacher_model, rollout_store, out, top_k=4)
+    proc = run_cli("score-teacher", "--teacher", str(teacher_model), "--rollouts", str(rollout_store),
+                   "--out", str(out), "--top-k", "8", check=False)
+    assert proc.returncode == 2 and "scoring.top_k: store has 4, this run has 8" in proc.stderr
