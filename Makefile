@@ -19,3 +19,4 @@ lint:
 
 bench:
 	$(PYTHON) bench/rollout.py
+	$(PYTHON) bench/score.py

@@ -22,10 +22,12 @@ from common import machine, make_bench_model  # noqa: E402
 
 from lightopd import rollout  # noqa: E402
 from lightopd.config import RolloutConfig  # noqa: E402
+from lightopd.memory import release_freed_memory  # noqa: E402
 from lightopd.store import iter_batches  # noqa: E402
 
 
 def main() -> None:
+    release_freed_memory()  # as the CLI does
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--n", type=int, default=4)

@@ -160,6 +160,9 @@ def inspect(
 
 def main() -> None:
     """Console entry point; click handles usage errors (exit 2) and --help, we handle InputError."""
+    from lightopd.memory import release_freed_memory
+
+    release_freed_memory()
     try:
         app()
     except InputError as e:

@@ -96,7 +96,7 @@ class ScoreConfig:
     temperature: float = 1.0
     worker: str = "0/1"
     max_batch_tokens: int = 8192
-    chunk_elements: int = 1 << 25  # logits entries processed at once: bounds the float32 scratch
+    chunk_elements: int = 1 << 23  # logits entries reduced at once: bounds the float32 scratch (32 MiB each)
     topk_dtype: str = "float16"
     device: str = "auto"
     dtype: str = "auto"

@@ -1,0 +1,147 @@
+"""Benchmark `lightopd score-teacher` on a 32k-vocabulary teacher; prints JSON.
+
+In one process, on the same rollout store and the same token-budget batches:
+- lightopd's scoring throughput (completion tokens/s, the rate its progress bar shows);
+- a bare forward of the teacher over those batches (the model's own forward with full logits and
+  nothing computed from them: the physical limit);
+- a naive implementation: one row at a time, full-vocabulary log_softmax, top-k and entropy.
+Then bytes per completion token on disk at k = 8, 32, 128, and the peak resident memory of a
+`lightopd score-teacher` process (k = 32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, make_bench_model, peak_rss_mb  # noqa: E402
+
+from lightopd import rollout, score  # noqa: E402
+from lightopd.batching import pack_by_tokens  # noqa: E402
+from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
+from lightopd.memory import release_freed_memory  # noqa: E402
+from lightopd.store import TEACHER_COLUMNS, open_store  # noqa: E402
+
+
+def teacher_column_bytes(store: Path) -> int:
+    total = 0
+    for shard in open_store(store)["shards"]:
+        md = pq.ParquetFile(store / shard["name"]).metadata
+        for rg in range(md.num_row_groups):
+            for c in range(md.num_columns):
+                col = md.row_group(rg).column(c)
+                if col.path_in_schema.split(".")[0] in TEACHER_COLUMNS:
+                    total += col.total_compressed_size
+    return total
+
+
+def main() -> None:
+    release_freed_memory()  # as the CLI does
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--n", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--naive-rows", type=int, default=32, help="rows timed for the naive implementation")
+    args = ap.parse_args()
+    cfg_defaults = ScoreConfig(teacher="", rollouts="", out="")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        student = make_bench_model(tmp / "student", seed=0)
+        teacher = make_bench_model(tmp / "teacher", seed=1, layers=6)
+        rng = random.Random(0)
+        prompts = tmp / "prompts.jsonl"
+        prompts.write_text("".join(
+            json.dumps({"prompt": " ".join(f"w{rng.randrange(31990)}" for _ in range(rng.randint(16, 128)))}) + "\n"
+            for _ in range(args.prompts)
+        ))
+        rollouts = tmp / "rollouts"
+        rollout.run(RolloutConfig(model=str(student), prompts=str(prompts), out=str(rollouts), n=args.n,
+                                  max_new_tokens=args.max_new_tokens, prompts_per_shard=16, device="cpu"))
+
+        scored = score.run(ScoreConfig(teacher=str(teacher), rollouts=str(rollouts), out=str(tmp / "t32"),
+                                       top_k=32, device="cpu"))
+
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+        rows = []
+        for shard in open_store(rollouts)["shards"]:
+            rows += pq.read_table(rollouts / shard["name"], columns=["prompt_ids", "completion_ids"]).to_pylist()
+        lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
+        completion_tokens = sum(len(r["completion_ids"]) for r in rows)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in pack_by_tokens(lengths, cfg_defaults.max_batch_tokens):
+                width = max(lengths[i] for i in batch)
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for j, i in enumerate(batch):
+                    seq = rows[i]["prompt_ids"] + rows[i]["completion_ids"]
+                    ids[j, : len(seq)] = torch.tensor(seq)
+                    mask[j, : len(seq)] = 1
+                model(input_ids=ids, attention_mask=mask)
+        bare_s = time.perf_counter() - start
+
+        naive_rows = rows[: args.naive_rows]
+        naive_tokens = 0
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for r in naive_rows:
+                seq = torch.tensor([r["prompt_ids"] + r["completion_ids"]])
+                logits = model(input_ids=seq).logits[0, len(r["prompt_ids"]) - 1: -1].float()
+                lp = torch.log_softmax(logits, dim=-1)
+                y = torch.tensor(r["completion_ids"])
+                out = (lp.gather(-1, y[:, None]).tolist(), lp.topk(32, dim=-1), (-(lp.exp() * lp).sum(-1)).tolist())
+                del out
+                naive_tokens += len(r["completion_ids"])
+        naive_s = time.perf_counter() - start
+
+        storage = {}
+        for k in (8, 32, 128):
+            store = tmp / f"t{k}"
+            if k != 32:
+                score.run(ScoreConfig(teacher=str(teacher), rollouts=str(rollouts), out=str(store), top_k=k,
+                                      device="cpu"))
+            m = open_store(store)
+            storage[f"k{k}"] = {
+                "bytes_per_token": round(sum(s["bytes"] for s in m["shards"]) / m["tokens"], 1),
+                "teacher_columns_bytes_per_token": round(teacher_column_bytes(store) / m["tokens"], 1),
+                "raw_float32_bytes_per_token": 8 * k + 8,
+            }
+
+        peak_mb = peak_rss_mb([sys.executable, "-m", "lightopd", "score-teacher", "--teacher", str(teacher),
+                               "--rollouts", str(rollouts), "--out", str(tmp / "rss"), "--top-k", "32",
+                               "--device", "cpu"])
+
+    lightopd_tps = scored["tokens_per_s"]
+    bare_tps = completion_tokens / bare_s
+    naive_tps = naive_tokens / naive_s
+    print(json.dumps({
+        "benchmark": "score-teacher",
+        "machine": machine(),
+        "teacher": {"vocab": 32000, "hidden": 256, "layers": 6,
+                    "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)},
+        "workload": {"rows": len(rows), "completion_tokens": completion_tokens,
+                     "padded_tokens_per_batch": cfg_defaults.max_batch_tokens, "top_k": 32},
+        "lightopd_tokens_per_s": lightopd_tps,
+        "bare_forward_tokens_per_s": round(bare_tps, 1),
+        "naive_per_row_tokens_per_s": round(naive_tps, 1),
+        "ratio_vs_bare_forward": round(lightopd_tps / bare_tps, 2),
+        "speedup_vs_naive": round(lightopd_tps / naive_tps, 2),
+        "storage": storage,
+        "peak_rss_mb_score_teacher_process": round(peak_mb, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
