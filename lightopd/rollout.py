@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from lightopd import models
+from lightopd.batching import plan_generation
 from lightopd.config import RolloutConfig
 from lightopd.errors import InputError
 from lightopd.generate import generate
@@ -23,26 +24,6 @@ from lightopd.progress import StageProgress, console
 from lightopd.prompts import PromptRecord, encode, file_fingerprint, read_prompts
 from lightopd.sampling import row_key
 from lightopd.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA, StoreWriter
-
-
-def _plan_batches(lengths: list[int], n: int, batch_size: int) -> list[list[tuple[int, range]]]:
-    """Group (prompt, sample range) pieces into batches of at most `batch_size` rows.
-
-    Longest prompts first, so similar lengths share a batch (little padding) and a batch too
-    large for memory fails at the start rather than at the end.
-    """
-    pieces = [(i, range(s, min(s + batch_size, n))) for i in range(len(lengths)) for s in range(0, n, batch_size)]
-    pieces.sort(key=lambda piece: -lengths[piece[0]])
-    batches, current, rows = [], [], 0
-    for piece in pieces:
-        if rows + len(piece[1]) > batch_size:
-            batches.append(current)
-            current, rows = [], 0
-        current.append(piece)
-        rows += len(piece[1])
-    if current:
-        batches.append(current)
-    return batches
 
 
 def _encode_all(tokenizer, records: list[PromptRecord], context: int | None) -> list[list[int]]:
@@ -143,7 +124,7 @@ def run(cfg: RolloutConfig) -> dict:
                 lo, hi = shard * P, min((shard + 1) * P, len(records))
                 shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
                 completions = [[None] * cfg.n for _ in shard_records]
-                for batch in _plan_batches([len(x) for x in shard_ids], cfg.n, cfg.batch_size):
+                for batch in plan_generation([len(x) for x in shard_ids], cfg.n, cfg.batch_size):
                     prompts = [shard_ids[i] for i, _ in batch]
                     keys = [[row_key(cfg.seed, shard_records[i].id, j) for j in js] for i, js in batch]
                     limits = [
