@@ -115,3 +115,107 @@ class ScoreConfig:
     @property
     def worker_index(self) -> tuple[int, int]:
         return parse_worker(self.worker)
+
+
+# ---- objective parameters (OBJECTIVES.md); `--set objective.<field>=value` sets them ----
+
+@dataclass(frozen=True)
+class ObjectiveParams:
+    """Shared by every objective: the student's softmax temperature τ."""
+
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "objective.temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class PolicyGradientParams(ObjectiveParams):
+    """lightning-opd, vopd: optional truncated importance sampling against the rollout policy."""
+
+    importance: str = "none"  # "none" or "tis"
+    is_cap: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.importance in ("none", "tis"), "objective.importance",
+               f"must be none or tis, got {self.importance!r}")
+        _check(self.is_cap > 0, "objective.is_cap", f"must be > 0, got {self.is_cap}")
+
+
+@dataclass(frozen=True)
+class ImportanceSamplingParams(ObjectiveParams):
+    """opd-is: the importance ratio is clipped at `is_cap`."""
+
+    is_cap: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.is_cap > 0, "objective.is_cap", f"must be > 0, got {self.is_cap}")
+
+
+@dataclass(frozen=True)
+class GOPDParams(PolicyGradientParams):
+    """g-opd: reward extrapolation factor λ (set as `objective.lambda`); λ = 1 is lightning-opd."""
+
+    lambda_: float = 1.25
+
+
+@dataclass(frozen=True)
+class OPDSeqParams(ObjectiveParams):
+    """opd-seq: discounted teacher-vs-rollout returns with a group baseline and PPO-style clipping."""
+
+    discount: float = 1.0
+    baseline: str = "loo"  # "loo" (leave-one-out mean over the prompt's other samples) or "none"
+    normalize: bool = True  # divide advantages by their standard deviation over the optimizer step
+    clip_eps: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.discount <= 1, "objective.discount", f"must be in [0, 1], got {self.discount}")
+        _check(self.baseline in ("loo", "none"), "objective.baseline", f"must be loo or none, got {self.baseline!r}")
+        _check(0 < self.clip_eps < 1, "objective.clip_eps", f"must be in (0, 1), got {self.clip_eps}")
+
+
+@dataclass(frozen=True)
+class DivergenceParams(ObjectiveParams):
+    """rkl, fkl: the support the divergence is taken over."""
+
+    support: str = "tail"  # "tail": top-k plus one bucket for the rest; "renormalized": top-k alone
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.support in ("tail", "renormalized"), "objective.support",
+               f"must be tail or renormalized, got {self.support!r}")
+
+
+@dataclass(frozen=True)
+class JSDParams(DivergenceParams):
+    beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.beta <= 1, "objective.beta", f"must be in [0, 1], got {self.beta}")
+
+
+@dataclass(frozen=True)
+class SkewParams(DivergenceParams):
+    alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.alpha < 1, "objective.alpha", f"must be in [0, 1), got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class TAIDParams(DivergenceParams):
+    t_start: float = 0.4
+    t_end: float = 1.0
+    alpha: float = 5e-4
+    momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.t_start <= self.t_end <= 1, "objective.t_start/t_end",
+               f"need 0 <= t_start <= t_end <= 1, got {self.t_start}, {self.t_end}")
+        _check(0 <= self.momentum < 1, "objective.momentum", f"must be in [0, 1), got {self.momentum}")
