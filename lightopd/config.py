@@ -219,3 +219,147 @@ class TAIDParams(DivergenceParams):
         _check(0 <= self.t_start <= self.t_end <= 1, "objective.t_start/t_end",
                f"need 0 <= t_start <= t_end <= 1, got {self.t_start}, {self.t_end}")
         _check(0 <= self.momentum < 1, "objective.momentum", f"must be in [0, 1), got {self.momentum}")
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`lightopd train`: fit a student on a store. A recipe's [train] table and `--set key=value`
+    override these defaults; objective parameters live in the objective's own dataclass."""
+
+    student: str
+    data: str
+    out: str
+    objective: str = "lightning-opd"
+    steps: int | None = None  # optimizer steps; if neither steps nor epochs is set, one epoch
+    epochs: float | None = None
+    batch_size: int = 16  # sequences per optimizer step (whole prompt groups are kept together)
+    micro_batch_tokens: int = 4096  # padded tokens per forward/backward; gradients accumulate over the step
+    lr: float = 1e-5
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    shuffle_buffer: int = 1024  # prompt groups held for the seeded shuffle
+    seed: int = 0
+    save_every: int = 0  # checkpoint every N steps (0: only the final model)
+    resume: bool = False
+    sft_teacher: str | None = None
+    allow_teacher_mismatch: bool = False
+    device: str = "auto"
+    dtype: str = "auto"  # compute dtype: bf16 autocast on CUDA; weights and optimizer stay float32
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.steps is None or self.steps >= 1, "--steps", f"must be >= 1, got {self.steps}")
+        _check(self.epochs is None or self.epochs > 0, "--epochs", f"must be > 0, got {self.epochs}")
+        _check(self.steps is None or self.epochs is None, "--steps/--epochs", "give one of them, not both")
+        _check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
+        _check(self.micro_batch_tokens >= 1, "micro_batch_tokens", f"must be >= 1, got {self.micro_batch_tokens}")
+        _check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        _check(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1/adam_beta2",
+               f"must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        _check(self.save_every >= 0, "--save-every", f"must be >= 0, got {self.save_every}")
+        _check_device_dtype(self.device, self.dtype)
+
+
+# Keys a recipe or `--set` may name that are spelled differently in Python.
+KEY_ALIASES = {"lambda": "lambda_"}
+
+
+def _coerce(key: str, value, default):
+    """`value` (parsed from TOML or a --set string) as the type of `default`, or InputError."""
+    kind = type(default) if default is not None else None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is None:  # optional fields (steps, epochs, sft_teacher)
+        return value
+    raise InputError(f"{key}: expected {kind.__name__ if kind else 'a value'}, got {value!r}")
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """`key=value` with a TOML value (numbers, true/false, quoted strings; bare words are strings)."""
+    import tomllib
+
+    if "=" not in item:
+        raise InputError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def build_train_config(base: dict, recipe: dict | None, sets: list[tuple[str, object]]) -> tuple[TrainConfig, object]:
+    """TrainConfig and objective parameters from defaults < recipe < command-line flags < --set.
+
+    `base` holds the required paths and the flags given on the command line. Unknown keys are
+    errors that list the valid ones.
+    """
+    from dataclasses import fields
+
+    from lightopd.objectives import OBJECTIVES
+
+    train_fields = {f.name: f for f in fields(TrainConfig)}
+    train: dict = {}
+    objective: dict = {}
+    recipe = recipe or {}
+    unknown_tables = sorted(set(recipe) - {"train", "objective"})
+    if unknown_tables:
+        raise InputError(f"recipe: unknown table [{unknown_tables[0]}] (allowed: [train], [objective])")
+    train.update(recipe.get("train", {}))
+    objective.update(recipe.get("objective", {}))
+    if "name" in objective:
+        train["objective"] = objective.pop("name")
+    train.update({k: v for k, v in base.items() if v is not None})
+    for key, value in sets:
+        if key.startswith("objective."):
+            objective[key.removeprefix("objective.")] = value
+        else:
+            train[key] = value
+    name = train.get("objective", TrainConfig.objective)
+    if name not in OBJECTIVES:
+        raise InputError(f"--objective {name!r}: unknown objective (valid: {', '.join(OBJECTIVES)})")
+    for key in train:
+        if key not in train_fields:
+            settable = sorted(k for k in train_fields if k not in ("student", "data", "out"))
+            raise InputError(f"unknown training key {key!r} (valid: {', '.join(settable)}; objective "
+                             "parameters are set as objective.<name>)")
+    coerced = {}
+    for key, value in train.items():
+        default = train_fields[key].default
+        coerced[key] = value if key in ("student", "data", "out") else _coerce(key, value, default)
+    cfg = TrainConfig(**coerced)
+    params_cls = OBJECTIVES[name].params
+    param_fields = {f.name: f for f in fields(params_cls)}
+    params = {}
+    for key, value in objective.items():
+        field_name = KEY_ALIASES.get(key, key)
+        if field_name not in param_fields:
+            valid = ", ".join(sorted(k.rstrip("_") for k in param_fields))
+            raise InputError(f"objective.{key}: not a parameter of {name} (valid: {valid})")
+        params[field_name] = _coerce(f"objective.{key}", value, param_fields[field_name].default)
+    return cfg, params_cls(**params)

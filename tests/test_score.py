@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from lightopd import score
 from lightopd.config import ScoreConfig
+from lightopd.forward import PositionLogits
 from lightopd.store import TEACHER_FORMAT, iter_batches, open_store, teacher_schema, verify
-from lightopd.teacher import Scorer
 from lightopd.tiny import make_model
 from tests.reference import completion_logits, log_softmax64
 
@@ -39,7 +39,7 @@ def test_matches_float64_reference(teacher_model, gpt2_teacher, rollout_store, t
                                    k, temperature, topk_dtype, arch, split_head, chunk):
     teacher = gpt2_teacher if arch == "gpt2" else teacher_model
     if not split_head:
-        monkeypatch.setattr(Scorer, "_split_head_matches", lambda self: False)
+        monkeypatch.setattr(PositionLogits, "_split_head_matches", lambda self: False)
     out = tmp_path / "teacher"
     result = do_score(teacher, rollout_store, out, top_k=k, temperature=temperature, topk_dtype=topk_dtype,
                       chunk_elements=chunk, max_batch_tokens=40)

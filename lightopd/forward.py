@@ -1,0 +1,85 @@
+"""Logits of a causal LM at chosen positions only, without a [batch × length × vocab] tensor.
+
+The decoder runs over the whole padded batch; the output layer (and the model's own logit
+post-processing: soft-capping, scaling) runs only on the hidden states of the positions asked
+for. A start-up self-check compares this split with the model's own forward on a short input;
+models for which it differs fall back to the full forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _head_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's own post-processing of head outputs, if its config declares one."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+
+    def apply(logits: torch.Tensor) -> torch.Tensor:
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            logits = logits * scale
+        if isinstance(divide, (int, float)) and not isinstance(divide, bool) and divide != 1:
+            logits = logits / divide
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return apply
+
+
+class PositionLogits:
+    """`logits_at(ids, mask, rows, cols)` returns a function (lo, hi) -> logits of positions lo:hi."""
+
+    def __init__(self, model):
+        self.model = model
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.device = next(model.parameters()).device
+        self._base = model.base_model
+        self._head = model.get_output_embeddings()
+        self._transform = _head_transform(model.config)
+        self.split_head = self._split_head_matches()
+
+    @torch.no_grad()
+    def _split_head_matches(self) -> bool:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = torch.arange(1, 9, device=self.device).clamp(max=self.vocab - 1).unsqueeze(0)
+            try:
+                split = self._transform(self._head(self._base(input_ids=ids).last_hidden_state)).float()
+            except (AttributeError, TypeError):
+                return False
+            full = self.model(input_ids=ids).logits.float()
+            return split.shape == full.shape and torch.allclose(split, full, rtol=1e-3, atol=1e-3)
+        finally:
+            self.model.train(was_training)
+
+    def logits_at(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+                  ) -> Callable[[int, int], torch.Tensor]:
+        if self.split_head:
+            hidden = self._base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[rows, cols]
+            return lambda lo, hi: self._transform(self._head(hidden[lo:hi]))
+        full = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return lambda lo, hi: full[rows[lo:hi], cols[lo:hi]]
+
+
+def pack_rows(prompts, completions, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor]:
+    """Right-padded ids and mask [B, L], and for every completion token (row-major) its row, the
+    position whose logits predict it, and the token itself."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    ids = torch.zeros((len(prompts), max(lengths)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, cols, targets = [], [], []
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[i, : lengths[i]] = torch.tensor(list(p) + list(c))
+        mask[i, : lengths[i]] = 1
+        rows += [i] * len(c)
+        cols += range(len(p) - 1, len(p) - 1 + len(c))
+        targets += c
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return ids.to(device), mask.to(device), as_tensor(rows), as_tensor(cols), as_tensor(targets)
