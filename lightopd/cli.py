@@ -15,8 +15,8 @@ import typer
 from typer import Option
 
 from lightopd import __version__
-from lightopd.config import DEVICES, DTYPES, TOPK_DTYPES, RolloutConfig, ScoreConfig
-from lightopd.errors import InputError
+from lightopd.config import DEVICES, DTYPES, SCHEDULES, TOPK_DTYPES, RolloutConfig, ScoreConfig, TrainConfig
+from lightopd.errors import InputError, TrainingError
 from lightopd.progress import console
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app = typer.Typer(
 
 R = RolloutConfig  # class attributes hold the defaults
 S = ScoreConfig
+T = TrainConfig
 
 
 def _emit(result: dict) -> None:
@@ -142,6 +143,94 @@ def score_teacher(
     _emit(stage.run(cfg))
 
 
+def _objectives_help() -> str:
+    from lightopd.objectives import OBJECTIVES
+
+    return ", ".join(OBJECTIVES)
+
+
+@app.command()
+def train(
+    student: Annotated[Path, Option(help="Student to train: a local Hugging Face causal-LM directory.")],
+    data: Annotated[Path, Option(
+        help="A teacher store (from score-teacher), or a rollout store for --objective sft.")],
+    out: Annotated[Path, Option(
+        help="Output directory: the final model (HF format + lightopd.json), checkpoints/step-N/, metrics.jsonl.")],
+    objective: Annotated[Optional[str], Option(
+        help=f"Loss, one of: {_objectives_help()}. [default: {T.objective}]")] = None,
+    recipe: Annotated[Optional[Path], Option(
+        help="TOML recipe: a [train] table of training keys and an [objective] table (name and parameters); "
+             "see recipes/.")] = None,
+    set_: Annotated[Optional[list[str]], Option(
+        "--set", help="Override one key, e.g. --set lr=1e-6 or --set objective.beta=0.5 (repeatable; "
+                      "applied last).")] = None,
+    steps: Annotated[Optional[int], Option(help="Optimizer steps. [default: one epoch]")] = None,
+    epochs: Annotated[Optional[float], Option(help="Passes over the store (instead of --steps).")] = None,
+    batch_size: Annotated[Optional[int], Option(
+        help=f"Sequences per optimizer step; whole prompt groups are kept together. [default: {T.batch_size}]")]
+    = None,
+    micro_batch_tokens: Annotated[Optional[int], Option(
+        help="Padded tokens per forward/backward; gradients accumulate over the step's micro-batches. "
+             f"[default: {T.micro_batch_tokens}]")] = None,
+    lr: Annotated[Optional[float], Option(help=f"Peak learning rate (AdamW). [default: {T.lr}]")] = None,
+    schedule: Annotated[Optional[str], Option(
+        help=f"Learning-rate schedule after warmup: {', '.join(SCHEDULES)}. [default: {T.schedule}]")] = None,
+    warmup_steps: Annotated[Optional[int], Option(
+        help=f"Linear warmup steps. [default: {T.warmup_steps}]")] = None,
+    weight_decay: Annotated[Optional[float], Option(
+        help=f"AdamW weight decay (not on norms and biases). [default: {T.weight_decay}]")] = None,
+    grad_clip: Annotated[Optional[float], Option(
+        help=f"Max gradient norm; 0 disables clipping. [default: {T.grad_clip}]")] = None,
+    seed: Annotated[Optional[int], Option(help=f"Seed of the data shuffle and of torch. [default: {T.seed}]")]
+    = None,
+    save_every: Annotated[Optional[int], Option(
+        help=f"Write a resumable checkpoint every N steps (0: none). [default: {T.save_every}]")] = None,
+    resume: Annotated[bool, Option("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    sft_teacher: Annotated[Optional[Path], Option(
+        help="Declare the model that wrote the student's SFT data, when the student has no lightopd.json.")] = None,
+    allow_teacher_mismatch: Annotated[bool, Option(
+        "--allow-teacher-mismatch",
+        help="Train even if the scoring teacher is not the student's SFT teacher (a warning instead of an error).")]
+    = False,
+    device: Annotated[Optional[str], Option(
+        help=f"Device: {', '.join(DEVICES)} or cuda:N. [default: {T.device}]")] = None,
+    dtype: Annotated[Optional[str], Option(
+        help=f"Compute dtype: {', '.join(DTYPES)}; auto is bfloat16 autocast on CUDA (weights and optimizer stay "
+             f"float32), float32 elsewhere. [default: {T.dtype}]")] = None,
+    trust_remote_code: Annotated[bool, Option(
+        "--trust-remote-code", help="Allow Python code shipped inside the model directory to run.")] = False,
+) -> None:
+    """Train a student on a store, with no teacher in memory.
+
+    Streams the store's shards through a seeded shuffle buffer, packs micro-batches by a token
+    budget and accumulates gradients so the loss is the mean over the step's completion tokens.
+    Writes OUT/metrics.jsonl (one line per step), checkpoints under OUT/checkpoints/step-N, and
+    the final model in OUT. An OPD objective checks teacher consistency first.
+    """
+    import tomllib
+
+    from lightopd import train as stage
+    from lightopd.config import build_train_config, parse_set
+
+    recipe_table = None
+    if recipe is not None:
+        try:
+            recipe_table = tomllib.loads(Path(recipe).read_text())
+        except OSError as e:
+            raise InputError(f"--recipe {recipe}: cannot read ({e.strerror})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise InputError(f"--recipe {recipe}: not valid TOML ({e})") from None
+    base = dict(student=str(student), data=str(data), out=str(out), objective=objective, steps=steps, epochs=epochs,
+                batch_size=batch_size, micro_batch_tokens=micro_batch_tokens, lr=lr, schedule=schedule,
+                warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
+                save_every=save_every, resume=resume or None,
+                sft_teacher=None if sft_teacher is None else str(sft_teacher),
+                allow_teacher_mismatch=allow_teacher_mismatch or None, device=device, dtype=dtype,
+                trust_remote_code=trust_remote_code or None)
+    cfg, params = build_train_config(base, recipe_table, [parse_set(item) for item in set_ or []])
+    _emit(stage.run(cfg, params))
+
+
 @app.command()
 def inspect(
     store: Annotated[Path, typer.Argument(help="A store directory (holding manifest.json).")],
@@ -165,8 +254,8 @@ def main() -> None:
     release_freed_memory()
     try:
         app()
-    except InputError as e:
+    except (InputError, TrainingError) as e:
         from rich.text import Text
 
         console.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, InputError) else 1)

@@ -7,3 +7,7 @@ class InputError(Exception):
     The message names the thing at fault and, where it helps, what to do about it. Any other
     exception is an internal error (exit code 1).
     """
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept. Exit code 1."""

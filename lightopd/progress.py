@@ -26,13 +26,14 @@ class StageProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]} tok/s"),
+            TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
             transient=False,
         )
-        self._task = self._progress.add_task(description, total=total, completed=completed, rate="-")
+        self._task = self._progress.add_task(description, total=total, completed=completed, rate="-", status="")
         self.tokens = 0
         self._start = time.perf_counter()
 
@@ -47,7 +48,8 @@ class StageProgress:
     def seconds(self) -> float:
         return time.perf_counter() - self._start
 
-    def advance(self, items: int = 0, tokens: int = 0) -> None:
+    def advance(self, items: int = 0, tokens: int = 0, status: str | None = None) -> None:
         self.tokens += tokens
         rate = f"{self.tokens / self.seconds:,.0f}" if self.seconds > 0 else "-"
-        self._progress.update(self._task, advance=items, rate=rate)
+        fields = {"rate": rate} if status is None else {"rate": rate, "status": status}
+        self._progress.update(self._task, advance=items, **fields)

@@ -74,3 +74,14 @@ def rollout_store(tmp_path_factory, tiny_model) -> Path:
     rollout.run(RolloutConfig(model=str(tiny_model), prompts=str(prompts), out=str(out), n=2,
                               max_new_tokens=12, prompts_per_shard=3))
     return out
+
+
+@pytest.fixture(scope="session")
+def teacher_store(tmp_path_factory, teacher_model, rollout_store) -> Path:
+    """The rollout store scored by the teacher at k = 6."""
+    from lightopd import score
+    from lightopd.config import ScoreConfig
+
+    out = tmp_path_factory.mktemp("teacher") / "store"
+    score.run(ScoreConfig(teacher=str(teacher_model), rollouts=str(rollout_store), out=str(out), top_k=6))
+    return out

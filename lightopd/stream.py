@@ -1,0 +1,84 @@
+"""A seeded, resumable, endless stream of prompt groups read shard by shard from a store.
+
+A group is every row of one prompt (its samples are written together, in one shard), so
+objectives that compare a prompt's samples see them in the same step. Each epoch visits the
+shards in a seeded order and passes the groups through a seeded shuffle buffer; the stream is a
+pure function of (store, seed, buffer size), so `skip(n)` puts a fresh stream exactly where an
+earlier one stood after n groups. Memory is one Parquet record batch plus the buffer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+Group = list[dict]
+
+
+def _groups_of_shard(path: Path, columns: list[str]) -> Iterator[Group]:
+    group: Group = []
+    with pq.ParquetFile(path) as pf:
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            for row in batch.to_pylist():
+                if group and row["prompt_id"] != group[0]["prompt_id"]:
+                    yield group
+                    group = []
+                group.append(row)
+    if group:
+        yield group
+
+
+class GroupStream:
+    def __init__(self, directory: str | Path, manifest: dict, columns: list[str], seed: int, buffer_size: int):
+        self.directory = Path(directory)
+        self.shards = [s["name"] for s in manifest["shards"]]
+        self.columns = sorted(set(columns) | {"prompt_id"})
+        self.seed = seed
+        self.buffer_size = buffer_size
+        self.consumed = 0  # groups yielded so far: the data cursor saved in checkpoints
+        self._iter = self._endless()
+
+    def _epoch(self, epoch: int) -> Iterator[Group]:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        order = list(self.shards)
+        rng.shuffle(order)
+        buffer: list[Group] = []
+        for name in order:
+            for group in _groups_of_shard(self.directory / name, self.columns):
+                buffer.append(group)
+                if len(buffer) >= self.buffer_size:
+                    i = rng.randrange(len(buffer))
+                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                    yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _endless(self) -> Iterator[Group]:
+        epoch = 0
+        while True:
+            yield from self._epoch(epoch)
+            epoch += 1
+
+    def __iter__(self) -> GroupStream:
+        return self
+
+    def __next__(self) -> Group:
+        self.consumed += 1
+        return next(self._iter)
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            next(self)
+
+    def take_rows(self, rows: int) -> list[Group]:
+        """Whole groups until at least `rows` rows are taken (one optimizer step)."""
+        taken: list[Group] = []
+        count = 0
+        while count < rows:
+            group = next(self)
+            taken.append(group)
+            count += len(group)
+        return taken

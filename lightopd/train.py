@@ -1,0 +1,361 @@
+"""Stage `train`: stream a store into a student, with no teacher in memory.
+
+One optimizer step takes whole prompt groups from a seeded shuffle stream until it holds
+`batch_size` rows, packs them longest-first into micro-batches within a token budget, and
+accumulates gradients of (sum of per-token losses) / (completion tokens in the step), so the
+loss is the token mean of the step whatever the micro-batching. Checkpoints hold the model, the
+optimizer, the scheduler, RNG states and the data cursor, and are written to a temporary
+directory renamed into place; `--resume` continues from the newest one and reproduces the
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lightopd import __version__, models
+from lightopd import objectives as O
+from lightopd.batching import pack_by_tokens
+from lightopd.config import TrainConfig
+from lightopd.errors import InputError, TrainingError
+from lightopd.forward import PositionLogits, pack_rows
+from lightopd.progress import StageProgress, console
+from lightopd.store import ROLLOUT_FORMAT, TEACHER_FORMAT, manifest_fingerprint, open_store
+from lightopd.stream import Group, GroupStream
+
+STATE = "trainer_state.pt"
+DIAGNOSTICS = ("k1", "teacher_topk_mass", "student_topk_mass", "top1_agree", "student_entropy", "is_ratio")
+
+CONSISTENCY = (
+    "Offline OPD reaches the same optimum as online OPD only under teacher consistency: the teacher that "
+    "scored these rollouts must be the teacher whose outputs the student was SFT-trained on. Otherwise the "
+    "student is pulled between two teachers and the stored signal no longer points at one target."
+)
+
+
+def _warn(message: str) -> None:
+    from rich.text import Text
+
+    console.print(Text("warning: ", style="yellow") + Text(message), soft_wrap=True)
+
+
+# ---- set-up checks ----
+
+def check_data(cfg: TrainConfig, objective: O.Objective) -> dict:
+    manifest = open_store(cfg.data, formats=(ROLLOUT_FORMAT, TEACHER_FORMAT))
+    if manifest["format"] == ROLLOUT_FORMAT and objective.needs_teacher:
+        raise InputError(
+            f"--data {cfg.data}: a rollout store has no teacher columns, and --objective {objective.name} needs "
+            f"them ({', '.join(c for c in objective.columns if c != 'behavior_logprobs')}); run "
+            "`lightopd score-teacher` on it first (or use --objective sft)"
+        )
+    if manifest["rows"] == 0:
+        raise InputError(f"--data {cfg.data}: the store holds no rows")
+    return manifest
+
+
+def sft_teacher_of(cfg: TrainConfig, manifest: dict, objective: O.Objective, parent: dict | None) -> dict | None:
+    """The SFT teacher to record in the trained model's provenance, after the consistency gate."""
+    if not objective.needs_teacher:  # SFT on samples: the model that wrote them is the SFT teacher
+        writer = manifest["model"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["model"]
+        return {"path": writer["path"], "fingerprint": writer["fingerprint"]}
+    if cfg.sft_teacher is not None:
+        path = models.check_model_dir(cfg.sft_teacher, "--sft-teacher")
+        declared = {"path": str(path.resolve()), "fingerprint": models.model_fingerprint(path)}
+    else:
+        declared = (parent or {}).get("sft_teacher")
+    teacher = manifest["teacher"]
+    if declared is None:
+        _warn(f"--student {cfg.student} has no recorded SFT teacher (no lightopd.json, no --sft-teacher), so "
+              f"teacher consistency cannot be checked against the scoring teacher {teacher['path']}. "
+              + CONSISTENCY)
+        return None
+    if declared["fingerprint"] != teacher["fingerprint"]:
+        message = (f"the student's SFT teacher ({declared['path']}, {declared['fingerprint']}) is not the teacher "
+                   f"that scored --data ({teacher['path']}, {teacher['fingerprint']}). " + CONSISTENCY)
+        if not cfg.allow_teacher_mismatch:
+            raise InputError(message + " Pass --allow-teacher-mismatch to train anyway.")
+        _warn(message)
+    return declared
+
+
+# ---- one optimizer step ----
+
+def _tensor(rows: list[list[float]], device) -> torch.Tensor:
+    return torch.tensor([x for r in rows for x in r], dtype=torch.float32, device=device)
+
+
+def seq_advantages(rows: list[dict], group_of: list[int], params, device) -> list[torch.Tensor]:
+    """opd-seq advantages for every row of a step, from stored columns (no model needed)."""
+    width = max(len(r["completion_ids"]) for r in rows)
+    teacher = torch.zeros((len(rows), width), dtype=torch.float64, device=device)
+    behavior, mask = torch.zeros_like(teacher), torch.zeros_like(teacher)
+    for i, r in enumerate(rows):
+        n = len(r["completion_ids"])
+        teacher[i, :n] = torch.tensor(r["teacher_logprobs"], dtype=torch.float64)
+        behavior[i, :n] = torch.tensor(r["behavior_logprobs"], dtype=torch.float64)
+        mask[i, :n] = 1
+    adv = O.opd_seq_advantages(teacher, behavior, mask, torch.tensor(group_of, device=device), params)
+    return [adv[i, : len(r["completion_ids"])].float() for i, r in enumerate(rows)]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, params, objective: O.Objective, manifest: dict, model, k: int | None,
+                 total_steps: int):
+        self.cfg, self.params, self.objective, self.manifest = cfg, params, objective, manifest
+        self.model, self.k, self.total_steps = model, k, total_steps
+        # the objective's columns, plus every stored column the diagnostics can use
+        stored = ("behavior_logprobs",) if manifest["format"] == ROLLOUT_FORMAT else \
+            ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs")
+        self.columns = tuple(dict.fromkeys((*objective.columns, *stored)))
+        self.device = next(model.parameters()).device
+        self.positions = PositionLogits(model)
+        self.autocast = self.device.type == "cuda" and models.resolve_dtype(cfg.dtype, self.device) != torch.float32
+        self.amp_dtype = models.resolve_dtype(cfg.dtype, self.device)
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.taid = O.TaidSchedule(params, total_steps) if objective.name == "taid" else None
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, self.total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _inputs(self, rows: list[dict], view: O.StudentView, topk_ids, advantages) -> O.Inputs:
+        cols = self.columns
+        get = lambda name: _tensor([r[name] for r in rows], self.device) if name in cols else None  # noqa: E731
+        topk_lp = get("topk_logprobs").view(-1, self.k) if "topk_ids" in cols else None
+        return O.Inputs(view, teacher_logprobs=get("teacher_logprobs"), behavior_logprobs=get("behavior_logprobs"),
+                        topk_ids=topk_ids, topk_logprobs=topk_lp,
+                        advantages=None if advantages is None else torch.cat(advantages),
+                        taid_t=None if self.taid is None else self.taid.t)
+
+    def step(self, groups: list[Group]) -> dict:
+        rows = [r for g in groups for r in g]
+        group_of = [i for i, g in enumerate(groups) for _ in g]
+        tokens = sum(len(r["completion_ids"]) for r in rows)
+        advantages = (seq_advantages(rows, group_of, self.params, self.device)
+                      if self.objective.name == "opd-seq" else None)
+        lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
+        loss_sum = 0.0
+        sums: dict[str, float] = {}
+        ratio_max = 0.0
+        self.model.train()
+        for micro in pack_by_tokens(lengths, self.cfg.micro_batch_tokens):
+            mrows = [rows[i] for i in micro]
+            if not any(r["completion_ids"] for r in mrows):
+                continue
+            ids, mask, prow, pcol, targets = pack_rows([r["prompt_ids"] for r in mrows],
+                                                       [r["completion_ids"] for r in mrows], self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
+                logits = self.positions.logits_at(ids, mask, prow, pcol)(0, len(targets))
+            topk_ids = None
+            if "topk_ids" in self.columns:
+                topk_ids = torch.tensor([x for r in mrows for x in r["topk_ids"]], device=self.device).view(-1, self.k)
+            view = O.student_view(logits, targets, topk_ids, self.params.temperature)
+            inputs = self._inputs(mrows, view, topk_ids, None if advantages is None else [advantages[i] for i in micro])
+            per_token = self.objective.loss(inputs, self.params)
+            (per_token.sum() / tokens).backward()
+            loss_sum += float(per_token.detach().sum())
+            for name, values in O.diagnostics(inputs).items():
+                sums[name] = sums.get(name, 0.0) + float(values.sum())
+                if name == "is_ratio":
+                    ratio_max = max(ratio_max, float(values.max()))
+        loss = loss_sum / tokens
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                                f"(loss {loss}, grad norm {grad_norm})")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {"loss": loss, "lr": lr, "tokens": tokens, "rows": len(rows), "grad_norm": grad_norm}
+        for name, total in sums.items():
+            record["is_ratio_mean" if name == "is_ratio" else name] = total / tokens
+        if "is_ratio" in sums:
+            record["is_ratio_max"] = ratio_max
+        if self.taid is not None:
+            record["taid_t"] = self.taid.t
+        return record
+
+    # ---- checkpoints ----
+
+    def state(self, step: int, cursor: int) -> dict:
+        return {
+            "step": step,
+            "cursor": cursor,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate(),
+            "taid": None if self.taid is None else {"t": self.taid.t, "momentum": self.taid.momentum,
+                                                    "previous_loss": self.taid.previous_loss},
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        if self.taid is not None and state["taid"] is not None:
+            self.taid.t = state["taid"]["t"]
+            self.taid.momentum = state["taid"]["momentum"]
+            self.taid.previous_loss = state["taid"]["previous_loss"]
+
+
+def save_model(directory: Path, model, tokenizer, provenance: dict) -> None:
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    models.write_provenance(directory, provenance)
+
+
+def save_checkpoint(out: Path, step: int, model, tokenizer, provenance: dict, state: dict) -> Path:
+    """OUT/checkpoints/step-N, written to a temporary directory and renamed: never half a checkpoint."""
+    final = out / "checkpoints" / f"step-{step}"
+    tmp = out / "checkpoints" / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(tmp, model, tokenizer, {**provenance, "steps": step})
+    torch.save(state, tmp / STATE)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = []
+    for path in (out / "checkpoints").glob("step-*"):
+        if path.name[5:].isdigit() and (path / STATE).is_file():
+            found.append((int(path.name[5:]), path))
+    return max(found)[1] if found else None
+
+
+def _total_steps(cfg: TrainConfig, manifest: dict) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil((cfg.epochs or 1.0) * manifest["rows"] / cfg.batch_size))
+
+
+def run(cfg: TrainConfig, params) -> dict:
+    objective = O.OBJECTIVES[cfg.objective]
+    student_dir = models.check_model_dir(cfg.student, "--student")
+    manifest = check_data(cfg, objective)
+    tokenizer = models.load_tokenizer(student_dir, cfg.trust_remote_code)
+    if models.tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
+        raise InputError(
+            f"--student {cfg.student}: its vocabulary ({models.tokenizer_fingerprint(tokenizer)}) differs from the "
+            f"one --data {cfg.data} was sampled with ({manifest['tokenizer']['fingerprint']}); the stored token "
+            "ids would mean different tokens"
+        )
+    parent = models.read_provenance(student_dir)
+    sft_teacher = sft_teacher_of(cfg, manifest, objective, parent)
+    out = Path(cfg.out)
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        _warn(f"--resume: no checkpoint in {out}/checkpoints; starting from the beginning")
+    if not cfg.resume and out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out}: already holds files; pass --resume to continue its run, "
+                         "or choose another --out")
+    total_steps = _total_steps(cfg, manifest)
+    k = manifest.get("scoring", {}).get("top_k")
+    provenance = {
+        "lightopd_version": __version__,
+        "parent": {"path": str(student_dir.resolve()), "fingerprint": models.model_fingerprint(student_dir),
+                   "sft_teacher": (parent or {}).get("sft_teacher")},
+        "sft_teacher": sft_teacher,
+        "data": {"path": str(Path(cfg.data).resolve()), "format": manifest["format"],
+                 "fingerprint": manifest_fingerprint(cfg.data),
+                 "teacher": manifest.get("teacher")},
+        "objective": {"name": objective.name, "params": asdict(params)},
+        "train": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("student", "data", "out", "resume")},
+    }
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = models.resolve_device(cfg.device)
+    model = models.load_model(resume_from or student_dir, device, torch.float32, cfg.trust_remote_code)
+    trainer = Trainer(cfg, params, objective, manifest, model, k, total_steps)
+    columns = ["prompt_ids", "completion_ids", *trainer.columns]
+    stream = GroupStream(cfg.data, manifest, columns, cfg.seed, cfg.shuffle_buffer)
+    start_step = 0
+    metrics_path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        state = torch.load(resume_from / STATE, weights_only=True, map_location="cpu")
+        trainer.load_state(state)
+        start_step = state["step"]
+        stream.skip(state["cursor"])
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step] \
+            if metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+        console.print(f"resuming {out} from {resume_from.name}")
+    else:
+        metrics_path.unlink(missing_ok=True)
+
+    started = time.perf_counter()
+    total_tokens = 0
+    last = None
+    with StageProgress("train", total=total_steps, completed=start_step) as bar, open(metrics_path, "a") as metrics:
+        for step in range(start_step + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            groups = stream.take_rows(cfg.batch_size)
+            try:
+                record = trainer.step(groups)
+            except TrainingError as e:
+                kept = latest_checkpoint(out)
+                raise TrainingError(f"step {step}: {e}; training stopped. "
+                                    + (f"The last good checkpoint is {kept}." if kept else "No checkpoint was saved.")
+                                    ) from None
+            seconds = time.perf_counter() - t0
+            if trainer.taid is not None:
+                trainer.taid.update(step, record["loss"])
+            record = {"step": step, **record, "tokens_per_s": round(record["tokens"] / seconds, 1)}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            total_tokens += record["tokens"]
+            last = record
+            bar.advance(items=1, tokens=record["tokens"], status=f"loss {record['loss']:.4f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save_checkpoint(out, step, model, tokenizer, provenance, trainer.state(step, stream.consumed))
+    save_model(out, model, tokenizer, {**provenance, "steps": total_steps})
+    if cfg.save_every:
+        save_checkpoint(out, total_steps, model, tokenizer, provenance, trainer.state(total_steps, stream.consumed))
+    seconds = time.perf_counter() - started
+    return {
+        "command": "train",
+        "model": str(out),
+        "objective": objective.name,
+        "steps": total_steps,
+        "resumed_from": None if resume_from is None else resume_from.name,
+        "tokens": total_tokens,
+        "final_loss": None if last is None else last["loss"],
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(total_tokens / seconds, 1) if total_tokens else None,
+        "metrics": str(metrics_path),
+    }

@@ -1,0 +1,213 @@
+"""`lightopd train`: every objective runs; accumulation, resume, provenance and the consistency gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lightopd import objectives as O
+from lightopd import train
+from lightopd.config import TrainConfig, build_train_config
+from lightopd.errors import InputError, TrainingError
+from lightopd.models import model_fingerprint, read_provenance, write_provenance
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
+
+
+def train_run(student, data, out, sets=(), **flags):
+    base = {"student": str(student), "data": str(data), "out": str(out), **flags}
+    cfg, params = build_train_config(base, None, list(sets))
+    return train.run(cfg, params), cfg
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(Path(directory) / "model.safetensors")
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def consistent_student(tiny_model, teacher_model, tmp_path):
+    """The student with a provenance record naming the scoring teacher as its SFT teacher."""
+    student = tmp_path / "student"
+    shutil.copytree(tiny_model, student)
+    record = {"path": str(teacher_model), "fingerprint": model_fingerprint(teacher_model)}
+    write_provenance(student, {"sft_teacher": record})
+    return student
+
+
+@pytest.mark.parametrize("name", list(O.OBJECTIVES))
+def test_every_objective_trains_and_logs_its_diagnostics(name, consistent_student, teacher_store, tmp_path):
+    result, _ = train_run(consistent_student, teacher_store, tmp_path / "out", objective=name, steps=2, batch_size=4,
+                          lr=1e-4)
+    assert result["steps"] == 2
+    lines = metrics(tmp_path / "out")
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        for key in ("loss", "lr", "tokens", "tokens_per_s", "grad_norm", "student_entropy"):
+            assert key in m and m[key] == m[key], (key, m)  # present and not NaN
+        if name != "sft":
+            assert {"k1", "is_ratio_mean", "is_ratio_max", "teacher_topk_mass", "student_topk_mass",
+                    "top1_agree"} <= set(m)
+        if name == "taid":
+            assert 0.4 <= m["taid_t"] <= 1.0
+    assert weights(tmp_path / "out").keys() == weights(consistent_student).keys()
+
+
+def test_training_moves_the_loss(consistent_student, rollout_store, tmp_path):
+    train_run(consistent_student, rollout_store, tmp_path / "out", objective="sft", steps=25, batch_size=20, lr=3e-3)
+    losses = [m["loss"] for m in metrics(tmp_path / "out")]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_gradient_accumulation_equals_one_batch(consistent_student, teacher_store, tmp_path, monkeypatch):
+    """The accumulated gradient of many small micro-batches is the gradient of one big batch."""
+    captured = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def capture(parameters, max_norm):
+        parameters = list(parameters)
+        captured.append([p.grad.clone() for p in parameters])
+        return clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    for name in ("lightning-opd", "opd-seq", "jsd"):
+        captured.clear()
+        for tag, budget in (("one", 100_000), ("many", 20)):
+            train_run(consistent_student, teacher_store, tmp_path / f"{name}-{tag}", objective=name, steps=1,
+                      batch_size=8, micro_batch_tokens=budget, lr=1e-3, grad_clip=0.0)
+        one, many = captured
+        scale = max(float(g.abs().max()) for g in one)
+        assert scale > 1e-3, "a real gradient"
+        for a, b in zip(one, many, strict=True):  # float32 sums in another order: 1e-5 of the largest entry
+            torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=1e-4)
+        loss_one, loss_many = (metrics(tmp_path / f"{name}-{x}")[0]["loss"] for x in ("one", "many"))
+        assert loss_one == pytest.approx(loss_many, rel=1e-5)
+        a, b = weights(tmp_path / f"{name}-one"), weights(tmp_path / f"{name}-many")
+        for key in a:  # Adam's first step divides by |g|, so tiny gradients amplify rounding: 5% of lr
+            torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=0)
+
+
+def test_resume_reproduces_the_uninterrupted_run(consistent_student, teacher_store, tmp_path):
+    kw = dict(objective="taid", steps=6, batch_size=4, lr=1e-3, save_every=3, schedule="cosine", warmup_steps=2)
+    train_run(consistent_student, teacher_store, tmp_path / "full", **kw)
+    train_run(consistent_student, teacher_store, tmp_path / "cut", **kw)
+    # as if the process died after the step-3 checkpoint: later work is lost
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-6")
+    (tmp_path / "cut" / "model.safetensors").unlink()
+    result, _ = train_run(consistent_student, teacher_store, tmp_path / "cut", resume=True, **kw)
+    assert result["resumed_from"] == "step-3"
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [m["loss"] for m in metrics(tmp_path / "full")] == [m["loss"] for m in metrics(tmp_path / "cut")]
+
+
+def test_output_is_a_plain_transformers_model_with_provenance(consistent_student, teacher_store, teacher_model,
+                                                              tmp_path):
+    train_run(consistent_student, teacher_store, tmp_path / "out", steps=2, batch_size=4, save_every=1)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.vocab_size == 50
+    record = read_provenance(tmp_path / "out")
+    assert record["sft_teacher"]["fingerprint"] == model_fingerprint(teacher_model)
+    assert record["objective"]["name"] == "lightning-opd" and record["steps"] == 2
+    assert record["parent"]["fingerprint"] == model_fingerprint(consistent_student)
+    assert record["data"]["format"] == "lightopd.teacher"
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoints" / "step-1")
+
+
+def test_sft_records_the_writer_and_opd_then_passes_the_gate(tiny_model, teacher_model, rollout_store, tmp_path):
+    """SFT on samples written by a model records that model; an OPD run against a store scored by
+    that same model then passes the consistency gate with no flag."""
+    from lightopd import rollout, score
+    from lightopd.config import RolloutConfig, ScoreConfig
+
+    sft_data = tmp_path / "teacher-samples"
+    prompts = Path(json.loads((rollout_store / "manifest.json").read_text())["prompts"]["path"])
+    rollout.run(RolloutConfig(model=str(teacher_model), prompts=str(prompts), out=str(sft_data), max_new_tokens=8))
+    train_run(tiny_model, sft_data, tmp_path / "sft", objective="sft", steps=2, batch_size=4)
+    assert read_provenance(tmp_path / "sft")["sft_teacher"]["fingerprint"] == model_fingerprint(teacher_model)
+    rollout.run(RolloutConfig(model=str(tmp_path / "sft"), prompts=str(prompts), out=str(tmp_path / "r"), n=2,
+                              max_new_tokens=8))
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["model"]["sft_teacher"]["fingerprint"] == \
+        model_fingerprint(teacher_model)
+    score.run(ScoreConfig(teacher=str(teacher_model), rollouts=str(tmp_path / "r"), out=str(tmp_path / "t"), top_k=4))
+    result, _ = train_run(tmp_path / "sft", tmp_path / "t", tmp_path / "opd", steps=1, batch_size=4)
+    assert result["steps"] == 1
+
+
+def test_teacher_mismatch_is_refused_unless_allowed(tiny_model, teacher_store, tmp_path, capsys):
+    other = tmp_path / "student"
+    shutil.copytree(tiny_model, other)
+    write_provenance(other, {"sft_teacher": {"path": "/elsewhere/other-teacher", "fingerprint": "sha256:other"}})
+    with pytest.raises(InputError, match="teacher consistency") as e:
+        train_run(other, teacher_store, tmp_path / "a", steps=1, batch_size=4)
+    assert "/elsewhere/other-teacher" in str(e.value) and "--allow-teacher-mismatch" in str(e.value)
+    assert not (tmp_path / "a").exists()
+    train_run(other, teacher_store, tmp_path / "b", steps=1, batch_size=4, allow_teacher_mismatch=True)
+    assert "teacher consistency" in capsys.readouterr().err
+
+
+def test_student_without_record_warns(tiny_model, teacher_store, tmp_path, capsys):
+    train_run(tiny_model, teacher_store, tmp_path / "out", steps=1, batch_size=4)
+    err = capsys.readouterr().err
+    assert "has no recorded SFT teacher" in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(consistent_student, teacher_store, tmp_path,
+                                                             monkeypatch):
+    real = O.OBJECTIVES["lightning-opd"]
+    calls = {"n": 0}
+
+    def poisoned(inputs, params):
+        calls["n"] += 1
+        loss = real.loss(inputs, params)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setitem(O.OBJECTIVES, "lightning-opd", replace(real, loss=poisoned))
+    with pytest.raises(TrainingError, match="non-finite loss") as e:
+        train_run(consistent_student, teacher_store, tmp_path / "out", steps=10, batch_size=4, save_every=2,
+                  micro_batch_tokens=100_000)
+    assert "step-4" in str(e.value)
+    kept = tmp_path / "out" / "checkpoints" / "step-4"
+    AutoModelForCausalLM.from_pretrained(kept)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_loads(recipe):
+    import tomllib
+
+    text = recipe.read_text()
+    assert text.startswith("# ") and "lightopd train" in text, "a header comment with the command"
+    cfg, params = build_train_config({"student": "s", "data": "d", "out": "o"}, tomllib.loads(text), [])
+    assert isinstance(cfg, TrainConfig) and isinstance(params, O.OBJECTIVES[cfg.objective].params)
+
+
+def test_set_overrides_and_errors():
+    base = {"student": "s", "data": "d", "out": "o"}
+    cfg, params = build_train_config(base, {"objective": {"name": "jsd", "beta": 0.2}},
+                                     [("objective.beta", 0.7), ("lr", 3e-4)])
+    assert cfg.objective == "jsd" and params.beta == 0.7 and cfg.lr == 3e-4
+    cfg, params = build_train_config(base, None, [("objective", "g-opd"), ("objective.lambda", 2)])
+    assert params.lambda_ == 2.0
+    with pytest.raises(InputError, match="unknown objective.*valid: lightning-opd, opd-is"):
+        build_train_config({**base, "objective": "nope"}, None, [])
+    with pytest.raises(InputError, match="unknown training key 'learning_rate' .valid: .*lr"):
+        build_train_config(base, {"train": {"learning_rate": 1}}, [])
+    with pytest.raises(InputError, match="objective.beta: expected float, got 'high'"):
+        build_train_config({**base, "objective": "jsd"}, None, [("objective.beta", "high")])
+    with pytest.raises(InputError, match="objective.gamma: not a parameter of rkl .valid: support, temperature"):
+        build_train_config({**base, "objective": "rkl"}, None, [("objective.gamma", 1.0)])
+    with pytest.raises(InputError, match="--lr: must be > 0"):
+        build_train_config({**base, "lr": 0.0}, None, [])
