@@ -20,3 +20,4 @@ lint:
 bench:
 	$(PYTHON) bench/rollout.py
 	$(PYTHON) bench/score.py
+	$(PYTHON) bench/train.py

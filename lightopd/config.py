@@ -244,7 +244,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    shuffle_buffer: int = 1024  # prompt groups held for the seeded shuffle
+    shuffle_buffer: int = 256  # prompt groups held (as compact Arrow batches) for the seeded shuffle
     seed: int = 0
     save_every: int = 0  # checkpoint every N steps (0: only the final model)
     resume: bool = False

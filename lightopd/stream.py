@@ -4,7 +4,9 @@ A group is every row of one prompt (its samples are written together, in one sha
 objectives that compare a prompt's samples see them in the same step. Each epoch visits the
 shards in a seeded order and passes the groups through a seeded shuffle buffer; the stream is a
 pure function of (store, seed, buffer size), so `skip(n)` puts a fresh stream exactly where an
-earlier one stood after n groups. Memory is one Parquet record batch plus the buffer.
+earlier one stood after n groups. Groups are held as compact Arrow record batches (copied out of
+the Parquet batch they came from, so a buffered group never pins a whole batch); rows become
+Python objects only for the step that uses them. Memory is one Parquet batch plus the buffer.
 """
 
 from __future__ import annotations
@@ -13,22 +15,35 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-Group = list[dict]
+Group = pa.RecordBatch  # the rows of one prompt
+READ_BATCH_ROWS = 1024
 
 
 def _groups_of_shard(path: Path, columns: list[str]) -> Iterator[Group]:
-    group: Group = []
+    pending: list[pa.RecordBatch] = []  # the current prompt's rows, possibly across Parquet batches
     with pq.ParquetFile(path) as pf:
-        for batch in pf.iter_batches(batch_size=1024, columns=columns):
-            for row in batch.to_pylist():
-                if group and row["prompt_id"] != group[0]["prompt_id"]:
-                    yield group
-                    group = []
-                group.append(row)
-    if group:
-        yield group
+        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+            ids = batch.column("prompt_id").to_pylist()
+            start = 0
+            for i in range(1, len(ids) + 1):
+                if i == len(ids) or ids[i] != ids[start]:
+                    piece = batch.take(pa.array(range(start, i)))  # a copy: compact, pins nothing
+                    if pending and ids[start] != pending[0].column("prompt_id")[0].as_py():
+                        yield _concat(pending)
+                        pending = []
+                    pending.append(piece)
+                    start = i
+    if pending:
+        yield _concat(pending)
+
+
+def _concat(pieces: list[pa.RecordBatch]) -> Group:
+    if len(pieces) == 1:
+        return pieces[0]
+    return pa.Table.from_batches(pieces).combine_chunks().to_batches()[0]
 
 
 class GroupStream:
@@ -80,5 +95,5 @@ class GroupStream:
         while count < rows:
             group = next(self)
             taken.append(group)
-            count += len(group)
+            count += group.num_rows
         return taken

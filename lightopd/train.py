@@ -150,8 +150,8 @@ class Trainer:
                         taid_t=None if self.taid is None else self.taid.t)
 
     def step(self, groups: list[Group]) -> dict:
-        rows = [r for g in groups for r in g]
-        group_of = [i for i, g in enumerate(groups) for _ in g]
+        rows = [r for g in groups for r in g.to_pylist()]
+        group_of = [i for i, g in enumerate(groups) for _ in range(g.num_rows)]
         tokens = sum(len(r["completion_ids"]) for r in rows)
         advantages = (seq_advantages(rows, group_of, self.params, self.device)
                       if self.objective.name == "opd-seq" else None)
@@ -172,6 +172,7 @@ class Trainer:
             if "topk_ids" in self.columns:
                 topk_ids = torch.tensor([x for r in mrows for x in r["topk_ids"]], device=self.device).view(-1, self.k)
             view = O.student_view(logits, targets, topk_ids, self.params.temperature)
+            del logits  # backward needs only the log-softmax: one float32 [tokens x vocab] copy stays
             inputs = self._inputs(mrows, view, topk_ids, None if advantages is None else [advantages[i] for i in micro])
             per_token = self.objective.loss(inputs, self.params)
             (per_token.sum() / tokens).backward()

@@ -1,0 +1,136 @@
+"""Benchmark `lightopd train` on a 32k-vocabulary student; prints JSON.
+
+In one process, on the same steps (same groups, same micro-batches):
+- lightopd's optimizer step with the lightning-opd objective and every diagnostic;
+- a plain SFT step: the model's own forward (full logits), cross-entropy on the completion
+  tokens, backward, AdamW: the physical limit for offline OPD, which reads its signal from disk.
+Then the peak resident memory of `lightopd train` (fixed steps) on a store and on one 10x larger:
+streaming keeps it flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, make_bench_model, peak_rss_mb  # noqa: E402
+
+from lightopd import models, rollout, score  # noqa: E402
+from lightopd import objectives as O  # noqa: E402
+from lightopd.batching import pack_by_tokens  # noqa: E402
+from lightopd.config import RolloutConfig, ScoreConfig, build_train_config  # noqa: E402
+from lightopd.memory import release_freed_memory  # noqa: E402
+from lightopd.store import open_store  # noqa: E402
+from lightopd.stream import GroupStream  # noqa: E402
+from lightopd.train import Trainer  # noqa: E402
+
+
+def make_store(tmp: Path, student: Path, teacher: Path, prompts: int, name: str, max_new: int) -> Path:
+    rng = random.Random(prompts)
+    path = tmp / f"{name}.jsonl"
+    path.write_text("".join(
+        json.dumps({"id": f"p{i}", "prompt": " ".join(f"w{rng.randrange(31990)}" for _ in range(rng.randint(16, 64)))})
+        + "\n" for i in range(prompts)))
+    rollouts = tmp / f"{name}-rollouts"
+    rollout.run(RolloutConfig(model=str(student), prompts=str(path), out=str(rollouts), n=2, max_new_tokens=max_new,
+                              prompts_per_shard=32, device="cpu"))
+    store = tmp / f"{name}-teacher"
+    score.run(ScoreConfig(teacher=str(teacher), rollouts=str(rollouts), out=str(store), top_k=32, device="cpu"))
+    return store
+
+
+def sft_step(model, optimizer, rows, micro_batch_tokens) -> None:
+    lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
+    tokens = sum(len(r["completion_ids"]) for r in rows)
+    for micro in pack_by_tokens(lengths, micro_batch_tokens):
+        width = max(lengths[i] for i in micro)
+        ids = torch.zeros((len(micro), width), dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        for j, i in enumerate(micro):
+            p, c = rows[i]["prompt_ids"], rows[i]["completion_ids"]
+            ids[j, : len(p) + len(c)] = torch.tensor(p + c)
+            labels[j, len(p): len(p) + len(c)] = torch.tensor(c)
+        mask = (labels != -100) | (torch.arange(width) < torch.tensor([lengths[i] for i in micro])[:, None])
+        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 labels[:, 1:].reshape(-1), reduction="sum", ignore_index=-100)
+        (loss / tokens).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    release_freed_memory()  # as the CLI does
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        student = make_bench_model(tmp / "student", seed=0)
+        teacher = make_bench_model(tmp / "teacher", seed=1, layers=6)
+        small = make_store(tmp, student, teacher, 48, "small", 96)
+
+        base = {"student": str(student), "data": str(small), "out": str(tmp / "unused")}
+        cfg, params = build_train_config(base, None, [("batch_size", args.batch_size), ("lr", 1e-5)])
+        manifest = open_store(small)
+        stream = GroupStream(small, manifest, ["prompt_ids", "completion_ids", "teacher_logprobs",
+                                               "behavior_logprobs", "topk_ids", "topk_logprobs"], 0, 64)
+        steps = [stream.take_rows(args.batch_size) for _ in range(args.steps + 1)]
+        tokens = sum(len(c) for groups in steps[1:] for g in groups for c in g.column("completion_ids").to_pylist())
+
+        torch.manual_seed(0)
+        model = models.load_model(student, torch.device("cpu"), torch.float32)
+        trainer = Trainer(cfg, params, O.OBJECTIVES["lightning-opd"], manifest, model, 32, args.steps)
+        trainer.step(steps[0])  # warm-up
+        start = time.perf_counter()
+        for groups in steps[1:]:
+            trainer.step(groups)
+        opd_s = time.perf_counter() - start
+
+        torch.manual_seed(0)
+        model = models.load_model(student, torch.device("cpu"), torch.float32)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        sft_step(model, optimizer, [r for g in steps[0] for r in g.to_pylist()], cfg.micro_batch_tokens)
+        start = time.perf_counter()
+        for groups in steps[1:]:
+            sft_step(model, optimizer, [r for g in groups for r in g.to_pylist()], cfg.micro_batch_tokens)
+        sft_s = time.perf_counter() - start
+
+        large = make_store(tmp, student, teacher, 480, "large", 96)
+        peaks = {}
+        for name, store in (("store_1x", small), ("store_10x", large)):
+            peaks[name] = {
+                "tokens_in_store": open_store(store)["tokens"],
+                "peak_rss_mb": round(peak_rss_mb([
+                    sys.executable, "-m", "lightopd", "train", "--student", str(student), "--data", str(store),
+                    "--out", str(tmp / f"out-{name}"), "--steps", "8", "--batch-size", str(args.batch_size),
+                    "--allow-teacher-mismatch", "--device", "cpu"]), 1),
+            }
+
+    print(json.dumps({
+        "benchmark": "train",
+        "machine": machine(),
+        "student": {"vocab": 32000, "hidden": 256, "layers": 4},
+        "workload": {"steps_timed": args.steps, "batch_size": args.batch_size, "completion_tokens": tokens,
+                     "micro_batch_tokens": cfg.micro_batch_tokens, "objective": "lightning-opd", "top_k": 32},
+        "lightopd_tokens_per_s": round(tokens / opd_s, 1),
+        "plain_sft_step_tokens_per_s": round(tokens / sft_s, 1),
+        "ratio_vs_sft_step": round(sft_s / opd_s, 2),
+        "memory": peaks,
+    }))
+
+
+if __name__ == "__main__":
+    main()
