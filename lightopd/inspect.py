@@ -43,5 +43,6 @@ def run(store: str | Path, check: bool) -> tuple[dict, bool]:
         for p in problems:
             console.print(f"[red]problem:[/] {p}", highlight=False)
         if ok:
-            console.print(f"[green]verified[/] {summary['shards_written']} shards: checksums and row counts match")
+            n = summary["shards_written"]
+            console.print(f"[green]verified[/] {n} shard{'' if n == 1 else 's'}: checksums and row counts match")
     return summary, ok
