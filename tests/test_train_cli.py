@@ -102,3 +102,25 @@ def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_model, teacher_m
     assert result["resumed_from"] == f"step-{done[-1]}" and result["steps"] == 400
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 401)), "each step logged exactly once"
+
+
+def test_non_finite_loss_exits_1_naming_the_checkpoint(monkeypatch, capsys, tiny_model, teacher_model, teacher_store,
+                                                        tmp_path):
+    from dataclasses import replace
+
+    from lightopd import objectives as O
+
+    real = O.OBJECTIVES["rkl"]
+    calls = {"n": 0}
+
+    def poisoned(inputs, params):
+        calls["n"] += 1
+        return real.loss(inputs, params) * (float("inf") if calls["n"] > 3 else 1.0)
+
+    monkeypatch.setitem(O.OBJECTIVES, "rkl", replace(real, loss=poisoned))
+    code, stdout, stderr = cli(monkeypatch, capsys, "train", "--student", str(tiny_model), "--data", str(teacher_store),
+                               "--out", str(tmp_path / "out"), "--objective", "rkl", "--steps", "8", "--batch-size",
+                               "4", "--save-every", "1", "--micro-batch-tokens", "100000", "--sft-teacher",
+                               str(teacher_model))
+    assert code == 1 and stdout == "" and "Traceback" not in stderr
+    assert "step 4: non-finite loss" in stderr and "checkpoints/step-3" in stderr
