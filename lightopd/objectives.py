@@ -258,10 +258,6 @@ class Objective:
     def needs_teacher(self) -> bool:
         return any(c in self.columns for c in ("teacher_logprobs", "topk_ids"))
 
-    @property
-    def needs_topk(self) -> bool:
-        return "topk_ids" in self.columns
-
 
 TOPK = ("topk_ids", "topk_logprobs")
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in [

@@ -19,6 +19,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from lightopd import __version__, models
@@ -89,8 +92,10 @@ def sft_teacher_of(cfg: TrainConfig, manifest: dict, objective: O.Objective, par
 
 # ---- one optimizer step ----
 
-def _tensor(rows: list[list[float]], device) -> torch.Tensor:
-    return torch.tensor([x for r in rows for x in r], dtype=torch.float32, device=device)
+def _flat(table: pa.Table, name: str, dtype) -> torch.Tensor:
+    """A list column's values, concatenated over rows, as a CPU tensor (no Python objects)."""
+    values = pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False)
+    return torch.from_numpy(np.array(values, dtype=dtype))  # a writable copy, converted once
 
 
 def seq_advantages(rows: list[dict], group_of: list[int], params, device) -> list[torch.Tensor]:
@@ -140,47 +145,57 @@ class Trainer:
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
-    def _inputs(self, rows: list[dict], view: O.StudentView, topk_ids, advantages) -> O.Inputs:
-        cols = self.columns
-        get = lambda name: _tensor([r[name] for r in rows], self.device) if name in cols else None  # noqa: E731
-        topk_lp = get("topk_logprobs").view(-1, self.k) if "topk_ids" in cols else None
+    def _inputs(self, table: pa.Table, view: O.StudentView, topk_ids, advantages) -> O.Inputs:
+        def get(name: str) -> torch.Tensor | None:
+            return _flat(table, name, np.float32).to(self.device) if name in self.columns else None
+
+        topk_lp = get("topk_logprobs")
         return O.Inputs(view, teacher_logprobs=get("teacher_logprobs"), behavior_logprobs=get("behavior_logprobs"),
-                        topk_ids=topk_ids, topk_logprobs=topk_lp,
+                        topk_ids=topk_ids, topk_logprobs=None if topk_lp is None else topk_lp.view(-1, self.k),
                         advantages=None if advantages is None else torch.cat(advantages),
                         taid_t=None if self.taid is None else self.taid.t)
 
     def step(self, groups: list[Group]) -> dict:
-        rows = [r for g in groups for r in g.to_pylist()]
+        table = pa.Table.from_batches(groups)
+        rows = table.select(["prompt_ids", "completion_ids"]).to_pylist()
         group_of = [i for i, g in enumerate(groups) for _ in range(g.num_rows)]
         tokens = sum(len(r["completion_ids"]) for r in rows)
-        advantages = (seq_advantages(rows, group_of, self.params, self.device)
-                      if self.objective.name == "opd-seq" else None)
+        advantages = None
+        if self.objective.name == "opd-seq":
+            scored = table.select(["teacher_logprobs", "behavior_logprobs"]).to_pylist()
+            advantages = seq_advantages([{**r, **t} for r, t in zip(rows, scored, strict=True)], group_of,
+                                        self.params, self.device)
         lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
-        loss_sum = 0.0
-        sums: dict[str, float] = {}
-        ratio_max = 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        ratio_max = torch.zeros((), device=self.device)
         self.model.train()
         for micro in pack_by_tokens(lengths, self.cfg.micro_batch_tokens):
             mrows = [rows[i] for i in micro]
             if not any(r["completion_ids"] for r in mrows):
                 continue
+            mtable = table.take(pa.array(micro))
             ids, mask, prow, pcol, targets = pack_rows([r["prompt_ids"] for r in mrows],
                                                        [r["completion_ids"] for r in mrows], self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
                 logits = self.positions.logits_at(ids, mask, prow, pcol)(0, len(targets))
             topk_ids = None
             if "topk_ids" in self.columns:
-                topk_ids = torch.tensor([x for r in mrows for x in r["topk_ids"]], device=self.device).view(-1, self.k)
+                topk_ids = _flat(mtable, "topk_ids", np.int64).to(self.device).view(-1, self.k)
             view = O.student_view(logits, targets, topk_ids, self.params.temperature)
             del logits  # backward needs only the log-softmax: one float32 [tokens x vocab] copy stays
-            inputs = self._inputs(mrows, view, topk_ids, None if advantages is None else [advantages[i] for i in micro])
+            micro_advantages = None if advantages is None else [advantages[i] for i in micro]
+            inputs = self._inputs(mtable, view, topk_ids, micro_advantages)
             per_token = self.objective.loss(inputs, self.params)
             (per_token.sum() / tokens).backward()
-            loss_sum += float(per_token.detach().sum())
+            loss_sum += per_token.detach().sum()
             for name, values in O.diagnostics(inputs).items():
-                sums[name] = sums.get(name, 0.0) + float(values.sum())
+                sums[name] = sums.get(name, 0.0) + values.sum()
                 if name == "is_ratio":
-                    ratio_max = max(ratio_max, float(values.max()))
+                    ratio_max = torch.maximum(ratio_max, values.max())
+        # one device-to-host transfer per step
+        loss_sum, ratio_max = float(loss_sum), float(ratio_max)
+        sums = {name: float(total) for name, total in sums.items()}
         loss = loss_sum / tokens
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
