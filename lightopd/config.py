@@ -276,9 +276,15 @@ class TrainConfig:
 KEY_ALIASES = {"lambda": "lambda_"}
 
 
-def _coerce(key: str, value, default):
-    """`value` (parsed from TOML or a --set string) as the type of `default`, or InputError."""
-    kind = type(default) if default is not None else None
+def _coerce(key: str, value, field):
+    """`value` (parsed from TOML or a --set string) as the field's type, or InputError."""
+    default = field.default
+    if default is not None:
+        kind = type(default)
+    else:  # optional fields: the annotation is a string such as "int | None"
+        kind = {"int": int, "float": float, "str": str}.get(str(field.type).split("|")[0].strip())
+        if value is None:
+            return None
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -293,8 +299,6 @@ def _coerce(key: str, value, default):
     elif kind is str:
         if isinstance(value, str):
             return value
-    elif kind is None:  # optional fields (steps, epochs, sft_teacher)
-        return value
     raise InputError(f"{key}: expected {kind.__name__ if kind else 'a value'}, got {value!r}")
 
 
@@ -350,8 +354,7 @@ def build_train_config(base: dict, recipe: dict | None, sets: list[tuple[str, ob
                              "parameters are set as objective.<name>)")
     coerced = {}
     for key, value in train.items():
-        default = train_fields[key].default
-        coerced[key] = value if key in ("student", "data", "out") else _coerce(key, value, default)
+        coerced[key] = value if key in ("student", "data", "out") else _coerce(key, value, train_fields[key])
     cfg = TrainConfig(**coerced)
     params_cls = OBJECTIVES[name].params
     param_fields = {f.name: f for f in fields(params_cls)}
@@ -361,5 +364,5 @@ def build_train_config(base: dict, recipe: dict | None, sets: list[tuple[str, ob
         if field_name not in param_fields:
             valid = ", ".join(sorted(k.rstrip("_") for k in param_fields))
             raise InputError(f"objective.{key}: not a parameter of {name} (valid: {valid})")
-        params[field_name] = _coerce(f"objective.{key}", value, param_fields[field_name].default)
+        params[field_name] = _coerce(f"objective.{key}", value, param_fields[field_name])
     return cfg, params_cls(**params)

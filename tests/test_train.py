@@ -209,5 +209,9 @@ def test_set_overrides_and_errors():
         build_train_config({**base, "objective": "jsd"}, None, [("objective.beta", "high")])
     with pytest.raises(InputError, match="objective.gamma: not a parameter of rkl .valid: support, temperature"):
         build_train_config({**base, "objective": "rkl"}, None, [("objective.gamma", 1.0)])
+    with pytest.raises(InputError, match="steps: expected int, got 'abc'"):
+        build_train_config(base, None, [("steps", "abc")])
+    cfg, _ = build_train_config(base, None, [("epochs", 2), ("sft_teacher", "/t")])
+    assert cfg.epochs == 2.0 and isinstance(cfg.epochs, float) and cfg.sft_teacher == "/t"
     with pytest.raises(InputError, match="--lr: must be > 0"):
         build_train_config({**base, "lr": 0.0}, None, [])
