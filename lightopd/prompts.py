@@ -7,13 +7,13 @@ index) and an optional `answer`. Anything else is an error naming the file, reco
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightopd.errors import InputError
+from lightopd.store import sha256_file
 
 FIELDS = ("id", "prompt", "messages", "answer")
 
@@ -28,11 +28,7 @@ class PromptRecord:
 
 
 def file_fingerprint(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return "sha256:" + h.hexdigest()[:32]
+    return "sha256:" + sha256_file(Path(path))[:32]
 
 
 def _raw_records(path: Path):
