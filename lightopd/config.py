@@ -270,6 +270,8 @@ class TrainConfig:
         _check(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
         _check(self.save_every >= 0, "--save-every", f"must be >= 0, got {self.save_every}")
         _check_device_dtype(self.device, self.dtype)
+        _check(self.dtype != "float16", "--dtype",
+               "float16 training needs loss scaling, which lightopd does not do; use bfloat16 (or float32)")
 
 
 # Keys a recipe or `--set` may name that are spelled differently in Python.

@@ -213,5 +213,7 @@ def test_set_overrides_and_errors():
         build_train_config(base, None, [("steps", "abc")])
     cfg, _ = build_train_config(base, None, [("epochs", 2), ("sft_teacher", "/t")])
     assert cfg.epochs == 2.0 and isinstance(cfg.epochs, float) and cfg.sft_teacher == "/t"
+    with pytest.raises(InputError, match="--dtype: float16 training needs loss scaling"):
+        build_train_config({**base, "dtype": "float16"}, None, [])
     with pytest.raises(InputError, match="--lr: must be > 0"):
         build_train_config({**base, "lr": 0.0}, None, [])
