@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lightopd.batching import plan_generation
 from lightopd.config import SamplingConfig
-from lightopd.sampling import choose, uniforms
+from lightopd.sampling import choose, row_key, uniforms
 
 
 @dataclass
@@ -128,3 +129,31 @@ def generate(
             tokens_cpu[r, :n].tolist(), logprobs_cpu[r, :n].tolist(), "stop" if stopped_cpu[r] else "length"
         ))
     return result
+
+
+def sample_prompts(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    prompt_names: Sequence[str],
+    n: int,
+    sampling: SamplingConfig,
+    seed: int,
+    batch_size: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    context: int | None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[list[Completion]]:
+    """`n` completions of each prompt, batched by length; sample j of prompt `name` always draws
+    from the random stream row_key(seed, name, j), whatever the batching."""
+    completions: list[list[Completion | None]] = [[None] * n for _ in prompt_ids]
+    for batch in plan_generation([len(x) for x in prompt_ids], n, batch_size):
+        prompts = [prompt_ids[i] for i, _ in batch]
+        keys = [[row_key(seed, prompt_names[i], j) for j in js] for i, js in batch]
+        limits = [sampling.max_new_tokens if context is None else min(sampling.max_new_tokens, context - len(p))
+                  for p in prompts]
+        out = generate(model, prompts, keys, sampling, eos_ids, limits, pad_id, on_step=on_step)
+        for (i, js), samples in zip(batch, out, strict=True):
+            for j, c in zip(js, samples, strict=True):
+                completions[i][j] = c
+    return completions

@@ -168,3 +168,19 @@ def read_provenance(path: str | Path) -> dict | None:
 
 def write_provenance(path: str | Path, record: dict) -> None:
     (Path(path) / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def generation_setup(path: str | Path, tokenizer, trust_remote_code: bool = False) -> tuple[int | None, list[int], int]:
+    """(context length, EOS ids, pad id) of a model directory, read without loading its weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        generation_config = GenerationConfig.from_pretrained(str(path))
+    except OSError:
+        generation_config = None
+    eos_ids = eos_token_ids(tokenizer, generation_config)
+    if not eos_ids:
+        raise InputError(f"{path}: neither the tokenizer nor the model names an EOS token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    return context_length(config), eos_ids, pad_id

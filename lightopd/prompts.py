@@ -126,3 +126,19 @@ def encode(tokenizer, record: PromptRecord) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+def encode_all(tokenizer, records: list[PromptRecord], context: int | None) -> list[list[int]]:
+    """Token ids of every record; a prompt that leaves no room to generate is an error."""
+    encoded = []
+    for record in records:
+        ids = encode(tokenizer, record)
+        if not ids:
+            raise InputError(f"{record.where}: the prompt encodes to no tokens")
+        if context is not None and len(ids) >= context:
+            raise InputError(
+                f"{record.where}: prompt is {len(ids)} tokens, which leaves no room to generate "
+                f"within the model's context of {context} tokens"
+            )
+        encoded.append(ids)
+    return encoded

@@ -16,29 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from lightopd import models
-from lightopd.batching import plan_generation
 from lightopd.config import RolloutConfig
-from lightopd.errors import InputError
-from lightopd.generate import generate
+from lightopd.generate import sample_prompts
 from lightopd.progress import StageProgress, console
-from lightopd.prompts import PromptRecord, encode, file_fingerprint, read_prompts
-from lightopd.sampling import row_key
+from lightopd.prompts import encode_all, file_fingerprint, read_prompts
 from lightopd.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA, StoreWriter
-
-
-def _encode_all(tokenizer, records: list[PromptRecord], context: int | None) -> list[list[int]]:
-    encoded = []
-    for record in records:
-        ids = encode(tokenizer, record)
-        if not ids:
-            raise InputError(f"{record.where}: the prompt encodes to no tokens")
-        if context is not None and len(ids) >= context:
-            raise InputError(
-                f"{record.where}: prompt is {len(ids)} tokens, which leaves no room to generate "
-                f"within the model's context of {context} tokens"
-            )
-        encoded.append(ids)
-    return encoded
 
 
 def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, int]:
@@ -60,22 +42,11 @@ def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, 
 
 def run(cfg: RolloutConfig) -> dict:
     """Write (or finish) the rollout store `cfg.out`; return the JSON summary."""
-    from transformers import AutoConfig, GenerationConfig
-
     model_dir = models.check_model_dir(cfg.model)
     records = read_prompts(cfg.prompts, cfg.limit)
     tokenizer = models.load_tokenizer(model_dir, cfg.trust_remote_code)
-    model_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=cfg.trust_remote_code)
-    context = models.context_length(model_config)
-    encoded = _encode_all(tokenizer, records, context)
-    try:
-        generation_config = GenerationConfig.from_pretrained(str(model_dir))
-    except OSError:
-        generation_config = None
-    eos_ids = models.eos_token_ids(tokenizer, generation_config)
-    if not eos_ids:
-        raise InputError(f"--model {cfg.model}: neither the tokenizer nor the model names an EOS token")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    context, eos_ids, pad_id = models.generation_setup(model_dir, tokenizer, cfg.trust_remote_code)
+    encoded = encode_all(tokenizer, records, context)
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
 
@@ -123,19 +94,10 @@ def run(cfg: RolloutConfig) -> dict:
             for shard in todo:
                 lo, hi = shard * P, min((shard + 1) * P, len(records))
                 shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
-                completions = [[None] * cfg.n for _ in shard_records]
-                for batch in plan_generation([len(x) for x in shard_ids], cfg.n, cfg.batch_size):
-                    prompts = [shard_ids[i] for i, _ in batch]
-                    keys = [[row_key(cfg.seed, shard_records[i].id, j) for j in js] for i, js in batch]
-                    limits = [
-                        cfg.max_new_tokens if context is None else min(cfg.max_new_tokens, context - len(p))
-                        for p in prompts
-                    ]
-                    out = generate(model, prompts, keys, cfg.sampling, eos_ids, limits, pad_id,
-                                   on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
-                    for (i, js), samples in zip(batch, out, strict=True):
-                        for j, c in zip(js, samples, strict=True):
-                            completions[i][j] = c
+                completions = sample_prompts(
+                    model, shard_ids, [r.id for r in shard_records], cfg.n, cfg.sampling, cfg.seed,
+                    cfg.batch_size, eos_ids, pad_id, context,
+                    on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
                 table, tokens = _shard_table(shard_records, shard_ids, completions, cfg.n)
                 writer.write_shard(shard, table, tokens, prompt_tokens=sum(len(x) for x in shard_ids) * cfg.n)
                 new_tokens += tokens

@@ -1,0 +1,1 @@
+"""Verifiable tasks: answer checkers (and, later, the bundled demo task)."""
