@@ -1,8 +1,14 @@
-"""Group rows into batches, longest first: by padded tokens for forwards, by rows for sampling."""
+"""Rows to batches and tensors: grouping longest first (by padded tokens for forwards, by rows for
+sampling), right-padded id tensors, and Arrow list columns as flat tensors."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 
 
 def pack_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -39,3 +45,27 @@ def plan_generation(lengths: list[int], n: int, batch_size: int) -> list[list[tu
     if current:
         batches.append(current)
     return batches
+
+
+def pack_rows(prompts, completions, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor]:
+    """Right-padded ids and mask [B, L], and for every completion token (row-major) its row, the
+    position whose logits predict it, and the token itself."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    ids = torch.zeros((len(prompts), max(lengths)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, cols, targets = [], [], []
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[i, : lengths[i]] = torch.tensor(list(p) + list(c))
+        mask[i, : lengths[i]] = 1
+        rows += [i] * len(c)
+        cols += range(len(p) - 1, len(p) - 1 + len(c))
+        targets += c
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return ids.to(device), mask.to(device), as_tensor(rows), as_tensor(cols), as_tensor(targets)
+
+
+def flat_column(table: pa.Table, name: str, dtype) -> torch.Tensor:
+    """A list column's values, concatenated over rows, as a CPU tensor (no Python objects)."""
+    values = pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False)
+    return torch.from_numpy(np.array(values, dtype=dtype))  # a writable copy, converted once

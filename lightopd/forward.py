@@ -65,21 +65,3 @@ class PositionLogits:
             return lambda lo, hi: self._transform(self._head(hidden[lo:hi]))
         full = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return lambda lo, hi: full[rows[lo:hi], cols[lo:hi]]
-
-
-def pack_rows(prompts, completions, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor]:
-    """Right-padded ids and mask [B, L], and for every completion token (row-major) its row, the
-    position whose logits predict it, and the token itself."""
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
-    ids = torch.zeros((len(prompts), max(lengths)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    rows, cols, targets = [], [], []
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids[i, : lengths[i]] = torch.tensor(list(p) + list(c))
-        mask[i, : lengths[i]] = 1
-        rows += [i] * len(c)
-        cols += range(len(p) - 1, len(p) - 1 + len(c))
-        targets += c
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return ids.to(device), mask.to(device), as_tensor(rows), as_tensor(cols), as_tensor(targets)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lightopd.forward import PositionLogits, pack_rows
+from lightopd.batching import pack_rows
+from lightopd.forward import PositionLogits
 
 
 @dataclass

@@ -21,15 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from lightopd import __version__, models
 from lightopd import objectives as O
-from lightopd.batching import pack_by_tokens
+from lightopd.batching import flat_column, pack_by_tokens, pack_rows
 from lightopd.config import TrainConfig
 from lightopd.errors import InputError, TrainingError
-from lightopd.forward import PositionLogits, pack_rows
+from lightopd.forward import PositionLogits
 from lightopd.progress import StageProgress, console
 from lightopd.store import ROLLOUT_FORMAT, TEACHER_FORMAT, manifest_fingerprint, open_store
 from lightopd.stream import Group, GroupStream
@@ -92,12 +91,6 @@ def sft_teacher_of(cfg: TrainConfig, manifest: dict, objective: O.Objective, par
 
 # ---- one optimizer step ----
 
-def _flat(table: pa.Table, name: str, dtype) -> torch.Tensor:
-    """A list column's values, concatenated over rows, as a CPU tensor (no Python objects)."""
-    values = pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False)
-    return torch.from_numpy(np.array(values, dtype=dtype))  # a writable copy, converted once
-
-
 def seq_advantages(rows: list[dict], group_of: list[int], params, device) -> list[torch.Tensor]:
     """opd-seq advantages for every row of a step, from stored columns (no model needed)."""
     width = max(len(r["completion_ids"]) for r in rows)
@@ -147,7 +140,7 @@ class Trainer:
 
     def _inputs(self, table: pa.Table, view: O.StudentView, topk_ids, advantages) -> O.Inputs:
         def get(name: str) -> torch.Tensor | None:
-            return _flat(table, name, np.float32).to(self.device) if name in self.columns else None
+            return flat_column(table, name, np.float32).to(self.device) if name in self.columns else None
 
         topk_lp = get("topk_logprobs")
         return O.Inputs(view, teacher_logprobs=get("teacher_logprobs"), behavior_logprobs=get("behavior_logprobs"),
@@ -181,7 +174,7 @@ class Trainer:
                 logits = self.positions.logits_at(ids, mask, prow, pcol)(0, len(targets))
             topk_ids = None
             if "topk_ids" in self.columns:
-                topk_ids = _flat(mtable, "topk_ids", np.int64).to(self.device).view(-1, self.k)
+                topk_ids = flat_column(mtable, "topk_ids", np.int64).to(self.device).view(-1, self.k)
             view = O.student_view(logits, targets, topk_ids, self.params.temperature)
             del logits  # backward needs only the log-softmax: one float32 [tokens x vocab] copy stays
             micro_advantages = None if advantages is None else [advantages[i] for i in micro]
