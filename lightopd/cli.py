@@ -15,7 +15,16 @@ import typer
 from typer import Option
 
 from lightopd import __version__
-from lightopd.config import DEVICES, DTYPES, SCHEDULES, TOPK_DTYPES, RolloutConfig, ScoreConfig, TrainConfig
+from lightopd.config import (
+    DEVICES,
+    DTYPES,
+    SCHEDULES,
+    TOPK_DTYPES,
+    EvalConfig,
+    RolloutConfig,
+    ScoreConfig,
+    TrainConfig,
+)
 from lightopd.errors import InputError, TrainingError
 from lightopd.progress import console
 
@@ -31,6 +40,7 @@ app = typer.Typer(
 R = RolloutConfig  # class attributes hold the defaults
 S = ScoreConfig
 T = TrainConfig
+E = EvalConfig
 
 
 def _emit(result: dict) -> None:
@@ -229,6 +239,58 @@ def train(
                 trust_remote_code=trust_remote_code or None)
     cfg, params = build_train_config(base, recipe_table, [parse_set(item) for item in set_ or []])
     _emit(stage.run(cfg, params))
+
+
+@app.command("eval")
+def evaluate(
+    results: Annotated[Optional[list[Path]], typer.Argument(
+        help="With --compare: eval result files (JSON) to show side by side.", show_default=False)] = None,
+    compare: Annotated[bool, Option("--compare", help="Compare saved eval results instead of evaluating.")] = False,
+    model: Annotated[Optional[Path], Option(help="Model to evaluate: a local Hugging Face causal-LM directory.")]
+    = None,
+    prompts: Annotated[Optional[Path], Option(
+        help="Prompt file (.jsonl or .parquet) whose records all have an `answer`.")] = None,
+    teacher_store: Annotated[Optional[Path], Option(
+        help="Also measure agreement with this teacher store's teacher on its rows: tail-bucket rkl and fkl, "
+             "k1, top-1 agreement (token means).")] = None,
+    out: Annotated[Optional[Path], Option(help="Write the result JSON here too.")] = None,
+    n: Annotated[int, Option(help="Samples per prompt (pass@k is reported for k up to n).")] = E.n,
+    temperature: Annotated[float, Option(help="Sampling temperature; 0 is greedy.")] = E.temperature,
+    top_p: Annotated[float, Option(help="Nucleus sampling mass; 1 disables it.")] = E.top_p,
+    max_new_tokens: Annotated[int, Option(help="Most tokens generated per sample.")] = E.max_new_tokens,
+    seed: Annotated[int, Option(help="Seed of the samples' random streams.")] = E.seed,
+    limit: Annotated[Optional[int], Option(help="Use only the first N prompt records.")] = E.limit,
+    checker: Annotated[str, Option(
+        help="How answers are compared: auto (math when the answer is a number or the text has \\boxed{}), "
+             "exact (white-space-folded string), math (last \\boxed{} or last number, compared by value).")]
+    = E.checker,
+    batch_size: Annotated[int, Option(help="Sequences sampled together.")] = E.batch_size,
+    device: Annotated[str, Option(help=f"Device: {', '.join(DEVICES)} or cuda:N.")] = E.device,
+    dtype: Annotated[str, Option(help=f"Weight dtype: {', '.join(DTYPES)}.")] = E.dtype,
+    trust_remote_code: Annotated[bool, Option(
+        "--trust-remote-code", help="Allow Python code shipped inside the model directory to run.")] = False,
+) -> None:
+    """Measure a model: accuracy on verifiable answers (accuracy, pass@k, majority vote, completion
+    length, truncation rate) and agreement with a teacher store. Or, with --compare, show saved
+    results side by side."""
+    from lightopd import evaluate as stage
+
+    if compare:
+        if not results:
+            raise InputError("--compare: give the eval result files to compare")
+        _emit(stage.compare([str(p) for p in results]))
+        return
+    if results:
+        raise InputError(f"unexpected argument {results[0]} (files are only taken with --compare)")
+    if model is None:
+        raise InputError("--model: required (unless --compare)")
+    cfg = EvalConfig(
+        model=str(model), prompts=None if prompts is None else str(prompts),
+        teacher_store=None if teacher_store is None else str(teacher_store), out=None if out is None else str(out),
+        n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, limit=limit,
+        checker=checker, batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+    )
+    _emit(stage.run(cfg))
 
 
 @app.command()

@@ -368,3 +368,42 @@ def build_train_config(base: dict, recipe: dict | None, sets: list[tuple[str, ob
             raise InputError(f"objective.{key}: not a parameter of {name} (valid: {valid})")
         params[field_name] = _coerce(f"objective.{key}", value, param_fields[field_name])
     return cfg, params_cls(**params)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`lightopd eval`: verifiable accuracy on prompts with answers, and agreement with a teacher store."""
+
+    model: str
+    prompts: str | None = None
+    teacher_store: str | None = None
+    out: str | None = None
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    limit: int | None = None
+    checker: str = "auto"
+    batch_size: int = 64
+    micro_batch_tokens: int = 4096
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        from lightopd.tasks.checkers import CHECKERS
+
+        _check(self.prompts is not None or self.teacher_store is not None, "--prompts/--teacher-store",
+               "give prompts to check answers on, a teacher store to measure agreement with, or both")
+        _check(self.n >= 1, "--n", f"samples per prompt must be >= 1, got {self.n}")
+        _check(self.checker in CHECKERS, "--checker", f"must be one of {', '.join(CHECKERS)}, got {self.checker!r}")
+        _check(self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}")
+        _check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
+        _check(self.micro_batch_tokens >= 1, "micro_batch_tokens", f"must be >= 1, got {self.micro_batch_tokens}")
+        SamplingConfig(self.temperature, self.top_p, self.max_new_tokens)
+        _check_device_dtype(self.device, self.dtype)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens)

@@ -1,0 +1,108 @@
+"""`lightopd eval`: pass@k, majority vote, teacher agreement against a full-vocabulary reference."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightopd import evaluate
+from lightopd.config import EvalConfig, ScoreConfig
+from lightopd.score import run as score_run
+from lightopd.store import iter_batches
+from tests.conftest import last_json, run_cli, write_jsonl
+from tests.reference import completion_logits, log_softmax64
+from tests.test_bad_input import cli
+
+
+@pytest.mark.parametrize("n,c", [(5, 0), (5, 2), (5, 5), (8, 3)])
+def test_pass_at_k_equals_enumeration(n, c):
+    outcomes = [True] * c + [False] * (n - c)
+    for k in range(1, n + 1):
+        subsets = list(itertools.combinations(outcomes, k))
+        assert evaluate.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_answer_metrics():
+    results = [
+        [(True, "4"), (False, "5"), (True, "4"), (False, None)],   # majority "4": right
+        [(False, "7"), (False, "7"), (True, "6"), (False, None)],  # majority "7": wrong
+        [(False, None)] * 4,                                         # no answers at all
+    ]
+    m = evaluate.answer_metrics(results, 4)
+    assert m["accuracy"] == pytest.approx(3 / 12)
+    assert m["majority_accuracy"] == pytest.approx(1 / 3)
+    assert set(m["pass@k"]) == {"1", "2", "4"}
+    assert m["pass@k"]["1"] == pytest.approx(m["accuracy"])
+    assert m["pass@k"]["4"] == pytest.approx(2 / 3)
+
+
+def test_teacher_agreement_equals_full_vocabulary_reference(tiny_model, teacher_model, rollout_store, tmp_path):
+    store = tmp_path / "full"
+    score_run(ScoreConfig(teacher=str(teacher_model), rollouts=str(rollout_store), out=str(store), top_k=50,
+                          topk_dtype="float32"))
+    got = evaluate.run(EvalConfig(model=str(tiny_model), teacher_store=str(store), micro_batch_tokens=30))["teacher"]
+    student = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=torch.float64).eval()
+    rkl, fkl, k1, agree = [], [], [], []
+    for row in (r for b in iter_batches(rollout_store) for r in b.to_pylist()):
+        q = log_softmax64(completion_logits(student, row["prompt_ids"], row["completion_ids"]))
+        p = log_softmax64(completion_logits(teacher, row["prompt_ids"], row["completion_ids"]))
+        y = np.array(row["completion_ids"])
+        rkl += list((np.exp(q) * (q - p)).sum(-1))
+        fkl += list((np.exp(p) * (p - q)).sum(-1))
+        k1 += list(q[np.arange(len(y)), y] - p[np.arange(len(y)), y])
+        agree += list(q.argmax(-1) == p.argmax(-1))
+    assert got["tokens"] == len(k1)
+    assert got["rkl"] == pytest.approx(np.mean(rkl), abs=1e-4)
+    assert got["fkl"] == pytest.approx(np.mean(fkl), abs=1e-4)
+    assert got["k1"] == pytest.approx(np.mean(k1), abs=1e-4)
+    assert got["top1_agree"] == pytest.approx(np.mean(agree))
+
+
+def test_end_to_end_accuracy_against_known_answers(tiny_model, tmp_path):
+    """Answers set to the model's own greedy output for half the prompts: accuracy is exactly 1/2."""
+    from lightopd import rollout
+    from lightopd.config import RolloutConfig
+
+    prompts = [{"id": f"q{i}", "prompt": f"w{i} w{i + 1}"} for i in range(6)]
+    plain = write_jsonl(tmp_path / "plain.jsonl", prompts)
+    rollout.run(RolloutConfig(model=str(tiny_model), prompts=str(plain), out=str(tmp_path / "greedy"),
+                              temperature=0.0, max_new_tokens=6))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    greedy = {r["prompt_id"]: tok.decode(r["completion_ids"], skip_special_tokens=True)
+              for b in iter_batches(tmp_path / "greedy") for r in b.to_pylist()}
+    for i, p in enumerate(prompts):
+        p["answer"] = greedy[p["id"]] if i % 2 == 0 else "w39 w39 w39"
+    with_answers = write_jsonl(tmp_path / "answers.jsonl", prompts)
+    out = tmp_path / "eval.json"
+    result = last_json(run_cli("eval", "--model", str(tiny_model), "--prompts", str(with_answers), "--checker", "exact",
+                               "--max-new-tokens", "6", "--n", "2", "--out", str(out)))
+    assert result["accuracy"] == 0.5 and result["pass@k"] == {"1": 0.5, "2": 0.5}
+    assert result["majority_accuracy"] == 0.5 and result["prompts_evaluated"] == 6
+    assert 1 <= result["mean_completion_tokens"] <= 6 and 0 <= result["truncation_rate"] <= 1
+    assert json.loads(out.read_text()) == result
+    compared = last_json(run_cli("eval", "--compare", str(out), str(out)))
+    assert compared["compare"]["eval"]["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("records,extra,message", [
+    ([{"prompt": "w1"}], [], "line 1: no 'answer' field"),
+    ([{"prompt": "w1", "answer": "w2"}], ["--checker", "fuzzy"], "--checker: must be one of auto, exact, math"),
+    ([{"prompt": "w1", "answer": "w2"}], ["--teacher-store", "/nonexistent/store"], "no such store directory"),
+])
+def test_bad_input(monkeypatch, capsys, tiny_model, tmp_path, records, extra, message):
+    prompts = write_jsonl(tmp_path / "p.jsonl", records)
+    code, stdout, stderr = cli(monkeypatch, capsys, "eval", "--model", str(tiny_model), "--prompts", str(prompts),
+                               *extra)
+    assert code == 2 and message in stderr and stdout == "" and "Traceback" not in stderr
+
+
+def test_compare_needs_readable_results(monkeypatch, capsys, tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    code, _, stderr = cli(monkeypatch, capsys, "eval", "--compare", str(tmp_path / "bad.json"))
+    assert code == 2 and "not a readable eval result" in stderr
