@@ -172,8 +172,9 @@ def train(
         help="TOML recipe: a [train] table of training keys and an [objective] table (name and parameters); "
              "see recipes/.")] = None,
     set_: Annotated[Optional[list[str]], Option(
-        "--set", help="Override one key, e.g. --set lr=1e-6 or --set objective.beta=0.5 (repeatable; "
-                      "applied last).")] = None,
+        "--set", metavar="KEY=VALUE",
+        help="Override one key, e.g. --set lr=1e-6 or --set objective.beta=0.5 (repeatable; applied last).")]
+    = None,
     steps: Annotated[Optional[int], Option(help="Optimizer steps. [default: one epoch]")] = None,
     epochs: Annotated[Optional[float], Option(help="Passes over the store (instead of --steps).")] = None,
     batch_size: Annotated[Optional[int], Option(
