@@ -69,3 +69,17 @@ def flat_column(table: pa.Table, name: str, dtype) -> torch.Tensor:
     """A list column's values, concatenated over rows, as a CPU tensor (no Python objects)."""
     values = pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False)
     return torch.from_numpy(np.array(values, dtype=dtype))  # a writable copy, converted once
+
+
+STORED_COLUMNS = ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs")
+
+
+def stored_tensors(table: pa.Table, names, k: int | None, device) -> dict[str, torch.Tensor]:
+    """The per-token stored columns among `names` as flat tensors on `device`: log-probs float32 [N],
+    top-k ids int64 and log-probs float32 reshaped to [N, k]."""
+    out = {}
+    for name in STORED_COLUMNS:
+        if name in names:
+            values = flat_column(table, name, np.int64 if name == "topk_ids" else np.float32).to(device)
+            out[name] = values.view(-1, k) if name.startswith("topk_") else values
+    return out

@@ -6,7 +6,7 @@ and each dataclass validates itself so that a bad value is reported before any w
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from lightopd.errors import InputError
 
@@ -70,9 +70,6 @@ class RolloutConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_worker(spec: str) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import torch
 
 from lightopd import models
 from lightopd import objectives as O
-from lightopd.batching import flat_column, pack_by_tokens, pack_rows
+from lightopd.batching import pack_by_tokens, pack_rows, stored_tensors
 from lightopd.config import DivergenceParams, EvalConfig
 from lightopd.errors import InputError
 from lightopd.forward import PositionLogits
@@ -79,11 +79,9 @@ def teacher_agreement(model, store: str, micro_batch_tokens: int) -> dict:
                                                            [r["completion_ids"] for r in mrows], device)
                 if len(targets) == 0:
                     continue
-                topk_ids = flat_column(mtable, "topk_ids", np.int64).to(device).view(-1, k)
-                view = O.student_view(positions.logits_at(ids, mask, prow, pcol)(0, len(targets)), targets, topk_ids)
-                inputs = O.Inputs(view, teacher_logprobs=flat_column(mtable, "teacher_logprobs", np.float32).to(device),
-                                  topk_ids=topk_ids,
-                                  topk_logprobs=flat_column(mtable, "topk_logprobs", np.float32).to(device).view(-1, k))
+                stored = stored_tensors(mtable, columns, k, device)
+                logits = positions.logits_at(ids, mask, prow, pcol)(0, len(targets))
+                inputs = O.Inputs(O.student_view(logits, targets, stored["topk_ids"]), **stored)
                 diag = O.diagnostics(inputs)
                 sums["rkl"] += float(O.rkl(inputs, params).sum())
                 sums["fkl"] += float(O.fkl(inputs, params).sum())

@@ -19,13 +19,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from lightopd import __version__, models
 from lightopd import objectives as O
-from lightopd.batching import flat_column, pack_by_tokens, pack_rows
+from lightopd.batching import pack_by_tokens, pack_rows, stored_tensors
 from lightopd.config import TrainConfig
 from lightopd.errors import InputError, TrainingError
 from lightopd.forward import PositionLogits
@@ -138,16 +137,6 @@ class Trainer:
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
-    def _inputs(self, table: pa.Table, view: O.StudentView, topk_ids, advantages) -> O.Inputs:
-        def get(name: str) -> torch.Tensor | None:
-            return flat_column(table, name, np.float32).to(self.device) if name in self.columns else None
-
-        topk_lp = get("topk_logprobs")
-        return O.Inputs(view, teacher_logprobs=get("teacher_logprobs"), behavior_logprobs=get("behavior_logprobs"),
-                        topk_ids=topk_ids, topk_logprobs=None if topk_lp is None else topk_lp.view(-1, self.k),
-                        advantages=None if advantages is None else torch.cat(advantages),
-                        taid_t=None if self.taid is None else self.taid.t)
-
     def step(self, groups: list[Group]) -> dict:
         table = pa.Table.from_batches(groups)
         rows = table.select(["prompt_ids", "completion_ids"]).to_pylist()
@@ -172,13 +161,11 @@ class Trainer:
                                                        [r["completion_ids"] for r in mrows], self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
                 logits = self.positions.logits_at(ids, mask, prow, pcol)(0, len(targets))
-            topk_ids = None
-            if "topk_ids" in self.columns:
-                topk_ids = flat_column(mtable, "topk_ids", np.int64).to(self.device).view(-1, self.k)
-            view = O.student_view(logits, targets, topk_ids, self.params.temperature)
+            stored = stored_tensors(mtable, self.columns, self.k, self.device)
+            view = O.student_view(logits, targets, stored.get("topk_ids"), self.params.temperature)
             del logits  # backward needs only the log-softmax: one float32 [tokens x vocab] copy stays
-            micro_advantages = None if advantages is None else [advantages[i] for i in micro]
-            inputs = self._inputs(mtable, view, topk_ids, micro_advantages)
+            inputs = O.Inputs(view, **stored, taid_t=None if self.taid is None else self.taid.t,
+                              advantages=None if advantages is None else torch.cat([advantages[i] for i in micro]))
             per_token = self.objective.loss(inputs, self.params)
             (per_token.sum() / tokens).backward()
             loss_sum += per_token.detach().sum()
