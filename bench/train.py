@@ -84,8 +84,8 @@ def main() -> None:
         base = {"student": str(student), "data": str(small), "out": str(tmp / "unused")}
         cfg, params = build_train_config(base, None, [("batch_size", args.batch_size), ("lr", 1e-5)])
         manifest = open_store(small)
-        stream = GroupStream(small, manifest, ["prompt_ids", "completion_ids", "teacher_logprobs",
-                                               "behavior_logprobs", "topk_ids", "topk_logprobs"], 0, 64)
+        columns = ["prompt_ids", "completion_ids", "teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs"]
+        stream = GroupStream(small, [s["name"] for s in manifest["shards"]], columns, 0, 64)
         steps = [stream.take_rows(args.batch_size) for _ in range(args.steps + 1)]
         tokens = sum(len(c) for groups in steps[1:] for g in groups for c in g.column("completion_ids").to_pylist())
 

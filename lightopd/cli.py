@@ -239,7 +239,9 @@ def train(
                 allow_teacher_mismatch=allow_teacher_mismatch or None, device=device, dtype=dtype,
                 trust_remote_code=trust_remote_code or None)
     cfg, params = build_train_config(base, recipe_table, [parse_set(item) for item in set_ or []])
-    _emit(stage.run(cfg, params))
+    result = stage.run(cfg, params)
+    if result is not None:  # None on ranks other than 0 under torchrun
+        _emit(result)
 
 
 @app.command("eval")
@@ -320,5 +322,6 @@ def main() -> None:
     except (InputError, TrainingError) as e:
         from rich.text import Text
 
+        console.quiet = False  # under torchrun other ranks are quiet, but their errors are not
         console.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)
         sys.exit(2 if isinstance(e, InputError) else 1)

@@ -241,7 +241,11 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    shuffle_buffer: int = 256  # prompt groups held (as compact Arrow batches) for the seeded shuffle
+    shuffle_buffer: int = 256  # prompt groups held per data part (as compact Arrow batches) for the seeded shuffle
+    # disjoint parts the store is split into, each read by one rank (a rank may own several); a
+    # step takes batch_size / data_parts rows from each. Default: the world size. Fix it to make
+    # runs with different numbers of ranks train on identical steps.
+    data_parts: int | None = None
     seed: int = 0
     save_every: int = 0  # checkpoint every N steps (0: only the final model)
     resume: bool = False
@@ -265,6 +269,7 @@ class TrainConfig:
                f"must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         _check(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        _check(self.data_parts is None or self.data_parts >= 1, "data_parts", f"must be >= 1, got {self.data_parts}")
         _check(self.save_every >= 0, "--save-every", f"must be >= 0, got {self.save_every}")
         _check_device_dtype(self.device, self.dtype)
         _check(self.dtype != "float16", "--dtype",

@@ -65,3 +65,16 @@ class PositionLogits:
             return lambda lo, hi: self._transform(self._head(hidden[lo:hi]))
         full = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return lambda lo, hi: full[rows[lo:hi], cols[lo:hi]]
+
+
+class CompletionLogits(torch.nn.Module):
+    """The model's logits at the given (row, column) positions as a single module call, so that
+    DistributedDataParallel can wrap it (DDP synchronises gradients of what runs in its forward)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.positions = PositionLogits(model)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return self.positions.logits_at(ids, mask, rows, cols)(0, rows.numel())

@@ -207,13 +207,21 @@ def leave_one_out(values: Tensor, mask: Tensor, groups: Tensor) -> Tensor:
 
 
 def opd_seq_advantages(teacher: Tensor, behavior: Tensor, mask: Tensor, groups: Tensor,
-                       params: C.OPDSeqParams) -> Tensor:
-    """A = G − B (optionally / std over the step) for padded [R, T] rows; `groups` [R] prompt ids."""
+                       params: C.OPDSeqParams, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> Tensor:
+    """A = G − B (optionally / std over the step) for padded [R, T] rows; `groups` [R] prompt ids.
+
+    The std is the population std of every valid position of the step; when a step is split
+    between ranks, `reduce` sums (count, Σa, Σa²) over them so every rank divides by the same std.
+    """
     returns = discounted_returns(teacher - behavior, mask, params.discount)
     advantages = returns - leave_one_out(returns, mask, groups) if params.baseline == "loo" else returns
     if params.normalize:
-        valid = advantages[mask.bool()]
-        advantages = advantages / (valid.std(unbiased=False) + EPS) if valid.numel() > 1 else advantages
+        valid = advantages[mask.bool()].double()
+        count, total, squares = reduce(torch.stack([valid.new_tensor(valid.numel()), valid.sum(),
+                                                    valid.square().sum()])).tolist()
+        if count > 1:
+            std = math.sqrt(max(squares / count - (total / count) ** 2, 0.0))
+            advantages = advantages / (std + EPS)
     return advantages * mask
 
 

@@ -20,7 +20,7 @@ console = Console(stderr=True)
 class StageProgress:
     """A progress bar counting items (samples, rows) that also shows tokens/s since the start."""
 
-    def __init__(self, description: str, total: int, completed: int = 0):
+    def __init__(self, description: str, total: int, completed: int = 0, disable: bool = False):
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -32,6 +32,7 @@ class StageProgress:
             TimeRemainingColumn(),
             console=console,
             transient=False,
+            disable=disable,
         )
         self._task = self._progress.add_task(description, total=total, completed=completed, rate="-", status="")
         self.tokens = 0

@@ -3,8 +3,14 @@
 A group is every row of one prompt (its samples are written together, in one shard), so
 objectives that compare a prompt's samples see them in the same step. Each epoch visits the
 shards in a seeded order and passes the groups through a seeded shuffle buffer; the stream is a
-pure function of (store, seed, buffer size), so `skip(n)` puts a fresh stream exactly where an
-earlier one stood after n groups. Groups are held as compact Arrow record batches (copied out of
+pure function of (shards, seed, buffer size), so `skip(n)` puts a fresh stream exactly where an
+earlier one stood after n groups.
+
+For data parallelism the store's shards are split once into `parts` disjoint parts (balanced by
+rows); each part is its own stream and each rank reads only the parts it owns, so no row is read
+by two ranks. A step takes batch_size / parts rows from every part, so a run's steps depend on
+(seed, parts) and not on how many ranks share the parts: one process owning two parts trains on
+exactly the rows two ranks owning one part each would. Groups are held as compact Arrow record batches (copied out of
 the Parquet batch they came from, so a buffered group never pins a whole batch); rows become
 Python objects only for the step that uses them. Memory is one Parquet batch plus the buffer.
 """
@@ -47,9 +53,10 @@ def _concat(pieces: list[pa.RecordBatch]) -> Group:
 
 
 class GroupStream:
-    def __init__(self, directory: str | Path, manifest: dict, columns: list[str], seed: int, buffer_size: int):
+    def __init__(self, directory: str | Path, shards: list[str], columns: list[str], seed: int | str,
+                 buffer_size: int):
         self.directory = Path(directory)
-        self.shards = [s["name"] for s in manifest["shards"]]
+        self.shards = list(shards)
         self.columns = sorted(set(columns) | {"prompt_id"})
         self.seed = seed
         self.buffer_size = buffer_size
@@ -97,3 +104,39 @@ class GroupStream:
             taken.append(group)
             count += group.num_rows
         return taken
+
+
+def split_shards(manifest: dict, parts: int) -> list[list[str]]:
+    """The store's shards in `parts` disjoint lists of nearly equal rows (largest shard first to
+    the part with the fewest rows; ties by name), a pure function of the manifest."""
+    shards = sorted(manifest["shards"], key=lambda s: (-s["rows"], s["name"]))
+    split: list[list[str]] = [[] for _ in range(parts)]
+    rows = [0] * parts
+    for shard in shards:
+        i = min(range(parts), key=lambda p: (rows[p], p))
+        split[i].append(shard["name"])
+        rows[i] += shard["rows"]
+    return [sorted(names) for names in split]
+
+
+class StepStream:
+    """The parts of the store one rank owns (part p belongs to rank p % world), each a GroupStream;
+    a step is whole groups of at least `rows_per_part` rows from each owned part, in part order."""
+
+    def __init__(self, directory: str | Path, manifest: dict, columns: list[str], seed: int, buffer_size: int,
+                 parts: int = 1, rank: int = 0, world: int = 1):
+        split = split_shards(manifest, parts)
+        self.parts = {p: GroupStream(directory, split[p], columns, seed if parts == 1 else f"{seed}:part{p}",
+                                     buffer_size)
+                      for p in range(rank, parts, world)}
+
+    def take_step(self, rows_per_part: int) -> list[Group]:
+        return [group for stream in self.parts.values() for group in stream.take_rows(rows_per_part)]
+
+    def cursors(self) -> dict[int, int]:
+        """Groups consumed from each owned part: the data cursor saved in checkpoints."""
+        return {p: stream.consumed for p, stream in self.parts.items()}
+
+    def skip(self, cursors: dict[int, int]) -> None:
+        for p, stream in self.parts.items():
+            stream.skip(cursors[p])

@@ -7,30 +7,39 @@ loss is the token mean of the step whatever the micro-batching. Checkpoints hold
 optimizer, the scheduler, RNG states and the data cursor, and are written to a temporary
 directory renamed into place; `--resume` continues from the newest one and reproduces the
 uninterrupted run.
+
+Under torchrun every rank reads its own disjoint parts of the store (stream.StepStream), the
+model is wrapped in DistributedDataParallel, and the loss stays the token mean of the whole
+step: each rank scales its token-loss sum by world / (the step's tokens over all ranks), which
+DDP's gradient average turns into the global mean. Rank 0 alone writes metrics, progress,
+checkpoints (holding every rank's RNG states and data cursors) and the final model.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from lightopd import __version__, models
+from lightopd import __version__, distributed, models
 from lightopd import objectives as O
 from lightopd.batching import pack_by_tokens, pack_rows, stored_tensors
 from lightopd.config import TrainConfig
+from lightopd.distributed import World
 from lightopd.errors import InputError, TrainingError
-from lightopd.forward import PositionLogits
+from lightopd.forward import CompletionLogits
 from lightopd.progress import StageProgress, console
 from lightopd.store import ROLLOUT_FORMAT, TEACHER_FORMAT, manifest_fingerprint, open_store
-from lightopd.stream import Group, GroupStream
+from lightopd.stream import Group, StepStream
 
 STATE = "trainer_state.pt"
 DIAGNOSTICS = ("k1", "teacher_topk_mass", "student_topk_mass", "top1_agree", "student_entropy", "is_ratio")
@@ -90,7 +99,7 @@ def sft_teacher_of(cfg: TrainConfig, manifest: dict, objective: O.Objective, par
 
 # ---- one optimizer step ----
 
-def seq_advantages(rows: list[dict], group_of: list[int], params, device) -> list[torch.Tensor]:
+def seq_advantages(rows: list[dict], group_of: list[int], params, device, world: World) -> list[torch.Tensor]:
     """opd-seq advantages for every row of a step, from stored columns (no model needed)."""
     width = max(len(r["completion_ids"]) for r in rows)
     teacher = torch.zeros((len(rows), width), dtype=torch.float64, device=device)
@@ -100,21 +109,24 @@ def seq_advantages(rows: list[dict], group_of: list[int], params, device) -> lis
         teacher[i, :n] = torch.tensor(r["teacher_logprobs"], dtype=torch.float64)
         behavior[i, :n] = torch.tensor(r["behavior_logprobs"], dtype=torch.float64)
         mask[i, :n] = 1
-    adv = O.opd_seq_advantages(teacher, behavior, mask, torch.tensor(group_of, device=device), params)
+    adv = O.opd_seq_advantages(teacher, behavior, mask, torch.tensor(group_of, device=device), params, world.sum)
     return [adv[i, : len(r["completion_ids"])].float() for i, r in enumerate(rows)]
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, params, objective: O.Objective, manifest: dict, model, k: int | None,
-                 total_steps: int):
+                 total_steps: int, world: World = distributed.SINGLE):
         self.cfg, self.params, self.objective, self.manifest = cfg, params, objective, manifest
-        self.model, self.k, self.total_steps = model, k, total_steps
+        self.model, self.k, self.total_steps, self.world = model, k, total_steps, world
         # the objective's columns, plus every stored column the diagnostics can use
         stored = ("behavior_logprobs",) if manifest["format"] == ROLLOUT_FORMAT else \
             ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs")
         self.columns = tuple(dict.fromkeys((*objective.columns, *stored)))
         self.device = next(model.parameters()).device
-        self.positions = PositionLogits(model)
+        self.head = CompletionLogits(model)
+        if world.active:
+            self.head = torch.nn.parallel.DistributedDataParallel(
+                self.head, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=False)
         self.autocast = self.device.type == "cuda" and models.resolve_dtype(cfg.dtype, self.device) != torch.float32
         self.amp_dtype = models.resolve_dtype(cfg.dtype, self.device)
         decay, no_decay = [], []
@@ -141,42 +153,51 @@ class Trainer:
         table = pa.Table.from_batches(groups)
         rows = table.select(["prompt_ids", "completion_ids"]).to_pylist()
         group_of = [i for i, g in enumerate(groups) for _ in range(g.num_rows)]
-        tokens = sum(len(r["completion_ids"]) for r in rows)
+        local_tokens = sum(len(r["completion_ids"]) for r in rows)
+        totals = self.world.sum(torch.tensor([local_tokens, len(rows)], dtype=torch.float64, device=self.device))
+        tokens, step_rows = (int(x) for x in totals.tolist())  # over all ranks
+        scale = self.world.size / max(tokens, 1)  # DDP averages over ranks: this makes it the global token mean
         advantages = None
         if self.objective.name == "opd-seq":
             scored = table.select(["teacher_logprobs", "behavior_logprobs"]).to_pylist()
             advantages = seq_advantages([{**r, **t} for r, t in zip(rows, scored, strict=True)], group_of,
-                                        self.params, self.device)
+                                        self.params, self.device, self.world)
         lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
+        packs = pack_by_tokens(lengths, self.cfg.micro_batch_tokens)
+        # under DDP every rank must reach one synchronising backward, even one whose rows have no completion tokens
+        micros = [m for m in packs if any(rows[i]["completion_ids"] for i in m)] or packs[:1]
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         ratio_max = torch.zeros((), device=self.device)
         self.model.train()
-        for micro in pack_by_tokens(lengths, self.cfg.micro_batch_tokens):
+        for j, micro in enumerate(micros):
             mrows = [rows[i] for i in micro]
-            if not any(r["completion_ids"] for r in mrows):
-                continue
             mtable = table.take(pa.array(micro))
-            ids, mask, prow, pcol, targets = pack_rows([r["prompt_ids"] for r in mrows],
-                                                       [r["completion_ids"] for r in mrows], self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
-                logits = self.positions.logits_at(ids, mask, prow, pcol)(0, len(targets))
-            stored = stored_tensors(mtable, self.columns, self.k, self.device)
-            view = O.student_view(logits, targets, stored.get("topk_ids"), self.params.temperature)
-            del logits  # backward needs only the log-softmax: one float32 [tokens x vocab] copy stays
-            inputs = O.Inputs(view, **stored, taid_t=None if self.taid is None else self.taid.t,
-                              advantages=None if advantages is None else torch.cat([advantages[i] for i in micro]))
-            per_token = self.objective.loss(inputs, self.params)
-            (per_token.sum() / tokens).backward()
+            last = j == len(micros) - 1
+            with nullcontext() if last or not self.world.active else self.head.no_sync():
+                ids, mask, prow, pcol, targets = pack_rows([r["prompt_ids"] for r in mrows],
+                                                           [r["completion_ids"] for r in mrows], self.device)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
+                    logits = self.head(ids, mask, prow, pcol)
+                stored = stored_tensors(mtable, self.columns, self.k, self.device)
+                view = O.student_view(logits, targets, stored.get("topk_ids"), self.params.temperature)
+                del logits  # backward needs only the log-softmax: one float32 [tokens x vocab] copy stays
+                inputs = O.Inputs(view, **stored, taid_t=None if self.taid is None else self.taid.t,
+                                  advantages=None if advantages is None else
+                                  torch.cat([advantages[i] for i in micro]))
+                per_token = self.objective.loss(inputs, self.params)
+                (per_token.sum() * scale).backward()
             loss_sum += per_token.detach().sum()
             for name, values in O.diagnostics(inputs).items():
                 sums[name] = sums.get(name, 0.0) + values.sum()
-                if name == "is_ratio":
+                if name == "is_ratio" and values.numel():
                     ratio_max = torch.maximum(ratio_max, values.max())
-        # one device-to-host transfer per step
-        loss_sum, ratio_max = float(loss_sum), float(ratio_max)
-        sums = {name: float(total) for name, total in sums.items()}
-        loss = loss_sum / tokens
+        # sums over ranks, then one device-to-host transfer per step
+        names = sorted(sums)
+        totals = self.world.sum(torch.stack([loss_sum.double(), *(sums[n].double() for n in names)])).tolist()
+        ratio_max = float(self.world.max(ratio_max))
+        loss_sum, sums = totals[0], dict(zip(names, totals[1:], strict=True))
+        loss = loss_sum / tokens if tokens else float("nan")
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -187,7 +208,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        record = {"loss": loss, "lr": lr, "tokens": tokens, "rows": len(rows), "grad_norm": grad_norm}
+        record = {"loss": loss, "lr": lr, "tokens": tokens, "rows": step_rows, "grad_norm": grad_norm}
         for name, total in sums.items():
             record["is_ratio_mean" if name == "is_ratio" else name] = total / tokens
         if "is_ratio" in sums:
@@ -198,30 +219,40 @@ class Trainer:
 
     # ---- checkpoints ----
 
-    def state(self, step: int, cursor: int) -> dict:
-        return {
-            "step": step,
-            "cursor": cursor,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+    def state(self, step: int, cursors: dict[int, int], data_parts: int) -> dict:
+        """Everything needed to resume; a collective: every rank calls it, rank 0 saves the result.
+        The optimizer is the same on every rank (DDP); RNG states and data cursors are per rank."""
+        mine = {
+            "cursors": cursors,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": random.getstate(),
+        }
+        return {
+            "step": step,
+            "world_size": self.world.size,
+            "data_parts": data_parts,
+            "ranks": self.world.gather(mine),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "taid": None if self.taid is None else {"t": self.taid.t, "momentum": self.taid.momentum,
                                                     "previous_loss": self.taid.previous_loss},
         }
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict) -> dict[int, int]:
+        """Restores this rank's share of `state`; returns its data cursors."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
+        mine = state["ranks"][self.world.rank]
+        torch.set_rng_state(mine["torch_rng"])
+        if mine["cuda_rng"]:
+            torch.cuda.set_rng_state_all(mine["cuda_rng"])
+        random.setstate(mine["python_rng"])
         if self.taid is not None and state["taid"] is not None:
             self.taid.t = state["taid"]["t"]
             self.taid.momentum = state["taid"]["momentum"]
             self.taid.previous_loss = state["taid"]["previous_loss"]
+        return mine["cursors"]
 
 
 def save_model(directory: Path, model, tokenizer, provenance: dict) -> None:
@@ -258,7 +289,49 @@ def _total_steps(cfg: TrainConfig, manifest: dict) -> int:
     return max(1, math.ceil((cfg.epochs or 1.0) * manifest["rows"] / cfg.batch_size))
 
 
-def run(cfg: TrainConfig, params) -> dict:
+def data_parts_of(cfg: TrainConfig, manifest: dict, world: World) -> int:
+    """How many disjoint parts the store is read in (default: one per rank), after checking it fits."""
+    parts = cfg.data_parts or world.size
+    launch = "the world size (torchrun's --nnodes x --nproc-per-node)"
+    if parts % world.size:
+        raise InputError(f"data_parts {parts} is not a multiple of {launch}, {world.size}: every rank must own "
+                         "the same number of parts")
+    if cfg.batch_size % parts:
+        what = f"data_parts {parts}" if cfg.data_parts else launch + f", {world.size}"
+        raise InputError(f"--batch-size {cfg.batch_size} is not divisible by {what}: each part gives a step "
+                         f"batch_size / {parts} rows. Choose a multiple of {parts}")
+    if len(manifest["shards"]) < parts:
+        raise InputError(f"--data {cfg.data}: {len(manifest['shards'])} shard(s) cannot be split into {parts} "
+                         "disjoint parts (one or more shards per part); write the store with smaller shards "
+                         "(rollout --prompts-per-shard) or train with fewer ranks")
+    return parts
+
+
+def check_resumable(state: dict, checkpoint: Path, world: World, parts: int) -> None:
+    if (state["world_size"], state["data_parts"]) != (world.size, parts):
+        raise InputError(
+            f"--resume: {checkpoint} was written by a run of {state['world_size']} rank(s) reading "
+            f"{state['data_parts']} data part(s); this run has {world.size} rank(s) and {parts} part(s). Resume with "
+            f"the same world size (torchrun --nproc-per-node x --nnodes = {state['world_size']}) and data_parts, "
+            "so every rank continues its own parts, RNG and cursor"
+        )
+
+
+def run(cfg: TrainConfig, params) -> dict | None:
+    """Train; returns the result on rank 0 (None on other ranks)."""
+    world, device = distributed.join(cfg.device)
+    try:
+        result = _run(cfg, params, world, device)
+    except BaseException:
+        distributed.leave(world, clean=False)
+        raise
+    distributed.leave(world)
+    return result if world.main else None
+
+
+def _run(cfg: TrainConfig, params, world: World, device: torch.device) -> dict:
+    if not world.main:
+        console.quiet = True  # rank 0 speaks for the run
     objective = O.OBJECTIVES[cfg.objective]
     student_dir = models.check_model_dir(cfg.student, "--student")
     manifest = check_data(cfg, objective)
@@ -279,6 +352,7 @@ def run(cfg: TrainConfig, params) -> dict:
         raise InputError(f"--out {out}: already holds files; pass --resume to continue its run, "
                          "or choose another --out")
     total_steps = _total_steps(cfg, manifest)
+    parts = data_parts_of(cfg, manifest, world)
     k = manifest.get("scoring", {}).get("top_k")
     provenance = {
         "lightopd_version": __version__,
@@ -290,37 +364,43 @@ def run(cfg: TrainConfig, params) -> dict:
                  "teacher": manifest.get("teacher")},
         "objective": {"name": objective.name, "params": asdict(params)},
         "train": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("student", "data", "out", "resume")},
+        "parallel": {"world_size": world.size, "data_parts": parts},
     }
+    state = None
+    if resume_from is not None:
+        state = torch.load(resume_from / STATE, weights_only=True, map_location="cpu")
+        check_resumable(state, resume_from, world, parts)
+    world.barrier()  # every rank has passed every check before rank 0 writes anything
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    device = models.resolve_device(cfg.device)
     model = models.load_model(resume_from or student_dir, device, torch.float32, cfg.trust_remote_code)
-    trainer = Trainer(cfg, params, objective, manifest, model, k, total_steps)
+    trainer = Trainer(cfg, params, objective, manifest, model, k, total_steps, world)
     columns = ["prompt_ids", "completion_ids", *trainer.columns]
-    stream = GroupStream(cfg.data, manifest, columns, cfg.seed, cfg.shuffle_buffer)
+    stream = StepStream(cfg.data, manifest, columns, cfg.seed, cfg.shuffle_buffer, parts, world.rank, world.size)
     start_step = 0
     metrics_path = out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    if resume_from is not None:
-        state = torch.load(resume_from / STATE, weights_only=True, map_location="cpu")
-        trainer.load_state(state)
+    if state is not None:
+        stream.skip(trainer.load_state(state))
         start_step = state["step"]
-        stream.skip(state["cursor"])
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start_step] \
-            if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
         console.print(f"resuming {out} from {resume_from.name}")
-    else:
-        metrics_path.unlink(missing_ok=True)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if json.loads(line)["step"] <= start_step] if metrics_path.exists() else []
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+        else:
+            metrics_path.unlink(missing_ok=True)
 
     started = time.perf_counter()
     total_tokens = 0
     last = None
-    with StageProgress("train", total=total_steps, completed=start_step) as bar, open(metrics_path, "a") as metrics:
+    with StageProgress("train", total=total_steps, completed=start_step, disable=not world.main) as bar, \
+            open(metrics_path if world.main else os.devnull, "a") as metrics:
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
-            groups = stream.take_rows(cfg.batch_size)
+            groups = stream.take_step(cfg.batch_size // parts)
             try:
                 record = trainer.step(groups)
             except TrainingError as e:
@@ -338,10 +418,14 @@ def run(cfg: TrainConfig, params) -> dict:
             last = record
             bar.advance(items=1, tokens=record["tokens"], status=f"loss {record['loss']:.4f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint(out, step, model, tokenizer, provenance, trainer.state(step, stream.consumed))
-    save_model(out, model, tokenizer, {**provenance, "steps": total_steps})
-    if cfg.save_every:
-        save_checkpoint(out, total_steps, model, tokenizer, provenance, trainer.state(total_steps, stream.consumed))
+                state = trainer.state(step, stream.cursors(), parts)  # every rank takes part
+                if world.main:
+                    save_checkpoint(out, step, model, tokenizer, provenance, state)
+    final = trainer.state(total_steps, stream.cursors(), parts) if cfg.save_every else None
+    if world.main:
+        save_model(out, model, tokenizer, {**provenance, "steps": total_steps})
+        if final is not None:
+            save_checkpoint(out, total_steps, model, tokenizer, provenance, final)
     seconds = time.perf_counter() - started
     return {
         "command": "train",
