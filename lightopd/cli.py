@@ -203,6 +203,9 @@ def train(
         "--allow-teacher-mismatch",
         help="Train even if the scoring teacher is not the student's SFT teacher (a warning instead of an error).")]
     = False,
+    fsdp: Annotated[bool, Option(
+        "--fsdp", help="Under torchrun: shard the student's weights, gradients and optimizer state over the ranks "
+                       "(FSDP2) instead of a full copy per rank (DDP). For students too large for one GPU.")] = False,
     device: Annotated[Optional[str], Option(
         help=f"Device: {', '.join(DEVICES)} or cuda:N. [default: {T.device}]")] = None,
     dtype: Annotated[Optional[str], Option(
@@ -217,6 +220,10 @@ def train(
     budget and accumulates gradients so the loss is the mean over the step's completion tokens.
     Writes OUT/metrics.jsonl (one line per step), checkpoints under OUT/checkpoints/step-N, and
     the final model in OUT. An OPD objective checks teacher consistency first.
+
+    Data parallel under torchrun (`torchrun --nproc-per-node N -m lightopd train ...`): each
+    rank reads its own parts of the store and gradients are all-reduced (DDP, or FSDP2 with
+    --fsdp); rank 0 writes. See docs/scaling.md.
     """
     import tomllib
 
@@ -236,7 +243,7 @@ def train(
                 warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
                 save_every=save_every, resume=resume or None,
                 sft_teacher=None if sft_teacher is None else str(sft_teacher),
-                allow_teacher_mismatch=allow_teacher_mismatch or None, device=device, dtype=dtype,
+                allow_teacher_mismatch=allow_teacher_mismatch or None, fsdp=fsdp or None, device=device, dtype=dtype,
                 trust_remote_code=trust_remote_code or None)
     cfg, params = build_train_config(base, recipe_table, [parse_set(item) for item in set_ or []])
     result = stage.run(cfg, params)

@@ -246,6 +246,7 @@ class TrainConfig:
     # step takes batch_size / data_parts rows from each. Default: the world size. Fix it to make
     # runs with different numbers of ranks train on identical steps.
     data_parts: int | None = None
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
     seed: int = 0
     save_every: int = 0  # checkpoint every N steps (0: only the final model)
     resume: bool = False

@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from lightopd.config import TrainConfig
 from lightopd.distributed import World
 from lightopd.errors import InputError, TrainingError
 from lightopd.forward import CompletionLogits
+from lightopd.parallel import Parallel
 from lightopd.progress import StageProgress, console
 from lightopd.store import ROLLOUT_FORMAT, TEACHER_FORMAT, manifest_fingerprint, open_store
 from lightopd.stream import Group, StepStream
@@ -123,10 +123,8 @@ class Trainer:
             ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs")
         self.columns = tuple(dict.fromkeys((*objective.columns, *stored)))
         self.device = next(model.parameters()).device
-        self.head = CompletionLogits(model)
-        if world.active:
-            self.head = torch.nn.parallel.DistributedDataParallel(
-                self.head, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=False)
+        self.parallel = Parallel(CompletionLogits(model), model, world, cfg.fsdp)  # before the optimizer sees
+        self.head = self.parallel.module                                           # the (possibly sharded) weights
         self.autocast = self.device.type == "cuda" and models.resolve_dtype(cfg.dtype, self.device) != torch.float32
         self.amp_dtype = models.resolve_dtype(cfg.dtype, self.device)
         decay, no_decay = [], []
@@ -166,15 +164,18 @@ class Trainer:
         packs = pack_by_tokens(lengths, self.cfg.micro_batch_tokens)
         # under DDP every rank must reach one synchronising backward, even one whose rows have no completion tokens
         micros = [m for m in packs if any(rows[i]["completion_ids"] for i in m)] or packs[:1]
+        weights = [1.0] * len(micros)
+        if self.parallel.pads:  # FSDP: as many forwards on every rank; the extra ones repeat a batch at weight 0
+            extra = int(self.world.max(torch.tensor(len(micros), device=self.device))) - len(micros)
+            micros, weights = micros + [micros[0]] * extra, weights + [0.0] * extra
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         ratio_max = torch.zeros((), device=self.device)
         self.model.train()
-        for j, micro in enumerate(micros):
+        for j, (micro, weight) in enumerate(zip(micros, weights, strict=True)):
             mrows = [rows[i] for i in micro]
             mtable = table.take(pa.array(micro))
-            last = j == len(micros) - 1
-            with nullcontext() if last or not self.world.active else self.head.no_sync():
+            with self.parallel.sync(j == len(micros) - 1):
                 ids, mask, prow, pcol, targets = pack_rows([r["prompt_ids"] for r in mrows],
                                                            [r["completion_ids"] for r in mrows], self.device)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
@@ -186,7 +187,9 @@ class Trainer:
                                   advantages=None if advantages is None else
                                   torch.cat([advantages[i] for i in micro]))
                 per_token = self.objective.loss(inputs, self.params)
-                (per_token.sum() * scale).backward()
+                (per_token.sum() * (scale * weight)).backward()
+            if not weight:
+                continue
             loss_sum += per_token.detach().sum()
             for name, values in O.diagnostics(inputs).items():
                 sums[name] = sums.get(name, 0.0) + values.sum()
@@ -199,7 +202,7 @@ class Trainer:
         loss_sum, sums = totals[0], dict(zip(names, totals[1:], strict=True))
         loss = loss_sum / tokens if tokens else float("nan")
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = self.parallel.clip_grad_norm(clip)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
@@ -233,7 +236,8 @@ class Trainer:
             "world_size": self.world.size,
             "data_parts": data_parts,
             "ranks": self.world.gather(mine),
-            "optimizer": self.optimizer.state_dict(),
+            "fsdp": self.parallel.fsdp,
+            "optimizer": self.parallel.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "taid": None if self.taid is None else {"t": self.taid.t, "momentum": self.taid.momentum,
                                                     "previous_loss": self.taid.previous_loss},
@@ -241,7 +245,7 @@ class Trainer:
 
     def load_state(self, state: dict) -> dict[int, int]:
         """Restores this rank's share of `state`; returns its data cursors."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         mine = state["ranks"][self.world.rank]
         torch.set_rng_state(mine["torch_rng"])
@@ -255,19 +259,21 @@ class Trainer:
         return mine["cursors"]
 
 
-def save_model(directory: Path, model, tokenizer, provenance: dict) -> None:
-    model.save_pretrained(directory, safe_serialization=True)
+def save_model(directory: Path, model, tokenizer, provenance: dict, weights: dict | None = None) -> None:
+    """An HF model directory; `weights`: the full state dict when the model itself is sharded."""
+    model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(directory)
     models.write_provenance(directory, provenance)
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, provenance: dict, state: dict) -> Path:
+def save_checkpoint(out: Path, step: int, model, tokenizer, provenance: dict, state: dict,
+                    weights: dict | None = None) -> Path:
     """OUT/checkpoints/step-N, written to a temporary directory and renamed: never half a checkpoint."""
     final = out / "checkpoints" / f"step-{step}"
     tmp = out / "checkpoints" / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(tmp, model, tokenizer, {**provenance, "steps": step})
+    save_model(tmp, model, tokenizer, {**provenance, "steps": step}, weights)
     torch.save(state, tmp / STATE)
     if final.exists():
         shutil.rmtree(final)
@@ -307,7 +313,7 @@ def data_parts_of(cfg: TrainConfig, manifest: dict, world: World) -> int:
     return parts
 
 
-def check_resumable(state: dict, checkpoint: Path, world: World, parts: int) -> None:
+def check_resumable(state: dict, checkpoint: Path, world: World, parts: int, fsdp: bool) -> None:
     if (state["world_size"], state["data_parts"]) != (world.size, parts):
         raise InputError(
             f"--resume: {checkpoint} was written by a run of {state['world_size']} rank(s) reading "
@@ -315,6 +321,9 @@ def check_resumable(state: dict, checkpoint: Path, world: World, parts: int) -> 
             f"the same world size (torchrun --nproc-per-node x --nnodes = {state['world_size']}) and data_parts, "
             "so every rank continues its own parts, RNG and cursor"
         )
+    if state["fsdp"] != fsdp:
+        raise InputError(f"--resume: {checkpoint} was written {'with' if state['fsdp'] else 'without'} --fsdp; "
+                         "resume it the same way (its optimizer state is laid out for that)")
 
 
 def run(cfg: TrainConfig, params) -> dict | None:
@@ -353,6 +362,8 @@ def _run(cfg: TrainConfig, params, world: World, device: torch.device) -> dict:
                          "or choose another --out")
     total_steps = _total_steps(cfg, manifest)
     parts = data_parts_of(cfg, manifest, world)
+    if cfg.fsdp and not world.active:
+        _warn("--fsdp shards the student over torchrun's ranks; in a single process it does nothing")
     k = manifest.get("scoring", {}).get("top_k")
     provenance = {
         "lightopd_version": __version__,
@@ -364,12 +375,12 @@ def _run(cfg: TrainConfig, params, world: World, device: torch.device) -> dict:
                  "teacher": manifest.get("teacher")},
         "objective": {"name": objective.name, "params": asdict(params)},
         "train": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("student", "data", "out", "resume")},
-        "parallel": {"world_size": world.size, "data_parts": parts},
+        "parallel": {"world_size": world.size, "data_parts": parts, "fsdp": cfg.fsdp and world.active},
     }
     state = None
     if resume_from is not None:
         state = torch.load(resume_from / STATE, weights_only=True, map_location="cpu")
-        check_resumable(state, resume_from, world, parts)
+        check_resumable(state, resume_from, world, parts, cfg.fsdp and world.active)
     world.barrier()  # every rank has passed every check before rank 0 writes anything
 
     torch.manual_seed(cfg.seed)
@@ -418,14 +429,15 @@ def _run(cfg: TrainConfig, params, world: World, device: torch.device) -> dict:
             last = record
             bar.advance(items=1, tokens=record["tokens"], status=f"loss {record['loss']:.4f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                state = trainer.state(step, stream.cursors(), parts)  # every rank takes part
-                if world.main:
-                    save_checkpoint(out, step, model, tokenizer, provenance, state)
+                state, weights = trainer.state(step, stream.cursors(), parts), trainer.parallel.model_state()
+                if world.main:  # every rank took part in gathering the state; rank 0 writes it
+                    save_checkpoint(out, step, model, tokenizer, provenance, state, weights)
     final = trainer.state(total_steps, stream.cursors(), parts) if cfg.save_every else None
+    weights = trainer.parallel.model_state()
     if world.main:
-        save_model(out, model, tokenizer, {**provenance, "steps": total_steps})
+        save_model(out, model, tokenizer, {**provenance, "steps": total_steps}, weights)
         if final is not None:
-            save_checkpoint(out, total_steps, model, tokenizer, provenance, final)
+            save_checkpoint(out, total_steps, model, tokenizer, provenance, final, weights)
     seconds = time.perf_counter() - started
     return {
         "command": "train",

@@ -93,12 +93,15 @@ def test_one_process_owning_two_parts_takes_the_steps_two_ranks_take(teacher_sto
     assert one.cursors() == {**ranks[0].cursors(), **ranks[1].cursors()}
 
 
-@pytest.mark.parametrize("objective", ["opd-seq", "rkl"])
-def test_two_ranks_train_the_weights_of_one_process(objective, student, teacher_store, tmp_path):
-    """opd-seq normalises advantages by a std over the whole step: it must cross ranks."""
-    common = ["--student", str(student), "--data", str(teacher_store), "--objective", objective, *TRAIN]
+@pytest.mark.parametrize("objective,fsdp", [("opd-seq", False), ("rkl", False), ("rkl", True)])
+def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, student, teacher_store, tmp_path):
+    """opd-seq normalises advantages by a std over the whole step: it must cross ranks. Under FSDP2 each rank
+    holds half of every weight; with 32-token micro-batches the ranks' micro-batch counts differ in 4 of
+    the 5 steps, and the rank with fewer pads to the other's count (every forward gathers from both)."""
+    common = ["--student", str(student), "--data", str(teacher_store), "--objective", objective, *TRAIN,
+              *(["--micro-batch-tokens", "32"] if fsdp else [])]
     single = run_cli("train", *common, "--out", str(tmp_path / "one"), "--set", "data_parts=2")
-    proc = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    proc = torchrun("train", *common, "--out", str(tmp_path / "two"), *(["--fsdp"] if fsdp else []))
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 1  # only rank 0 prints its result
     assert last_json(proc)["steps"] == 5 and last_json(single)["tokens"] == last_json(proc)["tokens"]
@@ -112,12 +115,13 @@ def test_two_ranks_train_the_weights_of_one_process(objective, student, teacher_
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     provenance = json.loads((tmp_path / "two" / "lightopd.json").read_text())
-    assert provenance["parallel"] == {"world_size": 2, "data_parts": 2}
+    assert provenance["parallel"] == {"world_size": 2, "data_parts": 2, "fsdp": fsdp}
 
 
-def test_two_rank_resume_reproduces_the_uninterrupted_run(student, teacher_store, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, student, teacher_store, tmp_path):
     common = ["--student", str(student), "--data", str(teacher_store), "--objective", "jsd", *TRAIN,
-              "--save-every", "2", "--schedule", "cosine"]
+              "--save-every", "2", "--schedule", "cosine", *(["--fsdp"] if fsdp else [])]
     assert torchrun("train", *common, "--out", str(tmp_path / "full")).returncode == 0
     cut = tmp_path / "cut"  # as if both ranks died after the step-2 checkpoint
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-2", cut / "checkpoints" / "step-2")
