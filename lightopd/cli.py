@@ -85,6 +85,9 @@ def rollout(
         help="Sequences decoded together; prompts are grouped by length. Lower it if memory runs out.")] = R.batch_size,
     prompts_per_shard: Annotated[int, Option(
         help="Prompts per Parquet shard, the unit of resumption.")] = R.prompts_per_shard,
+    worker: Annotated[str, Option(
+        help="I/N: write only shards i with i % N == I, so N processes (on one machine or many sharing a "
+             "filesystem) fill one store together; rows do not depend on the split.")] = R.worker,
     device: Annotated[str, Option(
         help=f"Device: {', '.join(DEVICES)} or cuda:N; auto picks CUDA when available.")] = R.device,
     dtype: Annotated[str, Option(
@@ -97,14 +100,15 @@ def rollout(
     Each row holds the prompt and completion token ids and the log-prob of every sampled token
     under exactly the distribution sampled from (this temperature and top-p; never the model's
     own generation defaults). An interrupted run resumes where it stopped when re-run with the
-    same options; a complete store is left as it is.
+    same options; a complete store is left as it is. `--worker I/N` splits the shards between
+    processes (one per GPU, or the tasks of a job array) that fill one store together.
     """
     from lightopd import rollout as stage
 
     cfg = RolloutConfig(
         model=str(model), prompts=str(prompts), out=str(out), n=n, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, limit=limit, batch_size=batch_size,
-        prompts_per_shard=prompts_per_shard, device=device, dtype=dtype,
+        prompts_per_shard=prompts_per_shard, worker=worker, device=device, dtype=dtype,
         trust_remote_code=trust_remote_code,
     )
     _emit(stage.run(cfg))

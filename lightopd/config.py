@@ -55,6 +55,7 @@ class RolloutConfig:
     limit: int | None = None
     batch_size: int = 64
     prompts_per_shard: int = 256
+    worker: str = "0/1"  # I/N: write only shards i with i % N == I
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
@@ -65,6 +66,7 @@ class RolloutConfig:
         _check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         _check(self.prompts_per_shard >= 1, "--prompts-per-shard", f"must be >= 1, got {self.prompts_per_shard}")
         _check_device_dtype(self.device, self.dtype)
+        parse_worker(self.worker)
         SamplingConfig(self.temperature, self.top_p, self.max_new_tokens)  # validates those three
 
     @property

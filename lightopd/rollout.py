@@ -3,8 +3,9 @@
 Prompts are validated and tokenized before any model is loaded, so bad input fails in seconds
 and leaves no store behind. Shard i holds the samples of prompts [i·P, (i+1)·P) in file order,
 all samples of a prompt together. Every row's random stream is keyed by (seed, prompt id,
-sample index), so an interrupted run resumed later, or a run with another batch size, writes
-the same rows; a re-run skips the shards the manifest lists as complete.
+sample index), so an interrupted run resumed later, a run with another batch size, or N worker
+processes (`--worker I/N` writes shards i with i % N == I into one shared store) write the same
+rows; a re-run skips the shards the manifest lists as complete.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from lightopd import models
-from lightopd.config import RolloutConfig
+from lightopd.config import RolloutConfig, parse_worker
 from lightopd.generate import sample_prompts
 from lightopd.progress import StageProgress, console
 from lightopd.prompts import encode_all, file_fingerprint, read_prompts
@@ -81,16 +82,19 @@ def run(cfg: RolloutConfig) -> dict:
     num_shards = math.ceil(len(records) / cfg.prompts_per_shard)
     writer = StoreWriter(cfg.out, ROLLOUT_FORMAT, metadata, num_shards)
     done = writer.completed()
-    todo = [i for i in range(num_shards) if i not in done]
+    worker, workers = parse_worker(cfg.worker)
+    mine = [i for i in range(num_shards) if i % workers == worker]
+    todo = [i for i in mine if i not in done]
     start = time.perf_counter()
     new_tokens, sampling_seconds = 0, 0.0
     if todo:
-        if done:
-            console.print(f"resuming {cfg.out}: {len(done)} of {num_shards} shards already complete")
+        if len(todo) < len(mine):
+            console.print(f"resuming {cfg.out}: {len(mine) - len(todo)} of this worker's {len(mine)} shards "
+                          "already complete")
         model = models.load_model(model_dir, device, dtype, cfg.trust_remote_code)
         P = cfg.prompts_per_shard
-        rows_done = sum(min(P, len(records) - i * P) for i in done) * cfg.n
-        with StageProgress("rollout", total=len(records) * cfg.n, completed=rows_done) as bar:
+        rows = lambda shards: sum(min(P, len(records) - i * P) for i in shards) * cfg.n  # noqa: E731
+        with StageProgress("rollout", total=rows(mine), completed=rows(set(mine) - set(todo))) as bar:
             for shard in todo:
                 lo, hi = shard * P, min((shard + 1) * P, len(records))
                 shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
@@ -111,6 +115,7 @@ def run(cfg: RolloutConfig) -> dict:
         "complete": manifest["complete"],
         "shards": len(manifest["shards"]),
         "shards_written": len(todo),
+        "worker": cfg.worker,
         "rows": manifest["rows"],
         "tokens": manifest["tokens"],
         "seconds": round(seconds, 3),

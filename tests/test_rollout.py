@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightopd import rollout
 from lightopd.config import RolloutConfig
-from lightopd.store import ROLLOUT_SCHEMA, iter_batches, open_store, verify
+from lightopd.store import ROLLOUT_SCHEMA, iter_batches, open_store, shard_name, verify
 from lightopd.tiny import make_model
 from tests.conftest import write_jsonl
 from tests.reference import completion_logits, nucleus_logprobs
@@ -138,3 +140,21 @@ def test_n_larger_than_batch_size(tiny_model, prompts_file, tmp_path):
     rows = read_rows(out)
     assert result["rows"] == 15
     assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(p, j) for p in ("p0", "p1", "p2") for j in range(5)]
+
+
+def test_two_concurrent_workers_write_the_rows_of_one_process(tiny_model, prompts_file, tmp_path):
+    args = ["rollout", "--model", str(tiny_model), "--prompts", str(prompts_file), "--out", str(tmp_path / "two"),
+            "--n", "2", "--max-new-tokens", "8", "--prompts-per-shard", "3"]
+    procs = [subprocess.Popen([sys.executable, "-m", "lightopd", *args, "--worker", f"{i}/2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert sorted(r["shards_written"] for r in results) == [2, 2]  # 10 prompts: shards 0, 2 and 1, 3
+    manifest = open_store(tmp_path / "two")
+    assert manifest["complete"] and [s["name"] for s in manifest["shards"]] == [shard_name(i) for i in range(4)]
+    assert verify(tmp_path / "two") == []
+    do_rollout(tiny_model, prompts_file, tmp_path / "one", n=2, max_new_tokens=8, prompts_per_shard=3)
+    assert read_rows(tmp_path / "two") == read_rows(tmp_path / "one")
