@@ -11,6 +11,7 @@ loaded in full on every rank, so a checkpoint is a plain one whichever way it wa
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -36,8 +37,12 @@ class Parallel:
             fully_shard(head)
         elif world.active:
             device = next(model.parameters()).device
-            self.module = torch.nn.parallel.DistributedDataParallel(
-                head, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+            # no buffer broadcast in forward: ranks may run different numbers of forwards in a step, and the
+            # model's buffers (rotary tables) are identical on every rank anyway
+            ddp = torch.nn.parallel.DistributedDataParallel
+            quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                     else {"broadcast_buffers": False})
+            self.module = ddp(head, device_ids=[device] if device.type == "cuda" else None, **quiet)
 
     @property
     def pads(self) -> bool:
