@@ -5,7 +5,7 @@ PYTHON ?= python
 # `make install TORCH=torch` for the newest default (CUDA) wheel.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint bench
+.PHONY: install test lint bench experiment
 
 install:
 	$(PYTHON) -m pip install $(TORCH)
@@ -15,9 +15,14 @@ test:
 	$(PYTHON) -m pytest
 
 lint:
-	$(PYTHON) -m ruff check lightopd tests bench
+	$(PYTHON) -m ruff check lightopd tests bench experiments
 
 bench:
 	$(PYTHON) bench/rollout.py
 	$(PYTHON) bench/score.py
 	$(PYTHON) bench/train.py
+
+# The teacher-consistency study (about 30 minutes on 2 CPU cores): docs/consistency.png and the
+# table of docs/experiments.md
+experiment:
+	$(PYTHON) experiments/consistency.py --out runs/consistency-$$(date +%Y%m%d-%H%M%S) --png docs/consistency.png

@@ -412,3 +412,47 @@ class EvalConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_p, self.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`lightopd demo`: the Lightning OPD recipe end to end on the bundled addition task.
+
+    The defaults are the full-size demo (minutes on a 2-core CPU); tests shrink the counts."""
+
+    out: str = "lightopd-demo"
+    seed: int = 0  # the student's initialisation, every sampling seed and the training data order
+    sft_prompts: int = 10000  # train prompts the teacher answers once each (T = 1): the SFT data
+    sft_steps: int = 1500
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+    opd_prompts: int = 2000  # train prompts the SFT student answers opd_samples times each
+    opd_samples: int = 4
+    opd_steps: int = 600  # also the steps of the SFT-more control
+    opd_lr: float = 3e-4
+    opd_batch_size: int = 32  # whole prompt groups: 8 prompts x 4 samples
+    objective: str = "opd-seq"
+    top_k: int = 8
+    heldout_prompts: int = 2000  # evaluation: greedy, on pairs no training prompt uses
+    student_hidden: int = 64
+    student_layers: int = 1
+    student_heads: int = 8
+    student_arch: str = "gpt2"  # learned positions: the prompt's digits always sit at the same places
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        from lightopd.objectives import OBJECTIVES
+
+        for name in ("sft_prompts", "sft_steps", "sft_batch_size", "opd_prompts", "opd_steps", "opd_batch_size",
+                     "top_k", "heldout_prompts", "student_hidden", "student_layers", "student_heads"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.opd_samples >= (2 if self.objective == "opd-seq" else 1), "--opd-samples",
+               f"must be >= 2 for opd-seq (its baseline is the prompt's other samples), got {self.opd_samples}")
+        _check(self.sft_lr > 0 and self.opd_lr > 0, "--sft-lr/--opd-lr", "must be > 0")
+        _check(self.objective in OBJECTIVES and self.objective != "sft", "--objective",
+               f"must be an OPD objective ({', '.join(o for o in OBJECTIVES if o != 'sft')}), got {self.objective!r}")
+        _check(self.student_hidden % self.student_heads == 0, "--student-heads", "must divide --student-hidden")
+        _check(self.student_arch in ("gpt2", "llama"), "student_arch",
+               f"must be gpt2 or llama, got {self.student_arch!r}")
+        _check(self.device in DEVICES or self.device.startswith("cuda:"), "--device",
+               f"must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,33 @@ def answer_metrics(results: list[list[tuple[bool, str | None]]], n: int) -> dict
         "pass@k": {str(k): float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in ks},
         "majority_accuracy": float(np.mean(majority)),
     }
+
+
+@dataclass
+class Samples:
+    """Every prompt's sampled completions, their decoded texts and (correct, extracted answer)."""
+
+    completions: list
+    texts: list[list[str]]
+    results: list[list[tuple[bool, str | None]]]
+
+    def metrics(self, n: int) -> dict:
+        flat = [c for cs in self.completions for c in cs]
+        return {**answer_metrics(self.results, n),
+                "mean_completion_tokens": float(np.mean([len(c.ids) for c in flat])),
+                "truncation_rate": float(np.mean([c.finish_reason == "length" for c in flat]))}
+
+
+def sample_and_check(model, tokenizer, records, encoded, cfg: EvalConfig, setup: tuple) -> Samples:
+    """Sample `cfg.n` completions of every prompt (the rollout engine) and check each against its answer."""
+    context, eos_ids, pad_id = setup
+    with StageProgress("eval", total=len(records) * cfg.n) as bar:
+        completions = sample_prompts(model, encoded, [r.id for r in records], cfg.n, cfg.sampling, cfg.seed,
+                                     cfg.batch_size, eos_ids, pad_id, context,
+                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+    texts = [[tokenizer.decode(c.ids, skip_special_tokens=True) for c in cs] for cs in completions]
+    results = [[check(t, r.answer, cfg.checker) for t in ts] for r, ts in zip(records, texts, strict=True)]
+    return Samples(completions, texts, results)
 
 
 @torch.inference_mode()
@@ -113,19 +141,9 @@ def run(cfg: EvalConfig) -> dict:
     device = models.resolve_device(cfg.device)
     model = models.load_model(model_dir, device, models.resolve_dtype(cfg.dtype, device), cfg.trust_remote_code)
     if records is not None:
-        with StageProgress("eval", total=len(records) * cfg.n) as bar:
-            completions = sample_prompts(model, encoded, [r.id for r in records], cfg.n, cfg.sampling, cfg.seed,
-                                         cfg.batch_size, eos_ids, pad_id, context,
-                                         on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
-        texts = [[tokenizer.decode(c.ids, skip_special_tokens=True) for c in cs] for cs in completions]
-        results = [[check(t, r.answer, cfg.checker) for t in ts] for r, ts in zip(records, texts, strict=True)]
-        flat = [c for cs in completions for c in cs]
-        result.update(
-            prompts=str(cfg.prompts), n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, checker=cfg.checker,
-            prompts_evaluated=len(records), **answer_metrics(results, cfg.n),
-            mean_completion_tokens=float(np.mean([len(c.ids) for c in flat])),
-            truncation_rate=float(np.mean([c.finish_reason == "length" for c in flat])),
-        )
+        samples = sample_and_check(model, tokenizer, records, encoded, cfg, (context, eos_ids, pad_id))
+        result.update(prompts=str(cfg.prompts), n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                      checker=cfg.checker, prompts_evaluated=len(records), **samples.metrics(cfg.n))
     if cfg.teacher_store is not None:
         result["teacher"] = teacher_agreement(model, cfg.teacher_store, cfg.micro_batch_tokens)
     render(result)
@@ -163,7 +181,10 @@ def render(*results: dict, names: list[str] | None = None) -> None:
     console.print(table)
 
 
-def compare(paths: list[str]) -> dict:
+BOUNDED = ("accuracy", "majority_accuracy", "truncation_rate", "teacher.top1_agree")  # fractions: one chart axis
+
+
+def compare(paths: list[str], plot: str | None = None) -> dict:
     import json
 
     results = []
@@ -173,4 +194,12 @@ def compare(paths: list[str]) -> dict:
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"--compare {p}: not a readable eval result ({e})") from None
     render(*results, names=[Path(p).stem for p in paths])
-    return {"command": "eval", "compare": {Path(p).stem: _flatten(r) for p, r in zip(paths, results, strict=True)}}
+    flat = {Path(p).stem: _flatten(r) for p, r in zip(paths, results, strict=True)}
+    summary = {"command": "eval", "compare": flat}
+    if plot is not None:
+        from lightopd.plots import bars
+
+        series = {name: {k: v for k, v in values.items() if k in BOUNDED or k.startswith("pass@")}
+                  for name, values in flat.items()}
+        summary["plot"] = str(bars(plot, series, "lightopd eval"))
+    return summary

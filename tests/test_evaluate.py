@@ -106,3 +106,30 @@ def test_compare_needs_readable_results(monkeypatch, capsys, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     code, _, stderr = cli(monkeypatch, capsys, "eval", "--compare", str(tmp_path / "bad.json"))
     assert code == 2 and "not a readable eval result" in stderr
+
+
+def test_compare_writes_a_bar_chart(tmp_path):
+    from PIL import Image
+
+    from lightopd import evaluate
+
+    def result(name: str, accuracy: float) -> str:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"model": name, "accuracy": accuracy, "pass@k": {"1": accuracy},
+                                    "majority_accuracy": accuracy, "mean_completion_tokens": 7.0}))
+        return str(path)
+
+    images = []
+    for high in (0.9, 0.2):
+        png = tmp_path / f"chart-{high}.png"
+        summary = evaluate.compare([result("sft", 0.1), result("opd", high)], plot=str(png))
+        assert summary["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        images.append(Image.open(png).convert("L"))
+    assert images[0].size == images[1].size
+    assert images[0].tobytes() != images[1].tobytes()  # the bars' heights are drawn from the results
+
+
+def test_plot_only_with_compare(monkeypatch, capsys, tiny_model, tmp_path):
+    code, _, stderr = cli(monkeypatch, capsys, "eval", "--model", str(tiny_model), "--prompts", "x.jsonl",
+                          "--plot", str(tmp_path / "c.png"))
+    assert code == 2 and "--plot: only with --compare" in stderr

@@ -1,0 +1,82 @@
+"""The bundled task and teacher, and `lightopd demo` end to end in a reduced size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightopd import demo
+from lightopd.models import read_provenance
+from lightopd.store import open_store, verify
+from lightopd.tasks import addition as A
+
+from .conftest import last_json, run_cli
+
+
+def test_task_formats_answers_and_splits():
+    assert A.solution(123, 456, "worked") == "975|579"
+    assert A.solution(999, 999, "worked") == "8991|1998"
+    assert A.solution(123, 456, "direct") == "|579"
+    assert A.solution(123, 456, "plain") == "579"
+    for fmt in A.FORMATS:
+        assert A.format_of(A.solution(987, 654, fmt)) == fmt
+    for text in ("", "12|", "|1a", "1x|12", "x"):
+        assert A.format_of(text) == "other"
+    train = set(A.pairs(3000, "train", 0))
+    heldout = A.pairs(500, "heldout", 0)
+    assert len(heldout) == 500 and not train & set(heldout)
+    assert A.pairs(500, "heldout", 0) == heldout and A.pairs(500, "heldout", 1) != heldout
+    tokenizer = A.make_tokenizer()
+    ids = tokenizer(A.prompt(123, 456))["input_ids"]
+    assert len(ids) == 9 and tokenizer.decode(ids, skip_special_tokens=True) == "123+456="
+
+
+@pytest.mark.parametrize("name,formats", [("two-format", ["worked", "direct"]), ("plain", ["plain"])])
+def test_bundled_teachers_solve_held_out_pairs(name, formats):
+    """The shipped teachers, as their training script recorded them and as they answer now."""
+    path = demo.TEACHER.parent / name
+    training = json.loads((path / "training.json").read_text())
+    assert training["formats"] == formats and min(training["heldout_exact_match"].values()) >= 0.97
+    assert (path / "model.safetensors").stat().st_size < 4 * 2**20  # a few MB at most
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    heldout = A.pairs(100, "heldout", 7)
+    ids = tokenizer([A.prompt(a, b) for a, b in heldout], return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    assert sum(t.split("|")[-1] == str(a + b) for t, (a, b) in zip(texts, heldout, strict=True)) >= 97
+    assert {A.format_of(t) for t in texts} <= set(formats)
+
+
+def test_demo_end_to_end_small(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--out", str(out), "--sft-prompts", "400", "--sft-steps", "30", "--opd-prompts", "24",
+                   "--opd-steps", "6", "--heldout-prompts", "100", "--seed", "1")
+    result = last_json(proc)
+    assert result["command"] == "demo" and set(result["accuracy"]) == set(demo.MODELS)
+    assert all(0 <= v <= 1 for v in result["accuracy"].values())
+    assert result["accuracy"]["teacher"] >= 0.95  # the bundled teacher, sampled at T = 1, on held-out pairs
+    for name, shares in result["format_share"].items():
+        assert sum(shares.values()) == pytest.approx(1.0), name
+    assert set(result["format_share"]["teacher"]) <= {"worked", "direct"}
+    assert set(result["seconds"]) == {"rollout_teacher", "sft", "rollout_student", "score_teacher", "opd",
+                                      "sft_more", "eval", "total"}
+    assert "held-out exact match" in proc.stderr and (out / "base" / "config.json").is_file()
+    assert json.loads((out / "demo.json").read_text()) == result
+    # the stores and models behind it are real and consistent
+    for store in ("sft-data", "rollouts", "teacher-store"):
+        assert open_store(out / store)["complete"] and verify(out / store) == []
+    assert open_store(out / "rollouts")["rows"] == 24 * 4
+    teacher = open_store(out / "teacher-store")["teacher"]["fingerprint"]
+    assert read_provenance(out / "sft")["sft_teacher"]["fingerprint"] == teacher
+    opd = read_provenance(out / "opd")
+    assert opd["objective"]["name"] == "opd-seq" and opd["steps"] == 6 and opd["sft_teacher"]["fingerprint"] == teacher
+    assert read_provenance(out / "sft-more")["steps"] == 6
+
+
+def test_demo_refuses_a_used_directory(tmp_path):
+    (tmp_path / "x").write_text("")
+    proc = run_cli("demo", "--out", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "already holds files" in proc.stderr
