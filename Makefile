@@ -22,7 +22,7 @@ bench:
 	$(PYTHON) bench/score.py
 	$(PYTHON) bench/train.py
 
-# The teacher-consistency study (about 30 minutes on 2 CPU cores): docs/consistency.png and the
+# The teacher-consistency study (about 6 minutes on 2 CPU cores): docs/consistency.png and the
 # table of docs/experiments.md
 experiment:
 	$(PYTHON) experiments/consistency.py --out runs/consistency-$$(date +%Y%m%d-%H%M%S) --png docs/consistency.png

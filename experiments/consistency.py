@@ -13,7 +13,7 @@ imitated. Held-out accuracy (one sample per prompt at T = 1) is measured every `
 Output: a JSON file of every curve, a PNG of the mean over seeds (with the min-max band), and a
 Markdown table on stdout.
 
-    python experiments/consistency.py --out runs/consistency --seeds 0 1 --png docs/consistency.png
+    python experiments/consistency.py --out runs/consistency --seeds 0 1 2 --png docs/consistency.png
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def opd(student: Path, data: Path, out: Path, steps: int, seed: int, device: str
 
 
 def offline(sft: Path, work: Path, args, seed: int) -> list[tuple[int, float]]:
+    work.mkdir(parents=True)
     prompts = A.write_prompts(work / "prompts-opd.jsonl", D.opd_prompts, "train", seed + 10_000)
     data = scored(sample(sft, prompts, work / "rollouts", D.opd_samples, seed, args.device), work / "teacher",
                   args.device)
@@ -64,6 +65,7 @@ def offline(sft: Path, work: Path, args, seed: int) -> list[tuple[int, float]]:
 
 
 def refreshed(sft: Path, work: Path, args, seed: int) -> list[tuple[int, float]]:
+    work.mkdir(parents=True)
     rows = args.round_steps * D.opd_batch_size  # one pass over a fresh rollout set per round
     student, curve = sft, []
     for r, step in enumerate(range(args.round_steps, args.steps + 1, args.round_steps)):
@@ -122,7 +124,7 @@ def table(summary: dict, seeds: list[int]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/consistency"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=D.opd_steps)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--round-steps", type=int, default=100, help="refreshed OPD: steps per rollout set")
