@@ -80,3 +80,14 @@ def test_demo_refuses_a_used_directory(tmp_path):
     (tmp_path / "x").write_text("")
     proc = run_cli("demo", "--out", str(tmp_path), check=False)
     assert proc.returncode == 2 and "already holds files" in proc.stderr
+
+
+@pytest.mark.slow
+def test_full_size_demo_shows_the_opd_gain(tmp_path):
+    """The demo at its defaults (about a minute on 2 CPU cores): OPD beats SFT and the SFT-more control."""
+    result = last_json(run_cli("demo", "--out", str(tmp_path / "demo"), "--seed", "0"))
+    accuracy = result["accuracy"]
+    assert accuracy["teacher"] >= 0.97
+    assert accuracy["opd"] >= accuracy["sft_more"] + 0.10 and accuracy["opd"] >= accuracy["sft"] + 0.10
+    assert result["format_share"]["opd"]["worked"] > result["format_share"]["sft"]["worked"]
+    assert result["seconds"]["total"] < 600
