@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,41 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_workers(*args: str, workers: int = 2) -> list[dict]:
+    """`python -m lightopd ARGS --worker I/N` for I = 0..N-1, all at once; their JSON results."""
+    procs = [subprocess.Popen([sys.executable, "-m", "lightopd", *args, "--worker", f"{i}/{workers}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(workers)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
+def weights(directory) -> dict:
+    """A trained model directory's tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(directory) / "model.safetensors")
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def consistent_student(tiny_model, teacher_model, tmp_path):
+    """The student with a provenance record naming the scoring teacher as its SFT teacher."""
+    from lightopd.models import model_fingerprint, write_provenance
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_model, student)
+    record = {"path": str(teacher_model), "fingerprint": model_fingerprint(teacher_model)}
+    write_provenance(student, {"sft_teacher": record})
+    return student
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,11 @@ from lightopd.tasks.checkers import check, last_boxed
     ("no numbers here", "3", False),                                           # no answer found
     ("\\boxed{x+1", "x+1", False),                                             # unbalanced box
     ("$\\boxed{2, 3}$", "2,3", True),                                          # text compare without spaces
+    ("3 apples and 4 pears\n#### 7", "7", True),                               # GSM8K's #### marker
+    ("#### 1,234.", "1234", True),
+    ("it was 12 at first\nAnswer: 8", "8", True),                              # Answer: beats the last number
+    ("answer: 8 (not 9)", "8", False),                                         # the whole line is the answer
+    ("\\boxed{5}\n#### 6", "5", True),                                         # the box comes first
 ])
 def test_math_and_auto(text, reference, expected):
     assert check(text, reference, "math")[0] is expected

@@ -14,17 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lightopd import stream as S
 from lightopd.config import TrainConfig
 from lightopd.distributed import World
 from lightopd.errors import InputError
-from lightopd.models import model_fingerprint, write_provenance
 from lightopd.store import open_store
 from lightopd.train import data_parts_of
 
-from .conftest import last_json, run_cli
+from .conftest import last_json, metrics, run_cli, weights
 
 TRAIN = ["--steps", "5", "--batch-size", "4", "--lr", "3e-4", "--micro-batch-tokens", "24", "--seed", "3"]
 
@@ -40,23 +38,6 @@ def torchrun(*args: str, ranks: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--nnodes", "1",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "lightopd", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
-def weights(directory) -> dict[str, torch.Tensor]:
-    return load_file(Path(directory) / "model.safetensors")
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def student(tiny_model, teacher_model, tmp_path):
-    path = tmp_path / "student"
-    shutil.copytree(tiny_model, path)
-    record = {"path": str(teacher_model), "fingerprint": model_fingerprint(teacher_model)}
-    write_provenance(path, {"sft_teacher": record})
-    return path
 
 
 def prompt_ids(groups: list[pa.RecordBatch]) -> list[str]:
@@ -94,11 +75,11 @@ def test_one_process_owning_two_parts_takes_the_steps_two_ranks_take(teacher_sto
 
 
 @pytest.mark.parametrize("objective,fsdp", [("opd-seq", False), ("rkl", False), ("rkl", True)])
-def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, student, teacher_store, tmp_path):
+def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, consistent_student, teacher_store, tmp_path):
     """opd-seq normalises advantages by a std over the whole step: it must cross ranks. Under FSDP2 each rank
     holds half of every weight; with 32-token micro-batches the ranks' micro-batch counts differ in 4 of
     the 5 steps, and the rank with fewer pads to the other's count (every forward gathers from both)."""
-    common = ["--student", str(student), "--data", str(teacher_store), "--objective", objective, *TRAIN,
+    common = ["--student", str(consistent_student), "--data", str(teacher_store), "--objective", objective, *TRAIN,
               *(["--micro-batch-tokens", "32"] if fsdp else [])]
     single = run_cli("train", *common, "--out", str(tmp_path / "one"), "--set", "data_parts=2")
     proc = torchrun("train", *common, "--out", str(tmp_path / "two"), *(["--fsdp"] if fsdp else []))
@@ -110,7 +91,7 @@ def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, student, te
     for a, b in zip(one, two, strict=True):  # Adam hides a gradient's scale; the logged norm does not
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    start, a, b = weights(student), weights(tmp_path / "one"), weights(tmp_path / "two")
+    start, a, b = weights(consistent_student), weights(tmp_path / "one"), weights(tmp_path / "two")
     assert any(not torch.equal(start[k], b[k]) for k in b)  # it trained
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
@@ -119,8 +100,8 @@ def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, student, te
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, student, teacher_store, tmp_path):
-    common = ["--student", str(student), "--data", str(teacher_store), "--objective", "jsd", *TRAIN,
+def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, consistent_student, teacher_store, tmp_path):
+    common = ["--student", str(consistent_student), "--data", str(teacher_store), "--objective", "jsd", *TRAIN,
               "--save-every", "2", "--schedule", "cosine", *(["--fsdp"] if fsdp else [])]
     assert torchrun("train", *common, "--out", str(tmp_path / "full")).returncode == 0
     cut = tmp_path / "cut"  # as if both ranks died after the step-2 checkpoint
@@ -142,9 +123,9 @@ def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, student, teacher
     assert "2 rank(s)" in proc.stderr and "same world size" in proc.stderr
 
 
-def test_world_size_must_divide_the_batch(student, teacher_store, tmp_path):
-    proc = torchrun("train", "--student", str(student), "--data", str(teacher_store), "--out", str(tmp_path / "o"),
-                    "--objective", "rkl", "--steps", "1", "--batch-size", "3")
+def test_world_size_must_divide_the_batch(consistent_student, teacher_store, tmp_path):
+    proc = torchrun("train", "--student", str(consistent_student), "--data", str(teacher_store),
+                    "--out", str(tmp_path / "o"), "--objective", "rkl", "--steps", "1", "--batch-size", "3")
     assert proc.returncode != 0
     assert "--batch-size 3 is not divisible by the world size" in proc.stderr
     assert not (tmp_path / "o").exists()

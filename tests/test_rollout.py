@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from lightopd import rollout
 from lightopd.config import RolloutConfig
 from lightopd.store import ROLLOUT_SCHEMA, iter_batches, open_store, shard_name, verify
 from lightopd.tiny import make_model
-from tests.conftest import write_jsonl
+from tests.conftest import run_workers, write_jsonl
 from tests.reference import completion_logits, nucleus_logprobs
 
 
@@ -145,13 +143,7 @@ def test_n_larger_than_batch_size(tiny_model, prompts_file, tmp_path):
 def test_two_concurrent_workers_write_the_rows_of_one_process(tiny_model, prompts_file, tmp_path):
     args = ["rollout", "--model", str(tiny_model), "--prompts", str(prompts_file), "--out", str(tmp_path / "two"),
             "--n", "2", "--max-new-tokens", "8", "--prompts-per-shard", "3"]
-    procs = [subprocess.Popen([sys.executable, "-m", "lightopd", *args, "--worker", f"{i}/2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, stderr
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    results = run_workers(*args)
     assert sorted(r["shards_written"] for r in results) == [2, 2]  # 10 prompts: shards 0, 2 and 1, 3
     manifest = open_store(tmp_path / "two")
     assert manifest["complete"] and [s["name"] for s in manifest["shards"]] == [shard_name(i) for i in range(4)]

@@ -16,7 +16,7 @@ from lightopd import rollout
 from lightopd.config import RolloutConfig
 from lightopd.store import open_store, verify
 from lightopd.tiny import default_words, make_model
-from tests.conftest import last_json, run_cli, write_jsonl
+from tests.conftest import last_json, run_cli, run_workers, write_jsonl
 from tests.test_bad_input import cli
 from tests.test_score import do_score, rows_of
 
@@ -85,13 +85,7 @@ def test_two_concurrent_workers_fill_one_store(teacher_model, rollout_store, tmp
     out = tmp_path / "teacher"
     args = ["score-teacher", "--teacher", str(teacher_model), "--rollouts", str(rollout_store), "--out", str(out),
             "--top-k", "4"]
-    procs = [subprocess.Popen([sys.executable, "-m", "lightopd", *args, "--worker", f"{i}/2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, stderr
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    results = run_workers(*args)
     assert sorted(r["shards_written"] for r in results) == [2, 2]
     manifest = open_store(out)
     assert [s["name"] for s in manifest["shards"]] == [f"part-0000{i}.parquet" for i in range(4)]

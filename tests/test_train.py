@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lightopd import objectives as O
@@ -17,6 +16,7 @@ from lightopd import train
 from lightopd.config import TrainConfig, build_train_config
 from lightopd.errors import InputError, TrainingError
 from lightopd.models import model_fingerprint, read_provenance, write_provenance
+from tests.conftest import metrics, weights
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
 
@@ -25,24 +25,6 @@ def train_run(student, data, out, sets=(), **flags):
     base = {"student": str(student), "data": str(data), "out": str(out), **flags}
     cfg, params = build_train_config(base, None, list(sets))
     return train.run(cfg, params), cfg
-
-
-def weights(directory) -> dict[str, torch.Tensor]:
-    return load_file(Path(directory) / "model.safetensors")
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def consistent_student(tiny_model, teacher_model, tmp_path):
-    """The student with a provenance record naming the scoring teacher as its SFT teacher."""
-    student = tmp_path / "student"
-    shutil.copytree(tiny_model, student)
-    record = {"path": str(teacher_model), "fingerprint": model_fingerprint(teacher_model)}
-    write_provenance(student, {"sft_teacher": record})
-    return student
 
 
 @pytest.mark.parametrize("name", list(O.OBJECTIVES))

@@ -1,8 +1,9 @@
 """Answer checkers: pull the final answer out of a completion and compare it with the reference.
 
 - `exact`: the completion, stripped and with runs of white space folded, equals the answer.
-- `math`: the answer is the content of the last `\\boxed{...}` (nested braces allowed), or else
-  the last number in the text; numbers compare by value (thousands separators, a leading `+`,
+- `math`: the answer is the content of the last `\\boxed{...}` (nested braces allowed), else
+  what follows the last `#### `, else what follows the last `Answer:`, else the last number
+  in the text; numbers compare by value (thousands separators, a leading `+`,
   trailing zeros and simple fractions `a/b` are understood), anything else as text without
   spaces and `$`.
 - `auto`: `math` when the reference answer is a number or the completion has a `\\boxed{}`,
@@ -15,6 +16,8 @@ import re
 from fractions import Fraction
 
 CHECKERS = ("auto", "exact", "math")
+_HASHES = re.compile(r"####[ \t]*([^\n]*)")
+_ANSWER = re.compile(r"(?i)\banswer\s*:[ \t]*([^\n]*)")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 
 
@@ -57,6 +60,10 @@ def extract(text: str, checker: str) -> str | None:
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
+    for marker in (_HASHES, _ANSWER):  # "#### 42" (GSM8K's convention), then "Answer: 42"
+        found = marker.findall(text)
+        if found and found[-1].strip().rstrip("."):
+            return found[-1].strip().rstrip(".").strip()
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
