@@ -1,5 +1,7 @@
 """Answer checkers on tricky cases."""
 
+import sys
+
 import pytest
 
 from lightopd.tasks.checkers import check, last_boxed
@@ -38,3 +40,16 @@ def test_exact_folds_white_space_only():
 def test_last_boxed():
     assert last_boxed("a \\boxed{b{c}d} e") == "b{c}d"
     assert last_boxed("nothing") is None
+
+
+@pytest.mark.parametrize("text,wrong,reference", [
+    ("\\boxed{\\frac{2}{4}}", "\\boxed{\\frac{2}{5}}", "\\frac{1}{2}"),
+    ("\\boxed{\\sqrt{4}}", "\\boxed{\\sqrt{5}}", "2"),
+    ("\\boxed{x+1}", "\\boxed{x+2}", "1+x"),
+])
+def test_math_compares_symbolically_with_math_verify(text, wrong, reference, monkeypatch):
+    pytest.importorskip("math_verify")
+    assert check(text, reference, "math")[0] is True
+    assert check(wrong, reference, "math")[0] is False
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # not installed: text comparison only
+    assert check(text, reference, "math")[0] is False

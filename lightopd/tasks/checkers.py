@@ -5,7 +5,7 @@
   what follows the last `#### `, else what follows the last `Answer:`, else the last number
   in the text; numbers compare by value (thousands separators, a leading `+`,
   trailing zeros and simple fractions `a/b` are understood), anything else as text without
-  spaces and `$`.
+  spaces and `$`, then symbolically with math-verify if it is installed (the `math` extra).
 - `auto`: `math` when the reference answer is a number or the completion has a `\\boxed{}`,
   else `exact`.
 """
@@ -77,7 +77,22 @@ def same(given: str | None, reference: str, checker: str) -> bool:
     if a is not None and b is not None:
         return a == b
     norm = lambda s: s.replace(" ", "").strip("$")  # noqa: E731
-    return norm(given) == norm(reference)
+    if norm(given) == norm(reference):
+        return True
+    return symbolic_equal(given, reference)
+
+
+def symbolic_equal(given: str, reference: str) -> bool:
+    """LaTeX expressions compared symbolically (`\\frac{2}{4}` = `0.5`, `x+1` = `1+x`) with the
+    math-verify package when it is installed (`pip install 'lightopd[math]'`); False without it."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return False
+    try:
+        return bool(verify(parse(f"${reference}$"), parse(f"${given}$")))
+    except Exception:  # an unparsable expression is simply not equal
+        return False
 
 
 def resolve(checker: str, reference: str, text: str) -> str:
