@@ -25,26 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from lightopd import demo, rollout, score
-from lightopd.config import DemoConfig, RolloutConfig, ScoreConfig
+from lightopd import demo
+from lightopd.config import DemoConfig
 from lightopd.memory import release_freed_memory
 from lightopd.tasks import addition as A
 
 TEACHERS = {"A": demo.TEACHER, "B": demo.TEACHER.parent / "plain"}
 D = DemoConfig  # the demo's sizes and learning rates are this experiment's too
-
-
-def sample(model: Path, prompts: Path, out: Path, n: int, seed: int, device: str) -> Path:
-    rollout.run(RolloutConfig(model=str(model), prompts=str(prompts), out=str(out), n=n,
-                              max_new_tokens=demo.MAX_NEW_TOKENS, temperature=1.0, seed=seed, batch_size=512,
-                              device=device))
-    return out
-
-
-def scored(rollouts: Path, out: Path, device: str) -> Path:
-    score.run(ScoreConfig(teacher=str(TEACHERS["A"]), rollouts=str(rollouts), out=str(out), top_k=D.top_k,
-                          device=device))
-    return out
 
 
 def opd(student: Path, data: Path, out: Path, steps: int, seed: int, device: str, save_every: int = 0) -> Path:
@@ -56,8 +43,8 @@ def opd(student: Path, data: Path, out: Path, steps: int, seed: int, device: str
 def offline(sft: Path, work: Path, args, seed: int) -> list[tuple[int, float]]:
     work.mkdir(parents=True)
     prompts = A.write_prompts(work / "prompts-opd.jsonl", D.opd_prompts, "train", seed + 10_000)
-    data = scored(sample(sft, prompts, work / "rollouts", D.opd_samples, seed, args.device), work / "teacher",
-                  args.device)
+    rollouts = demo.sample(sft, prompts, work / "rollouts", D.opd_samples, seed, args.device)
+    data = demo.score_once(rollouts, work / "teacher", D.top_k, args.device)
     opd(sft, data, work / "opd", args.steps, seed, args.device, save_every=args.eval_every)
     return [(step, demo.evaluate(work / "opd" / "checkpoints" / f"step-{step}", args.heldout,
                                  args.device)["accuracy"])
@@ -70,8 +57,9 @@ def refreshed(sft: Path, work: Path, args, seed: int) -> list[tuple[int, float]]
     student, curve = sft, []
     for r, step in enumerate(range(args.round_steps, args.steps + 1, args.round_steps)):
         prompts = A.write_prompts(work / f"prompts-{r}.jsonl", rows // D.opd_samples, "train", seed + 20_000 + r)
-        data = scored(sample(student, prompts, work / f"rollouts-{r}", D.opd_samples, seed * 1000 + r, args.device),
-                      work / f"teacher-{r}", args.device)
+        rollouts = demo.sample(student, prompts, work / f"rollouts-{r}", D.opd_samples, seed * 1000 + r,
+                               args.device)
+        data = demo.score_once(rollouts, work / f"teacher-{r}", D.top_k, args.device)
         student = opd(student, data, work / f"opd-{r}", args.round_steps, seed + r, args.device)
         if step % args.eval_every == 0:
             curve.append((step, demo.evaluate(student, args.heldout, args.device)["accuracy"]))
@@ -84,7 +72,7 @@ def run_seed(seed: int, args) -> dict[str, list[tuple[int, float]]]:
         work = args.out / f"seed{seed}" / f"sft-from-{source}"
         work.mkdir(parents=True, exist_ok=True)
         prompts = A.write_prompts(work / "prompts-sft.jsonl", D.sft_prompts, "train", seed)
-        data = sample(TEACHERS[source], prompts, work / "sft-data", 1, seed, args.device)
+        data = demo.sample(TEACHERS[source], prompts, work / "sft-data", 1, seed, args.device)
         A.make_model(work / "base", D.student_hidden, D.student_layers, D.student_heads, seed, D.student_arch)
         demo.train_student(work / "base", data, work / "sft", "sft", D.sft_steps, D.sft_lr, D.sft_batch_size, seed,
                            args.device)

@@ -433,7 +433,7 @@ class DemoConfig:
     opd_batch_size: int = 32  # whole prompt groups: 8 prompts x 4 samples
     objective: str = "opd-seq"
     top_k: int = 8
-    heldout_prompts: int = 2000  # evaluation: greedy, on pairs no training prompt uses
+    heldout_prompts: int = 2000  # evaluation: one sample each at T = 1, on pairs no training prompt uses
     student_hidden: int = 64
     student_layers: int = 1
     student_heads: int = 8

@@ -17,6 +17,7 @@ intermediate store and model can be inspected or reused afterwards.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,9 +25,8 @@ from pathlib import Path
 from lightopd import models, rollout, score, train
 from lightopd.config import DemoConfig, EvalConfig, RolloutConfig, ScoreConfig, build_train_config
 from lightopd.errors import InputError
-from lightopd.evaluate import sample_and_check
+from lightopd.evaluate import read_checked_prompts, sample_and_check
 from lightopd.progress import console
-from lightopd.prompts import encode_all, read_prompts
 from lightopd.tasks import addition as A
 
 TEACHER = Path(__file__).resolve().parent / "tasks" / "teachers" / "two-format"
@@ -44,12 +44,10 @@ def evaluate(model_dir: Path, prompts: Path, device_name: str = "auto", seed: in
     eval_cfg = EvalConfig(model=str(model_dir), prompts=str(prompts), temperature=EVAL_TEMPERATURE,
                           max_new_tokens=MAX_NEW_TOKENS, batch_size=256, seed=seed, device=device_name)
     tokenizer = models.load_tokenizer(model_dir)
-    setup = models.generation_setup(model_dir, tokenizer)
-    records = read_prompts(prompts)
-    encoded = encode_all(tokenizer, records, setup[0])
+    records, encoded, setup = read_checked_prompts(eval_cfg, model_dir, tokenizer)
     device = models.resolve_device(device_name)
     model = models.load_model(model_dir, device, models.resolve_dtype("auto", device))
-    samples = sample_and_check(model, tokenizer, records, encoded, eval_cfg, setup)
+    samples = sample_and_check(model, tokenizer, records, encoded, setup, eval_cfg)
     formats = Counter()
     correct = Counter()
     for texts, results in zip(samples.texts, samples.results, strict=True):
@@ -62,6 +60,20 @@ def evaluate(model_dir: Path, prompts: Path, device_name: str = "auto", seed: in
         "format_share": {f: formats[f] / total for f in (*A.FORMATS, "other") if formats[f]},
         "format_accuracy": {f: correct[f] / formats[f] for f in (*A.FORMATS, "other") if formats[f]},
     }
+
+
+def sample(model: Path, prompts: Path, out: Path, n: int, seed: int, device: str) -> Path:
+    """`lightopd rollout` of `model` on task prompts, at temperature 1: the rollout store `out`."""
+    rollout.run(RolloutConfig(model=str(model), prompts=str(prompts), out=str(out), n=n,
+                              max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=seed, batch_size=512,
+                              device=device))
+    return out
+
+
+def score_once(rollouts: Path, out: Path, top_k: int, device: str) -> Path:
+    """`lightopd score-teacher` with the bundled two-format teacher: the teacher store `out`."""
+    score.run(ScoreConfig(teacher=str(TEACHER), rollouts=str(rollouts), out=str(out), top_k=top_k, device=device))
+    return out
 
 
 def train_student(student: Path, data: Path, out: Path, objective: str, steps: int, lr: float, batch_size: int,
@@ -100,20 +112,15 @@ def run(cfg: DemoConfig) -> dict:
                  cfg.student_arch)
 
     _stage(1, "the teacher writes the SFT data")
-    timed("rollout_teacher", rollout.run, RolloutConfig(
-        model=str(TEACHER), prompts=str(prompts["sft"]), out=str(out / "sft-data"), n=1,
-        max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=cfg.seed, batch_size=512, device=cfg.device))
+    timed("rollout_teacher", sample, TEACHER, prompts["sft"], out / "sft-data", 1, cfg.seed, cfg.device)
     _stage(2, "SFT of the student on the teacher's samples")
     timed("sft", train_student, paths["base"], out / "sft-data", paths["sft"], "sft", cfg.sft_steps, cfg.sft_lr,
           cfg.sft_batch_size, cfg.seed, cfg.device)
     _stage(3, "the SFT student is rolled out")
-    timed("rollout_student", rollout.run, RolloutConfig(
-        model=str(paths["sft"]), prompts=str(prompts["opd"]), out=str(out / "rollouts"), n=cfg.opd_samples,
-        max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=cfg.seed, batch_size=512, device=cfg.device))
+    timed("rollout_student", sample, paths["sft"], prompts["opd"], out / "rollouts", cfg.opd_samples, cfg.seed,
+          cfg.device)
     _stage(4, "the teacher scores the rollouts once")
-    timed("score_teacher", score.run, ScoreConfig(
-        teacher=str(TEACHER), rollouts=str(out / "rollouts"), out=str(out / "teacher-store"), top_k=cfg.top_k,
-        device=cfg.device))
+    timed("score_teacher", score_once, out / "rollouts", out / "teacher-store", cfg.top_k, cfg.device)
     _stage(5, f"offline OPD ({cfg.objective}) from the SFT student")
     timed("opd", train_student, paths["sft"], out / "teacher-store", paths["opd"], cfg.objective, cfg.opd_steps,
           cfg.opd_lr, cfg.opd_batch_size, cfg.seed, cfg.device)
@@ -137,8 +144,6 @@ def run(cfg: DemoConfig) -> dict:
         "format_accuracy": {name: results[name]["format_accuracy"] for name in MODELS},
         "seconds": seconds,
     }
-    import json
-
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -73,7 +73,19 @@ class Samples:
                 "truncation_rate": float(np.mean([c.finish_reason == "length" for c in flat]))}
 
 
-def sample_and_check(model, tokenizer, records, encoded, cfg: EvalConfig, setup: tuple) -> Samples:
+def read_checked_prompts(cfg: EvalConfig, model_dir: Path, tokenizer) -> tuple[list, list, tuple]:
+    """The prompt records (each must have an answer), their token ids, and the model's
+    (context length, EOS ids, pad id): everything `sample_and_check` needs but the model."""
+    records = read_prompts(cfg.prompts, cfg.limit)
+    missing = next((r for r in records if r.answer is None), None)
+    if missing is not None:
+        raise InputError(f"{missing.where}: no 'answer' field, so there is nothing to check its samples "
+                         "against; eval needs an answer in every prompt record")
+    setup = models.generation_setup(model_dir, tokenizer, cfg.trust_remote_code)
+    return records, encode_all(tokenizer, records, setup[0]), setup
+
+
+def sample_and_check(model, tokenizer, records, encoded, setup: tuple, cfg: EvalConfig) -> Samples:
     """Sample `cfg.n` completions of every prompt (the rollout engine) and check each against its answer."""
     context, eos_ids, pad_id = setup
     with StageProgress("eval", total=len(records) * cfg.n) as bar:
@@ -125,25 +137,17 @@ def run(cfg: EvalConfig) -> dict:
     model_dir = models.check_model_dir(cfg.model)
     tokenizer = models.load_tokenizer(model_dir, cfg.trust_remote_code)
     result: dict = {"command": "eval", "model": str(cfg.model)}
-    records = encoded = None
-    if cfg.prompts is not None:
-        records = read_prompts(cfg.prompts, cfg.limit)
-        missing = next((r for r in records if r.answer is None), None)
-        if missing is not None:
-            raise InputError(f"{missing.where}: no 'answer' field, so there is nothing to check its samples "
-                             "against; eval needs an answer in every prompt record")
-        context, eos_ids, pad_id = models.generation_setup(model_dir, tokenizer, cfg.trust_remote_code)
-        encoded = encode_all(tokenizer, records, context)
+    prompts = None if cfg.prompts is None else read_checked_prompts(cfg, model_dir, tokenizer)
     if cfg.teacher_store is not None:
         store = open_store(cfg.teacher_store, formats=(TEACHER_FORMAT,))
         if store["tokenizer"]["fingerprint"] != models.tokenizer_fingerprint(tokenizer):
             raise InputError(f"--teacher-store {cfg.teacher_store}: its vocabulary differs from --model {cfg.model}'s")
     device = models.resolve_device(cfg.device)
     model = models.load_model(model_dir, device, models.resolve_dtype(cfg.dtype, device), cfg.trust_remote_code)
-    if records is not None:
-        samples = sample_and_check(model, tokenizer, records, encoded, cfg, (context, eos_ids, pad_id))
+    if prompts is not None:
+        samples = sample_and_check(model, tokenizer, *prompts, cfg)
         result.update(prompts=str(cfg.prompts), n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                      checker=cfg.checker, prompts_evaluated=len(records), **samples.metrics(cfg.n))
+                      checker=cfg.checker, prompts_evaluated=len(prompts[0]), **samples.metrics(cfg.n))
     if cfg.teacher_store is not None:
         result["teacher"] = teacher_agreement(model, cfg.teacher_store, cfg.micro_batch_tokens)
     render(result)

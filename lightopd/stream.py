@@ -6,13 +6,15 @@ shards in a seeded order and passes the groups through a seeded shuffle buffer; 
 pure function of (shards, seed, buffer size), so `skip(n)` puts a fresh stream exactly where an
 earlier one stood after n groups.
 
+Groups are held as compact Arrow record batches (copied out of the Parquet batch they came
+from, so a buffered group never pins a whole batch); rows become Python objects only for the
+step that uses them. Memory is one Parquet batch plus the buffer.
+
 For data parallelism the store's shards are split once into `parts` disjoint parts (balanced by
 rows); each part is its own stream and each rank reads only the parts it owns, so no row is read
 by two ranks. A step takes batch_size / parts rows from every part, so a run's steps depend on
 (seed, parts) and not on how many ranks share the parts: one process owning two parts trains on
-exactly the rows two ranks owning one part each would. Groups are held as compact Arrow record batches (copied out of
-the Parquet batch they came from, so a buffered group never pins a whole batch); rows become
-Python objects only for the step that uses them. Memory is one Parquet batch plus the buffer.
+exactly the rows two ranks owning one part each would.
 """
 
 from __future__ import annotations
