@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, make_bench_model  # noqa: E402
 
-from lightopd import rollout  # noqa: E402
 from lightopd.config import RolloutConfig  # noqa: E402
+from lightopd.data.store import iter_batches  # noqa: E402
 from lightopd.memory import release_freed_memory  # noqa: E402
-from lightopd.store import iter_batches  # noqa: E402
+from lightopd.stages import rollout  # noqa: E402
 
 
 def main() -> None:
@@ -45,8 +45,8 @@ def main() -> None:
             for _ in range(args.prompts)
         ))
 
-        cfg = RolloutConfig(model=str(model_dir), prompts=str(prompts), out=str(tmp / "store"), n=args.n,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device="cpu")
+        cfg = RolloutConfig.of(model=str(model_dir), prompts=str(prompts), out=str(tmp / "store"), n=args.n,
+                               max_new_tokens=args.max_new_tokens, generation_batch_size=args.batch_size, device="cpu")
         start = time.perf_counter()
         result = rollout.run(cfg)
         batched_s = time.perf_counter() - start

@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, make_bench_model, peak_rss_mb  # noqa: E402
 
-from lightopd import rollout, score  # noqa: E402
-from lightopd.batching import pack_by_tokens  # noqa: E402
 from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
+from lightopd.data.batching import pack_by_tokens  # noqa: E402
+from lightopd.data.store import TEACHER_COLUMNS, open_store  # noqa: E402
 from lightopd.memory import release_freed_memory  # noqa: E402
-from lightopd.store import TEACHER_COLUMNS, open_store  # noqa: E402
+from lightopd.stages import rollout, score  # noqa: E402
 
 
 def teacher_column_bytes(store: Path) -> int:
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--naive-rows", type=int, default=32, help="rows timed for the naive implementation")
     args = ap.parse_args()
-    cfg_defaults = ScoreConfig(teacher="", rollouts="", out="")
+    cfg_defaults = ScoreConfig.of(teacher="", data="", out="")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -65,11 +65,11 @@ def main() -> None:
             for _ in range(args.prompts)
         ))
         rollouts = tmp / "rollouts"
-        rollout.run(RolloutConfig(model=str(student), prompts=str(prompts), out=str(rollouts), n=args.n,
-                                  max_new_tokens=args.max_new_tokens, prompts_per_shard=16, device="cpu"))
+        rollout.run(RolloutConfig.of(model=str(student), prompts=str(prompts), out=str(rollouts), n=args.n,
+                                     max_new_tokens=args.max_new_tokens, prompts_per_shard=16, device="cpu"))
 
-        scored = score.run(ScoreConfig(teacher=str(teacher), rollouts=str(rollouts), out=str(tmp / "t32"),
-                                       top_k=32, device="cpu"))
+        scored = score.run(ScoreConfig.of(teacher=str(teacher), data=str(rollouts), out=str(tmp / "t32"),
+                                          top_k=32, device="cpu"))
 
         from transformers import AutoModelForCausalLM
 
@@ -81,7 +81,7 @@ def main() -> None:
         completion_tokens = sum(len(r["completion_ids"]) for r in rows)
         start = time.perf_counter()
         with torch.inference_mode():
-            for batch in pack_by_tokens(lengths, cfg_defaults.max_batch_tokens):
+            for batch in pack_by_tokens(lengths, cfg_defaults.micro_batch_tokens):
                 width = max(lengths[i] for i in batch)
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
                 mask = torch.zeros_like(ids)
@@ -110,8 +110,8 @@ def main() -> None:
         for k in (8, 32, 128):
             store = tmp / f"t{k}"
             if k != 32:
-                score.run(ScoreConfig(teacher=str(teacher), rollouts=str(rollouts), out=str(store), top_k=k,
-                                      device="cpu"))
+                score.run(ScoreConfig.of(teacher=str(teacher), data=str(rollouts), out=str(store), top_k=k,
+                                         device="cpu"))
             m = open_store(store)
             storage[f"k{k}"] = {
                 "bytes_per_token": round(sum(s["bytes"] for s in m["shards"]) / m["tokens"], 1),
@@ -120,7 +120,7 @@ def main() -> None:
             }
 
         peak_mb = peak_rss_mb([sys.executable, "-m", "lightopd", "score-teacher", "--teacher", str(teacher),
-                               "--rollouts", str(rollouts), "--out", str(tmp / "rss"), "--top-k", "32",
+                               "--data", str(rollouts), "--out", str(tmp / "rss"), "--top-k", "32",
                                "--device", "cpu"])
 
     lightopd_tps = scored["tokens_per_s"]
@@ -132,7 +132,7 @@ def main() -> None:
         "teacher": {"vocab": 32000, "hidden": 256, "layers": 6,
                     "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)},
         "workload": {"rows": len(rows), "completion_tokens": completion_tokens,
-                     "padded_tokens_per_batch": cfg_defaults.max_batch_tokens, "top_k": 32},
+                     "padded_tokens_per_batch": cfg_defaults.micro_batch_tokens, "top_k": 32},
         "lightopd_tokens_per_s": lightopd_tps,
         "bare_forward_tokens_per_s": round(bare_tps, 1),
         "naive_per_row_tokens_per_s": round(naive_tps, 1),

@@ -23,14 +23,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, make_bench_model, peak_rss_mb  # noqa: E402
 
-from lightopd import models, rollout, score  # noqa: E402
-from lightopd import objectives as O  # noqa: E402
-from lightopd.batching import pack_by_tokens  # noqa: E402
-from lightopd.config import RolloutConfig, ScoreConfig, build_train_config  # noqa: E402
+from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
+from lightopd.data.batching import pack_by_tokens  # noqa: E402
+from lightopd.data.store import open_store, store_columns  # noqa: E402
+from lightopd.data.stream import GroupStream  # noqa: E402
+from lightopd.engine import models  # noqa: E402
+from lightopd.layering import train_settings  # noqa: E402
 from lightopd.memory import release_freed_memory  # noqa: E402
-from lightopd.store import open_store  # noqa: E402
-from lightopd.stream import GroupStream  # noqa: E402
-from lightopd.train import Trainer  # noqa: E402
+from lightopd.objectives import lookup  # noqa: E402
+from lightopd.stages import rollout, score  # noqa: E402
+from lightopd.training.trainer import Trainer  # noqa: E402
 
 BUFFER = 16  # prompt groups in the shuffle buffer of the memory runs
 
@@ -42,10 +44,10 @@ def make_store(tmp: Path, student: Path, teacher: Path, prompts: int, name: str,
         json.dumps({"id": f"p{i}", "prompt": " ".join(f"w{rng.randrange(31990)}" for _ in range(rng.randint(16, 64)))})
         + "\n" for i in range(prompts)))
     rollouts = tmp / f"{name}-rollouts"
-    rollout.run(RolloutConfig(model=str(student), prompts=str(path), out=str(rollouts), n=2, max_new_tokens=max_new,
-                              prompts_per_shard=32, device="cpu"))
+    rollout.run(RolloutConfig.of(model=str(student), prompts=str(path), out=str(rollouts), n=2,
+                                 max_new_tokens=max_new, prompts_per_shard=32, device="cpu"))
     store = tmp / f"{name}-teacher"
-    score.run(ScoreConfig(teacher=str(teacher), rollouts=str(rollouts), out=str(store), top_k=32, device="cpu"))
+    score.run(ScoreConfig.of(teacher=str(teacher), data=str(rollouts), out=str(store), top_k=32, device="cpu"))
     return store
 
 
@@ -83,8 +85,8 @@ def main() -> None:
         teacher = make_bench_model(tmp / "teacher", seed=1, layers=6)
         small = make_store(tmp, student, teacher, 48, "small", 96)
 
-        base = {"student": str(student), "data": str(small), "out": str(tmp / "unused")}
-        cfg, params = build_train_config(base, None, [("batch_size", args.batch_size), ("lr", 1e-5)])
+        cfg, params = train_settings({"student": str(student), "data": str(small), "out": str(tmp / "unused"),
+                                      "batch_size": args.batch_size, "lr": 1e-5})
         manifest = open_store(small)
         columns = ["prompt_ids", "completion_ids", "teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs"]
         stream = GroupStream(small, [s["name"] for s in manifest["shards"]], columns, 0, 64)
@@ -93,7 +95,8 @@ def main() -> None:
 
         torch.manual_seed(0)
         model = models.load_model(student, torch.device("cpu"), torch.float32)
-        trainer = Trainer(cfg, params, O.OBJECTIVES["lightning-opd"], manifest, model, 32, args.steps)
+        objective = lookup("lightning-opd")(params, args.steps)
+        trainer = Trainer(cfg, objective, model, store_columns(manifest), 32, args.steps)
         trainer.step(steps[0])  # warm-up
         start = time.perf_counter()
         for groups in steps[1:]:
@@ -121,7 +124,7 @@ def main() -> None:
                     "--allow-teacher-mismatch", "--device", "cpu",
                     # a shuffle buffer smaller than either store, so both runs hold as many groups: the
                     # default (256 groups) holds all 48 of the small store but 256 of the large one
-                    "--set", f"shuffle_buffer={BUFFER}"]), 1),
+                    "--shuffle-buffer", str(BUFFER)]), 1),
             }
 
     print(json.dumps({

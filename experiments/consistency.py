@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from lightopd import demo
 from lightopd.config import DemoConfig
 from lightopd.memory import release_freed_memory
+from lightopd.stages import demo
 from lightopd.tasks import addition as A
 
 TEACHERS = {"A": demo.TEACHER, "B": demo.TEACHER.parent / "plain"}

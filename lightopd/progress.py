@@ -1,4 +1,4 @@
-"""Rich progress bars on stderr for long stages: items done, tokens/s and ETA."""
+"""The stderr console: rich progress bars for long stages (items done, tokens/s, ETA) and warnings."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+
+
+def warn(message: str) -> None:
+    """One 'warning: ...' line on stderr."""
+    from rich.text import Text
+
+    console.print(Text("warning: ", style="yellow") + Text(message), soft_wrap=True)
 
 
 class StageProgress:

@@ -43,6 +43,42 @@ def make_tokenizer(words: list[str], chat_template: str | None = CHAT_TEMPLATE):
     return fast
 
 
+def build_model(path: str | Path, tokenizer, arch: str = "llama", hidden: int = 32, layers: int = 2, heads: int = 4,
+                kv_heads: int | None = None, intermediate: int | None = None, context: int = 64, seed: int = 0,
+                logit_scale: float = 1.0, generation: dict | None = None) -> Path:
+    """Save a randomly initialised Llama (rotary positions) or GPT-2 (learned positions) for
+    `tokenizer` to `path` (safetensors), with the tokenizer; returns the path.
+
+    Ids 0, 1, 2 are pad, BOS and EOS. `logit_scale` multiplies the output layer, so a random model's
+    next-token distributions can be peaked like a trained model's; `generation` is saved as its
+    generation_config."""
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context, **special))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+            max_position_embeddings=context, **special))
+    else:
+        raise ValueError(f"unknown arch {arch!r} (llama or gpt2)")
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(logit_scale)
+    if generation:
+        model.generation_config = GenerationConfig(**generation)
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def make_model(
     path: str | Path,
     words: list[str] | None = None,
@@ -55,36 +91,14 @@ def make_model(
     chat_template: str | None = CHAT_TEMPLATE,
     generation_defaults: dict | None = None,
 ) -> Path:
-    """Save a random model and its tokenizer to `path` (safetensors); returns the path.
+    """A random model with the word-level tokenizer (4 heads, 2 of them KV heads in a Llama).
 
-    `logit_scale` multiplies the output layer so the random model's next-token distributions
-    are peaked like a trained model's rather than nearly uniform.
+    `logit_scale` defaults to 40 so the random model's next-token distributions are peaked like
+    a trained model's rather than nearly uniform.
     """
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     tokenizer = make_tokenizer(words if words is not None else default_words(40), chat_template)
-    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=context, **special))
-    elif arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=context, **special))
-    else:
-        raise ValueError(f"unknown arch {arch!r} (llama or gpt2)")
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(logit_scale)
-    if generation_defaults:
-        model.generation_config = GenerationConfig(**generation_defaults)
-    path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_model(path, tokenizer, arch, hidden, layers, heads=4, kv_heads=2, context=context, seed=seed,
+                       logit_scale=logit_scale, generation=generation_defaults)
 
 
 def main() -> None:

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from lightopd.cli import main
 from lightopd.tiny import make_model
-from tests.conftest import write_jsonl
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process (fast) exactly as the console script does."""
-    monkeypatch.setattr(sys, "argv", ["lightopd", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
+from tests.helpers import cli, write_jsonl
 
 
 @pytest.fixture

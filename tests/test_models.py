@@ -7,7 +7,8 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightopd import models
+from lightopd import provenance
+from lightopd.engine import models
 from lightopd.tiny import default_words, make_model, make_tokenizer
 
 WORDS = default_words(40)
@@ -17,37 +18,37 @@ def test_model_fingerprint_follows_the_weights(tmp_path):
     a = make_model(tmp_path / "a", seed=0)
     copy = tmp_path / "copy"
     shutil.copytree(a, copy)
-    assert models.model_fingerprint(a) == models.model_fingerprint(copy), "a copy is the same model"
-    assert models.model_fingerprint(a) != models.model_fingerprint(make_model(tmp_path / "b", seed=1))
+    assert provenance.model_fingerprint(a) == provenance.model_fingerprint(copy), "a copy is the same model"
+    assert provenance.model_fingerprint(a) != provenance.model_fingerprint(make_model(tmp_path / "b", seed=1))
     weights = copy / "model.safetensors"
     tensors = load_file(weights)
     tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1e-3
     save_file(tensors, weights, metadata={"format": "pt"})
-    assert models.model_fingerprint(a) != models.model_fingerprint(copy)
+    assert provenance.model_fingerprint(a) != provenance.model_fingerprint(copy)
 
 
 def test_large_weight_files_are_sampled_not_reread(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "WHOLE_FILE_LIMIT", 1024)
-    monkeypatch.setattr(models, "BLOCK_SIZE", 256)
+    monkeypatch.setattr(provenance, "WHOLE_FILE_LIMIT", 1024)
+    monkeypatch.setattr(provenance, "BLOCK_SIZE", 256)
     a = make_model(tmp_path / "a", seed=0, hidden=64)
-    before = models.model_fingerprint(a)
+    before = provenance.model_fingerprint(a)
     tensors = load_file(a / "model.safetensors")
     tensors = {k: v + 0.01 for k, v in tensors.items()}  # what a training step does: every weight moves
     save_file(tensors, a / "model.safetensors", metadata={"format": "pt"})
-    assert models.model_fingerprint(a) != before
+    assert provenance.model_fingerprint(a) != before
 
 
 def test_tokenizer_fingerprint_is_the_vocabulary():
-    base = models.tokenizer_fingerprint(make_tokenizer(WORDS))
-    assert models.tokenizer_fingerprint(make_tokenizer(WORDS, chat_template=None)) == base
-    assert models.tokenizer_fingerprint(make_tokenizer(WORDS + ["extra"])) != base
-    assert models.tokenizer_fingerprint(make_tokenizer(list(reversed(WORDS)))) != base
+    base = provenance.tokenizer_fingerprint(make_tokenizer(WORDS))
+    assert provenance.tokenizer_fingerprint(make_tokenizer(WORDS, chat_template=None)) == base
+    assert provenance.tokenizer_fingerprint(make_tokenizer(WORDS + ["extra"])) != base
+    assert provenance.tokenizer_fingerprint(make_tokenizer(list(reversed(WORDS)))) != base
 
 
 def test_provenance_round_trip(tmp_path):
-    assert models.read_provenance(tmp_path) is None
-    models.write_provenance(tmp_path, {"sft_teacher": {"fingerprint": "sha256:x"}})
-    assert models.read_provenance(tmp_path)["sft_teacher"]["fingerprint"] == "sha256:x"
+    assert provenance.read_provenance(tmp_path) is None
+    provenance.write_provenance(tmp_path, {"sft_teacher": {"fingerprint": "sha256:x"}})
+    assert provenance.read_provenance(tmp_path)["sft_teacher"]["fingerprint"] == "sha256:x"
 
 
 def test_auto_dtype_is_float32_on_cpu():

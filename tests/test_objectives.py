@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightopd import config as C
 from lightopd import objectives as O
+from lightopd.objectives.diagnostics import diagnostics
+from lightopd.objectives.divergences import DivergenceParams, JSDParams, SkewParams
+from lightopd.objectives.opd_seq import OPDSeqParams, advantages, discounted_returns
+from lightopd.objectives.policy_gradient import GOPDParams, PolicyGradientParams
+from lightopd.objectives.stats import LogprobStats, logprob_stats
+from lightopd.objectives.taid import TAIDParams, TaidSchedule
 from tests.reference import log_softmax64
 
 V = 12
@@ -28,9 +33,17 @@ def make_case(n=6, k=V, seed=0, temperature=1.0):
 
 
 def inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, temperature=1.0, **extra) -> O.Inputs:
-    view = O.student_view(student, targets, top_ids, temperature)
+    view = logprob_stats(student, targets, temperature, at=top_ids)
     return O.Inputs(view, teacher_logprobs=teacher_lp, behavior_logprobs=behavior, topk_ids=top_ids,
                     topk_logprobs=top_lp, **extra)
+
+
+def loss(name, params, inputs, t=None):
+    """The per-position loss of objective `name` (for taid, at interpolation `t`)."""
+    objective = O.OBJECTIVES[name](params)
+    if t is not None:
+        objective.schedule.t = t
+    return objective.loss(inputs)
 
 
 def full_reference(student, teacher, temperature=1.0):
@@ -47,21 +60,21 @@ def mix_np(la, lb, w):
 
 
 @pytest.mark.parametrize("name,params,reference", [
-    ("rkl", C.DivergenceParams(), lambda q, p: kl_np(q, p)),
-    ("fkl", C.DivergenceParams(), lambda q, p: kl_np(p, q)),
-    ("jsd", C.JSDParams(beta=0.0), lambda q, p: kl_np(p, q)),
-    ("jsd", C.JSDParams(beta=0.5), lambda q, p: 0.5 * kl_np(p, mix_np(p, q, 0.5)) + 0.5 * kl_np(q, mix_np(p, q, 0.5))),
-    ("jsd", C.JSDParams(beta=0.3), lambda q, p: 0.3 * kl_np(p, mix_np(p, q, 0.3)) + 0.7 * kl_np(q, mix_np(p, q, 0.3))),
-    ("jsd", C.JSDParams(beta=1.0), lambda q, p: kl_np(q, p)),
-    ("skew-fkl", C.SkewParams(alpha=0.1), lambda q, p: kl_np(p, mix_np(p, q, 0.1))),
-    ("skew-rkl", C.SkewParams(alpha=0.1), lambda q, p: kl_np(q, mix_np(p, q, 0.9))),
-    ("rkl", C.DivergenceParams(support="renormalized"), lambda q, p: kl_np(q, p)),
-    ("rkl", C.DivergenceParams(temperature=2.0), lambda q, p: kl_np(q, p)),
+    ("rkl", DivergenceParams(), lambda q, p: kl_np(q, p)),
+    ("fkl", DivergenceParams(), lambda q, p: kl_np(p, q)),
+    ("jsd", JSDParams(beta=0.0), lambda q, p: kl_np(p, q)),
+    ("jsd", JSDParams(beta=0.5), lambda q, p: 0.5 * kl_np(p, mix_np(p, q, 0.5)) + 0.5 * kl_np(q, mix_np(p, q, 0.5))),
+    ("jsd", JSDParams(beta=0.3), lambda q, p: 0.3 * kl_np(p, mix_np(p, q, 0.3)) + 0.7 * kl_np(q, mix_np(p, q, 0.3))),
+    ("jsd", JSDParams(beta=1.0), lambda q, p: kl_np(q, p)),
+    ("skew-fkl", SkewParams(alpha=0.1), lambda q, p: kl_np(p, mix_np(p, q, 0.1))),
+    ("skew-rkl", SkewParams(alpha=0.1), lambda q, p: kl_np(q, mix_np(p, q, 0.9))),
+    ("rkl", DivergenceParams(support="renormalized"), lambda q, p: kl_np(q, p)),
+    ("rkl", DivergenceParams(temperature=2.0), lambda q, p: kl_np(q, p)),
 ])
 def test_divergences_with_full_vocabulary_equal_exact_values(name, params, reference):
     student, teacher, targets, top_lp, top_ids, teacher_lp, behavior = make_case(temperature=params.temperature)
     inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, params.temperature)
-    got = O.OBJECTIVES[name].loss(inputs, params).detach().numpy()
+    got = loss(name, params, inputs).detach().numpy()
     q, p = full_reference(student, teacher, params.temperature)
     np.testing.assert_allclose(got, reference(q, p), atol=1e-6, rtol=1e-6)
 
@@ -69,8 +82,8 @@ def test_divergences_with_full_vocabulary_equal_exact_values(name, params, refer
 def test_taid_with_full_vocabulary_equals_exact_value():
     student, teacher, targets, top_lp, top_ids, teacher_lp, behavior = make_case()
     t = 0.6
-    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, taid_t=t)
-    got = O.taid(inputs, C.TAIDParams()).detach().numpy()
+    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior)
+    got = loss("taid", TAIDParams(), inputs, t=t).detach().numpy()
     q, p = full_reference(student, teacher)
     r = log_softmax64((1 - t) * q + t * p)
     np.testing.assert_allclose(got, kl_np(r, q), atol=1e-6)
@@ -80,16 +93,16 @@ def test_tail_bucket_is_a_lower_bound_of_the_full_divergence():
     student, teacher, targets, top_lp, top_ids, teacher_lp, behavior = make_case(k=3, seed=1)
     inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior)
     q, p = full_reference(student, teacher)
-    for fn, full in ((O.rkl, kl_np(q, p)), (O.fkl, kl_np(p, q))):
-        got = fn(inputs, C.DivergenceParams()).detach().numpy()
+    for name, full in (("rkl", kl_np(q, p)), ("fkl", kl_np(p, q))):
+        got = loss(name, DivergenceParams(), inputs).detach().numpy()
         assert (got <= full + 1e-9).all() and (got < full - 1e-6).any()
 
 
 def test_lightning_opd_gradient_is_that_of_half_squared_error():
     student, _, targets, top_lp, top_ids, teacher_lp, behavior = make_case(seed=2)
-    loss = O.lightning_opd(inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior),
-                           C.PolicyGradientParams()).sum()
-    (grad,) = torch.autograd.grad(loss, student)
+    total = loss("lightning-opd", PolicyGradientParams(),
+                 inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior)).sum()
+    (grad,) = torch.autograd.grad(total, student)
     lq_y = torch.log_softmax(student, -1).gather(-1, targets[:, None]).squeeze(-1)
     (want,) = torch.autograd.grad((0.5 * (lq_y - teacher_lp) ** 2).sum(), student)
     torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5)  # the student side is float32 by design
@@ -98,8 +111,8 @@ def test_lightning_opd_gradient_is_that_of_half_squared_error():
 def test_g_opd_with_lambda_one_is_lightning_opd():
     student, _, targets, top_lp, top_ids, teacher_lp, behavior = make_case(seed=3)
     inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior)
-    (g1,) = torch.autograd.grad(O.g_opd(inputs, C.GOPDParams(lambda_=1.0)).sum(), student, retain_graph=True)
-    (g2,) = torch.autograd.grad(O.lightning_opd(inputs, C.PolicyGradientParams()).sum(), student)
+    (g1,) = torch.autograd.grad(loss("g-opd", GOPDParams(lambda_=1.0), inputs).sum(), student, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss("lightning-opd", PolicyGradientParams(), inputs).sum(), student)
     torch.testing.assert_close(g1, g2)
 
 
@@ -108,8 +121,8 @@ def test_truncated_importance_weights():
     lq_y = torch.log_softmax(student.detach(), -1).gather(-1, targets[:, None]).squeeze(-1)
     behavior = lq_y - torch.tensor([2.0, 0.5, -0.5, 0.0, 1.0, -3.0], dtype=torch.float64)  # ratios e^2 ... e^-3
     inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior)
-    plain = O.lightning_opd(inputs, C.PolicyGradientParams())
-    tis = O.lightning_opd(inputs, C.PolicyGradientParams(importance="tis", is_cap=2.0))
+    plain = loss("lightning-opd", PolicyGradientParams(), inputs)
+    tis = loss("lightning-opd", PolicyGradientParams(importance="tis", is_cap=2.0), inputs)
     weights = torch.exp(lq_y - behavior).clamp(max=2.0)
     torch.testing.assert_close(tis, plain * weights)
     assert weights[0] == 2.0 and weights[5] == pytest.approx(math.exp(-3))
@@ -118,12 +131,12 @@ def test_truncated_importance_weights():
 def test_opd_seq_reduces_to_lightning_opd_on_policy():
     student, _, targets, top_lp, top_ids, teacher_lp, _ = make_case(seed=5)
     on_policy = torch.log_softmax(student.detach(), -1).gather(-1, targets[:, None]).squeeze(-1)
-    params = C.OPDSeqParams(discount=0.0, baseline="none", normalize=False)
+    params = OPDSeqParams(discount=0.0, baseline="none", normalize=False)
     rows = teacher_lp.view(1, -1)
-    advantages = O.opd_seq_advantages(rows, on_policy.view(1, -1), torch.ones_like(rows), torch.tensor([0]), params)
-    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, on_policy, advantages=advantages.view(-1))
-    (g_seq,) = torch.autograd.grad(O.opd_seq(inputs, params).sum(), student, retain_graph=True)
-    (g_light,) = torch.autograd.grad(O.lightning_opd(inputs, C.PolicyGradientParams()).sum(), student)
+    adv = advantages(rows, on_policy.view(1, -1), torch.ones_like(rows), torch.tensor([0]), params)
+    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, on_policy, prepared={"advantages": adv.view(-1)})
+    (g_seq,) = torch.autograd.grad(loss("opd-seq", params, inputs).sum(), student, retain_graph=True)
+    (g_light,) = torch.autograd.grad(loss("lightning-opd", PolicyGradientParams(), inputs).sum(), student)
     torch.testing.assert_close(g_seq, g_light, atol=1e-6, rtol=1e-6)
 
 
@@ -131,15 +144,15 @@ def test_opd_seq_returns_baselines_and_clipping_by_hand():
     # group 0: rows 0 and 1; group 1: row 2. Rewards r = ℓT − ℓμ.
     rewards = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.float64)
-    returns = O.discounted_returns(rewards, mask, 0.5)
+    returns = discounted_returns(rewards, mask, 0.5)
     torch.testing.assert_close(returns, torch.tensor([[2.75, 3.5, 3.0], [0.0, -1.0, 0.0], [2.0, 0.0, 0.0]],
                                                      dtype=torch.float64))
-    params = C.OPDSeqParams(discount=0.5, normalize=False)
-    adv = O.opd_seq_advantages(rewards, torch.zeros_like(rewards), mask, torch.tensor([0, 0, 1]), params)
+    params = OPDSeqParams(discount=0.5, normalize=False)
+    adv = advantages(rewards, torch.zeros_like(rewards), mask, torch.tensor([0, 0, 1]), params)
     torch.testing.assert_close(adv, torch.tensor([[2.75, 4.5, 3.0], [-2.75, -4.5, 0.0], [2.0, 0.0, 0.0]],
                                                  dtype=torch.float64))
-    normalized = O.opd_seq_advantages(rewards, torch.zeros_like(rewards), mask, torch.tensor([0, 0, 1]),
-                                      C.OPDSeqParams(discount=0.5))
+    normalized = advantages(rewards, torch.zeros_like(rewards), mask, torch.tensor([0, 0, 1]),
+                            OPDSeqParams(discount=0.5))
     valid = adv[mask.bool()]
     torch.testing.assert_close(normalized[mask.bool()], valid / valid.std(unbiased=False))
 
@@ -147,10 +160,11 @@ def test_opd_seq_returns_baselines_and_clipping_by_hand():
     lq_y = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     behavior = -torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5], dtype=torch.float64))
     advantage = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
-    view = O.StudentView(lq_y, None, torch.zeros(4), torch.zeros(4, dtype=torch.long))
-    loss = O.opd_seq(O.Inputs(view, behavior_logprobs=behavior, advantages=advantage), C.OPDSeqParams())
-    torch.testing.assert_close(loss.detach(), torch.tensor([-1.2, 1.5, -0.5, 0.8], dtype=torch.float64))
-    (grad,) = torch.autograd.grad(loss.sum(), lq_y)
+    view = LogprobStats(lq_y, torch.zeros(4), torch.zeros(4, dtype=torch.long))
+    clipped = loss("opd-seq", OPDSeqParams(),
+                   O.Inputs(view, behavior_logprobs=behavior, prepared={"advantages": advantage}))
+    torch.testing.assert_close(clipped.detach(), torch.tensor([-1.2, 1.5, -0.5, 0.8], dtype=torch.float64))
+    (grad,) = torch.autograd.grad(clipped.sum(), lq_y)
     torch.testing.assert_close(grad, torch.tensor([0.0, 1.5, -0.5, 0.0], dtype=torch.float64))
 
 
@@ -168,7 +182,7 @@ def test_vopd_baseline_leaves_the_expected_gradient_unchanged():
         logits = z.expand(n, V)
         inputs = inputs_for(logits, targets, top_lp.expand(n, 4), top_ids.expand(n, 4),
                             teacher[0, targets], torch.log(q[targets]))
-        losses = O.OBJECTIVES[name].loss(inputs, C.PolicyGradientParams())
+        losses = loss(name, PolicyGradientParams(), inputs)
         return torch.stack([torch.autograd.grad(losses[i], z, retain_graph=True)[0][0] for i in range(n)])
 
     every = torch.arange(V)
@@ -185,8 +199,8 @@ def test_vopd_baseline_leaves_the_expected_gradient_unchanged():
 
 
 def test_taid_schedule_follows_its_rule():
-    params = C.TAIDParams(t_start=0.4, t_end=1.0, alpha=0.2, momentum=0.5)
-    schedule = O.TaidSchedule(params, total_steps=10)
+    params = TAIDParams(t_start=0.4, t_end=1.0, alpha=0.2, momentum=0.5)
+    schedule = TaidSchedule(params, total_steps=10)
     assert schedule.t == 0.4
     losses = [2.0, 1.0, 0.9, 1.5]
     t, m, prev, ts = 0.4, 0.0, None, []
@@ -199,13 +213,13 @@ def test_taid_schedule_follows_its_rule():
         assert schedule.update(step, loss) == pytest.approx(t)
         ts.append(t)
     assert ts[1] > 0.4 + 0.6 * 2 / 10, "a falling loss moves t ahead of the linear schedule"
-    late = O.TaidSchedule(C.TAIDParams(alpha=0.0), total_steps=4)
+    late = TaidSchedule(TAIDParams(alpha=0.0), total_steps=4)
     assert [late.update(s, 1.0) for s in range(1, 6)] == pytest.approx([0.55, 0.7, 0.85, 1.0, 1.0])
 
 
 def test_diagnostics():
     student, teacher, targets, top_lp, top_ids, teacher_lp, behavior = make_case(k=4, seed=6)
-    d = O.diagnostics(inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior))
+    d = diagnostics(inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior))
     q, p = full_reference(student, teacher)
     np.testing.assert_allclose(d["student_entropy"].numpy(), -(np.exp(q) * q).sum(-1), atol=1e-6)
     np.testing.assert_allclose(d["k1"].numpy(), q[np.arange(6), targets] - p[np.arange(6), targets], atol=1e-6)
@@ -219,7 +233,7 @@ def test_diagnostics():
 
 def test_sft_is_cross_entropy():
     student, _, targets, *_ = make_case()
-    view = O.student_view(student, targets, None)
-    torch.testing.assert_close(O.sft(O.Inputs(view), C.ObjectiveParams()).double(),
+    view = logprob_stats(student, targets)
+    torch.testing.assert_close(loss("sft", O.ObjectiveParams(), O.Inputs(view)).double(),
                                torch.nn.functional.cross_entropy(student, targets, reduction="none"),
                                atol=1e-6, rtol=1e-6)

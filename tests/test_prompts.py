@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lightopd.data.prompts import read_prompts
 from lightopd.errors import InputError
-from lightopd.prompts import read_prompts
-from tests.conftest import last_json, run_cli, write_jsonl
+from tests.helpers import last_json, run_cli, write_jsonl
 
 
 def test_jsonl_and_parquet_read_alike(tmp_path):
@@ -40,7 +40,7 @@ def test_unknown_extension(tmp_path):
 def test_rollout_records_the_models_sft_teacher(tiny_model, prompts_file, tmp_path):
     import shutil
 
-    from lightopd.models import write_provenance
+    from lightopd.provenance import write_provenance
 
     student = tmp_path / "student"
     shutil.copytree(tiny_model, student)
@@ -56,7 +56,7 @@ def test_rollout_records_the_models_sft_teacher(tiny_model, prompts_file, tmp_pa
 def test_help_documents_every_option():
     out = run_cli("rollout", "--help").stdout
     for option in ("--model", "--prompts", "--out", "--n", "--max-new-tokens", "--temperature", "--top-p",
-                   "--seed", "--limit", "--batch-size", "--prompts-per-shard", "--device", "--dtype",
+                   "--seed", "--limit", "--generation-batch-size", "--prompts-per-shard", "--device", "--dtype",
                    "--trust-remote-code"):
         assert option in out
     assert "inspect" in run_cli("--help").stdout

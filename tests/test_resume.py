@@ -9,14 +9,13 @@ import subprocess
 import sys
 import time
 
-from lightopd.store import verify
-from tests.conftest import last_json, run_cli, write_jsonl
-from tests.test_rollout import do_rollout, read_rows
+from lightopd.data.store import verify
+from tests.helpers import do_rollout, last_json, read_rows, run_cli, write_jsonl
 
 
 def _args(model, prompts, out):
     return ["rollout", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
-            "--n", "2", "--max-new-tokens", "48", "--prompts-per-shard", "1", "--batch-size", "2"]
+            "--n", "2", "--max-new-tokens", "48", "--prompts-per-shard", "1", "--generation-batch-size", "2"]
 
 
 def test_kill_mid_run_then_resume(tiny_model, tmp_path):
@@ -44,7 +43,7 @@ def test_kill_mid_run_then_resume(tiny_model, tmp_path):
     assert verify(out) == []
 
     reference = tmp_path / "uninterrupted"
-    do_rollout(tiny_model, prompts, reference, n=2, max_new_tokens=48, prompts_per_shard=1, batch_size=2)
+    do_rollout(tiny_model, prompts, reference, n=2, max_new_tokens=48, prompts_per_shard=1, generation_batch_size=2)
     got, want = read_rows(out), read_rows(reference)
     keys = [(r["prompt_id"], r["sample_index"]) for r in got]
     assert len(keys) == len(set(keys)) == 120

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,20 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightopd import rollout
-from lightopd.config import RolloutConfig
-from lightopd.store import ROLLOUT_SCHEMA, iter_batches, open_store, shard_name, verify
+from lightopd.data.store import ROLLOUT_SCHEMA, open_store, shard_name, verify
 from lightopd.tiny import make_model
-from tests.conftest import run_workers, write_jsonl
+from tests.helpers import do_rollout, read_rows, run_workers, write_jsonl
 from tests.reference import completion_logits, nucleus_logprobs
-
-
-def read_rows(store: Path) -> list[dict]:
-    return [row for batch in iter_batches(store) for row in batch.to_pylist()]
-
-
-def do_rollout(model, prompts, out, **kw) -> dict:
-    return rollout.run(RolloutConfig(model=str(model), prompts=str(prompts), out=str(out), **kw))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +32,7 @@ def test_behavior_logprobs_match_an_independent_forward(
     out = tmp_path / "store"
     tiny_model = gpt2_model if arch == "gpt2" else tiny_model
     result = do_rollout(tiny_model, prompts_file, out, n=3, max_new_tokens=12,
-                        temperature=temperature, top_p=top_p, batch_size=9, prompts_per_shard=5)
+                        temperature=temperature, top_p=top_p, generation_batch_size=9, prompts_per_shard=5)
     assert result["complete"] and result["rows"] == 30
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     rows = read_rows(out)
@@ -92,9 +81,9 @@ def test_store_rows_are_complete_and_well_formed(tiny_model, prompts_file, tmp_p
 
 def test_same_seed_same_rollouts_whatever_the_batching(tiny_model, prompts_file, tmp_path):
     kw = dict(n=3, max_new_tokens=12, temperature=1.0)
-    do_rollout(tiny_model, prompts_file, tmp_path / "a", batch_size=64, prompts_per_shard=10, **kw)
-    do_rollout(tiny_model, prompts_file, tmp_path / "b", batch_size=2, prompts_per_shard=3, **kw)
-    do_rollout(tiny_model, prompts_file, tmp_path / "c", batch_size=64, prompts_per_shard=10, seed=1,
+    do_rollout(tiny_model, prompts_file, tmp_path / "a", generation_batch_size=64, prompts_per_shard=10, **kw)
+    do_rollout(tiny_model, prompts_file, tmp_path / "b", generation_batch_size=2, prompts_per_shard=3, **kw)
+    do_rollout(tiny_model, prompts_file, tmp_path / "c", generation_batch_size=64, prompts_per_shard=10, seed=1,
                **{k: v for k, v in kw.items()})
     a, b, c = (read_rows(tmp_path / x) for x in "abc")
     assert [r["completion_ids"] for r in a] == [r["completion_ids"] for r in b]
@@ -134,7 +123,7 @@ def test_generation_stops_at_the_model_context(tmp_path):
 
 def test_n_larger_than_batch_size(tiny_model, prompts_file, tmp_path):
     out = tmp_path / "store"
-    result = do_rollout(tiny_model, prompts_file, out, n=5, max_new_tokens=4, batch_size=2, limit=3)
+    result = do_rollout(tiny_model, prompts_file, out, n=5, max_new_tokens=4, generation_batch_size=2, limit=3)
     rows = read_rows(out)
     assert result["rows"] == 15
     assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(p, j) for p in ("p0", "p1", "p2") for j in range(5)]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightopd import sampling
-from lightopd.sampling import choose, row_key, sampling_logprobs, uniforms
+from lightopd.engine import sampling
+from lightopd.engine.sampling import choose, row_key, sampling_logprobs, uniforms
 from tests.reference import nucleus_logprobs
 
 

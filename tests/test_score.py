@@ -8,20 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightopd import score
-from lightopd.config import ScoreConfig
-from lightopd.forward import PositionLogits
-from lightopd.store import TEACHER_FORMAT, iter_batches, open_store, teacher_schema, verify
+from lightopd.data.store import TEACHER_FORMAT, open_store, teacher_schema, verify
+from lightopd.engine.forward import PositionLogits
 from lightopd.tiny import make_model
+from tests.helpers import do_score, read_rows
 from tests.reference import completion_logits, log_softmax64
-
-
-def do_score(teacher, rollouts, out, **kw) -> dict:
-    return score.run(ScoreConfig(teacher=str(teacher), rollouts=str(rollouts), out=str(out), **kw))
-
-
-def rows_of(store) -> list[dict]:
-    return [r for b in iter_batches(store) for r in b.to_pylist()]
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +33,12 @@ def test_matches_float64_reference(teacher_model, gpt2_teacher, rollout_store, t
         monkeypatch.setattr(PositionLogits, "_split_head_matches", lambda self: False)
     out = tmp_path / "teacher"
     result = do_score(teacher, rollout_store, out, top_k=k, temperature=temperature, topk_dtype=topk_dtype,
-                      chunk_elements=chunk, max_batch_tokens=40)
+                      chunk_elements=chunk, micro_batch_tokens=40)
     assert result["complete"] and verify(out) == []
     assert pq.ParquetFile(out / "part-00000.parquet").schema_arrow == teacher_schema(topk_dtype)
     reference = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float64).eval()
     outside_topk = 0
-    for row in rows_of(out):
+    for row in read_rows(out):
         n = len(row["completion_ids"])
         ref = log_softmax64(completion_logits(reference, row["prompt_ids"], row["completion_ids"]) / temperature)
         want_sampled = ref[np.arange(n), row["completion_ids"]]
@@ -78,7 +69,7 @@ def test_teacher_store_carries_rollout_columns_and_provenance(teacher_model, rol
     assert manifest["rollouts"]["model"]["fingerprint"] == rollouts["model"]["fingerprint"]
     assert manifest["rollouts"]["fingerprint"].startswith("sha256:")
     assert manifest["teacher"]["fingerprint"] != rollouts["model"]["fingerprint"]
-    got, want = rows_of(out), rows_of(rollout_store)
+    got, want = read_rows(out), read_rows(rollout_store)
     for g, w in zip(got, want, strict=True):
         assert {c: g[c] for c in w} == w
         assert len(g["topk_ids"]) == 4 * len(g["completion_ids"]) == 4 * len(g["teacher_entropy"])

@@ -12,13 +12,9 @@ import time
 
 import pytest
 
-from lightopd import rollout
-from lightopd.config import RolloutConfig
-from lightopd.store import open_store, verify
+from lightopd.data.store import open_store, verify
 from lightopd.tiny import default_words, make_model
-from tests.conftest import last_json, run_cli, run_workers, write_jsonl
-from tests.test_bad_input import cli
-from tests.test_score import do_score, rows_of
+from tests.helpers import cli, do_rollout, do_score, last_json, read_rows, run_cli, run_workers, write_jsonl
 
 
 @pytest.fixture
@@ -26,7 +22,7 @@ def score_bad(monkeypatch, capsys, teacher_model, rollout_store, tmp_path):
     def run(*extra: str, teacher=teacher_model, rollouts=rollout_store) -> str:
         out = tmp_path / "out"
         code, stdout, stderr = cli(monkeypatch, capsys, "score-teacher", "--teacher", str(teacher),
-                                   "--rollouts", str(rollouts), "--out", str(out), *extra)
+                                   "--data", str(rollouts), "--out", str(out), *extra)
         assert code == 2, stderr
         assert "Traceback" not in stderr and stdout == "" and stderr.startswith("error: ")
         assert not out.exists(), "nothing is written for bad input"
@@ -83,7 +79,7 @@ def test_rows_longer_than_teacher_context(score_bad, tmp_path):
 
 def test_two_concurrent_workers_fill_one_store(teacher_model, rollout_store, tmp_path):
     out = tmp_path / "teacher"
-    args = ["score-teacher", "--teacher", str(teacher_model), "--rollouts", str(rollout_store), "--out", str(out),
+    args = ["score-teacher", "--teacher", str(teacher_model), "--data", str(rollout_store), "--out", str(out),
             "--top-k", "4"]
     results = run_workers(*args)
     assert sorted(r["shards_written"] for r in results) == [2, 2]
@@ -92,7 +88,7 @@ def test_two_concurrent_workers_fill_one_store(teacher_model, rollout_store, tmp
     assert verify(out) == []
     single = tmp_path / "single"
     do_score(teacher_model, rollout_store, single, top_k=4)
-    assert rows_of(out) == rows_of(single), "splitting the work changes nothing"
+    assert read_rows(out) == read_rows(single), "splitting the work changes nothing"
 
 
 def test_killed_worker_resumes_without_loss_or_duplicates(tiny_model, teacher_model, tmp_path):
@@ -100,11 +96,10 @@ def test_killed_worker_resumes_without_loss_or_duplicates(tiny_model, teacher_mo
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": words[: 5 + 3 * (i % 25)]}
                                                  for i in range(40)])
     rollouts = tmp_path / "rollouts"
-    rollout.run(RolloutConfig(model=str(tiny_model), prompts=str(prompts), out=str(rollouts), n=2,
-                              max_new_tokens=40, prompts_per_shard=1))
+    do_rollout(tiny_model, prompts, rollouts, n=2, max_new_tokens=40, prompts_per_shard=1)
     out = tmp_path / "teacher"
-    args = ["score-teacher", "--teacher", str(teacher_model), "--rollouts", str(rollouts), "--out", str(out),
-            "--top-k", "4", "--max-batch-tokens", "16"]
+    args = ["score-teacher", "--teacher", str(teacher_model), "--data", str(rollouts), "--out", str(out),
+            "--top-k", "4", "--micro-batch-tokens", "16"]
     workers = [subprocess.Popen([sys.executable, "-m", "lightopd", *args, "--worker", f"{i}/2"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
     manifest = out / "manifest.json"
@@ -126,17 +121,17 @@ def test_killed_worker_resumes_without_loss_or_duplicates(tiny_model, teacher_mo
     resumed = last_json(run_cli(*args, "--worker", "0/2"))
     assert resumed["complete"] and resumed["shards_written"] == 40 - len(before["shards"])
     assert verify(out) == [] and not list(out.glob(".*.tmp"))
-    rows = rows_of(out)
+    rows = read_rows(out)
     keys = [(r["prompt_id"], r["sample_index"]) for r in rows]
     assert len(keys) == len(set(keys)) == 80
     reference = tmp_path / "reference"
-    do_score(teacher_model, rollouts, reference, top_k=4, max_batch_tokens=16)
-    assert rows == rows_of(reference)
+    do_score(teacher_model, rollouts, reference, top_k=4, micro_batch_tokens=16)
+    assert rows == read_rows(reference)
 
 
 def test_rerun_with_other_k_is_refused(teacher_model, rollout_store, tmp_path):
     out = tmp_path / "teacher"
     do_score(teacher_model, rollout_store, out, top_k=4)
-    proc = run_cli("score-teacher", "--teacher", str(teacher_model), "--rollouts", str(rollout_store),
+    proc = run_cli("score-teacher", "--teacher", str(teacher_model), "--data", str(rollout_store),
                    "--out", str(out), "--top-k", "8", check=False)
     assert proc.returncode == 2 and "scoring.top_k: store has 4, this run has 8" in proc.stderr

@@ -7,9 +7,10 @@ import json
 import pyarrow as pa
 import pytest
 
+from lightopd.data.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA, iter_batches, open_store, verify
+from lightopd.data.writer import StoreWriter
 from lightopd.errors import InputError
-from lightopd.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA, StoreWriter, iter_batches, open_store, verify
-from tests.conftest import last_json, run_cli
+from tests.helpers import last_json, run_cli
 
 
 def _table(prompt: str, rows: int) -> pa.Table:

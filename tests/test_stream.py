@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lightopd import stream as S
-from lightopd.store import open_store
+from lightopd.data import stream as S
+from lightopd.data.store import open_store
 
 
 def names(manifest: dict) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,19 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightopd import objectives as O
-from lightopd import train
-from lightopd.config import TrainConfig, build_train_config
 from lightopd.errors import InputError, TrainingError
-from lightopd.models import model_fingerprint, read_provenance, write_provenance
-from tests.conftest import metrics, weights
-
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
-
-
-def train_run(student, data, out, sets=(), **flags):
-    base = {"student": str(student), "data": str(data), "out": str(out), **flags}
-    cfg, params = build_train_config(base, None, list(sets))
-    return train.run(cfg, params), cfg
+from lightopd.layering import train_settings
+from lightopd.provenance import model_fingerprint, read_provenance, write_provenance
+from tests.helpers import do_rollout, do_score, metrics, weights
+from tests.helpers import do_train as train_run
 
 
 @pytest.mark.parametrize("name", list(O.OBJECTIVES))
@@ -111,19 +102,15 @@ def test_output_is_a_plain_transformers_model_with_provenance(consistent_student
 def test_sft_records_the_writer_and_opd_then_passes_the_gate(tiny_model, teacher_model, rollout_store, tmp_path):
     """SFT on samples written by a model records that model; an OPD run against a store scored by
     that same model then passes the consistency gate with no flag."""
-    from lightopd import rollout, score
-    from lightopd.config import RolloutConfig, ScoreConfig
-
     sft_data = tmp_path / "teacher-samples"
     prompts = Path(json.loads((rollout_store / "manifest.json").read_text())["prompts"]["path"])
-    rollout.run(RolloutConfig(model=str(teacher_model), prompts=str(prompts), out=str(sft_data), max_new_tokens=8))
+    do_rollout(teacher_model, prompts, sft_data, max_new_tokens=8)
     train_run(tiny_model, sft_data, tmp_path / "sft", objective="sft", steps=2, batch_size=4)
     assert read_provenance(tmp_path / "sft")["sft_teacher"]["fingerprint"] == model_fingerprint(teacher_model)
-    rollout.run(RolloutConfig(model=str(tmp_path / "sft"), prompts=str(prompts), out=str(tmp_path / "r"), n=2,
-                              max_new_tokens=8))
+    do_rollout(tmp_path / "sft", prompts, tmp_path / "r", n=2, max_new_tokens=8)
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["model"]["sft_teacher"]["fingerprint"] == \
         model_fingerprint(teacher_model)
-    score.run(ScoreConfig(teacher=str(teacher_model), rollouts=str(tmp_path / "r"), out=str(tmp_path / "t"), top_k=4))
+    do_score(teacher_model, tmp_path / "r", tmp_path / "t", top_k=4)
     result, _ = train_run(tmp_path / "sft", tmp_path / "t", tmp_path / "opd", steps=1, batch_size=4)
     assert result["steps"] == 1
 
@@ -148,15 +135,15 @@ def test_student_without_record_warns(tiny_model, teacher_store, tmp_path, capsy
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(consistent_student, teacher_store, tmp_path,
                                                              monkeypatch):
-    real = O.OBJECTIVES["lightning-opd"]
+    real = O.OBJECTIVES["lightning-opd"].loss
     calls = {"n": 0}
 
-    def poisoned(inputs, params):
+    def poisoned(self, inputs):
         calls["n"] += 1
-        loss = real.loss(inputs, params)
+        loss = real(self, inputs)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    monkeypatch.setitem(O.OBJECTIVES, "lightning-opd", replace(real, loss=poisoned))
+    monkeypatch.setattr(O.OBJECTIVES["lightning-opd"], "loss", poisoned)
     with pytest.raises(TrainingError, match="non-finite loss") as e:
         train_run(consistent_student, teacher_store, tmp_path / "out", steps=10, batch_size=4, save_every=2,
                   micro_batch_tokens=100_000)
@@ -166,36 +153,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(consistent_student,
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_every_recipe_loads(recipe):
-    import tomllib
-
-    text = recipe.read_text()
-    assert text.startswith("# ") and "lightopd train" in text, "a header comment with the command"
-    cfg, params = build_train_config({"student": "s", "data": "d", "out": "o"}, tomllib.loads(text), [])
-    assert isinstance(cfg, TrainConfig) and isinstance(params, O.OBJECTIVES[cfg.objective].params)
-
-
 def test_set_overrides_and_errors():
     base = {"student": "s", "data": "d", "out": "o"}
-    cfg, params = build_train_config(base, {"objective": {"name": "jsd", "beta": 0.2}},
-                                     [("objective.beta", 0.7), ("lr", 3e-4)])
+    cfg, params = train_settings(base, {"objective": {"name": "jsd", "beta": 0.2}},
+                                 [("objective.beta", 0.7), ("lr", 3e-4)])
     assert cfg.objective == "jsd" and params.beta == 0.7 and cfg.lr == 3e-4
-    cfg, params = build_train_config(base, None, [("objective", "g-opd"), ("objective.lambda", 2)])
+    cfg, params = train_settings(base, None, [("objective", "g-opd"), ("objective.lambda", 2)])
     assert params.lambda_ == 2.0
     with pytest.raises(InputError, match="unknown objective.*valid: lightning-opd, opd-is"):
-        build_train_config({**base, "objective": "nope"}, None, [])
+        train_settings({**base, "objective": "nope"}, None, [])
     with pytest.raises(InputError, match="unknown training key 'learning_rate' .valid: .*lr"):
-        build_train_config(base, {"train": {"learning_rate": 1}}, [])
+        train_settings(base, {"train": {"learning_rate": 1}}, [])
     with pytest.raises(InputError, match="objective.beta: expected float, got 'high'"):
-        build_train_config({**base, "objective": "jsd"}, None, [("objective.beta", "high")])
+        train_settings({**base, "objective": "jsd"}, None, [("objective.beta", "high")])
     with pytest.raises(InputError, match="objective.gamma: not a parameter of rkl .valid: support, temperature"):
-        build_train_config({**base, "objective": "rkl"}, None, [("objective.gamma", 1.0)])
+        train_settings({**base, "objective": "rkl"}, None, [("objective.gamma", 1.0)])
     with pytest.raises(InputError, match="steps: expected int, got 'abc'"):
-        build_train_config(base, None, [("steps", "abc")])
-    cfg, _ = build_train_config(base, None, [("epochs", 2), ("sft_teacher", "/t")])
+        train_settings(base, None, [("steps", "abc")])
+    cfg, _ = train_settings(base, None, [("epochs", 2), ("sft_teacher", "/t")])
     assert cfg.epochs == 2.0 and isinstance(cfg.epochs, float) and cfg.sft_teacher == "/t"
     with pytest.raises(InputError, match="--dtype: float16 training needs loss scaling"):
-        build_train_config({**base, "dtype": "float16"}, None, [])
+        train_settings({**base, "dtype": "float16"}, None, [])
     with pytest.raises(InputError, match="--lr: must be > 0"):
-        build_train_config({**base, "lr": 0.0}, None, [])
+        train_settings({**base, "lr": 0.0}, None, [])

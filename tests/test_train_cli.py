@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightopd.store import ROLLOUT_FORMAT, StoreWriter
+from lightopd.data.store import ROLLOUT_FORMAT
+from lightopd.data.writer import StoreWriter
 from lightopd.tiny import default_words, make_model
-from tests.conftest import last_json, run_cli
-from tests.test_bad_input import cli
+from tests.helpers import cli, last_json, run_cli
 
 
 @pytest.fixture
@@ -106,18 +106,16 @@ def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_model, teacher_m
 
 def test_non_finite_loss_exits_1_naming_the_checkpoint(monkeypatch, capsys, tiny_model, teacher_model, teacher_store,
                                                         tmp_path):
-    from dataclasses import replace
+    from lightopd.objectives.divergences import ReverseKL
 
-    from lightopd import objectives as O
-
-    real = O.OBJECTIVES["rkl"]
+    real = ReverseKL.loss
     calls = {"n": 0}
 
-    def poisoned(inputs, params):
+    def poisoned(self, inputs):
         calls["n"] += 1
-        return real.loss(inputs, params) * (float("inf") if calls["n"] > 3 else 1.0)
+        return real(self, inputs) * (float("inf") if calls["n"] > 3 else 1.0)
 
-    monkeypatch.setitem(O.OBJECTIVES, "rkl", replace(real, loss=poisoned))
+    monkeypatch.setattr(ReverseKL, "loss", poisoned)
     code, stdout, stderr = cli(monkeypatch, capsys, "train", "--student", str(tiny_model), "--data", str(teacher_store),
                                "--out", str(tmp_path / "out"), "--objective", "rkl", "--steps", "8", "--batch-size",
                                "4", "--save-every", "1", "--micro-batch-tokens", "100000", "--sft-teacher",

@@ -20,6 +20,7 @@ CHARS = list("0123456789+=|")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 SPLITS = ("train", "heldout")
 CONTEXT = 32  # "<s>" + 8 prompt characters + at most 10 completion tokens fit with room to spare
+TEACHERS = Path(__file__).resolve().parent / "teachers"  # the bundled teachers, one directory each
 
 
 def is_heldout(a: int, b: int) -> bool:
@@ -103,26 +104,7 @@ def make_tokenizer():
 def make_model(path: str | Path, hidden: int, layers: int, heads: int, seed: int, arch: str = "llama") -> Path:
     """A randomly initialised model for this task, saved with its tokenizer: a Llama (rotary
     positions, MLP width 8/3 of the hidden size) or a GPT-2 (learned positions, MLP width 4x)."""
-    import torch
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
+    from lightopd.tiny import build_model
 
-    hf_logging.disable_progress_bar()
-    tokenizer = make_tokenizer()
-    torch.manual_seed(seed)
-    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=round(hidden * 8 / 3),
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-            max_position_embeddings=CONTEXT, **special))
-    elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=heads,
-                                           n_positions=CONTEXT, **special))
-    else:
-        raise ValueError(f"arch must be llama or gpt2, got {arch!r}")
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_model(path, make_tokenizer(), arch, hidden, layers, heads, intermediate=round(hidden * 8 / 3),
+                       context=CONTEXT, seed=seed, generation={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})

@@ -1,0 +1,157 @@
+"""Batched sampling with the KV cache: the HF decoding loop behind `rollout` and `eval`.
+
+One call takes a batch of distinct prompts and, for each, the random-stream keys of the samples
+to draw from it. Each prompt is prefilled once and its cache copied to its samples; rows that
+finish (EOS or their token limit) are dropped from the batch so the rest decode faster. Prompts
+are left-padded and positions are counted from each prompt's first real token, so a row's
+logits match an unpadded forward of that row alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lightopd.config import SamplingSpec
+from lightopd.data.batching import plan_generation
+from lightopd.engine.sampling import choose, row_key, uniforms
+
+
+@dataclass
+class Completion:
+    ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (an EOS token was sampled) or "length"
+
+
+def _selectable(cache) -> bool:
+    """True if the cache's batch rows can be reindexed (plain attention KV caches)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return isinstance(cache, DynamicCache) and bool(layers) and all(
+        isinstance(layer, DynamicLayer) for layer in layers
+    )
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    keys: Sequence[Sequence[int]],
+    sampling: SamplingSpec,
+    eos_ids: Sequence[int],
+    max_new: Sequence[int],
+    pad_id: int,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[list[Completion]]:
+    """Sample `len(keys[i])` completions of at most `max_new[i]` tokens for each prompt i.
+
+    `keys[i][j]` names the random stream of prompt i's j-th sample (see sampling.row_key).
+    `on_step(new_tokens, finished_rows)` is called after every decoding step.
+    Returns completions in the same nesting as `keys`.
+    """
+    device = next(model.parameters()).device
+    counts = [len(k) for k in keys]
+    prompt_of_row = np.repeat(np.arange(len(prompts)), counts)
+    row_keys = np.array([k for ks in keys for k in ks], dtype=np.uint64)
+    row_limit = torch.tensor(np.repeat(np.asarray(max_new), counts), device=device)
+    n_rows = len(row_keys)
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    expand = torch.as_tensor(prompt_of_row, device=device)
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    share_prefix = _selectable(cache)
+    if not share_prefix:  # caches we cannot reindex: prefill every row
+        ids, mask = ids[expand], mask[expand]
+    positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1]
+    if share_prefix:
+        cache.batch_select_indices(expand)
+        logits, mask, positions = logits[expand], mask[expand], positions[expand]
+    position = positions[:, -1]
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+
+    rows = torch.arange(n_rows, device=device)  # which row each batch slot holds
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    tokens_out = torch.full((n_rows, int(max(max_new))), pad_id, dtype=torch.long, device=device)
+    logprobs_out = torch.zeros(tokens_out.shape, dtype=torch.float32, device=device)
+    lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
+    stopped = torch.zeros(n_rows, dtype=torch.bool, device=device)
+
+    for step in range(tokens_out.shape[1]):
+        u = torch.from_numpy(uniforms(row_keys[rows.cpu().numpy()], step))
+        tok, lp = choose(logits, sampling.temperature, sampling.top_p, u)
+        live = ~finished[rows]
+        live_rows = rows[live]
+        tokens_out[live_rows, step] = tok[live]
+        logprobs_out[live_rows, step] = lp[live]
+        lengths[live_rows] += 1
+        hit_eos = torch.isin(tok, eos) & live
+        stopped[rows[hit_eos]] = True
+        done_now = live & (hit_eos | (lengths[rows] >= row_limit[rows]))
+        finished[rows[done_now]] = True
+        if on_step is not None:
+            on_step(int(live.sum()), int(done_now.sum()))
+        if bool(finished.all()):
+            break
+        keep = ~finished[rows]
+        if share_prefix and not bool(keep.all()):
+            keep_idx = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep_idx)
+            rows, tok, mask, position = rows[keep_idx], tok[keep_idx], mask[keep_idx], position[keep_idx]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        position = position + 1
+        out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=position.unsqueeze(-1),
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+
+    tokens_cpu, logprobs_cpu = tokens_out.cpu(), logprobs_out.cpu()
+    lengths_cpu, stopped_cpu = lengths.cpu().tolist(), stopped.cpu().tolist()
+    result: list[list[Completion]] = [[] for _ in prompts]
+    for r in range(n_rows):
+        n = lengths_cpu[r]
+        result[prompt_of_row[r]].append(Completion(
+            tokens_cpu[r, :n].tolist(), logprobs_cpu[r, :n].tolist(), "stop" if stopped_cpu[r] else "length"
+        ))
+    return result
+
+
+def sample_prompts(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    prompt_names: Sequence[str],
+    sampling: SamplingSpec,
+    batch_size: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    context: int | None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[list[Completion]]:
+    """`sampling.n` completions of each prompt, batched by length; sample j of prompt `name` always
+    draws from the random stream row_key(sampling.seed, name, j), whatever the batching."""
+    completions: list[list[Completion | None]] = [[None] * sampling.n for _ in prompt_ids]
+    for batch in plan_generation([len(x) for x in prompt_ids], sampling.n, batch_size):
+        prompts = [prompt_ids[i] for i, _ in batch]
+        keys = [[row_key(sampling.seed, prompt_names[i], j) for j in js] for i, js in batch]
+        limits = [sampling.max_new_tokens if context is None else min(sampling.max_new_tokens, context - len(p))
+                  for p in prompts]
+        out = generate(model, prompts, keys, sampling, eos_ids, limits, pad_id, on_step=on_step)
+        for (i, js), samples in zip(batch, out, strict=True):
+            for j, c in zip(js, samples, strict=True):
+                completions[i][j] = c
+    return completions

@@ -1,0 +1,44 @@
+"""A teacher reduced to per-token statistics: sampled-token log-prob, top-k, entropy.
+
+The decoder runs once per batch; its hidden states at completion positions go through the
+output layer a chunk of positions at a time, so the float32 logits in memory never exceed
+`chunk_elements` entries (a [tokens × vocab] array never exists). Every statistic is of
+softmax(logits / temperature) over the full vocabulary (objectives.stats).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightopd.data.batching import pack_rows
+from lightopd.engine.forward import PositionLogits
+from lightopd.objectives.stats import LogprobStats, logprob_stats
+
+
+class Scorer:
+    """Per-token teacher statistics for batches of (prompt ids, completion ids) rows."""
+
+    def __init__(self, model, k: int, temperature: float, chunk_elements: int):
+        self.k = k
+        self.temperature = temperature
+        self.positions = PositionLogits(model)
+        self.chunk_positions = max(1, chunk_elements // self.positions.vocab)
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[LogprobStats]:
+        """Statistics at each completion position of each row (right-padded batch), on the CPU."""
+        lengths = [len(c) for c in completions]
+        if not any(lengths):
+            empty = logprob_stats(torch.zeros((0, self.positions.vocab)), torch.zeros(0, dtype=torch.long), k=self.k)
+            return empty.rows(lengths)
+        ids, mask, rows, cols, targets = pack_rows(prompts, completions, self.positions.device)
+        logits_of = self.positions.logits_at(ids, mask, rows, cols)
+        parts = []
+        for lo in range(0, len(targets), self.chunk_positions):
+            hi = min(lo + self.chunk_positions, len(targets))
+            parts.append(logprob_stats(logits_of(lo, hi), targets[lo:hi], self.temperature, k=self.k))
+        stats = LogprobStats(**{name: torch.cat([getattr(p, name) for p in parts]).cpu()
+                                for name, value in vars(parts[0]).items() if value is not None})
+        return stats.rows(lengths)

@@ -1,0 +1,119 @@
+"""The Objective protocol: what every loss of docs/objectives.md declares and implements.
+
+An objective declares its parameters (a dataclass of `opt` fields next to its loss), the stored
+columns and store properties it needs (`Requirements`, checked before training starts), any state
+it carries across optimizer steps (`state_dict`), and two hooks around a step: `prepare` computes
+per-position inputs from the whole step's stored columns before any forward (opd-seq's
+advantages), and `finish_step` updates its state from the step's loss (TAID's t). `loss` maps one
+micro-batch of positions to a per-position loss; the trainer sums it over the step and divides by
+the step's completion tokens. The trainer knows no objective by name.
+
+Losses use tensor methods only, so this package imports without torch (`--help` lists the
+objectives in a fraction of a second).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from lightopd.options import check, opt
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from lightopd.objectives.stats import LogprobStats
+
+EPS = 1e-8  # floors probabilities inside logs (the tail buckets)
+TEACHER_COLUMNS = ("teacher_logprobs", "topk_ids", "topk_logprobs")
+TOPK = ("topk_ids", "topk_logprobs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveParams:
+    """Shared by every objective."""
+
+    temperature: float = opt(1.0, "τ: the student's log-probs are log_softmax(logits / τ).")
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, "objective.temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a store must offer for an objective to train on it."""
+
+    columns: tuple[str, ...] = ()  # stored per-token columns beyond the token ids
+    min_samples: int = 1  # samples per prompt (rollout --n)
+    why: str = ""  # the reason for min_samples, for the error message
+
+    @property
+    def teacher(self) -> bool:
+        """Whether it needs a teacher store (score-teacher's columns)."""
+        return any(c in TEACHER_COLUMNS for c in self.columns)
+
+
+@dataclass
+class Inputs:
+    """One micro-batch of N completion positions as the objectives see it."""
+
+    student: LogprobStats  # the student's log-probs (with gradient), entropy and argmax
+    teacher_logprobs: Tensor | None = None  # ℓT [N]
+    behavior_logprobs: Tensor | None = None  # ℓμ [N]
+    topk_ids: Tensor | None = None  # I [N, k]
+    topk_logprobs: Tensor | None = None  # LT [N, k]
+    prepared: dict[str, Tensor] = field(default_factory=dict)  # the objective's `prepare` outputs, [N] each
+
+    @property
+    def lq_y(self) -> Tensor:
+        """The student's log-prob of each sampled token, with gradient [N]."""
+        return self.student.sampled
+
+    @property
+    def lq_topk(self) -> Tensor | None:
+        """The student's log-probs at the teacher's top-k ids, with gradient [N, k]."""
+        return self.student.at
+
+
+@dataclass
+class StepRows:
+    """A whole optimizer step's rows, for `Objective.prepare` (padded [R, T], row-major)."""
+
+    column: Callable[[str], Tensor]  # a stored per-token column as float64 [R, T], zero past each row's end
+    mask: Tensor  # [R, T] float64: 1 at real positions
+    groups: Tensor  # [R] int64: the prompt group of each row (a prompt's samples share one)
+    reduce: Callable[[Tensor], Tensor]  # sums a tensor over the ranks that share the step
+
+
+class Objective:
+    """A per-position loss over stored columns; subclasses set the class attributes and `loss`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, for --help
+    Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
+    columns: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: ObjectiveParams | None = None, total_steps: int = 1):
+        self.params = params if params is not None else self.Params()
+        self.total_steps = total_steps
+
+    def requirements(self) -> Requirements:
+        return Requirements(self.columns)
+
+    def prepare(self, rows: StepRows) -> dict[str, Tensor]:
+        """Per-position inputs computed from the whole step before any forward, each [R, T]."""
+        return {}
+
+    def loss(self, inputs: Inputs) -> Tensor:
+        raise NotImplementedError
+
+    def finish_step(self, step: int, loss: float) -> dict[str, float]:
+        """After optimizer step `step` (1-based): update carried state; returns metrics of the step."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

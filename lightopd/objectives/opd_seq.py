@@ -1,0 +1,110 @@
+"""opd-seq: sequence-level reverse KL as a policy gradient, with a group baseline and PPO clipping.
+
+Each token is credited with the discounted sum of the teacher-vs-rollout log-ratios r = ℓT − ℓμ
+of everything from it to the end of its sample (the return G). The baseline B is, per position,
+the mean return of the prompt's other samples (leave-one-out, so a store needs n ≥ 2 samples per
+prompt); advantages A = G − B are divided by their standard deviation over the whole optimizer
+step. The returns need the whole step, so they are computed in `prepare`, before any forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lightopd.objectives.base import EPS, Inputs, Objective, ObjectiveParams, Requirements, StepRows
+from lightopd.objectives.policy_gradient import PG_COLUMNS
+from lightopd.options import check, opt
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import Tensor
+
+BASELINES = ("loo", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OPDSeqParams(ObjectiveParams):
+    discount: float = opt(1.0, "γ: a token's return sums the rewards after it discounted by γ per token; 0 "
+                               "is per-token.")
+    baseline: str = opt("loo", "loo: subtract the mean return of the prompt's other samples (needs n ≥ 2 "
+                               "samples per prompt); none.", choices=BASELINES)
+    normalize: bool = opt(True, "Divide advantages by their standard deviation over the optimizer step.")
+    clip_eps: float = opt(0.2, "ε of the PPO clip of the ratio exp(lq_y − ℓμ) to [1 − ε, 1 + ε].")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.discount <= 1, "objective.discount", f"must be in [0, 1], got {self.discount}")
+        check(self.baseline in BASELINES, "objective.baseline", f"must be loo or none, got {self.baseline!r}")
+        check(0 < self.clip_eps < 1, "objective.clip_eps", f"must be in (0, 1), got {self.clip_eps}")
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, discount: float) -> Tensor:
+    """G[r, t] = Σ_{s ≥ t} γ^{s−t} rewards[r, s] over a row's unmasked positions ([R, T] padded)."""
+    r = rewards * mask
+    if discount == 0:
+        return r
+    if discount == 1:
+        return r.flip(-1).cumsum(-1).flip(-1) * mask
+    steps = r.new_ones(r.shape[-1]).cumsum(-1) - 1
+    gap = steps.unsqueeze(0) - steps.unsqueeze(1)  # [t, s] = s − t
+    weights = (discount ** gap.clamp(min=0)) * (gap >= 0)
+    return (r @ weights.T) * mask
+
+
+def leave_one_out(values: Tensor, mask: Tensor, groups: Tensor) -> Tensor:
+    """Per row and position: the mean of `values` over the other rows of its group that reach
+    that position (0 where none does)."""
+    n_groups = int(groups.max()) + 1
+    sums = values.new_zeros((n_groups, values.shape[1]))
+    counts = values.new_zeros((n_groups, values.shape[1]))
+    sums.index_add_(0, groups, values * mask)
+    counts.index_add_(0, groups, mask.to(values.dtype))
+    others = counts[groups] - mask
+    return ((sums[groups] - values * mask) / others.clamp(min=1)).where(others > 0, 0.0)
+
+
+def advantages(teacher: Tensor, behavior: Tensor, mask: Tensor, groups: Tensor, params: OPDSeqParams,
+               reduce: Callable[[Tensor], Tensor] = lambda t: t) -> Tensor:
+    """A = G − B (optionally / std over the step) for padded [R, T] rows; `groups` [R] prompt ids.
+
+    The std is the population std of every valid position of the step; when a step is split
+    between ranks, `reduce` sums (count, Σa, Σa²) over them so every rank divides by the same std.
+    """
+    returns = discounted_returns(teacher - behavior, mask, params.discount)
+    adv = returns - leave_one_out(returns, mask, groups) if params.baseline == "loo" else returns
+    if params.normalize:
+        valid = adv[mask.bool()].double()
+        moments = valid.new_zeros(3)
+        moments[0], moments[1], moments[2] = valid.numel(), valid.sum(), valid.square().sum()
+        count, total, squares = reduce(moments).tolist()
+        if count > 1:
+            std = math.sqrt(max(squares / count - (total / count) ** 2, 0.0))
+            adv = adv / (std + EPS)
+    return adv * mask
+
+
+class OPDSeq(Objective):
+    name = "opd-seq"
+    summary = "discounted sequence-level returns of ℓT − ℓμ, leave-one-out group baseline, PPO clipping"
+    Params = OPDSeqParams
+    columns = PG_COLUMNS
+
+    def requirements(self) -> Requirements:
+        if self.params.baseline == "loo":
+            return Requirements(self.columns, min_samples=2,
+                                why="its loo baseline is the mean over the prompt's other samples "
+                                    "(or set objective.baseline=none)")
+        return Requirements(self.columns)
+
+    def prepare(self, rows: StepRows) -> dict[str, Tensor]:
+        teacher, behavior = rows.column("teacher_logprobs"), rows.column("behavior_logprobs")
+        return {"advantages": advantages(teacher, behavior, rows.mask, rows.groups, self.params, rows.reduce)}
+
+    def loss(self, inputs: Inputs) -> Tensor:
+        ratio = (inputs.lq_y - inputs.behavior_logprobs).exp()
+        a = inputs.prepared["advantages"]
+        clipped = ratio.clamp(1 - self.params.clip_eps, 1 + self.params.clip_eps)
+        return -(ratio * a).minimum(clipped * a)

@@ -1,0 +1,106 @@
+"""Per-token policy-gradient objectives on the teacher's log-prob of the sampled token:
+lightning-opd, opd-is, vopd, g-opd.
+
+They read `teacher_logprobs`, which is exact whether or not the sampled token is in the top-k.
+`lq_y` is the student's log-prob of the sampled token, `ℓT` the teacher's, `ℓμ` the rollout
+policy's (the behaviour log-prob stored at sampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lightopd.objectives.base import TOPK, Inputs, Objective, ObjectiveParams
+from lightopd.objectives.support import kl, supports
+from lightopd.options import check, opt
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+IMPORTANCE = ("none", "tis")
+PG_COLUMNS = ("teacher_logprobs", "behavior_logprobs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyGradientParams(ObjectiveParams):
+    importance: str = opt("none", "none, or tis: weight each token by min(exp(lq_y − ℓμ), is_cap), truncated "
+                                  "importance sampling against the rollout policy.", choices=IMPORTANCE)
+    is_cap: float = opt(2.0, "Cap of the importance weight.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.importance in IMPORTANCE, "objective.importance",
+              f"must be none or tis, got {self.importance!r}")
+        check(self.is_cap > 0, "objective.is_cap", f"must be > 0, got {self.is_cap}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportanceSamplingParams(ObjectiveParams):
+    is_cap: float = opt(2.0, "Cap of the importance ratio exp(lq_y − ℓμ).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.is_cap > 0, "objective.is_cap", f"must be > 0, got {self.is_cap}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GOPDParams(PolicyGradientParams):
+    lambda_: float = opt(1.25, "λ, set as objective.lambda: the reward extrapolation factor; 1 is lightning-opd.")
+
+
+class PolicyGradient(Objective):
+    Params = PolicyGradientParams
+    columns = PG_COLUMNS
+
+    def weight(self, inputs: Inputs) -> Tensor | float:
+        """The truncated importance weight of each position (1 without `importance = tis`)."""
+        if self.params.importance == "tis":
+            return (inputs.lq_y.detach() - inputs.behavior_logprobs).exp().clamp(max=self.params.is_cap)
+        return 1.0
+
+
+class LightningOPD(PolicyGradient):
+    name = "lightning-opd"
+    summary = "A = ℓT − lq_y on the student's own tokens (the Lightning OPD estimator)"
+
+    def loss(self, inputs: Inputs) -> Tensor:
+        lq_y = inputs.lq_y
+        advantage = inputs.teacher_logprobs - lq_y.detach()
+        return -self.weight(inputs) * advantage * lq_y
+
+
+class VOPD(PolicyGradient):
+    name = "vopd"
+    summary = "lightning-opd with −KL(q̂ ‖ p̂) on the top-k as a control-variate baseline"
+    columns = (*PG_COLUMNS, *TOPK)
+
+    def loss(self, inputs: Inputs) -> Tensor:
+        lq_y = inputs.lq_y
+        log_q, log_p = supports(inputs, "tail")
+        value = -kl(log_q, log_p).detach()  # V = −KL(q̂ ‖ p̂)
+        advantage = inputs.teacher_logprobs - lq_y.detach() - value
+        return -self.weight(inputs) * advantage * lq_y
+
+
+class GOPD(PolicyGradient):
+    name = "g-opd"
+    summary = "reward extrapolation A = λ(ℓT − ℓμ) − (lq_y − ℓμ) (G-OPD / ExOPD)"
+    Params = GOPDParams
+
+    def loss(self, inputs: Inputs) -> Tensor:
+        lq_y, mu = inputs.lq_y, inputs.behavior_logprobs
+        advantage = self.params.lambda_ * (inputs.teacher_logprobs - mu) - (lq_y.detach() - mu)
+        return -self.weight(inputs) * advantage * lq_y
+
+
+class OPDImportanceSampling(Objective):
+    name = "opd-is"
+    summary = "A = ℓT − ℓμ with a capped importance ratio exp(lq_y − ℓμ)"
+    Params = ImportanceSamplingParams
+    columns = PG_COLUMNS
+
+    def loss(self, inputs: Inputs) -> Tensor:
+        advantage = inputs.teacher_logprobs - inputs.behavior_logprobs
+        ratio = (inputs.lq_y - inputs.behavior_logprobs).exp().clamp(max=self.params.is_cap)
+        return -ratio * advantage

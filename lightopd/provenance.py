@@ -1,0 +1,120 @@
+"""Provenance: what a model or store is, where it came from, and the teacher-consistency gate.
+
+Fingerprints are cheap (seconds even for a 60 GB checkpoint) and change whenever the weights or
+the vocabulary change:
+- model: sha256 over `config.json` and every safetensors file's size and header (tensor names,
+  dtypes, shapes, offsets) plus evenly spaced blocks of its bytes; small files are hashed whole.
+  Any training run changes the sampled bytes; a deliberate edit of a single unsampled byte
+  would not, which is the price of not re-reading every byte.
+- tokenizer: sha256 over the token-to-id mapping and the special tokens, i.e. exactly what
+  decides whether two models' token ids mean the same thing (a different chat template does not
+  change it).
+Every model `train` writes carries `lightopd.json`: its SFT teacher, parent, data, objective and
+settings. The gate (`sft_teacher_of`) compares a student's recorded SFT teacher with the teacher
+that scored its training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+from lightopd.data.store import ROLLOUT_FORMAT
+from lightopd.engine.models import check_model_dir, weight_files
+from lightopd.errors import InputError
+from lightopd.progress import warn
+
+PROVENANCE = "lightopd.json"
+WHOLE_FILE_LIMIT = 32 << 20  # hash smaller weight files entirely
+BLOCKS = 64  # evenly spaced blocks per larger file
+BLOCK_SIZE = 256 << 10
+
+CONSISTENCY = (
+    "Offline OPD reaches the same optimum as online OPD only under teacher consistency: the teacher that "
+    "scored these rollouts must be the teacher whose outputs the student was SFT-trained on. Otherwise the "
+    "student is pulled between two teachers and the stored signal no longer points at one target."
+)
+
+
+def _hash_file_sampled(h: hashlib._Hash, path: Path) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_LIMIT:
+            h.update(f.read())
+            return
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        h.update(f.read(min(header_len, size - 8)))
+        for i in range(BLOCKS):
+            f.seek((size - BLOCK_SIZE) * i // (BLOCKS - 1))
+            h.update(f.read(BLOCK_SIZE))
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Cheap content fingerprint of a model directory's config and weights."""
+    p = Path(path)
+    h = hashlib.sha256()
+    config = json.loads((p / "config.json").read_text())
+    config.pop("transformers_version", None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for f in weight_files(p):
+        _hash_file_sampled(h, f)
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Fingerprint of the vocabulary (token -> id) and special tokens."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])).encode())
+    h.update(json.dumps(
+        {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
+        sort_keys=True,
+    ).encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def read_provenance(path: str | Path) -> dict | None:
+    """The `lightopd.json` record of a model directory, or None if it has none."""
+    p = Path(path) / PROVENANCE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: unreadable provenance file ({e})") from None
+
+
+def write_provenance(path: str | Path, record: dict) -> None:
+    (Path(path) / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def sft_teacher_of(manifest: dict, learns_from_teacher: bool, student: str, declared_path: str | None,
+                   parent: dict | None, allow_mismatch: bool) -> dict | None:
+    """The SFT teacher to record in a trained model's provenance, after the consistency gate.
+
+    Training on samples without a teacher (SFT) records the model that wrote them. Otherwise the
+    student's SFT teacher (`--sft-teacher`, else its lightopd.json) must be the teacher that scored
+    the store: a mismatch is an InputError unless `allow_mismatch`, and no record is a warning.
+    """
+    if not learns_from_teacher:
+        writer = manifest["model"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["model"]
+        return {"path": writer["path"], "fingerprint": writer["fingerprint"]}
+    if declared_path is not None:
+        path = check_model_dir(declared_path, "--sft-teacher")
+        declared = {"path": str(path.resolve()), "fingerprint": model_fingerprint(path)}
+    else:
+        declared = (parent or {}).get("sft_teacher")
+    teacher = manifest["teacher"]
+    if declared is None:
+        warn(f"--student {student} has no recorded SFT teacher (no lightopd.json, no --sft-teacher), so "
+             f"teacher consistency cannot be checked against the scoring teacher {teacher['path']}. " + CONSISTENCY)
+        return None
+    if declared["fingerprint"] != teacher["fingerprint"]:
+        message = (f"the student's SFT teacher ({declared['path']}, {declared['fingerprint']}) is not the teacher "
+                   f"that scored --data ({teacher['path']}, {teacher['fingerprint']}). " + CONSISTENCY)
+        if not allow_mismatch:
+            raise InputError(message + " Pass --allow-teacher-mismatch to train anyway.")
+        warn(message)
+    return declared

@@ -1,0 +1,154 @@
+"""What the commands show: rich tables of eval results (and their comparison), of the demo and of
+a store's description, on stderr; and PNG charts with matplotlib (an optional dependency:
+`pip install 'lightopd[plot]'`): grouped bars for `eval --compare --plot`, and accuracy curves for
+the consistency experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from lightopd.errors import InputError
+from lightopd.progress import console
+
+BOUNDED = ("accuracy", "majority_accuracy", "truncation_rate", "teacher.top1_agree")  # fractions: one chart axis
+
+
+# ---- tables ----
+
+def flatten_eval(result: dict) -> dict[str, object]:
+    """An eval result as {metric: value} rows: accuracy metrics, pass@k, teacher agreement."""
+    rows = {}
+    for key in ("accuracy", "majority_accuracy", "mean_completion_tokens", "truncation_rate"):
+        if key in result:
+            rows[key] = result[key]
+    for k, v in result.get("pass@k", {}).items():
+        rows[f"pass@{k}"] = v
+    for k in ("rkl", "fkl", "k1", "top1_agree"):
+        if k in result.get("teacher", {}):
+            rows[f"teacher.{k}"] = result["teacher"][k]
+    return rows
+
+
+def render_eval(*results: dict, names: list[str] | None = None) -> None:
+    """Eval results as one table, a column each."""
+    table = Table(title="lightopd eval", title_justify="left")
+    table.add_column("metric", style="bold")
+    flats = [flatten_eval(r) for r in results]
+    for name in names or [r.get("model", "?") for r in results]:
+        table.add_column(str(name), justify="right")
+    for key in dict.fromkeys(k for f in flats for k in f):
+        table.add_row(key, *[f"{f[key]:.4f}" if isinstance(f.get(key), float) else str(f.get(key, "-"))
+                             for f in flats])
+    console.print(table)
+
+
+def compare_results(results: list[dict], names: list[str], plot: str | None = None) -> dict:
+    """Saved eval results side by side: the table, the summary JSON, and a bar chart with `plot`."""
+    render_eval(*results, names=names)
+    flat = {name: flatten_eval(r) for name, r in zip(names, results, strict=True)}
+    summary = {"command": "eval", "compare": flat}
+    if plot is not None:
+        series = {name: {k: v for k, v in values.items() if k in BOUNDED or k.startswith("pass@")}
+                  for name, values in flat.items()}
+        summary["plot"] = str(bars(plot, series, "lightopd eval"))
+    return summary
+
+
+def render_demo(results: dict, models: tuple[str, ...], formats: tuple[str, ...]) -> None:
+    """The demo's held-out table: accuracy, and each solution format's share and accuracy."""
+    table = Table(title="lightopd demo: held-out exact match (one sample per prompt, T = 1)", title_justify="left")
+    table.add_column("model", style="bold")
+    table.add_column("accuracy", justify="right")
+    for fmt in formats:
+        table.add_column(f"{fmt}: share / acc", justify="right")
+    for name in models:
+        r = results[name]
+        cells = [f"{r['format_share'][f]:.1%} / {r['format_accuracy'][f]:.1%}" if f in r["format_share"] else "-"
+                 for f in formats]
+        table.add_row(name, f"{r['accuracy']:.1%}", *cells)
+    console.print(table)
+
+
+def render_store(summary: dict) -> None:
+    """A store's description as key/value rows, nested metadata flattened with dots."""
+    table = Table(title=f"{summary['path']} ({summary['format']})", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+
+    def add(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            table.add_row(prefix, "-" if value is None else str(value))
+
+    first = ("format", "complete", "shards_written", "num_shards", "rows", "tokens", "bytes", "bytes_per_token")
+    for key in first:
+        add(key, summary.get(key))
+    for key, value in summary.items():
+        if key not in first and key != "path":
+            add(key, value)
+    console.print(table)
+
+
+# ---- charts ----
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'lightopd[plot]'") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bars(path: str | Path, series: dict[str, dict[str, float]], title: str) -> Path:
+    """One group of bars per metric, one bar per series (e.g. per compared eval result); metrics are fractions."""
+    plt = _pyplot()
+    metrics = list(dict.fromkeys(m for values in series.values() for m in values))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(metrics) * max(1, len(series)) / 2), 4))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(metrics))]
+        ax.bar(xs, [values.get(m, 0.0) for m in metrics], width, label=name)
+    ax.set_xticks(range(len(metrics)), metrics, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)  # every charted metric is a fraction
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def curves(path: str | Path, series: dict[str, list[tuple[float, float, float, float]]], title: str, xlabel: str,
+           ylabel: str) -> Path:
+    """One line per series of (x, y, low, high) points, low..high drawn as a band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        xs, ys, lows, highs = zip(*points, strict=True)
+        line = ax.plot(xs, ys, marker="o", label=name)[0]
+        ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise InputError(f"--plot {path}: cannot write ({e.strerror})") from None
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,151 @@
+"""Stage `demo`: the Lightning OPD recipe end to end on the bundled addition task and teacher.
+
+1. The bundled teacher (two solution formats, `tasks/teachers/two-format`) answers the SFT
+   prompts once each at temperature 1: the SFT data (`rollout`).
+2. A small random student is SFT-trained on it (`train --objective sft`).
+3. The SFT student answers the OPD prompts several times each (`rollout`), and the teacher
+   scores those rollouts once (`score-teacher`).
+4. The SFT student trains on the stored signal (`train`, opd-seq by default), and, as the
+   control, the SFT student spends the same number of steps on more SFT.
+5. base, SFT, SFT-more, OPD and the teacher answer held-out pairs, one sample each at
+   temperature 1 (the policy itself, not its argmax): accuracy, and the share and accuracy of
+   each solution format, so it is visible what OPD changed.
+
+Every step is the real command's stage function on real stores under `--out`, so each
+intermediate store and model can be inspected or reused afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from lightopd.config import DemoConfig, EvalConfig, RolloutConfig, ScoreConfig
+from lightopd.engine import models
+from lightopd.errors import InputError
+from lightopd.layering import train_settings
+from lightopd.progress import console
+from lightopd.report import render_demo
+from lightopd.stages import rollout, score, train
+from lightopd.stages.evaluate import read_checked_prompts, sample_and_check
+from lightopd.tasks import addition as A
+
+TEACHER = A.TEACHERS / "two-format"
+MAX_NEW_TOKENS = 12  # the longest solution, 4 reversed digits + "|" + 4 digits, and the end token fit
+MODELS = ("base", "sft", "sft_more", "opd", "teacher")
+EVAL_TEMPERATURE = 1.0
+
+
+def _stage(number: int, title: str) -> None:
+    console.print(f"[bold]demo {number}/7[/bold] {title}")
+
+
+def evaluate(model_dir: Path, prompts: Path, device_name: str = "auto", seed: int = 0) -> dict:
+    """Accuracy of one sample (T = 1) per held-out prompt, and each solution format's share and accuracy."""
+    eval_cfg = EvalConfig.of(model=str(model_dir), prompts=str(prompts), temperature=EVAL_TEMPERATURE,
+                             max_new_tokens=MAX_NEW_TOKENS, generation_batch_size=256, seed=seed, device=device_name)
+    tokenizer = models.load_tokenizer(model_dir)
+    records, encoded, setup = read_checked_prompts(eval_cfg, model_dir, tokenizer)
+    device = models.resolve_device(device_name)
+    model = models.load_model(model_dir, device, models.resolve_dtype("auto", device))
+    samples = sample_and_check(model, tokenizer, records, encoded, setup, eval_cfg)
+    formats = Counter()
+    correct = Counter()
+    for texts, results in zip(samples.texts, samples.results, strict=True):
+        fmt = A.format_of(texts[0])
+        formats[fmt] += 1
+        correct[fmt] += results[0][0]
+    total = len(records)
+    return {
+        "accuracy": samples.metrics(1)["accuracy"],
+        "format_share": {f: formats[f] / total for f in (*A.FORMATS, "other") if formats[f]},
+        "format_accuracy": {f: correct[f] / formats[f] for f in (*A.FORMATS, "other") if formats[f]},
+    }
+
+
+def sample(model: Path, prompts: Path, out: Path, n: int, seed: int, device: str) -> Path:
+    """`lightopd rollout` of `model` on task prompts, at temperature 1: the rollout store `out`."""
+    rollout.run(RolloutConfig.of(model=str(model), prompts=str(prompts), out=str(out), n=n,
+                                 max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=seed, generation_batch_size=512,
+                                 device=device))
+    return out
+
+
+def score_once(rollouts: Path, out: Path, top_k: int, device: str) -> Path:
+    """`lightopd score-teacher` with the bundled two-format teacher: the teacher store `out`."""
+    score.run(ScoreConfig.of(teacher=str(TEACHER), data=str(rollouts), out=str(out), top_k=top_k, device=device))
+    return out
+
+
+def train_student(student: Path, data: Path, out: Path, objective: str, steps: int, lr: float, batch_size: int,
+                  seed: int, device: str, **flags) -> dict:
+    """`lightopd train` with these settings (and any other training keys in `flags`)."""
+    settings = {"student": str(student), "data": str(data), "out": str(out), "objective": objective, "steps": steps,
+                "lr": lr, "batch_size": batch_size, "seed": seed, "device": device, **flags}
+    return train.run(*train_settings(settings))
+
+
+def run(cfg: DemoConfig) -> dict:
+    if not (TEACHER / "model.safetensors").is_file():
+        raise InputError(f"the bundled teacher is missing from {TEACHER}; reinstall lightopd")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out}: already holds files; choose another directory (the demo starts fresh)")
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        value = fn(*args)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        return value
+
+    prompts = {
+        "sft": A.write_prompts(out / "prompts-sft.jsonl", cfg.sft_prompts, "train", cfg.seed),
+        "opd": A.write_prompts(out / "prompts-opd.jsonl", cfg.opd_prompts, "train", cfg.seed + 10_000),
+        "heldout": A.write_prompts(out / "prompts-heldout.jsonl", cfg.heldout_prompts, "heldout", cfg.seed),
+    }
+    paths = {"base": out / "base", "sft": out / "sft", "sft_more": out / "sft-more", "opd": out / "opd",
+             "teacher": TEACHER}
+    A.make_model(paths["base"], cfg.student_hidden, cfg.student_layers, cfg.student_heads, cfg.seed,
+                 cfg.student_arch)
+
+    _stage(1, "the teacher writes the SFT data")
+    timed("rollout_teacher", sample, TEACHER, prompts["sft"], out / "sft-data", 1, cfg.seed, cfg.device)
+    _stage(2, "SFT of the student on the teacher's samples")
+    timed("sft", train_student, paths["base"], out / "sft-data", paths["sft"], "sft", cfg.sft_steps, cfg.sft_lr,
+          cfg.sft_batch_size, cfg.seed, cfg.device)
+    _stage(3, "the SFT student is rolled out")
+    timed("rollout_student", sample, paths["sft"], prompts["opd"], out / "rollouts", cfg.opd_samples, cfg.seed,
+          cfg.device)
+    _stage(4, "the teacher scores the rollouts once")
+    timed("score_teacher", score_once, out / "rollouts", out / "teacher-store", cfg.top_k, cfg.device)
+    _stage(5, f"offline OPD ({cfg.objective}) from the SFT student")
+    timed("opd", train_student, paths["sft"], out / "teacher-store", paths["opd"], cfg.objective, cfg.opd_steps,
+          cfg.opd_lr, cfg.opd_batch_size, cfg.seed, cfg.device)
+    _stage(6, "control: the same steps of more SFT")
+    timed("sft_more", train_student, paths["sft"], out / "sft-data", paths["sft_more"], "sft", cfg.opd_steps,
+          cfg.sft_lr, cfg.sft_batch_size, cfg.seed, cfg.device)
+    _stage(7, "held-out evaluation")
+    t0 = time.perf_counter()
+    results = {name: evaluate(paths[name], prompts["heldout"], cfg.device, cfg.seed) for name in MODELS}
+    seconds["eval"] = round(time.perf_counter() - t0, 1)
+    seconds["total"] = round(time.perf_counter() - started, 1)
+    render_demo(results, MODELS, (*A.FORMATS, "other"))
+    summary = {
+        "command": "demo",
+        "out": str(out),
+        "seed": cfg.seed,
+        "objective": cfg.objective,
+        "heldout_prompts": cfg.heldout_prompts,
+        "accuracy": {name: results[name]["accuracy"] for name in MODELS},
+        "format_share": {name: results[name]["format_share"] for name in MODELS},
+        "format_accuracy": {name: results[name]["format_accuracy"] for name in MODELS},
+        "seconds": seconds,
+    }
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+

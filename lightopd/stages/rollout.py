@@ -1,0 +1,101 @@
+"""Stage `rollout`: sample a model on a prompt file into a sharded rollout store.
+
+Prompts are validated and tokenized before any model is loaded, so bad input fails in seconds
+and leaves no store behind. Shard i holds the samples of prompts [i·P, (i+1)·P) in file order,
+all samples of a prompt together. Every row's random stream is keyed by (seed, prompt id,
+sample index), so an interrupted run resumed later, a run with another batch size, or N worker
+processes (`--worker I/N` writes shards i with i % N == I into one shared store) write the same
+rows; a re-run skips the shards the manifest lists as complete.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+
+from lightopd.config import RolloutConfig
+from lightopd.data.prompts import encode_all, file_fingerprint, read_prompts
+from lightopd.data.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA
+from lightopd.data.writer import ShardWork, StoreWriter
+from lightopd.engine import models
+from lightopd.engine.generate import sample_prompts
+from lightopd.progress import StageProgress
+from lightopd.provenance import model_fingerprint, read_provenance, tokenizer_fingerprint
+
+
+def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, int]:
+    columns = {name: [] for name in ROLLOUT_SCHEMA.names}
+    tokens = 0
+    for record, ids, samples in zip(records, encoded, completions, strict=True):
+        for j in range(keys_n):
+            c = samples[j]
+            columns["prompt_id"].append(record.id)
+            columns["sample_index"].append(j)
+            columns["prompt_ids"].append(ids)
+            columns["completion_ids"].append(c.ids)
+            columns["behavior_logprobs"].append(c.logprobs)
+            columns["finish_reason"].append(c.finish_reason)
+            columns["answer"].append(record.answer)
+            tokens += len(c.ids)
+    return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA), tokens
+
+
+def run(cfg: RolloutConfig) -> dict:
+    """Write (or finish) the rollout store `cfg.out`; return the JSON summary."""
+    spec, sampling = cfg.model, cfg.sampling
+    model_dir = models.check_model_dir(spec.path)
+    records = read_prompts(cfg.prompts, cfg.limit)
+    tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
+    context, eos_ids, pad_id = models.generation_setup(model_dir, tokenizer, spec.trust_remote_code)
+    encoded = encode_all(tokenizer, records, context)
+    device = models.resolve_device(spec.device)
+    dtype = models.resolve_dtype(spec.dtype, device)
+
+    metadata = {
+        "model": {
+            "path": str(Path(spec.path).resolve()),
+            "fingerprint": model_fingerprint(model_dir),
+            "dtype": str(dtype).removeprefix("torch."),
+            "sft_teacher": (read_provenance(model_dir) or {}).get("sft_teacher"),
+        },
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": len(tokenizer),
+            "eos_token_ids": eos_ids,
+            "pad_token_id": pad_id,
+        },
+        "sampling": {
+            "n": sampling.n,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_new_tokens": sampling.max_new_tokens,
+            "seed": sampling.seed,
+        },
+        "prompts": {
+            "path": str(Path(cfg.prompts).resolve()),
+            "fingerprint": file_fingerprint(cfg.prompts),
+            "count": len(records),
+            "limit": cfg.limit,
+        },
+        "prompts_per_shard": cfg.prompts_per_shard,
+    }
+    per_shard = cfg.prompts_per_shard
+    writer = StoreWriter(cfg.out, ROLLOUT_FORMAT, metadata, math.ceil(len(records) / per_shard))
+    work = ShardWork(writer, cfg.worker)
+    if work.todo:
+        model = models.load_model(model_dir, device, dtype, spec.trust_remote_code)
+        rows = lambda shards: sum(min(per_shard, len(records) - i * per_shard) for i in shards) * sampling.n  # noqa: E731
+        with StageProgress("rollout", total=rows(work.mine), completed=rows(set(work.mine) - set(work.todo))) as bar:
+            for shard in work.todo:
+                lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(records))
+                shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
+                completions = sample_prompts(
+                    model, shard_ids, [r.id for r in shard_records], sampling, cfg.generation_batch_size, eos_ids,
+                    pad_id, context, on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+                table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n)
+                writer.write_shard(shard, table, tokens, prompt_tokens=sum(len(x) for x in shard_ids) * sampling.n)
+                work.new_tokens += tokens
+            work.work_seconds = bar.seconds
+    return work.summary("rollout")

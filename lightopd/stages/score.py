@@ -1,0 +1,175 @@
+"""Stage `score-teacher`: run the teacher once over a rollout store, into a teacher store.
+
+Teacher shard i is computed from rollout shard i and carries every rollout column plus, per
+completion token, the teacher's log-prob of the sampled token, its top-k ids and log-probs and
+its entropy. Workers started with `--worker I/N` take the shards with i % N == I and add them
+to the same store; whichever finishes last completes the manifest. A re-run skips shards the
+manifest already lists. Everything that can be wrong with the input (a damaged rollout store,
+a teacher with another vocabulary, a k larger than the vocabulary, rows longer than the
+teacher's context) is reported before the teacher is loaded.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from lightopd.config import ScoreConfig
+from lightopd.data.batching import pack_by_tokens
+from lightopd.data.store import (
+    ROLLOUT_FORMAT,
+    TEACHER_FORMAT,
+    iter_batches,
+    manifest_fingerprint,
+    open_store,
+    shard_index,
+    teacher_schema,
+    verify,
+)
+from lightopd.data.writer import ShardWork, StoreWriter
+from lightopd.engine import models
+from lightopd.engine.scoring import Scorer
+from lightopd.errors import InputError
+from lightopd.objectives.stats import LogprobStats
+from lightopd.progress import StageProgress
+from lightopd.provenance import model_fingerprint, tokenizer_fingerprint
+
+# Chosen by measurement on a 32k-vocabulary teacher at k = 32 (bytes per completion token, whole
+# shard): zstd-3 defaults 108.8; byte-stream-split floats 95.9; and zstd level 6 90.3, which
+# writes as fast as level 3 (higher levels gain < 1 byte and write slower).
+PARQUET_OPTIONS = {
+    "compression": "zstd",
+    "compression_level": 6,
+    "use_dictionary": ["prompt_id", "finish_reason", "answer"],
+    "column_encoding": {
+        "teacher_logprobs": "BYTE_STREAM_SPLIT",
+        "topk_logprobs": "BYTE_STREAM_SPLIT",
+        "teacher_entropy": "BYTE_STREAM_SPLIT",
+        "behavior_logprobs": "BYTE_STREAM_SPLIT",
+    },
+}
+
+
+def _check_rollouts(cfg: ScoreConfig) -> dict:
+    manifest = open_store(cfg.data, formats=(ROLLOUT_FORMAT,))
+    problems = verify(cfg.data)
+    if problems:
+        raise InputError(f"--data {cfg.data}: damaged store ({'; '.join(problems[:3])}); "
+                         "`lightopd inspect --verify` lists every problem")
+    return manifest
+
+
+def _longest_row(directory: str, manifest: dict) -> tuple[int, str]:
+    longest, which = 0, ""
+    for batch in iter_batches(directory, columns=["prompt_id", "prompt_ids", "completion_ids"], manifest=manifest):
+        total = pc.add(pc.list_value_length(batch["prompt_ids"]), pc.list_value_length(batch["completion_ids"]))
+        i = int(pc.index(total, pc.max(total)).as_py())
+        if total[i].as_py() > longest:
+            longest, which = total[i].as_py(), batch["prompt_id"][i].as_py()
+    return longest, which
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+
+def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str) -> pa.Table:
+    """The rollout rows with the teacher columns appended (top-k flattened row-major by position)."""
+    schema = teacher_schema(topk_dtype)
+    lengths = np.array([len(s.sampled) for s in stats], dtype=np.int64)
+    k = stats[0].topk_ids.shape[1] if stats else 0
+    cat = {f: torch.cat([getattr(s, f) for s in stats]).numpy() for f in
+           ("sampled", "topk_ids", "topk_logprobs", "entropy")}
+    columns = {
+        "teacher_logprobs": _list_array(cat["sampled"].astype(np.float32), lengths, pa.float32()),
+        "topk_ids": _list_array(cat["topk_ids"].astype(np.int32).reshape(-1), lengths * k, pa.int32()),
+        "topk_logprobs": _list_array(cat["topk_logprobs"].astype(topk_dtype).reshape(-1), lengths * k,
+                                     schema.field("topk_logprobs").type.value_type),
+        "teacher_entropy": _list_array(cat["entropy"].astype(np.float32), lengths, pa.float32()),
+    }
+    table = rollouts.select(list(rollouts.schema.names))
+    for name, array in columns.items():
+        table = table.append_column(schema.field(name), array)
+    return table.cast(schema)
+
+
+def run(cfg: ScoreConfig) -> dict:
+    """Score this worker's share of the rollout store into `cfg.out`; return the JSON summary."""
+    from transformers import AutoConfig
+
+    spec = cfg.teacher
+    teacher_dir = models.check_model_dir(spec.path, "--teacher")
+    rollout_manifest = _check_rollouts(cfg)
+    tokenizer = models.load_tokenizer(teacher_dir, spec.trust_remote_code)
+    teacher_tok = tokenizer_fingerprint(tokenizer)
+    rollout_tok = rollout_manifest["tokenizer"]["fingerprint"]
+    if teacher_tok != rollout_tok:
+        raise InputError(
+            f"--teacher {spec.path}: its tokenizer ({teacher_tok}) differs from the one the rollouts were "
+            f"sampled with ({rollout_tok}, model {rollout_manifest['model']['path']}); the teacher must score "
+            "the same token ids, so it needs the same vocabulary"
+        )
+    config = AutoConfig.from_pretrained(str(teacher_dir), trust_remote_code=spec.trust_remote_code)
+    vocab = getattr(config, "vocab_size", None) or len(tokenizer)
+    if cfg.top_k > vocab:
+        raise InputError(f"--top-k {cfg.top_k}: larger than the teacher's vocabulary ({vocab})")
+    context = models.context_length(config)
+    longest, which = _longest_row(cfg.data, rollout_manifest)
+    if context is not None and longest > context:
+        raise InputError(f"--data {cfg.data}: prompt {which!r} with its completion is {longest} tokens, "
+                         f"longer than the teacher's context of {context}")
+    device = models.resolve_device(spec.device)
+    dtype = models.resolve_dtype(spec.dtype, device)
+
+    metadata = {
+        "teacher": {"path": str(Path(spec.path).resolve()), "fingerprint": model_fingerprint(teacher_dir),
+                    "dtype": str(dtype).removeprefix("torch.")},
+        "tokenizer": rollout_manifest["tokenizer"],
+        "rollouts": {
+            "path": str(Path(cfg.data).resolve()),
+            "fingerprint": manifest_fingerprint(cfg.data),
+            "model": rollout_manifest["model"],
+            "sampling": rollout_manifest["sampling"],
+            "prompts": rollout_manifest["prompts"],
+        },
+        "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
+                    "vocab_size": vocab},
+    }
+    writer = StoreWriter(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], PARQUET_OPTIONS)
+    work = ShardWork(writer, cfg.worker)
+    shards = {shard_index(s["name"]): s for s in rollout_manifest["shards"]}
+    if work.todo:
+        model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code)
+        scorer = Scorer(model, cfg.top_k, cfg.temperature, cfg.chunk_elements)
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1) as io, StageProgress(
+            "score-teacher", total=sum(shards[i]["rows"] for i in work.todo)
+        ) as bar:
+            for index in work.todo:
+                rollouts = pq.read_table(Path(cfg.data) / shards[index]["name"])
+                prompts = rollouts["prompt_ids"].to_pylist()
+                completions = rollouts["completion_ids"].to_pylist()
+                stats: list[LogprobStats | None] = [None] * len(prompts)
+                lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+                for batch in pack_by_tokens(lengths, cfg.micro_batch_tokens):
+                    scored = scorer.score([prompts[i] for i in batch], [completions[i] for i in batch])
+                    for i, s in zip(batch, scored, strict=True):
+                        stats[i] = s
+                    bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
+                table = teacher_table(rollouts, stats, cfg.topk_dtype)
+                if pending is not None:
+                    pending.result()  # at most one shard waits to be written while the next is scored
+                pending = io.submit(writer.write_shard, index, table, shards[index]["tokens"])
+                work.new_tokens += shards[index]["tokens"]
+            if pending is not None:
+                pending.result()
+            work.work_seconds = bar.seconds
+    return work.summary("score-teacher")

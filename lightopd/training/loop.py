@@ -1,0 +1,96 @@
+"""The training loop: steps from the stream, one metrics line per step, checkpoints, the final model.
+
+`OUT/metrics.jsonl` gets one JSON object per optimizer step (step, loss, lr, tokens, rows,
+grad_norm, the diagnostics, what the objective reports, tokens_per_s); a resumed run first drops
+the lines of steps after its checkpoint. A step with a non-finite loss or gradient stops the run
+with TrainingError naming the last good checkpoint, and no final model is written. Under torchrun
+every rank runs the loop; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightopd.data.stream import StepStream
+from lightopd.errors import TrainingError
+from lightopd.progress import StageProgress
+from lightopd.training.checkpoints import latest_checkpoint, save_checkpoint, save_model, trainer_state
+from lightopd.training.trainer import Trainer
+
+
+@dataclass
+class Run:
+    """What the loop writes and where it starts."""
+
+    out: Path
+    tokenizer: object
+    provenance: dict  # lightopd.json of every model written (plus "steps")
+    total_steps: int
+    rows_per_part: int  # rows a step takes from each data part
+    data_parts: int
+    save_every: int
+    start_step: int = 0  # > 0 when resuming
+
+
+def open_metrics(run: Run, main: bool) -> Path:
+    """OUT/metrics.jsonl, emptied for a new run or cut back to the checkpoint's step for a resumed one."""
+    path = run.out / "metrics.jsonl"
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if run.start_step:
+            kept = [line for line in path.read_text().splitlines()
+                    if json.loads(line)["step"] <= run.start_step] if path.exists() else []
+            path.write_text("".join(line + "\n" for line in kept))
+        else:
+            path.unlink(missing_ok=True)
+    return path
+
+
+def fit(trainer: Trainer, stream: StepStream, run: Run) -> dict:
+    """Train from `run.start_step` to `run.total_steps`; returns tokens, the last record and seconds."""
+    world = trainer.world
+    metrics_path = open_metrics(run, world.main)
+    started = time.perf_counter()
+    total_tokens, last = 0, None
+    with StageProgress("train", total=run.total_steps, completed=run.start_step, disable=not world.main) as bar, \
+            open(metrics_path if world.main else os.devnull, "a") as metrics:
+        for step in range(run.start_step + 1, run.total_steps + 1):
+            t0 = time.perf_counter()
+            groups = stream.take_step(run.rows_per_part)
+            try:
+                record = trainer.step(groups)
+            except TrainingError as e:
+                kept = latest_checkpoint(run.out)
+                raise TrainingError(f"step {step}: {e}; training stopped. "
+                                    + (f"The last good checkpoint is {kept}." if kept else "No checkpoint was saved.")
+                                    ) from None
+            seconds = time.perf_counter() - t0
+            record.update(trainer.objective.finish_step(step, record["loss"]))
+            record = {"step": step, **record, "tokens_per_s": round(record["tokens"] / seconds, 1)}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            total_tokens += record["tokens"]
+            last = record
+            bar.advance(items=1, tokens=record["tokens"], status=f"loss {record['loss']:.4f}")
+            if run.save_every and step % run.save_every == 0 and step < run.total_steps:
+                _save(trainer, stream, run, step, final=False)
+    _save(trainer, stream, run, run.total_steps, final=True)
+    return {"tokens": total_tokens, "last": last, "seconds": time.perf_counter() - started,
+            "metrics": str(metrics_path)}
+
+
+def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool) -> None:
+    """A checkpoint at `step` (every save_every steps, and at the end if checkpointing), and at the
+    end the final model in OUT. Gathering state is a collective; rank 0 writes."""
+    state = trainer_state(trainer, step, stream.cursors(), run.data_parts) if run.save_every else None
+    weights = trainer.parallel.model_state()
+    if not trainer.world.main:
+        return
+    if final:
+        save_model(run.out, trainer.model, run.tokenizer, {**run.provenance, "steps": step}, weights)
+    if state is not None:
+        save_checkpoint(run.out, step, trainer.model, run.tokenizer, run.provenance, state, weights)

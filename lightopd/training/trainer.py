@@ -1,0 +1,117 @@
+"""One optimizer step of offline distillation: a step's prompt groups in, gradients applied.
+
+A step's rows are packed longest-first into micro-batches within a token budget; each
+micro-batch runs the student on its completion positions only (engine.forward), turns the logits
+into log-prob statistics (objectives.stats) and asks the objective for a per-position loss.
+Gradients accumulate as (sum of per-token losses) × world / (completion tokens of the step over
+all ranks), so the loss is the token mean of the whole step whatever the micro-batching or the
+number of ranks (DDP's gradient average supplies the 1 / world). The objective's `prepare` hook
+sees the whole step first; its outputs are handed to the loss position by position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import torch
+
+from lightopd.config import TrainConfig
+from lightopd.data.batching import TokenBatches, list_mask, padded_column
+from lightopd.data.stream import Group
+from lightopd.engine import models
+from lightopd.engine.forward import CompletionLogits
+from lightopd.errors import TrainingError
+from lightopd.objectives import Inputs, Objective, StepRows
+from lightopd.objectives.diagnostics import diagnostics
+from lightopd.objectives.stats import logprob_stats
+from lightopd.training import distributed
+from lightopd.training.distributed import World
+from lightopd.training.parallel import Parallel
+from lightopd.training.schedule import lr_factor, optimizer_for
+
+STORED = ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, objective: Objective, model, store_columns: tuple[str, ...],
+                 k: int | None, total_steps: int, world: World = distributed.SINGLE):
+        """`store_columns`: the stored per-token columns the data offers (the objective's, plus any
+        the diagnostics can use, are read); `k`: the store's top-k."""
+        self.cfg, self.objective, self.model, self.k, self.world = cfg, objective, model, k, world
+        self.columns = tuple(dict.fromkeys((*objective.columns, *(c for c in STORED if c in store_columns))))
+        self.device = next(model.parameters()).device
+        # wrapped before the optimizer sees the (possibly sharded) weights
+        self.parallel = Parallel(CompletionLogits(model), model, world, cfg.fsdp)
+        self.completion_logits = self.parallel.module
+        self.amp_dtype = models.resolve_dtype(cfg.student.dtype, self.device)
+        self.optimizer = optimizer_for(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda step: lr_factor(step, cfg, total_steps))
+
+    def _prepared(self, table: pa.Table, groups: list[Group]) -> dict[str, torch.Tensor]:
+        """The objective's per-position inputs for the whole step, [R, T] each."""
+        group_of = torch.tensor([i for i, g in enumerate(groups) for _ in range(g.num_rows)], device=self.device)
+        mask = list_mask(table, "completion_ids").to(self.device)
+        rows = StepRows(lambda name: padded_column(table, name, self.device), mask.double(), group_of, self.world.sum)
+        return {name: (values, mask) for name, values in self.objective.prepare(rows).items()}
+
+    def step(self, groups: list[Group]) -> dict:
+        table = pa.Table.from_batches(groups)
+        batches = TokenBatches(table, self.cfg.micro_batch_tokens)
+        totals = self.world.sum(torch.tensor([batches.tokens, table.num_rows], dtype=torch.float64,
+                                             device=self.device))
+        tokens, step_rows = (int(x) for x in totals.tolist())  # over all ranks
+        scale = self.world.size / max(tokens, 1)  # DDP averages over ranks: this makes it the global token mean
+        prepared = self._prepared(table, groups)
+        # under DDP every rank must reach one synchronising backward, even one whose rows have no completion tokens
+        micros = batches.plan or batches.packs[:1]
+        weights = [1.0] * len(micros)
+        if self.parallel.pads:  # FSDP: as many forwards on every rank; the extra ones repeat a batch at weight 0
+            extra = int(self.world.max(torch.tensor(len(micros), device=self.device))) - len(micros)
+            micros, weights = micros + [micros[0]] * extra, weights + [0.0] * extra
+        loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        ratio_max = torch.zeros((), device=self.device)
+        self.model.train()
+        for j, (micro, weight) in enumerate(zip(micros, weights, strict=True)):
+            with self.parallel.sync(j == len(micros) - 1):
+                mb = batches.tensors(micro, self.columns, self.k, self.device)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+                    logits = self.completion_logits(mb.ids, mb.mask, *mb.positions)
+                student = logprob_stats(logits, mb.targets, self.objective.params.temperature,
+                                        at=mb.stored.get("topk_ids"))
+                del logits  # backward needs only the log-softmax: one float32 [tokens x vocab] copy stays
+                mine = {name: values[micro][mask[micro]].float() for name, (values, mask) in prepared.items()}
+                inputs = Inputs(student, **mb.stored, prepared=mine)
+                per_token = self.objective.loss(inputs)
+                (per_token.sum() * (scale * weight)).backward()
+            if not weight:
+                continue
+            loss_sum += per_token.detach().sum()
+            for name, values in diagnostics(inputs).items():
+                sums[name] = sums.get(name, 0.0) + values.sum()
+                if name == "is_ratio" and values.numel():
+                    ratio_max = torch.maximum(ratio_max, values.max())
+        # sums over ranks, then one device-to-host transfer per step
+        names = sorted(sums)
+        totals = self.world.sum(torch.stack([loss_sum.double(), *(sums[n].double() for n in names)])).tolist()
+        ratio_max = float(self.world.max(ratio_max))
+        loss_sum, sums = totals[0], dict(zip(names, totals[1:], strict=True))
+        loss = loss_sum / tokens if tokens else float("nan")
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = self.parallel.clip_grad_norm(clip)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                                f"(loss {loss}, grad norm {grad_norm})")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {"loss": loss, "lr": lr, "tokens": tokens, "rows": step_rows, "grad_norm": grad_norm}
+        for name, total in sums.items():
+            record["is_ratio_mean" if name == "is_ratio" else name] = total / tokens
+        if "is_ratio" in sums:
+            record["is_ratio_max"] = ratio_max
+        return record
