@@ -21,6 +21,7 @@ bench:
 	$(PYTHON) bench/rollout.py
 	$(PYTHON) bench/score.py
 	$(PYTHON) bench/train.py
+	$(PYTHON) bench/tail.py
 	$(PYTHON) bench/demo.py
 
 # The teacher-consistency study (about 6 minutes on 2 CPU cores): docs/consistency.png and the

@@ -107,16 +107,18 @@ def main() -> None:
         naive_s = time.perf_counter() - start
 
         storage = {}
-        for k in (8, 32, 128):
-            store = tmp / f"t{k}"
-            if k != 32:
+        for k, dtype in ((8, "float16"), (32, "float16"), (128, "float16"), (32, "float32")):
+            name = f"k{k}" if dtype == "float16" else f"k{k}_{dtype}"
+            store = tmp / ("t32" if name == "k32" else name)
+            if name != "k32":
                 score.run(ScoreConfig.of(teacher=str(teacher), data=str(rollouts), out=str(store), top_k=k,
-                                         device="cpu"))
+                                         topk_dtype=dtype, device="cpu"))
             m = open_store(store)
-            storage[f"k{k}"] = {
+            storage[name] = {
                 "bytes_per_token": round(sum(s["bytes"] for s in m["shards"]) / m["tokens"], 1),
                 "teacher_columns_bytes_per_token": round(teacher_column_bytes(store) / m["tokens"], 1),
-                "raw_float32_bytes_per_token": 8 * k + 8,
+                # raw: k ids (int32) and k log-probs (float32), the sampled log-prob, tail and entropy (float32)
+                "raw_float32_bytes_per_token": 8 * k + 12,
             }
 
         peak_mb = peak_rss_mb([sys.executable, "-m", "lightopd", "score-teacher", "--teacher", str(teacher),

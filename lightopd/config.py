@@ -191,6 +191,11 @@ class TrainConfig(Config):
                                         "no lightopd.json.", metavar="DIR")
     allow_teacher_mismatch: bool = opt(False, "Train even if the scoring teacher is not the student's SFT teacher "
                                               "(a warning instead of an error).")
+    allow_off_policy: bool = opt(False, "No warning when an objective that assumes the rollouts came from the "
+                                        "student (or the model it was trained from) trains on another model's.")
+    dropout: bool = opt(False, "Keep the model's dropout in the training forward. Off by default: with it, the "
+                               "student's log-probs are not its policy's, and ratios to the rollout policy are "
+                               "not 1 even before the weights move.")
 
     def __post_init__(self) -> None:
         check(self.steps is None or self.steps >= 1, "--steps", f"must be >= 1, got {self.steps}")
@@ -279,6 +284,9 @@ class DemoConfig(Config):
     student_heads: int = opt(8, "Attention heads of the random student.", metavar="N")
     student_arch: str = opt("gpt2", "gpt2 (learned positions: the prompt's digits always sit at the same places) "
                                     "or llama.", choices=("gpt2", "llama"))
+    student_dropout: bool = opt(True, "Train the student with its dropout (GPT-2's 0.1) on, in SFT and OPD alike: "
+                                      "a 52k-parameter student that sees each stored rollout a few times needs the "
+                                      "regularisation (train turns dropout off unless asked).")
     device: str = _device()
 
     def __post_init__(self) -> None:

@@ -6,9 +6,9 @@ the vocabulary change:
   dtypes, shapes, offsets) plus evenly spaced blocks of its bytes; small files are hashed whole.
   Any training run changes the sampled bytes; a deliberate edit of a single unsampled byte
   would not, which is the price of not re-reading every byte.
-- tokenizer: sha256 over the token-to-id mapping and the special tokens, i.e. exactly what
-  decides whether two models' token ids mean the same thing (a different chat template does not
-  change it).
+- tokenizer: sha256 over the token-to-id mapping, i.e. exactly what decides whether two models'
+  token ids mean the same thing (a different chat template or EOS token does not change it; end
+  tokens are compared separately, with a warning).
 Every model `train` writes carries `lightopd.json`: its SFT teacher, parent, data, objective and
 settings. The gate (`sft_teacher_of`) compares a student's recorded SFT teacher with the teacher
 that scored its training data.
@@ -65,14 +65,22 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Fingerprint of the vocabulary (token -> id) and special tokens."""
+    """Fingerprint of the vocabulary alone (token -> id): whether two models' ids mean the same
+    tokens. A base and a chat checkpoint of one family share it although their EOS differ; which
+    ids end a completion is compared separately (`eos_mismatch`)."""
     h = hashlib.sha256()
     h.update(json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])).encode())
-    h.update(json.dumps(
-        {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
-        sort_keys=True,
-    ).encode())
     return "sha256:" + h.hexdigest()[:32]
+
+
+def eos_mismatch(store_eos: list[int], model_eos: list[int], model: str, role: str) -> str | None:
+    """A warning when the completions of a store end with ids the model does not stop at."""
+    if set(store_eos) <= set(model_eos):
+        return None
+    return (f"the store's completions end with token ids {sorted(store_eos)}, and {role} {model} stops at "
+            f"{sorted(model_eos)}: same vocabulary, other end tokens (a base and a chat checkpoint of one "
+            f"family, say). {role.capitalize()} will learn or score the store's end tokens as ordinary tokens; "
+            "to stop at them when it generates, add them to its generation_config.json eos_token_id")
 
 
 def read_provenance(path: str | Path) -> dict | None:

@@ -45,13 +45,14 @@ def make_tokenizer(words: list[str], chat_template: str | None = CHAT_TEMPLATE):
 
 def build_model(path: str | Path, tokenizer, arch: str = "llama", hidden: int = 32, layers: int = 2, heads: int = 4,
                 kv_heads: int | None = None, intermediate: int | None = None, context: int = 64, seed: int = 0,
-                logit_scale: float = 1.0, generation: dict | None = None) -> Path:
+                logit_scale: float = 1.0, generation: dict | None = None, vocab_rows: int | None = None) -> Path:
     """Save a randomly initialised Llama (rotary positions) or GPT-2 (learned positions) for
     `tokenizer` to `path` (safetensors), with the tokenizer; returns the path.
 
     Ids 0, 1, 2 are pad, BOS and EOS. `logit_scale` multiplies the output layer, so a random model's
     next-token distributions can be peaked like a trained model's; `generation` is saved as its
-    generation_config."""
+    generation_config; `vocab_rows` pads the embeddings and output layer beyond the tokenizer, as
+    many released checkpoints do."""
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -59,11 +60,12 @@ def build_model(path: str | Path, tokenizer, arch: str = "llama", hidden: int = 
     special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(seed)
     if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context, **special))
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_rows or len(tokenizer), n_embd=hidden, n_layer=layers,
+                                           n_head=heads, n_positions=context, **special))
     elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+            vocab_size=vocab_rows or len(tokenizer), hidden_size=hidden,
+            intermediate_size=intermediate or 2 * hidden,
             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
             max_position_embeddings=context, **special))
     else:
@@ -90,6 +92,7 @@ def make_model(
     logit_scale: float = 40.0,
     chat_template: str | None = CHAT_TEMPLATE,
     generation_defaults: dict | None = None,
+    vocab_rows: int | None = None,
 ) -> Path:
     """A random model with the word-level tokenizer (4 heads, 2 of them KV heads in a Llama).
 
@@ -98,7 +101,7 @@ def make_model(
     """
     tokenizer = make_tokenizer(words if words is not None else default_words(40), chat_template)
     return build_model(path, tokenizer, arch, hidden, layers, heads=4, kv_heads=2, context=context, seed=seed,
-                       logit_scale=logit_scale, generation=generation_defaults)
+                       logit_scale=logit_scale, generation=generation_defaults, vocab_rows=vocab_rows)
 
 
 def main() -> None:

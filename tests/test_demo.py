@@ -63,6 +63,8 @@ def test_demo_end_to_end_small(tmp_path):
     assert set(result["seconds"]) == {"rollout_teacher", "sft", "rollout_student", "score_teacher", "opd",
                                       "sft_more", "eval", "total"}
     assert "held-out exact match" in proc.stderr and (out / "base" / "config.json").is_file()
+    assert "off-policy" not in proc.stderr and "teacher consistency" not in proc.stderr, \
+        "the demo trains on the student's own rollouts, scored by its SFT teacher: nothing to warn of"
     assert json.loads((out / "demo.json").read_text()) == result
     # the stores and models behind it are real and consistent
     for store in ("sft-data", "rollouts", "teacher-store"):

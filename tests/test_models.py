@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -43,6 +44,34 @@ def test_tokenizer_fingerprint_is_the_vocabulary():
     assert provenance.tokenizer_fingerprint(make_tokenizer(WORDS, chat_template=None)) == base
     assert provenance.tokenizer_fingerprint(make_tokenizer(WORDS + ["extra"])) != base
     assert provenance.tokenizer_fingerprint(make_tokenizer(list(reversed(WORDS)))) != base
+    chat = make_tokenizer(WORDS)
+    chat.eos_token = "w39"  # a chat checkpoint of the same family: other end token, same ids
+    assert provenance.tokenizer_fingerprint(chat) == base
+
+
+def test_end_tokens_are_compared_apart_from_the_vocabulary():
+    assert provenance.eos_mismatch([2], [2, 7], "m", "the student") is None
+    warning = provenance.eos_mismatch([7], [2], "m", "the student")
+    assert "end with token ids [7]" in warning and "stops at [2]" in warning and "eos_token_id" in warning
+
+
+def test_context_length_of_a_nested_text_config():
+    from transformers import Gemma3Config
+
+    config = Gemma3Config(text_config={"max_position_embeddings": 4096})
+    assert models.context_length(config) == 4096
+
+
+def test_padded_output_rows_and_a_tokenizer_too_large(tmp_path):
+    from lightopd.errors import InputError
+
+    padded = make_model(tmp_path / "padded", vocab_rows=64)
+    tokenizer = make_tokenizer(WORDS)
+    info = models.model_info(padded, tokenizer)
+    assert (info.vocab, info.output_rows) == (len(tokenizer), 64)
+    small = make_model(tmp_path / "small", default_words(20))
+    with pytest.raises(InputError, match="its tokenizer has 50 ids but its output layer only 30 rows"):
+        models.model_info(small, tokenizer)
 
 
 def test_provenance_round_trip(tmp_path):

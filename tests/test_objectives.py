@@ -32,10 +32,16 @@ def make_case(n=6, k=V, seed=0, temperature=1.0):
     return student, teacher, targets, top_lp, top_ids, lp.gather(-1, targets[:, None]).squeeze(-1), behavior
 
 
-def inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, temperature=1.0, **extra) -> O.Inputs:
-    view = logprob_stats(student, targets, temperature, at=top_ids)
+def inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, temperature=1.0, teacher=None,
+               **extra) -> O.Inputs:
+    """The objectives' inputs; the teacher's tail log-mass from its full logits when given."""
+    view = logprob_stats(student, targets, temperature or 1.0, at=top_ids)
+    tail = None
+    if teacher is not None:
+        lp = torch.log_softmax(teacher, -1)
+        tail = lp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
     return O.Inputs(view, teacher_logprobs=teacher_lp, behavior_logprobs=behavior, topk_ids=top_ids,
-                    topk_logprobs=top_lp, **extra)
+                    topk_logprobs=top_lp, teacher_log_tail=tail, **extra)
 
 
 def loss(name, params, inputs, t=None):
@@ -72,17 +78,18 @@ def mix_np(la, lb, w):
     ("rkl", DivergenceParams(temperature=2.0), lambda q, p: kl_np(q, p)),
 ])
 def test_divergences_with_full_vocabulary_equal_exact_values(name, params, reference):
-    student, teacher, targets, top_lp, top_ids, teacher_lp, behavior = make_case(temperature=params.temperature)
-    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, params.temperature)
+    temperature = params.temperature or 1.0
+    student, teacher, targets, top_lp, top_ids, teacher_lp, behavior = make_case(temperature=temperature)
+    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, temperature, teacher=teacher)
     got = loss(name, params, inputs).detach().numpy()
-    q, p = full_reference(student, teacher, params.temperature)
+    q, p = full_reference(student, teacher, temperature)
     np.testing.assert_allclose(got, reference(q, p), atol=1e-6, rtol=1e-6)
 
 
 def test_taid_with_full_vocabulary_equals_exact_value():
     student, teacher, targets, top_lp, top_ids, teacher_lp, behavior = make_case()
     t = 0.6
-    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior)
+    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, teacher=teacher)
     got = loss("taid", TAIDParams(), inputs, t=t).detach().numpy()
     q, p = full_reference(student, teacher)
     r = log_softmax64((1 - t) * q + t * p)
@@ -91,7 +98,7 @@ def test_taid_with_full_vocabulary_equals_exact_value():
 
 def test_tail_bucket_is_a_lower_bound_of_the_full_divergence():
     student, teacher, targets, top_lp, top_ids, teacher_lp, behavior = make_case(k=3, seed=1)
-    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior)
+    inputs = inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, teacher=teacher)
     q, p = full_reference(student, teacher)
     for name, full in (("rkl", kl_np(q, p)), ("fkl", kl_np(p, q))):
         got = loss(name, DivergenceParams(), inputs).detach().numpy()
@@ -181,7 +188,7 @@ def test_vopd_baseline_leaves_the_expected_gradient_unchanged():
         n = len(targets)
         logits = z.expand(n, V)
         inputs = inputs_for(logits, targets, top_lp.expand(n, 4), top_ids.expand(n, 4),
-                            teacher[0, targets], torch.log(q[targets]))
+                            teacher[0, targets], torch.log(q[targets]), teacher=teacher.expand(n, V))
         losses = loss(name, PolicyGradientParams(), inputs)
         return torch.stack([torch.autograd.grad(losses[i], z, retain_graph=True)[0][0] for i in range(n)])
 

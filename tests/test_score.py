@@ -53,6 +53,11 @@ def test_matches_float64_reference(teacher_model, gpt2_teacher, rollout_store, t
         assert (np.diff(lps, axis=-1) <= 0).all(), "top-k in descending order"
         entropy = -(np.exp(ref) * ref).sum(-1)
         np.testing.assert_allclose(row["teacher_entropy"], entropy, atol=1e-4, rtol=0)
+        outside = np.ones(ref.shape, dtype=bool)
+        np.put_along_axis(outside, want_ids, False, -1)
+        with np.errstate(divide="ignore"):
+            tail = np.log(np.where(outside, np.exp(ref), 0.0).sum(-1))  # -inf when k = V
+        np.testing.assert_allclose(row["teacher_log_tail"], tail, rtol=1e-4)
         outside_topk += sum(y not in ids[t] for t, y in enumerate(row["completion_ids"]))
     if k < 50:
         assert outside_topk > 0, "the test should cover sampled tokens outside the top-k"

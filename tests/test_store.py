@@ -104,3 +104,12 @@ def test_inspect_reports_sizes(store):
     assert result["rows"] == 303 and result["tokens"] == 909 and result["shards_written"] == 3
     assert result["bytes_per_token"] == pytest.approx(result["bytes"] / 909, abs=0.01)
     assert result["model"]["fingerprint"] == "sha256:1"
+
+
+def test_a_store_of_an_older_format_is_refused_for_reading_and_writing(store):
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(InputError, match="format version 1, and this lightopd reads version 2"):
+        open_store(store)
+    with pytest.raises(InputError, match="re-run the command that wrote it"):
+        StoreWriter(store, ROLLOUT_FORMAT, META, num_shards=3)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from lightopd.errors import InputError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: teacher_log_tail column; tokenizer fingerprints cover the vocabulary alone
 ROLLOUT_FORMAT = "lightopd.rollouts"
 SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 
@@ -37,7 +37,7 @@ ROLLOUT_SCHEMA = pa.schema(
 
 
 TEACHER_FORMAT = "lightopd.teacher"
-TEACHER_COLUMNS = ("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_entropy")
+TEACHER_COLUMNS = ("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail", "teacher_entropy")
 
 
 def teacher_schema(topk_dtype: str = "float16") -> pa.Schema:
@@ -47,6 +47,7 @@ def teacher_schema(topk_dtype: str = "float16") -> pa.Schema:
         ("teacher_logprobs", pa.list_(pa.float32())),
         ("topk_ids", pa.list_(pa.int32())),
         ("topk_logprobs", pa.list_(values)),
+        ("teacher_log_tail", pa.list_(pa.float32())),
         ("teacher_entropy", pa.list_(pa.float32())),
     ])
 
@@ -55,6 +56,11 @@ def store_columns(manifest: dict) -> tuple[str, ...]:
     """The columns every row of the store has."""
     schema = ROLLOUT_SCHEMA if manifest["format"] == ROLLOUT_FORMAT else teacher_schema()
     return tuple(schema.names)
+
+
+def sampling_of(manifest: dict) -> dict:
+    """The sampling settings of the rollouts in a store (n, temperature, top_p, max_new_tokens, seed)."""
+    return manifest["sampling"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["sampling"]
 
 
 def shard_name(index: int) -> str:
@@ -88,6 +94,15 @@ def read_manifest(directory: str | Path) -> dict:
         raise InputError(f"{path}: not a lightopd manifest (no 'format' or 'shards')")
     return manifest
 
+
+def check_version(directory: str | Path, manifest: dict) -> None:
+    """InputError unless the store is of the format this lightopd reads and writes."""
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise InputError(f"{directory}: a store of format version {version}, and this lightopd reads version "
+                         f"{FORMAT_VERSION} (version 2 added the teacher's exact tail mass and fingerprints "
+                         "tokenizers by their vocabulary alone); re-run the command that wrote it")
+
 def manifest_fingerprint(directory: str | Path) -> str:
     """sha256 of a store's manifest: names the exact content a derived store was computed from."""
     return "sha256:" + sha256_file(Path(directory) / MANIFEST)[:32]
@@ -96,6 +111,7 @@ def manifest_fingerprint(directory: str | Path) -> str:
 def open_store(directory: str | Path, formats: tuple[str, ...] | None = None) -> dict:
     """The manifest of a complete store, for reading; InputError if it is not one."""
     manifest = read_manifest(directory)
+    check_version(directory, manifest)
     if formats is not None and manifest["format"] not in formats:
         raise InputError(f"{directory}: is a {manifest['format']!r} store; expected {' or '.join(formats)}")
     if not manifest.get("complete"):

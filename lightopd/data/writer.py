@@ -25,7 +25,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightopd import __version__
-from lightopd.data.store import FORMAT_VERSION, MANIFEST, read_manifest, sha256_file, shard_index, shard_name
+from lightopd.data.store import (
+    FORMAT_VERSION,
+    MANIFEST,
+    check_version,
+    read_manifest,
+    sha256_file,
+    shard_index,
+    shard_name,
+)
 from lightopd.errors import InputError
 from lightopd.options import parse_worker
 from lightopd.progress import console
@@ -151,6 +159,7 @@ class StoreWriter:
                 f"{self.directory}: holds a {manifest.get('format')!r} store, not {self.format!r}; "
                 "choose another --out"
             )
+        check_version(self.directory, manifest)
         stored = {k: manifest.get(k) for k in metadata}
         diffs = _differences(_without_paths(stored), _without_paths(metadata))
         if manifest.get("num_shards") != self.num_shards:

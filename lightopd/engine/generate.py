@@ -17,6 +17,7 @@ import torch
 
 from lightopd.config import SamplingSpec
 from lightopd.data.batching import plan_generation
+from lightopd.engine.models import ModelInfo
 from lightopd.engine.sampling import choose, row_key, uniforms
 
 
@@ -43,17 +44,18 @@ def generate(
     prompts: Sequence[Sequence[int]],
     keys: Sequence[Sequence[int]],
     sampling: SamplingSpec,
-    eos_ids: Sequence[int],
+    info: ModelInfo,
     max_new: Sequence[int],
-    pad_id: int,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[list[Completion]]:
     """Sample `len(keys[i])` completions of at most `max_new[i]` tokens for each prompt i.
 
     `keys[i][j]` names the random stream of prompt i's j-th sample (see sampling.row_key).
+    Tokens are drawn from the tokenizer's ids only (`info.vocab`; padded output rows never).
     `on_step(new_tokens, finished_rows)` is called after every decoding step.
     Returns completions in the same nesting as `keys`.
     """
+    eos_ids, pad_id, vocab = info.eos_ids, info.pad_id, info.vocab
     device = next(model.parameters()).device
     counts = [len(k) for k in keys]
     prompt_of_row = np.repeat(np.arange(len(prompts)), counts)
@@ -79,7 +81,7 @@ def generate(
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1]
+    logits = out.logits[:, -1, :vocab]
     if share_prefix:
         cache.batch_select_indices(expand)
         logits, mask, positions = logits[expand], mask[expand], positions[expand]
@@ -118,7 +120,7 @@ def generate(
         position = position + 1
         out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=position.unsqueeze(-1),
                     past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -1, :vocab]
 
     tokens_cpu, logprobs_cpu = tokens_out.cpu(), logprobs_out.cpu()
     lengths_cpu, stopped_cpu = lengths.cpu().tolist(), stopped.cpu().tolist()
@@ -137,9 +139,7 @@ def sample_prompts(
     prompt_names: Sequence[str],
     sampling: SamplingSpec,
     batch_size: int,
-    eos_ids: Sequence[int],
-    pad_id: int,
-    context: int | None,
+    info: ModelInfo,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[list[Completion]]:
     """`sampling.n` completions of each prompt, batched by length; sample j of prompt `name` always
@@ -148,9 +148,9 @@ def sample_prompts(
     for batch in plan_generation([len(x) for x in prompt_ids], sampling.n, batch_size):
         prompts = [prompt_ids[i] for i, _ in batch]
         keys = [[row_key(sampling.seed, prompt_names[i], j) for j in js] for i, js in batch]
-        limits = [sampling.max_new_tokens if context is None else min(sampling.max_new_tokens, context - len(p))
-                  for p in prompts]
-        out = generate(model, prompts, keys, sampling, eos_ids, limits, pad_id, on_step=on_step)
+        limits = [sampling.max_new_tokens if info.context is None
+                  else min(sampling.max_new_tokens, info.context - len(p)) for p in prompts]
+        out = generate(model, prompts, keys, sampling, info, limits, on_step=on_step)
         for (i, js), samples in zip(batch, out, strict=True):
             for j, c in zip(js, samples, strict=True):
                 completions[i][j] = c

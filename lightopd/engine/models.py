@@ -1,8 +1,10 @@
 """Load models and tokenizers from local directories (safetensors only), choose device and dtype,
-and read what generation needs from a model's config: context length, EOS ids, pad id."""
+and read what the stages need from a model's config before loading it (ModelInfo): context
+length, EOS and pad ids, the tokenizer's vocabulary and the output layer's rows."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,11 +44,15 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on CUDA devices that support it, float32 elsewhere."""
+    """`auto` is bfloat16 on CUDA devices that support it, float32 elsewhere; a dtype the device
+    cannot compute in is an InputError."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; use float32 "
+                         "(or float16 for inference)")
     return getattr(torch, name)
 
 
@@ -74,12 +80,26 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
     return model.to(device).eval()
 
 
+def without_dropout(model) -> None:
+    """Dropout off everywhere in `model`, in training mode too: a log-prob of the training forward
+    is then the policy's own, so an importance ratio is 1 until the weights move. Covers dropout
+    modules and the attention dropout rate attention modules read from their config."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def context_length(config) -> int | None:
-    """The longest sequence the model was built for, if its config says."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    """The longest sequence the model was built for, if its config says (for multimodal layouts
+    such as Gemma 3, the nested text model's)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in (config, text):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return None
 
 
@@ -100,8 +120,20 @@ def eos_token_ids(tokenizer, generation_config=None) -> list[int]:
     return sorted(ids)
 
 
-def generation_setup(path: str | Path, tokenizer, trust_remote_code: bool = False) -> tuple[int | None, list[int], int]:
-    """(context length, EOS ids, pad id) of a model directory, read without loading its weights."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the stages need to know of a model before loading its weights."""
+
+    context: int | None  # longest sequence, if the config says
+    eos_ids: list[int]  # ids that end a completion
+    pad_id: int
+    vocab: int  # the tokenizer's ids: every distribution is over these
+    output_rows: int | None  # rows of the output layer as configured (>= vocab; the rest is padding)
+
+
+def model_info(path: str | Path, tokenizer, trust_remote_code: bool = False, what: str = "--model") -> ModelInfo:
+    """A model directory's context length, EOS and pad ids and vocabulary, read without loading its
+    weights; InputError if its output layer has fewer rows than its tokenizer has ids."""
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -111,6 +143,11 @@ def generation_setup(path: str | Path, tokenizer, trust_remote_code: bool = Fals
         generation_config = None
     eos_ids = eos_token_ids(tokenizer, generation_config)
     if not eos_ids:
-        raise InputError(f"{path}: neither the tokenizer nor the model names an EOS token")
+        raise InputError(f"{what} {path}: neither the tokenizer nor the model names an EOS token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    return context_length(config), eos_ids, pad_id
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    if isinstance(rows, int) and rows < len(tokenizer):
+        raise InputError(f"{what} {path}: its tokenizer has {len(tokenizer)} ids but its output layer only {rows} "
+                         "rows; the tokenizer does not belong to this model")
+    return ModelInfo(context_length(config), eos_ids, pad_id, len(tokenizer), rows)

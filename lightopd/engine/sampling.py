@@ -13,12 +13,13 @@ import hashlib
 import numpy as np
 import torch
 
+from lightopd.objectives.stats import nucleus
+
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-NUCLEUS_CANDIDATES = 1024  # top-p looks for the nucleus among this many tokens before sorting all
 BLOCK = 256  # inverse-CDF sampling goes through block sums, then one block
 
 
@@ -32,13 +33,7 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
     lp = torch.log_softmax(logits.float() / temperature if temperature != 1 else logits.float(), dim=-1)
     if top_p >= 1.0:
         return lp
-    k = min(lp.shape[-1], NUCLEUS_CANDIDATES)
-    ranked_lp, order = lp.topk(k, dim=-1)  # cheap, and holds the nucleus whenever it holds top_p mass
-    if k < lp.shape[-1] and bool((ranked_lp.exp().sum(-1) < top_p).any()):
-        ranked_lp, order = lp.sort(dim=-1, descending=True)
-    probs = ranked_lp.exp()
-    keep_ranked = (probs.cumsum(dim=-1) - probs) < top_p
-    keep_ranked[:, 0] = True
+    order, keep_ranked = nucleus(lp, top_p)  # the same choice the trainer makes for the student's policy
     keep = torch.zeros_like(lp, dtype=torch.bool).scatter_(-1, order, keep_ranked)
     return torch.log_softmax(lp.masked_fill(~keep, float("-inf")), dim=-1)
 

@@ -1,4 +1,4 @@
-"""A teacher reduced to per-token statistics: sampled-token log-prob, top-k, entropy.
+"""A teacher reduced to per-token statistics: sampled-token log-prob, top-k, tail log-mass, entropy.
 
 The decoder runs once per batch; its hidden states at completion positions go through the
 output layer a chunk of positions at a time, so the float32 logits in memory never exceed
@@ -14,16 +14,17 @@ import torch
 
 from lightopd.data.batching import pack_rows
 from lightopd.engine.forward import PositionLogits
-from lightopd.objectives.stats import LogprobStats, logprob_stats
+from lightopd.objectives.stats import SPLIT, LogprobStats, logprob_stats
 
 
 class Scorer:
     """Per-token teacher statistics for batches of (prompt ids, completion ids) rows."""
 
-    def __init__(self, model, k: int, temperature: float, chunk_elements: int):
+    def __init__(self, model, vocab: int, k: int, temperature: float, chunk_elements: int):
+        """Statistics over the first `vocab` ids (the tokenizer's; padded output rows are left out)."""
         self.k = k
         self.temperature = temperature
-        self.positions = PositionLogits(model)
+        self.positions = PositionLogits(model, vocab)
         self.chunk_positions = max(1, chunk_elements // self.positions.vocab)
 
     @torch.inference_mode()
@@ -40,5 +41,5 @@ class Scorer:
             hi = min(lo + self.chunk_positions, len(targets))
             parts.append(logprob_stats(logits_of(lo, hi), targets[lo:hi], self.temperature, k=self.k))
         stats = LogprobStats(**{name: torch.cat([getattr(p, name) for p in parts]).cpu()
-                                for name, value in vars(parts[0]).items() if value is not None})
+                                for name in SPLIT if getattr(parts[0], name) is not None})
         return stats.rows(lengths)

@@ -14,6 +14,7 @@ objectives in a fraction of a second).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -26,18 +27,22 @@ if TYPE_CHECKING:
     from lightopd.objectives.stats import LogprobStats
 
 EPS = 1e-8  # floors probabilities inside logs (the tail buckets)
-TEACHER_COLUMNS = ("teacher_logprobs", "topk_ids", "topk_logprobs")
-TOPK = ("topk_ids", "topk_logprobs")
+LOG_EPS = math.log(EPS)
+TEACHER_COLUMNS = ("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail")
+TOPK = ("topk_ids", "topk_logprobs", "teacher_log_tail")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ObjectiveParams:
     """Shared by every objective."""
 
-    temperature: float = opt(1.0, "τ: the student's log-probs are log_softmax(logits / τ).")
+    temperature: float | None = opt(None, "τ: the student's log-probs are log_softmax(logits / τ). Default: the "
+                                          "store's sampling temperature (1 for a greedy store), so that the "
+                                          "student that sampled the store has lq_y = ℓμ.")
 
     def __post_init__(self) -> None:
-        check(self.temperature > 0, "objective.temperature", f"must be > 0, got {self.temperature}")
+        check(self.temperature is None or self.temperature > 0, "objective.temperature",
+              f"must be > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Requirements:
     columns: tuple[str, ...] = ()  # stored per-token columns beyond the token ids
     min_samples: int = 1  # samples per prompt (rollout --n)
     why: str = ""  # the reason for min_samples, for the error message
+    behavior_probability: bool = False  # reads ℓμ as a probability, so a greedy store (ℓμ ≡ 0) will not do
+    on_policy: bool = False  # assumes the rollouts were sampled by the student (or the model it came from)
 
     @property
     def teacher(self) -> bool:
@@ -63,12 +70,15 @@ class Inputs:
     behavior_logprobs: Tensor | None = None  # ℓμ [N]
     topk_ids: Tensor | None = None  # I [N, k]
     topk_logprobs: Tensor | None = None  # LT [N, k]
+    teacher_log_tail: Tensor | None = None  # log of the teacher's mass outside its top-k [N]
     prepared: dict[str, Tensor] = field(default_factory=dict)  # the objective's `prepare` outputs, [N] each
 
     @property
     def lq_y(self) -> Tensor:
-        """The student's log-prob of each sampled token, with gradient [N]."""
-        return self.student.sampled
+        """The student's log-prob of each sampled token under its sampling policy (τ, and the
+        store's top-p nucleus), with gradient [N]: the policy that sampled the rollouts, so with the
+        student equal to the rollout model lq_y = ℓμ."""
+        return self.student.policy
 
     @property
     def lq_topk(self) -> Tensor | None:
@@ -107,6 +117,10 @@ class Objective:
 
     def loss(self, inputs: Inputs) -> Tensor:
         raise NotImplementedError
+
+    def diagnostics(self, inputs: Inputs) -> dict[str, Tensor]:
+        """Per-position values [N] of the objective's own diagnostics, averaged over the step."""
+        return {}
 
     def finish_step(self, step: int, loss: float) -> dict[str, float]:
         """After optimizer step `step` (1-based): update carried state; returns metrics of the step."""

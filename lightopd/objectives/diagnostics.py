@@ -1,9 +1,10 @@
 """The per-position diagnostics of docs/objectives.md, written every step whatever the objective.
 
 `k1` (lq_y − ℓT, the sampled estimate of reverse KL), `is_ratio` (exp(lq_y − ℓμ), drift from the
-rollout policy), `teacher_topk_mass` (P), `student_topk_mass` (Q), `top1_agree` (the student's
-argmax is the teacher's first choice) and `student_entropy` (full vocabulary). The trainer
-averages them over the step's completion tokens (and reports the max of `is_ratio`).
+rollout policy; lq_y is under the student's sampling policy, so the ratio is 1 before any
+update), `teacher_topk_mass` (P), `student_topk_mass` (Q), `top1_agree` (the student's argmax is
+the teacher's first choice) and `student_entropy` (full vocabulary). The trainer averages them
+over the step's completion tokens (and reports the max of `is_ratio`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 def diagnostics(inputs: Inputs) -> dict[str, Tensor]:
     """Per-position values [N] of every diagnostic the inputs allow; none carries a gradient."""
     s = inputs.student
-    lq_y = s.sampled.detach()
+    lq_y = s.policy.detach()
     out = {"student_entropy": s.entropy}
     if inputs.teacher_logprobs is not None:
         out["k1"] = lq_y - inputs.teacher_logprobs

@@ -5,6 +5,8 @@ of everything from it to the end of its sample (the return G). The baseline B is
 the mean return of the prompt's other samples (leave-one-out, so a store needs n ≥ 2 samples per
 prompt); advantages A = G − B are divided by their standard deviation over the whole optimizer
 step. The returns need the whole step, so they are computed in `prepare`, before any forward.
+The ratio to the rollout policy is PPO-clipped (anchor "rollout"), or the gradient is the
+current student's with a truncated importance weight to the rollout policy (anchor "current").
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 BASELINES = ("loo", "none")
+ANCHORS = ("rollout", "current")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,13 +35,20 @@ class OPDSeqParams(ObjectiveParams):
     baseline: str = opt("loo", "loo: subtract the mean return of the prompt's other samples (needs n ≥ 2 "
                                "samples per prompt); none.", choices=BASELINES)
     normalize: bool = opt(True, "Divide advantages by their standard deviation over the optimizer step.")
-    clip_eps: float = opt(0.2, "ε of the PPO clip of the ratio exp(lq_y − ℓμ) to [1 − ε, 1 + ε].")
+    anchor: str = opt("rollout", "What the ratio is taken against. rollout: ρ = exp(lq_y − ℓμ), PPO-clipped, for "
+                                 "the whole run; current: the current student (ρ = exp(lq_y − sg(lq_y)), an "
+                                 "on-policy gradient) weighted by min(exp(sg(lq_y) − ℓμ), is_cap), truncated "
+                                 "importance sampling to the rollout policy.", choices=ANCHORS)
+    clip_eps: float = opt(0.2, "ε of the PPO clip of the ratio to [1 − ε, 1 + ε] (anchor rollout).")
+    is_cap: float = opt(2.0, "Cap of the truncated importance weight (anchor current).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(0 <= self.discount <= 1, "objective.discount", f"must be in [0, 1], got {self.discount}")
         check(self.baseline in BASELINES, "objective.baseline", f"must be loo or none, got {self.baseline!r}")
+        check(self.anchor in ANCHORS, "objective.anchor", f"must be rollout or current, got {self.anchor!r}")
         check(0 < self.clip_eps < 1, "objective.clip_eps", f"must be in (0, 1), got {self.clip_eps}")
+        check(self.is_cap > 0, "objective.is_cap", f"must be > 0, got {self.is_cap}")
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, discount: float) -> Tensor:
@@ -94,17 +104,31 @@ class OPDSeq(Objective):
 
     def requirements(self) -> Requirements:
         if self.params.baseline == "loo":
-            return Requirements(self.columns, min_samples=2,
+            return Requirements(self.columns, min_samples=2, behavior_probability=True, on_policy=True,
                                 why="its loo baseline is the mean over the prompt's other samples "
                                     "(or set objective.baseline=none)")
-        return Requirements(self.columns)
+        return Requirements(self.columns, behavior_probability=True, on_policy=True)
 
     def prepare(self, rows: StepRows) -> dict[str, Tensor]:
         teacher, behavior = rows.column("teacher_logprobs"), rows.column("behavior_logprobs")
         return {"advantages": advantages(teacher, behavior, rows.mask, rows.groups, self.params, rows.reduce)}
 
     def loss(self, inputs: Inputs) -> Tensor:
-        ratio = (inputs.lq_y - inputs.behavior_logprobs).exp()
         a = inputs.prepared["advantages"]
+        if self.params.anchor == "current":
+            lq_y = inputs.lq_y
+            weight = (lq_y.detach() - inputs.behavior_logprobs).exp().clamp(max=self.params.is_cap)
+            return -weight * a * (lq_y - lq_y.detach()).exp()
+        ratio = (inputs.lq_y - inputs.behavior_logprobs).exp()
         clipped = ratio.clamp(1 - self.params.clip_eps, 1 + self.params.clip_eps)
         return -(ratio * a).minimum(clipped * a)
+
+    def diagnostics(self, inputs: Inputs) -> dict[str, Tensor]:
+        """clip_fraction: positions whose gradient the PPO clip removed (ratio beyond 1 ± ε on the
+        side the advantage pushes it); 0 when anchored to the current student."""
+        a = inputs.prepared["advantages"]
+        ratio = (inputs.lq_y.detach() - inputs.behavior_logprobs).exp()
+        if self.params.anchor == "current":
+            return {"clip_fraction": ratio * 0}
+        eps = self.params.clip_eps
+        return {"clip_fraction": (((ratio > 1 + eps) & (a > 0)) | ((ratio < 1 - eps) & (a < 0))).float()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lightopd.objectives.base import TOPK, Inputs, Objective, ObjectiveParams
+from lightopd.objectives.base import TOPK, Inputs, Objective, ObjectiveParams, Requirements
 from lightopd.objectives.support import kl, supports
 from lightopd.options import check, opt
 
@@ -53,6 +53,9 @@ class PolicyGradient(Objective):
     Params = PolicyGradientParams
     columns = PG_COLUMNS
 
+    def requirements(self) -> Requirements:
+        return Requirements(self.columns, behavior_probability=self.params.importance == "tis", on_policy=True)
+
     def weight(self, inputs: Inputs) -> Tensor | float:
         """The truncated importance weight of each position (1 without `importance = tis`)."""
         if self.params.importance == "tis":
@@ -88,6 +91,9 @@ class GOPD(PolicyGradient):
     summary = "reward extrapolation A = λ(ℓT − ℓμ) − (lq_y − ℓμ) (G-OPD / ExOPD)"
     Params = GOPDParams
 
+    def requirements(self) -> Requirements:
+        return Requirements(self.columns, behavior_probability=True, on_policy=True)
+
     def loss(self, inputs: Inputs) -> Tensor:
         lq_y, mu = inputs.lq_y, inputs.behavior_logprobs
         advantage = self.params.lambda_ * (inputs.teacher_logprobs - mu) - (lq_y.detach() - mu)
@@ -99,6 +105,9 @@ class OPDImportanceSampling(Objective):
     summary = "A = ℓT − ℓμ with a capped importance ratio exp(lq_y − ℓμ)"
     Params = ImportanceSamplingParams
     columns = PG_COLUMNS
+
+    def requirements(self) -> Requirements:
+        return Requirements(self.columns, behavior_probability=True)
 
     def loss(self, inputs: Inputs) -> Tensor:
         advantage = inputs.teacher_logprobs - inputs.behavior_logprobs

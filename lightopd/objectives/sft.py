@@ -18,4 +18,4 @@ class SFT(Objective):
     summary = "cross-entropy on the stored completions (works on a rollout store)"
 
     def loss(self, inputs: Inputs) -> Tensor:
-        return -inputs.lq_y
+        return -inputs.student.sampled  # the full softmax: every other token is pushed down, nucleus or not

@@ -1,52 +1,140 @@
 """Per-position statistics of a model's next-token distribution, from one float32 log-softmax.
 
 One function serves both sides: the teacher's scoring (the sampled token's log-prob, its top-k,
-its entropy, under inference mode) and the student's view in training (the sampled token's
-log-prob and its log-probs at the teacher's top-k ids, with gradient; entropy and argmax as
-diagnostics). Everything is gathered from a single float32 [N × V] log-softmax, so no second
-[N × V] copy exists; the entropy is a batched dot product, not an [N × V] product.
+the log-mass outside the top-k, its entropy, under inference mode) and the student's view in
+training (the sampled token's log-prob under the full softmax and under the sampling policy,
+its log-probs at the teacher's top-k ids and the log-mass outside them, with gradient; entropy
+and argmax as diagnostics). Everything is gathered from a single float32 [N × V] log-softmax:
+no second [N × V] copy is kept for backward, the entropy is a batched dot product, and the
+log-mass outside a set of ids is a log-sum-exp over the excluded ids (never 1 − Σ p, which
+cancels to nothing for a confident model) with a backward that reuses the log-softmax.
+
+The sampling policy is the distribution rollout samples from: softmax(logits / τ) cut to its
+top-p nucleus and renormalised. Its log-prob of the sampled token renormalises over the nucleus
+of the model's current distribution, chosen exactly as the sampler chooses it (`nucleus`); a
+sampled token that is no longer in it is counted in, so the log-prob stays finite.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+NUCLEUS_CANDIDATES = 1024  # the nucleus is looked for among this many tokens before sorting all
+ROWS = 1024  # positions per temporary [rows × V] block (entropy, the log-mass outside a set)
+
+
+def _by_rows(fn, *tensors: Tensor) -> Tensor:
+    """fn over blocks of ROWS positions, concatenated: the temporaries fn makes stay [ROWS × V]."""
+    return torch.cat([fn(*parts) for parts in zip(*(t.split(ROWS) for t in tensors), strict=True)])
+
+
+def nucleus(lp: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """(ids [B, m] in descending probability, keep [B, m] bool): the smallest set of most likely
+    tokens whose mass reaches `top_p` (a token is kept when the mass ranked before it is below
+    top_p, so the top token always is). `lp` [B, V] log-probs; no gradient."""
+    lp = lp.detach()
+    k = min(lp.shape[-1], NUCLEUS_CANDIDATES)
+    ranked, order = lp.topk(k, dim=-1)  # cheap, and holds the nucleus whenever it holds top_p mass
+    if k < lp.shape[-1] and bool((ranked.exp().sum(-1) < top_p).any()):
+        ranked, order = lp.sort(dim=-1, descending=True)
+    probs = ranked.exp()
+    keep = (probs.cumsum(dim=-1) - probs) < top_p
+    keep[:, 0] = True
+    return order, keep
+
+
+class _LogMassOutside(torch.autograd.Function):
+    """log Σ_{i ∉ ids} exp(lq_i) per row; backward recomputes from lq instead of saving a copy."""
+
+    @staticmethod
+    def forward(ctx, lq: Tensor, ids: Tensor) -> Tensor:
+        out = _by_rows(lambda x, i: x.scatter(-1, i, float("-inf")).logsumexp(-1), lq, ids)
+        ctx.save_for_backward(lq, ids, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        lq, ids, out = ctx.saved_tensors
+        share = (lq - out.unsqueeze(-1)).exp_().scatter_(-1, ids, 0.0)  # each excluded token's share of the mass
+        return share.mul_(grad.unsqueeze(-1)), None
+
+
+def log_mass_outside(lq: Tensor, ids: Tensor) -> Tensor:
+    """The log of the probability mass outside `ids` [N, m] of log-probs `lq` [N, V]: [N], -inf when
+    `ids` cover the vocabulary."""
+    return _LogMassOutside.apply(lq, ids)
+
+
+def nucleus_logprob(lq: Tensor, targets: Tensor, top_p: float) -> Tensor:
+    """log-prob of `targets` under lq [N, V] cut to its top-p nucleus and renormalised (the target
+    counted in the nucleus when it fell out of it), with gradient."""
+    order, keep = nucleus(lq, top_p)
+    sampled = lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    members = keep | (order == targets.unsqueeze(-1))
+    log_z = lq.gather(-1, order).masked_fill(~members, float("-inf")).logsumexp(-1)
+    return sampled - log_z
 
 
 @dataclass
 class LogprobStats:
     """Statistics of N positions of log_softmax(logits / temperature)."""
 
-    sampled: Tensor  # [N] log-prob of each target token (with gradient when the logits have one)
+    sampled: Tensor  # [N] log-prob of each target token under the full softmax (with gradient)
     entropy: Tensor  # [N] full-vocabulary entropy, no gradient
     argmax: Tensor  # [N] the most likely token
+    policy: Tensor | None = None  # [N] log-prob of each target under the sampling policy (top-p); = sampled at 1
     at: Tensor | None = None  # [N, m] log-probs at the ids asked for (`at=`), with gradient
     topk_logprobs: Tensor | None = None  # [N, k] the k largest log-probs, descending (`k=`)
     topk_ids: Tensor | None = None  # [N, k] their ids
+    topk_rest: Tensor | None = None  # [N] log-mass outside the top-k (`k=`)
+    at_ids: Tensor | None = field(default=None, repr=False)  # the ids of `at`
+    lq: Tensor | None = field(default=None, repr=False)  # [N, V] the log-softmax, kept for `at_rest`
+    _at_rest: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            self.policy = self.sampled
+
+    def at_rest(self) -> Tensor:
+        """[N] log-mass outside the `at` ids, with gradient (computed on first use)."""
+        if self._at_rest is None:
+            self._at_rest = log_mass_outside(self.lq, self.at_ids)
+        return self._at_rest
 
     def rows(self, lengths: list[int]) -> list[LogprobStats]:
-        """Split into consecutive pieces of `lengths` positions (one per row)."""
-        pieces = {name: value.split(lengths) for name, value in vars(self).items() if value is not None}
+        """Split the per-position fields into consecutive pieces of `lengths` positions (one per row)."""
+        pieces = {name: getattr(self, name).split(lengths) for name in SPLIT if getattr(self, name) is not None}
         return [LogprobStats(**{name: parts[i] for name, parts in pieces.items()}) for i in range(len(lengths))]
 
 
+SPLIT = ("sampled", "entropy", "argmax", "policy", "at", "topk_logprobs", "topk_ids", "topk_rest")
+
+
 def logprob_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, at: Tensor | None = None,
-                  k: int | None = None) -> LogprobStats:
-    """Statistics of softmax(logits / temperature) over the full vocabulary, for logits [N, V]."""
+                  k: int | None = None, top_p: float = 1.0) -> LogprobStats:
+    """Statistics of softmax(logits / temperature) over the full vocabulary, for logits [N, V]:
+    at `at` ids [N, m] (and the mass outside them, on demand), the top `k` (and the mass outside
+    them), and the targets' log-probs under the full softmax and under its top-p nucleus."""
     z = logits.float()
     lq = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
     del z
     top_lp, top_ids = lq.topk(k, dim=-1, sorted=True) if k else (None, None)
     with torch.no_grad():
-        entropy = -torch.bmm(lq.exp().unsqueeze(1), lq.unsqueeze(2)).view(-1)  # -Σ p log p, no [N, V] product
+        entropy = _by_rows(lambda x: -torch.bmm(x.exp().unsqueeze(1), x.unsqueeze(2)).view(-1), lq)  # -Σ p log p
         argmax = top_ids[:, 0] if top_ids is not None else lq.argmax(dim=-1)
+    sampled = lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return LogprobStats(
-        sampled=lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+        sampled=sampled,
         entropy=entropy,
         argmax=argmax,
+        policy=nucleus_logprob(lq, targets, top_p) if top_p < 1.0 else sampled,
         at=None if at is None else lq.gather(-1, at),
         topk_logprobs=top_lp,
         topk_ids=top_ids,
+        topk_rest=None if top_ids is None else log_mass_outside(lq, top_ids),
+        at_ids=at,
+        lq=lq if at is not None else None,
     )

@@ -3,7 +3,9 @@
 `p̂` and `q̂` of docs/objectives.md: the teacher's and the student's distributions over the k
 tokens the teacher ranked highest, plus (support "tail") one bucket holding the mass of every
 other token, or (support "renormalized") the k tokens alone, renormalised. A `Dist` keeps the
-k log-probs and the bucket's log-mass apart, so nothing concatenates them.
+k log-probs and the bucket's log-mass apart, so nothing concatenates them. The buckets are exact:
+the teacher's is stored by score-teacher from its full distribution, the student's is a
+log-sum-exp over the ids outside the top-k; neither is rebuilt as 1 − Σ exp(top-k).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lightopd.objectives.base import EPS, Inputs
+from lightopd.objectives.base import LOG_EPS, Inputs
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -34,10 +36,9 @@ class Dist:
         return self.map(lambda t: t.detach())
 
 
-def with_tail(log_topk: Tensor) -> Dist:
-    """The top-k log-probs and a bucket holding 1 − Σ exp(top-k) (floored at EPS)."""
-    rest = (1.0 - log_topk.exp().sum(-1)).clamp_min(EPS).log()
-    return Dist(log_topk, rest)
+def with_tail(log_topk: Tensor, log_rest: Tensor) -> Dist:
+    """The top-k log-probs and the bucket of the rest, its log-mass floored at log EPS."""
+    return Dist(log_topk, log_rest.clamp_min(LOG_EPS))
 
 
 def renormalized(log_topk: Tensor) -> Dist:
@@ -46,8 +47,10 @@ def renormalized(log_topk: Tensor) -> Dist:
 
 def supports(inputs: Inputs, support: str) -> tuple[Dist, Dist]:
     """(log q̂, log p̂) on the chosen support."""
-    make = with_tail if support == "tail" else renormalized
-    return make(inputs.lq_topk), make(inputs.topk_logprobs.float())
+    teacher = inputs.topk_logprobs.float()
+    if support == "tail":
+        return with_tail(inputs.lq_topk, inputs.student.at_rest()), with_tail(teacher, inputs.teacher_log_tail)
+    return renormalized(inputs.lq_topk), renormalized(teacher)
 
 
 def kl(a: Dist, b: Dist) -> Tensor:

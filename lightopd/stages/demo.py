@@ -47,10 +47,10 @@ def evaluate(model_dir: Path, prompts: Path, device_name: str = "auto", seed: in
     eval_cfg = EvalConfig.of(model=str(model_dir), prompts=str(prompts), temperature=EVAL_TEMPERATURE,
                              max_new_tokens=MAX_NEW_TOKENS, generation_batch_size=256, seed=seed, device=device_name)
     tokenizer = models.load_tokenizer(model_dir)
-    records, encoded, setup = read_checked_prompts(eval_cfg, model_dir, tokenizer)
+    records, encoded, info = read_checked_prompts(eval_cfg, model_dir, tokenizer)
     device = models.resolve_device(device_name)
     model = models.load_model(model_dir, device, models.resolve_dtype("auto", device))
-    samples = sample_and_check(model, tokenizer, records, encoded, setup, eval_cfg)
+    samples = sample_and_check(model, tokenizer, records, encoded, info, eval_cfg)
     formats = Counter()
     correct = Counter()
     for texts, results in zip(samples.texts, samples.results, strict=True):
@@ -80,11 +80,11 @@ def score_once(rollouts: Path, out: Path, top_k: int, device: str) -> Path:
 
 
 def train_student(student: Path, data: Path, out: Path, objective: str, steps: int, lr: float, batch_size: int,
-                  seed: int, device: str, **flags) -> dict:
-    """`lightopd train` with these settings (and any other training keys in `flags`)."""
+                  seed: int, device: str, sets: tuple[tuple[str, object], ...] = (), **flags) -> dict:
+    """`lightopd train` with these settings (any other training keys in `flags`, `--set` pairs in `sets`)."""
     settings = {"student": str(student), "data": str(data), "out": str(out), "objective": objective, "steps": steps,
                 "lr": lr, "batch_size": batch_size, "seed": seed, "device": device, **flags}
-    return train.run(*train_settings(settings))
+    return train.run(*train_settings(settings, None, list(sets)))
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -97,9 +97,9 @@ def run(cfg: DemoConfig) -> dict:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 
-    def timed(name: str, fn, *args):
+    def timed(name: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
-        value = fn(*args)
+        value = fn(*args, **kwargs)
         seconds[name] = round(time.perf_counter() - t0, 1)
         return value
 
@@ -117,7 +117,7 @@ def run(cfg: DemoConfig) -> dict:
     timed("rollout_teacher", sample, TEACHER, prompts["sft"], out / "sft-data", 1, cfg.seed, cfg.device)
     _stage(2, "SFT of the student on the teacher's samples")
     timed("sft", train_student, paths["base"], out / "sft-data", paths["sft"], "sft", cfg.sft_steps, cfg.sft_lr,
-          cfg.sft_batch_size, cfg.seed, cfg.device)
+          cfg.sft_batch_size, cfg.seed, cfg.device, dropout=cfg.student_dropout)
     _stage(3, "the SFT student is rolled out")
     timed("rollout_student", sample, paths["sft"], prompts["opd"], out / "rollouts", cfg.opd_samples, cfg.seed,
           cfg.device)
@@ -125,10 +125,10 @@ def run(cfg: DemoConfig) -> dict:
     timed("score_teacher", score_once, out / "rollouts", out / "teacher-store", cfg.top_k, cfg.device)
     _stage(5, f"offline OPD ({cfg.objective}) from the SFT student")
     timed("opd", train_student, paths["sft"], out / "teacher-store", paths["opd"], cfg.objective, cfg.opd_steps,
-          cfg.opd_lr, cfg.opd_batch_size, cfg.seed, cfg.device)
+          cfg.opd_lr, cfg.opd_batch_size, cfg.seed, cfg.device, dropout=cfg.student_dropout)
     _stage(6, "control: the same steps of more SFT")
     timed("sft_more", train_student, paths["sft"], out / "sft-data", paths["sft_more"], "sft", cfg.opd_steps,
-          cfg.sft_lr, cfg.sft_batch_size, cfg.seed, cfg.device)
+          cfg.sft_lr, cfg.sft_batch_size, cfg.seed, cfg.device, dropout=cfg.student_dropout)
     _stage(7, "held-out evaluation")
     t0 = time.perf_counter()
     results = {name: evaluate(paths[name], prompts["heldout"], cfg.device, cfg.seed) for name in MODELS}

@@ -79,36 +79,34 @@ class Samples:
                 "truncation_rate": float(np.mean([c.finish_reason == "length" for c in flat]))}
 
 
-def read_checked_prompts(cfg: EvalConfig, model_dir: Path, tokenizer) -> tuple[list, list, tuple]:
-    """The prompt records (each must have an answer), their token ids, and the model's
-    (context length, EOS ids, pad id): everything `sample_and_check` needs but the model."""
+def read_checked_prompts(cfg: EvalConfig, model_dir: Path, tokenizer) -> tuple[list, list, models.ModelInfo]:
+    """The prompt records (each must have an answer), their token ids, and the model's ModelInfo:
+    everything `sample_and_check` needs but the model."""
     records = read_prompts(cfg.prompts, cfg.limit)
     missing = next((r for r in records if r.answer is None), None)
     if missing is not None:
         raise InputError(f"{missing.where}: no 'answer' field, so there is nothing to check its samples "
                          "against; eval needs an answer in every prompt record")
-    setup = models.generation_setup(model_dir, tokenizer, cfg.model.trust_remote_code)
-    return records, encode_all(tokenizer, records, setup[0]), setup
+    info = models.model_info(model_dir, tokenizer, cfg.model.trust_remote_code)
+    return records, encode_all(tokenizer, records, info.context), info
 
 
-def sample_and_check(model, tokenizer, records, encoded, setup: tuple, cfg: EvalConfig) -> Samples:
+def sample_and_check(model, tokenizer, records, encoded, info: models.ModelInfo, cfg: EvalConfig) -> Samples:
     """Sample `cfg.sampling.n` completions of every prompt (rollout's engine) and check each against its answer."""
-    context, eos_ids, pad_id = setup
     with StageProgress("eval", total=len(records) * cfg.sampling.n) as bar:
         completions = sample_prompts(model, encoded, [r.id for r in records], cfg.sampling, cfg.generation_batch_size,
-                                     eos_ids, pad_id, context, on_step=lambda toks, fin: bar.advance(items=fin,
-                                                                                                   tokens=toks))
+                                     info, on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
     texts = [[tokenizer.decode(c.ids, skip_special_tokens=True) for c in cs] for cs in completions]
     results = [[check(t, r.answer, cfg.checker) for t in ts] for r, ts in zip(records, texts, strict=True)]
     return Samples(completions, texts, results)
 
 
 @torch.inference_mode()
-def teacher_agreement(model, store: str, micro_batch_tokens: int) -> dict:
+def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int) -> dict:
     manifest = open_store(store, formats=(TEACHER_FORMAT,))
     k = manifest["scoring"]["top_k"]
-    positions = PositionLogits(model)
-    columns = ["prompt_ids", "completion_ids", "teacher_logprobs", "topk_ids", "topk_logprobs"]
+    positions = PositionLogits(model, vocab)
+    columns = ["prompt_ids", "completion_ids", "teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail"]
     divergences = {"rkl": ReverseKL(), "fkl": ForwardKL()}
     sums = {"rkl": 0.0, "fkl": 0.0, "k1": 0.0, "top1_agree": 0.0}
     tokens = 0
@@ -135,6 +133,7 @@ def run(cfg: EvalConfig) -> dict:
     model_dir = models.check_model_dir(spec.path)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
     result: dict = {"command": "eval", "model": str(spec.path)}
+    info = models.model_info(model_dir, tokenizer, spec.trust_remote_code)
     prompts = None if cfg.prompts is None else read_checked_prompts(cfg, model_dir, tokenizer)
     if cfg.data is not None:
         store = open_store(cfg.data, formats=(TEACHER_FORMAT,))
@@ -147,7 +146,7 @@ def run(cfg: EvalConfig) -> dict:
         result.update(prompts=str(cfg.prompts), n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                       checker=cfg.checker, prompts_evaluated=len(prompts[0]), **samples.metrics(sampling.n))
     if cfg.data is not None:
-        result["teacher"] = teacher_agreement(model, cfg.data, cfg.micro_batch_tokens)
+        result["teacher"] = teacher_agreement(model, info.vocab, cfg.data, cfg.micro_batch_tokens)
     render_eval(result)
     if cfg.out is not None:
         Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")

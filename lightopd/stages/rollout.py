@@ -48,8 +48,8 @@ def run(cfg: RolloutConfig) -> dict:
     model_dir = models.check_model_dir(spec.path)
     records = read_prompts(cfg.prompts, cfg.limit)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
-    context, eos_ids, pad_id = models.generation_setup(model_dir, tokenizer, spec.trust_remote_code)
-    encoded = encode_all(tokenizer, records, context)
+    info = models.model_info(model_dir, tokenizer, spec.trust_remote_code)
+    encoded = encode_all(tokenizer, records, info.context)
     device = models.resolve_device(spec.device)
     dtype = models.resolve_dtype(spec.dtype, device)
 
@@ -63,8 +63,8 @@ def run(cfg: RolloutConfig) -> dict:
         "tokenizer": {
             "fingerprint": tokenizer_fingerprint(tokenizer),
             "vocab_size": len(tokenizer),
-            "eos_token_ids": eos_ids,
-            "pad_token_id": pad_id,
+            "eos_token_ids": info.eos_ids,
+            "pad_token_id": info.pad_id,
         },
         "sampling": {
             "n": sampling.n,
@@ -92,8 +92,8 @@ def run(cfg: RolloutConfig) -> dict:
                 lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(records))
                 shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
                 completions = sample_prompts(
-                    model, shard_ids, [r.id for r in shard_records], sampling, cfg.generation_batch_size, eos_ids,
-                    pad_id, context, on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+                    model, shard_ids, [r.id for r in shard_records], sampling, cfg.generation_batch_size, info,
+                    on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
                 table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n)
                 writer.write_shard(shard, table, tokens, prompt_tokens=sum(len(x) for x in shard_ids) * sampling.n)
                 work.new_tokens += tokens

@@ -1,8 +1,9 @@
 """Stage `score-teacher`: run the teacher once over a rollout store, into a teacher store.
 
 Teacher shard i is computed from rollout shard i and carries every rollout column plus, per
-completion token, the teacher's log-prob of the sampled token, its top-k ids and log-probs and
-its entropy. Workers started with `--worker I/N` take the shards with i % N == I and add them
+completion token, the teacher's log-prob of the sampled token, its top-k ids and log-probs, the
+log of its probability mass outside the top-k (from the full distribution, float32) and its
+entropy. Workers started with `--worker I/N` take the shards with i % N == I and add them
 to the same store; whichever finishes last completes the manifest. A re-run skips shards the
 manifest already lists. Everything that can be wrong with the input (a damaged rollout store,
 a teacher with another vocabulary, a k larger than the vocabulary, rows longer than the
@@ -37,8 +38,8 @@ from lightopd.engine import models
 from lightopd.engine.scoring import Scorer
 from lightopd.errors import InputError
 from lightopd.objectives.stats import LogprobStats
-from lightopd.progress import StageProgress
-from lightopd.provenance import model_fingerprint, tokenizer_fingerprint
+from lightopd.progress import StageProgress, warn
+from lightopd.provenance import eos_mismatch, model_fingerprint, tokenizer_fingerprint
 
 # Chosen by measurement on a 32k-vocabulary teacher at k = 32 (bytes per completion token, whole
 # shard): zstd-3 defaults 108.8; byte-stream-split floats 95.9; and zstd level 6 90.3, which
@@ -50,6 +51,7 @@ PARQUET_OPTIONS = {
     "column_encoding": {
         "teacher_logprobs": "BYTE_STREAM_SPLIT",
         "topk_logprobs": "BYTE_STREAM_SPLIT",
+        "teacher_log_tail": "BYTE_STREAM_SPLIT",
         "teacher_entropy": "BYTE_STREAM_SPLIT",
         "behavior_logprobs": "BYTE_STREAM_SPLIT",
     },
@@ -87,12 +89,13 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
     lengths = np.array([len(s.sampled) for s in stats], dtype=np.int64)
     k = stats[0].topk_ids.shape[1] if stats else 0
     cat = {f: torch.cat([getattr(s, f) for s in stats]).numpy() for f in
-           ("sampled", "topk_ids", "topk_logprobs", "entropy")}
+           ("sampled", "topk_ids", "topk_logprobs", "topk_rest", "entropy")}
     columns = {
         "teacher_logprobs": _list_array(cat["sampled"].astype(np.float32), lengths, pa.float32()),
         "topk_ids": _list_array(cat["topk_ids"].astype(np.int32).reshape(-1), lengths * k, pa.int32()),
         "topk_logprobs": _list_array(cat["topk_logprobs"].astype(topk_dtype).reshape(-1), lengths * k,
                                      schema.field("topk_logprobs").type.value_type),
+        "teacher_log_tail": _list_array(cat["topk_rest"].astype(np.float32), lengths, pa.float32()),
         "teacher_entropy": _list_array(cat["entropy"].astype(np.float32), lengths, pa.float32()),
     }
     table = rollouts.select(list(rollouts.schema.names))
@@ -103,8 +106,6 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
 
 def run(cfg: ScoreConfig) -> dict:
     """Score this worker's share of the rollout store into `cfg.out`; return the JSON summary."""
-    from transformers import AutoConfig
-
     spec = cfg.teacher
     teacher_dir = models.check_model_dir(spec.path, "--teacher")
     rollout_manifest = _check_rollouts(cfg)
@@ -117,15 +118,16 @@ def run(cfg: ScoreConfig) -> dict:
             f"sampled with ({rollout_tok}, model {rollout_manifest['model']['path']}); the teacher must score "
             "the same token ids, so it needs the same vocabulary"
         )
-    config = AutoConfig.from_pretrained(str(teacher_dir), trust_remote_code=spec.trust_remote_code)
-    vocab = getattr(config, "vocab_size", None) or len(tokenizer)
-    if cfg.top_k > vocab:
-        raise InputError(f"--top-k {cfg.top_k}: larger than the teacher's vocabulary ({vocab})")
-    context = models.context_length(config)
+    info = models.model_info(teacher_dir, tokenizer, spec.trust_remote_code, "--teacher")
+    mismatch = eos_mismatch(rollout_manifest["tokenizer"]["eos_token_ids"], info.eos_ids, spec.path, "the teacher")
+    if mismatch:
+        warn(mismatch)
+    if cfg.top_k > info.vocab:
+        raise InputError(f"--top-k {cfg.top_k}: larger than the teacher's vocabulary ({info.vocab})")
     longest, which = _longest_row(cfg.data, rollout_manifest)
-    if context is not None and longest > context:
+    if info.context is not None and longest > info.context:
         raise InputError(f"--data {cfg.data}: prompt {which!r} with its completion is {longest} tokens, "
-                         f"longer than the teacher's context of {context}")
+                         f"longer than the teacher's context of {info.context}")
     device = models.resolve_device(spec.device)
     dtype = models.resolve_dtype(spec.dtype, device)
 
@@ -141,14 +143,14 @@ def run(cfg: ScoreConfig) -> dict:
             "prompts": rollout_manifest["prompts"],
         },
         "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
-                    "vocab_size": vocab},
+                    "vocab_size": info.vocab},
     }
     writer = StoreWriter(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], PARQUET_OPTIONS)
     work = ShardWork(writer, cfg.worker)
     shards = {shard_index(s["name"]): s for s in rollout_manifest["shards"]}
     if work.todo:
         model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code)
-        scorer = Scorer(model, cfg.top_k, cfg.temperature, cfg.chunk_elements)
+        scorer = Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements)
         pending: Future | None = None
         with ThreadPoolExecutor(max_workers=1) as io, StageProgress(
             "score-teacher", total=sum(shards[i]["rows"] for i in work.todo)

@@ -1,53 +1,73 @@
 """Stage `train`: stream a store into a student, with no teacher in memory.
 
 Every check runs before the student is loaded: the store is complete and offers what the
-objective requires (its columns, enough samples per prompt), the student's vocabulary is the
-store's, the teacher-consistency gate passes, `--out` is new (or `--resume` finds a checkpoint
-made the same way). Then the trainer (training/trainer.py) runs the loop (training/loop.py).
-Under torchrun every rank runs this; rank 0 alone writes, and returns the summary.
+objective requires (its columns, enough samples per prompt, sampled rather than greedy rollouts
+when the objective reads behaviour probabilities), the student's vocabulary is the store's, the
+teacher-consistency gate passes, an on-policy objective trains on the student's own rollouts (a
+warning otherwise), `--out` is new (or `--resume` finds a checkpoint made the same way). The
+student's softmax temperature defaults to the store's sampling temperature and its policy is cut
+to the store's top-p, so before any update lq_y = ℓμ. Then the trainer (training/trainer.py)
+runs the loop (training/loop.py). Under torchrun every rank runs this; rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from lightopd import __version__
 from lightopd.config import TrainConfig
-from lightopd.data.store import ROLLOUT_FORMAT, TEACHER_FORMAT, manifest_fingerprint, open_store, store_columns
+from lightopd.data.store import (
+    ROLLOUT_FORMAT,
+    TEACHER_FORMAT,
+    manifest_fingerprint,
+    open_store,
+    sampling_of,
+    store_columns,
+)
 from lightopd.data.stream import StepStream, data_parts_for
 from lightopd.engine import models
 from lightopd.errors import InputError
-from lightopd.objectives import Objective, ObjectiveParams, lookup
+from lightopd.objectives import Objective, ObjectiveParams, Requirements, lookup
 from lightopd.options import flatten
 from lightopd.progress import console, warn
-from lightopd.provenance import model_fingerprint, read_provenance, sft_teacher_of, tokenizer_fingerprint
+from lightopd.provenance import (
+    eos_mismatch,
+    model_fingerprint,
+    read_provenance,
+    sft_teacher_of,
+    tokenizer_fingerprint,
+)
 from lightopd.training import distributed
 from lightopd.training.checkpoints import check_resumable, latest_checkpoint, load_state, restore
 from lightopd.training.distributed import World
 from lightopd.training.loop import Run, fit
-from lightopd.training.trainer import Trainer
+from lightopd.training.trainer import TrainData, Trainer
 
 
-def check_data(cfg: TrainConfig, objective: Objective) -> dict:
+def check_data(cfg: TrainConfig, name: str, needs: Requirements) -> dict:
     """The store's manifest, after checking it offers what the objective requires."""
     manifest = open_store(cfg.data, formats=(ROLLOUT_FORMAT, TEACHER_FORMAT))
-    needs = objective.requirements()
     missing = [c for c in needs.columns if c not in store_columns(manifest)]
     if missing:
         raise InputError(
-            f"--data {cfg.data}: a rollout store has no teacher columns, and --objective {objective.name} needs "
+            f"--data {cfg.data}: a rollout store has no teacher columns, and --objective {name} needs "
             f"them ({', '.join(missing)}); run `lightopd score-teacher` on it first (or use --objective sft)"
         )
-    sampling = manifest["sampling"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["sampling"]
+    sampling = sampling_of(manifest)
     if sampling["n"] < needs.min_samples:
         raise InputError(f"--data {cfg.data}: holds {sampling['n']} sample(s) per prompt, and --objective "
-                         f"{objective.name} needs at least {needs.min_samples}: {needs.why}. Sample more with "
+                         f"{name} needs at least {needs.min_samples}: {needs.why}. Sample more with "
                          f"`lightopd rollout --n {needs.min_samples}`")
+    if sampling["temperature"] == 0 and needs.behavior_probability:
+        raise InputError(f"--data {cfg.data}: its rollouts were greedy (temperature 0), so every behaviour "
+                         f"log-prob is 0 and no ratio to the rollout policy means anything; --objective {name} "
+                         "reads them. Sample with --temperature > 0, or use an objective that does not "
+                         "(lightning-opd, vopd, the top-k divergences, sft)")
     if manifest["rows"] == 0:
         raise InputError(f"--data {cfg.data}: the store holds no rows")
     return manifest
@@ -57,6 +77,26 @@ def total_steps(cfg: TrainConfig, manifest: dict) -> int:
     if cfg.steps is not None:
         return cfg.steps
     return max(1, math.ceil((cfg.epochs or 1.0) * manifest["rows"] / cfg.batch_size))
+
+
+def student_temperature(params: ObjectiveParams, sampling: dict) -> ObjectiveParams:
+    """The parameters with τ resolved: as given, else the store's sampling temperature (1 if greedy)."""
+    if params.temperature is not None:
+        return params
+    return dataclasses.replace(params, temperature=float(sampling["temperature"]) or 1.0)
+
+
+def check_on_policy(cfg: TrainConfig, name: str, manifest: dict, student: dict, parent: dict | None) -> None:
+    """Warn when an on-policy objective trains on rollouts of a model that is neither the student
+    nor the model it was trained from."""
+    writer = (manifest["model"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["model"])
+    ours = {student["fingerprint"], ((parent or {}).get("parent") or {}).get("fingerprint")}
+    if cfg.allow_off_policy or writer["fingerprint"] in ours:
+        return
+    warn(f"--objective {name} learns from the student's own samples, and the rollouts of --data {cfg.data} were "
+         f"sampled by {writer['path']} ({writer['fingerprint']}), not by --student {cfg.student.path} "
+         f"({student['fingerprint']}) or the model it was trained from. Its signal is then off-policy: roll out "
+         "the student itself, or pass --allow-off-policy to silence this")
 
 
 def run(cfg: TrainConfig, params: ObjectiveParams) -> dict | None:
@@ -76,7 +116,10 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         console.quiet = True  # rank 0 speaks for the run
     spec = cfg.student
     student_dir = models.check_model_dir(spec.path, "--student")
-    manifest = check_data(cfg, lookup(cfg.objective)(params))
+    kind = lookup(cfg.objective)
+    manifest = check_data(cfg, cfg.objective, kind(params).requirements())
+    sampling = sampling_of(manifest)
+    params = student_temperature(params, sampling)
     tokenizer = models.load_tokenizer(student_dir, spec.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
         raise InputError(
@@ -84,10 +127,19 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
             f"one --data {cfg.data} was sampled with ({manifest['tokenizer']['fingerprint']}); the stored token "
             "ids would mean different tokens"
         )
+    info = models.model_info(student_dir, tokenizer, spec.trust_remote_code, "--student")
+    mismatch = eos_mismatch(manifest["tokenizer"]["eos_token_ids"], info.eos_ids, spec.path, "the student")
+    if mismatch:
+        warn(mismatch)
+    compute_dtype = models.resolve_dtype(spec.dtype, device)
     parent = read_provenance(student_dir)
-    objective = lookup(cfg.objective)(params, total_steps(cfg, manifest))
-    sft_teacher = sft_teacher_of(manifest, objective.requirements().teacher, spec.path, cfg.sft_teacher, parent,
+    objective: Objective = kind(params, total_steps(cfg, manifest))
+    needs = objective.requirements()
+    student = {"path": str(student_dir.resolve()), "fingerprint": model_fingerprint(student_dir)}
+    sft_teacher = sft_teacher_of(manifest, needs.teacher, spec.path, cfg.sft_teacher, parent,
                                  cfg.allow_teacher_mismatch)
+    if needs.on_policy:
+        check_on_policy(cfg, objective.name, manifest, student, parent)
     out = Path(cfg.out)
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
@@ -98,15 +150,21 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     parts = data_parts_for(cfg.batch_size, cfg.data_parts, manifest, world.size, cfg.data)
     if cfg.fsdp and not world.active:
         warn("--fsdp shards the student over torchrun's ranks; in a single process it does nothing")
+    greedy = sampling["temperature"] == 0  # behaviour log-probs are all 0: no ratio diagnostics either
+    columns = tuple(c for c in store_columns(manifest) if not (greedy and c == "behavior_logprobs"))
+    top_k = manifest.get("scoring", {}).get("top_k")
+    data = TrainData(columns, top_k, 1.0 if greedy else float(sampling["top_p"]), info.vocab)
     provenance = {
         "lightopd_version": __version__,
-        "parent": {"path": str(student_dir.resolve()), "fingerprint": model_fingerprint(student_dir),
-                   "sft_teacher": (parent or {}).get("sft_teacher")},
+        "parent": {**student, "sft_teacher": (parent or {}).get("sft_teacher")},
         "sft_teacher": sft_teacher,
         "data": {"path": str(Path(cfg.data).resolve()), "format": manifest["format"],
-                 "fingerprint": manifest_fingerprint(cfg.data), "teacher": manifest.get("teacher")},
-        "objective": {"name": objective.name, "params": asdict(params)},
-        "train": {k: v for k, v in flatten(cfg).items() if k not in ("student", "data", "out", "resume")},
+                 "fingerprint": manifest_fingerprint(cfg.data), "teacher": manifest.get("teacher"),
+                 "sampling": sampling},
+        "objective": {"name": objective.name, "params": dataclasses.asdict(params),
+                      "student_top_p": data.top_p},
+        "train": {**{k: v for k, v in flatten(cfg).items() if k not in ("student", "data", "out", "resume")},
+                  "compute_dtype": str(compute_dtype).removeprefix("torch.")},
         "parallel": {"world_size": world.size, "data_parts": parts, "fsdp": cfg.fsdp and world.active},
     }
     state = None
@@ -118,8 +176,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = models.load_model(resume_from or student_dir, device, torch.float32, spec.trust_remote_code)
-    k = manifest.get("scoring", {}).get("top_k")
-    trainer = Trainer(cfg, objective, model, store_columns(manifest), k, objective.total_steps, world)
+    trainer = Trainer(cfg, objective, model, data, objective.total_steps, world)
     stream = StepStream(cfg.data, manifest, ["prompt_ids", "completion_ids", *trainer.columns], cfg.seed,
                         cfg.shuffle_buffer, parts, world.rank, world.size)
     start_step = 0

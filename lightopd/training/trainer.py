@@ -12,6 +12,7 @@ sees the whole step first; its outputs are handed to the loss position by positi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -30,19 +31,29 @@ from lightopd.training.distributed import World
 from lightopd.training.parallel import Parallel
 from lightopd.training.schedule import lr_factor, optimizer_for
 
-STORED = ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs")
+STORED = ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail")
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What the trainer needs to know of the store it reads."""
+
+    columns: tuple[str, ...]  # the stored columns to offer the objective and the diagnostics (what they use is read)
+    k: int | None  # its teacher top-k
+    top_p: float  # the nucleus its rollouts were sampled from (1: none); the student's policy is cut the same way
+    vocab: int  # the tokenizer's ids
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, objective: Objective, model, store_columns: tuple[str, ...],
-                 k: int | None, total_steps: int, world: World = distributed.SINGLE):
-        """`store_columns`: the stored per-token columns the data offers (the objective's, plus any
-        the diagnostics can use, are read); `k`: the store's top-k."""
-        self.cfg, self.objective, self.model, self.k, self.world = cfg, objective, model, k, world
-        self.columns = tuple(dict.fromkeys((*objective.columns, *(c for c in STORED if c in store_columns))))
+    def __init__(self, cfg: TrainConfig, objective: Objective, model, data: TrainData, total_steps: int,
+                 world: World = distributed.SINGLE):
+        self.cfg, self.objective, self.model, self.data, self.world = cfg, objective, model, data, world
+        self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in data.columns)
         self.device = next(model.parameters()).device
+        if not cfg.dropout:
+            models.without_dropout(model)
         # wrapped before the optimizer sees the (possibly sharded) weights
-        self.parallel = Parallel(CompletionLogits(model), model, world, cfg.fsdp)
+        self.parallel = Parallel(CompletionLogits(model, data.vocab), model, world, cfg.fsdp)
         self.completion_logits = self.parallel.module
         self.amp_dtype = models.resolve_dtype(cfg.student.dtype, self.device)
         self.optimizer = optimizer_for(model, cfg)
@@ -76,11 +87,11 @@ class Trainer:
         self.model.train()
         for j, (micro, weight) in enumerate(zip(micros, weights, strict=True)):
             with self.parallel.sync(j == len(micros) - 1):
-                mb = batches.tensors(micro, self.columns, self.k, self.device)
+                mb = batches.tensors(micro, self.columns, self.data.k, self.device)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
                     logits = self.completion_logits(mb.ids, mb.mask, *mb.positions)
                 student = logprob_stats(logits, mb.targets, self.objective.params.temperature,
-                                        at=mb.stored.get("topk_ids"))
+                                        at=mb.stored.get("topk_ids"), top_p=self.data.top_p)
                 del logits  # backward needs only the log-softmax: one float32 [tokens x vocab] copy stays
                 mine = {name: values[micro][mask[micro]].float() for name, (values, mask) in prepared.items()}
                 inputs = Inputs(student, **mb.stored, prepared=mine)
@@ -89,7 +100,7 @@ class Trainer:
             if not weight:
                 continue
             loss_sum += per_token.detach().sum()
-            for name, values in diagnostics(inputs).items():
+            for name, values in {**diagnostics(inputs), **self.objective.diagnostics(inputs)}.items():
                 sums[name] = sums.get(name, 0.0) + values.sum()
                 if name == "is_ratio" and values.numel():
                     ratio_max = torch.maximum(ratio_max, values.max())

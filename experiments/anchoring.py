@@ -1,0 +1,82 @@
+"""What should opd-seq's ratio be anchored to? The demo's recipe, both ways, over three seeds.
+
+opd-seq trains on rollouts sampled once from the SFT student. `anchor = "rollout"` takes the PPO
+ratio to that rollout policy for the whole run and clips it to [1 − ε, 1 + ε]: once the student
+has moved, clipped tokens get no gradient. `anchor = "current"` takes the gradient of the current
+student with a truncated importance weight to the rollout policy instead. For each seed this
+runs the demo's SFT, rollouts and scoring once, then the demo's OPD step with each anchor, and
+reports held-out accuracy (one sample per prompt, T = 1) and the mean clip fraction.
+
+    python experiments/anchoring.py --out runs/anchoring [--seeds 0 1 2] [--dropout on|off]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from lightopd.config import DemoConfig
+from lightopd.memory import release_freed_memory
+from lightopd.stages import demo
+from lightopd.tasks import addition as A
+
+D = DemoConfig  # the demo's sizes and learning rates
+ANCHORS = ("rollout", "current")
+
+
+def run_seed(seed: int, out: Path, heldout: Path, device: str, dropout: bool) -> dict:
+    work = out / f"seed{seed}"
+    work.mkdir(parents=True)
+    sft_prompts = A.write_prompts(work / "prompts-sft.jsonl", D.sft_prompts, "train", seed)
+    opd_prompts = A.write_prompts(work / "prompts-opd.jsonl", D.opd_prompts, "train", seed + 10_000)
+    A.make_model(work / "base", D.student_hidden, D.student_layers, D.student_heads, seed, D.student_arch)
+    data = demo.sample(demo.TEACHER, sft_prompts, work / "sft-data", 1, seed, device)
+    demo.train_student(work / "base", data, work / "sft", "sft", D.sft_steps, D.sft_lr, D.sft_batch_size, seed,
+                       device, dropout=dropout)
+    rollouts = demo.sample(work / "sft", opd_prompts, work / "rollouts", D.opd_samples, seed, device)
+    store = demo.score_once(rollouts, work / "teacher-store", D.top_k, device)
+    result = {"seed": seed, "sft": demo.evaluate(work / "sft", heldout, device, seed)["accuracy"]}
+    for anchor in ANCHORS:
+        demo.train_student(work / "sft", store, work / f"opd-{anchor}", D.objective, D.opd_steps, D.opd_lr,
+                           D.opd_batch_size, seed, device, sets=(("objective.anchor", anchor),), dropout=dropout)
+        lines = [json.loads(line) for line in (work / f"opd-{anchor}" / "metrics.jsonl").read_text().splitlines()]
+        result[anchor] = {"accuracy": demo.evaluate(work / f"opd-{anchor}", heldout, device, seed)["accuracy"],
+                          "clip_fraction": statistics.mean(m["clip_fraction"] for m in lines),
+                          "clip_fraction_last_100": statistics.mean(m["clip_fraction"] for m in lines[-100:])}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/anchoring"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dropout", choices=("on", "off"), default="on" if D.student_dropout else "off",
+                    help="the student's dropout in SFT and OPD (the demo's default: on)")
+    args = ap.parse_args()
+    if args.out.exists() and any(args.out.iterdir()):
+        ap.error(f"--out {args.out}: already holds files")
+    release_freed_memory()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = []
+    for seed in args.seeds:
+        heldout = A.write_prompts(args.out / f"prompts-heldout-{seed}.jsonl", D.heldout_prompts, "heldout", seed)
+        rows.append(run_seed(seed, args.out, heldout, args.device, args.dropout == "on"))
+    print("| seed | SFT | opd-seq, anchor rollout (clip fraction) | opd-seq, anchor current |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['sft']:.1%} | {r['rollout']['accuracy']:.1%} ({r['rollout']['clip_fraction']:.1%}) "
+              f"| {r['current']['accuracy']:.1%} |")
+    means = {a: statistics.mean(r[a]["accuracy"] for r in rows) for a in ANCHORS}
+    print(f"| mean | {statistics.mean(r['sft'] for r in rows):.1%} | {means['rollout']:.1%} | {means['current']:.1%} |")
+    print(json.dumps({"experiment": "anchoring", "seeds": args.seeds, "dropout": args.dropout, "rows": rows,
+                      "mean_accuracy": means,
+                      "seconds": round(time.perf_counter() - started, 1)}))
+
+
+if __name__ == "__main__":
+    main()
