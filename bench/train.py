@@ -25,14 +25,15 @@ from common import machine, make_bench_model, peak_rss_mb  # noqa: E402
 
 from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
 from lightopd.data.batching import pack_by_tokens  # noqa: E402
-from lightopd.data.store import open_store, store_columns  # noqa: E402
+from lightopd.data.store import open_store, sampling_of, store_columns  # noqa: E402
 from lightopd.data.stream import GroupStream  # noqa: E402
 from lightopd.engine import models  # noqa: E402
 from lightopd.layering import train_settings  # noqa: E402
 from lightopd.memory import release_freed_memory  # noqa: E402
 from lightopd.objectives import lookup  # noqa: E402
 from lightopd.stages import rollout, score  # noqa: E402
-from lightopd.training.trainer import Trainer  # noqa: E402
+from lightopd.stages.train import student_temperature  # noqa: E402
+from lightopd.training.trainer import TrainData, Trainer  # noqa: E402
 
 BUFFER = 16  # prompt groups in the shuffle buffer of the memory runs
 
@@ -88,15 +89,16 @@ def main() -> None:
         cfg, params = train_settings({"student": str(student), "data": str(small), "out": str(tmp / "unused"),
                                       "batch_size": args.batch_size, "lr": 1e-5})
         manifest = open_store(small)
-        columns = ["prompt_ids", "completion_ids", "teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs"]
+        columns = ["prompt_ids", "completion_ids", *store_columns(manifest)]
         stream = GroupStream(small, [s["name"] for s in manifest["shards"]], columns, 0, 64)
         steps = [stream.take_rows(args.batch_size) for _ in range(args.steps + 1)]
         tokens = sum(len(c) for groups in steps[1:] for g in groups for c in g.column("completion_ids").to_pylist())
 
         torch.manual_seed(0)
         model = models.load_model(student, torch.device("cpu"), torch.float32)
-        objective = lookup("lightning-opd")(params, args.steps)
-        trainer = Trainer(cfg, objective, model, store_columns(manifest), 32, args.steps)
+        objective = lookup("lightning-opd")(student_temperature(params, sampling_of(manifest)), args.steps)
+        data = TrainData(store_columns(manifest), 32, 1.0, 32000)
+        trainer = Trainer(cfg, objective, model, data, args.steps)
         trainer.step(steps[0])  # warm-up
         start = time.perf_counter()
         for groups in steps[1:]:

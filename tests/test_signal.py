@@ -179,9 +179,14 @@ def test_the_students_policy_is_the_sampling_distribution(temperature, top_p):
         assert (stats.policy > stats.sampled + 1e-4).any(), "the nucleus renormalisation shows"
 
 
-def test_a_token_outside_the_current_nucleus_keeps_a_finite_log_prob():
+@pytest.mark.parametrize("candidates", [2, 1024], ids=["beyond-the-candidates", "among-them"])
+def test_a_token_outside_the_current_nucleus_is_counted_in(candidates, monkeypatch):
+    from lightopd.objectives import stats as S
+
+    monkeypatch.setattr(S, "NUCLEUS_CANDIDATES", candidates)
     logits = torch.tensor([[5.0, 4.0, -3.0, -4.0]], requires_grad=True)
-    stats = logprob_stats(logits, torch.tensor([3]), top_p=0.5)
-    assert torch.isfinite(stats.policy).all()
+    stats = logprob_stats(logits, torch.tensor([3]), top_p=0.5)  # the nucleus is {0}; token 3 falls outside
+    p = torch.softmax(logits.detach(), -1)[0]
+    assert stats.policy.item() == pytest.approx(float(torch.log(p[3] / (p[0] + p[3]))), abs=1e-6)
     stats.policy.sum().backward()
     assert torch.isfinite(logits.grad).all()

@@ -17,6 +17,7 @@ sampled token that is no longer in it is counted in, so the log-prob stays finit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 
 NUCLEUS_CANDIDATES = 1024  # the nucleus is looked for among this many tokens before sorting all
 ROWS = 1024  # positions per temporary [rows × V] block (entropy, the log-mass outside a set)
+TINY = math.log(1e-30)  # below this log-mass, float32 probabilities no longer sum to it accurately
 
 
 def _by_rows(fn, *tensors: Tensor) -> Tensor:
@@ -46,12 +48,23 @@ def nucleus(lp: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
     return order, keep
 
 
+def _rest(probs: Tensor, lq: Tensor, ids: Tensor) -> Tensor:
+    """log Σ_{i ∉ ids} p_i for one block, from its probabilities (zeroed at `ids` in place): a sum of
+    positive terms, no cancellation. A row whose mass is below 1e-30, where float32 probabilities
+    underflow or lose precision, is redone as a log-sum-exp of its log-probs."""
+    rest = probs.scatter_(-1, ids, 0.0).sum(-1).log()
+    tiny = (rest < TINY) & (ids.shape[-1] < lq.shape[-1])
+    if bool(tiny.any()):
+        rest[tiny] = lq[tiny].scatter(-1, ids[tiny], float("-inf")).logsumexp(-1)
+    return rest
+
+
 class _LogMassOutside(torch.autograd.Function):
     """log Σ_{i ∉ ids} exp(lq_i) per row; backward recomputes from lq instead of saving a copy."""
 
     @staticmethod
     def forward(ctx, lq: Tensor, ids: Tensor) -> Tensor:
-        out = _by_rows(lambda x, i: x.scatter(-1, i, float("-inf")).logsumexp(-1), lq, ids)
+        out = _by_rows(lambda x, i: _rest(x.exp(), x, i), lq, ids)
         ctx.save_for_backward(lq, ids, out)
         return out
 
@@ -73,9 +86,9 @@ def nucleus_logprob(lq: Tensor, targets: Tensor, top_p: float) -> Tensor:
     counted in the nucleus when it fell out of it), with gradient."""
     order, keep = nucleus(lq, top_p)
     sampled = lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    members = keep | (order == targets.unsqueeze(-1))
-    log_z = lq.gather(-1, order).masked_fill(~members, float("-inf")).logsumexp(-1)
-    return sampled - log_z
+    log_z = lq.gather(-1, order).masked_fill(~keep, float("-inf")).logsumexp(-1)
+    inside = (keep & (order == targets.unsqueeze(-1))).any(-1)
+    return sampled - torch.where(inside, log_z, log_z.logaddexp(sampled))
 
 
 @dataclass
@@ -89,7 +102,7 @@ class LogprobStats:
     at: Tensor | None = None  # [N, m] log-probs at the ids asked for (`at=`), with gradient
     topk_logprobs: Tensor | None = None  # [N, k] the k largest log-probs, descending (`k=`)
     topk_ids: Tensor | None = None  # [N, k] their ids
-    topk_rest: Tensor | None = None  # [N] log-mass outside the top-k (`k=`)
+    topk_rest: Tensor | None = None  # [N] log-mass outside the top-k (`k=`), no gradient
     at_ids: Tensor | None = field(default=None, repr=False)  # the ids of `at`
     lq: Tensor | None = field(default=None, repr=False)  # [N, V] the log-softmax, kept for `at_rest`
     _at_rest: Tensor | None = field(default=None, repr=False)
@@ -122,8 +135,15 @@ def logprob_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, 
     lq = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
     del z
     top_lp, top_ids = lq.topk(k, dim=-1, sorted=True) if k else (None, None)
-    with torch.no_grad():
-        entropy = _by_rows(lambda x: -torch.bmm(x.exp().unsqueeze(1), x.unsqueeze(2)).view(-1), lq)  # -Σ p log p
+    with torch.no_grad():  # entropy -Σ p log p and (with k) the mass outside the top-k share one exp per block
+        entropy, top_rest = [], []
+        for i, x in enumerate(lq.detach().split(ROWS)):
+            probs = x.exp()
+            entropy.append(-torch.bmm(probs.unsqueeze(1), x.unsqueeze(2)).view(-1))
+            if top_ids is not None:
+                top_rest.append(_rest(probs, x, top_ids[i * ROWS:(i + 1) * ROWS]))
+        entropy = torch.cat(entropy) if entropy else lq.new_zeros(0)
+        top_rest = (torch.cat(top_rest) if top_rest else lq.new_zeros(0)) if top_ids is not None else None
         argmax = top_ids[:, 0] if top_ids is not None else lq.argmax(dim=-1)
     sampled = lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return LogprobStats(
@@ -134,7 +154,7 @@ def logprob_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, 
         at=None if at is None else lq.gather(-1, at),
         topk_logprobs=top_lp,
         topk_ids=top_ids,
-        topk_rest=None if top_ids is None else log_mass_outside(lq, top_ids),
+        topk_rest=top_rest,
         at_ids=at,
         lq=lq if at is not None else None,
     )
