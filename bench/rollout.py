@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, make_bench_model  # noqa: E402
 
 from lightopd.config import RolloutConfig  # noqa: E402
-from lightopd.data.store import iter_batches  # noqa: E402
+from lightopd.data.reader import iter_batches  # noqa: E402
 from lightopd.memory import release_freed_memory  # noqa: E402
 from lightopd.stages import rollout  # noqa: E402
 

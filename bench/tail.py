@@ -28,7 +28,7 @@ from common import machine, make_bench_model  # noqa: E402
 
 from lightopd import objectives as O  # noqa: E402
 from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
-from lightopd.data.store import iter_batches  # noqa: E402
+from lightopd.data.reader import iter_batches  # noqa: E402
 from lightopd.objectives.stats import logprob_stats  # noqa: E402
 from lightopd.objectives.support import Dist, kl  # noqa: E402
 from lightopd.stages import rollout, score  # noqa: E402

@@ -4,6 +4,7 @@ In one process, on the same steps (same groups, same micro-batches):
 - lightopd's optimizer step with the lightning-opd objective and every diagnostic;
 - a plain SFT step: the model's own forward (full logits), cross-entropy on the completion
   tokens, backward, AdamW: the physical limit for offline OPD, which reads its signal from disk.
+The cost of verified reads (hashing every shard as it is read) against training on its tokens.
 Then the peak resident memory of `lightopd train` (fixed steps, a 16-group shuffle buffer) on a
 store and on one 10x larger: streaming keeps it flat.
 """
@@ -25,6 +26,7 @@ from common import machine, make_bench_model, peak_rss_mb  # noqa: E402
 
 from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
 from lightopd.data.batching import pack_by_tokens  # noqa: E402
+from lightopd.data.reader import shard_problem  # noqa: E402
 from lightopd.data.store import open_store, sampling_of, store_columns  # noqa: E402
 from lightopd.data.stream import GroupStream  # noqa: E402
 from lightopd.engine import models  # noqa: E402
@@ -90,7 +92,7 @@ def main() -> None:
                                       "batch_size": args.batch_size, "lr": 1e-5})
         manifest = open_store(small)
         columns = ["prompt_ids", "completion_ids", *store_columns(manifest)]
-        stream = GroupStream(small, [s["name"] for s in manifest["shards"]], columns, 0, 64)
+        stream = GroupStream(small, manifest, [s["name"] for s in manifest["shards"]], columns, 0, 64)
         steps = [stream.take_rows(args.batch_size) for _ in range(args.steps + 1)]
         tokens = sum(len(c) for groups in steps[1:] for g in groups for c in g.column("completion_ids").to_pylist())
 
@@ -115,6 +117,15 @@ def main() -> None:
             sft_step(model, optimizer, [r for g in groups for r in g.to_pylist()], cfg.micro_batch_tokens)
         sft_s = time.perf_counter() - start
 
+        # verified reads: every shard is hashed and its identity checked each time it is read (once an
+        # epoch); compared with training on the same tokens
+        start = time.perf_counter()
+        for _ in range(3):
+            for entry in manifest["shards"]:
+                assert shard_problem(small, entry, manifest["store_id"]) is None
+        verify_s = (time.perf_counter() - start) / 3
+        verify_fraction = verify_s / (manifest["tokens"] * opd_s / tokens)
+
         large = make_store(tmp, student, teacher, 480, "large", 96)
         peaks = {}
         for name, store in (("store_1x", small), ("store_10x", large)):
@@ -138,6 +149,8 @@ def main() -> None:
         "lightopd_tokens_per_s": round(tokens / opd_s, 1),
         "plain_sft_step_tokens_per_s": round(tokens / sft_s, 1),
         "ratio_vs_sft_step": round(sft_s / opd_s, 2),
+        "verified_reads": {"seconds_per_epoch_of_the_store": round(verify_s, 4),
+                           "fraction_of_training_time": round(verify_fraction, 5)},
         "memory": {"shuffle_buffer_groups": BUFFER, **peaks},
     }))
 

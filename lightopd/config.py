@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightopd.objectives import OBJECTIVES
-from lightopd.options import build, check, opt, parse_worker
+from lightopd.options import MIN_TEMPERATURE, build, check, opt, parse_worker
 from lightopd.tasks.checkers import CHECKERS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOPK_DTYPES = ("float16", "float32")
 SCHEDULES = ("constant", "linear", "cosine")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class Config:
@@ -99,7 +100,8 @@ class SamplingSpec:
 
     def __post_init__(self) -> None:
         check(self.n >= 1, "--n", f"samples per prompt must be >= 1, got {self.n}")
-        check(self.temperature >= 0, "--temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
+        check(self.temperature == 0 or self.temperature >= MIN_TEMPERATURE, "--temperature",
+              f"must be 0 (greedy decoding) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         check(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}")
         check(self.max_new_tokens >= 1, "--max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
 
@@ -148,7 +150,8 @@ class ScoreConfig(Config):
 
     def __post_init__(self) -> None:
         check(self.top_k >= 1, "--top-k", f"must be >= 1, got {self.top_k}")
-        check(self.temperature > 0, "--temperature", f"must be > 0, got {self.temperature}")
+        check(self.temperature >= MIN_TEMPERATURE, "--temperature",
+              f"must be at least {MIN_TEMPERATURE}, got {self.temperature}")
         check(self.micro_batch_tokens >= 1, "--micro-batch-tokens", f"must be >= 1, got {self.micro_batch_tokens}")
         check(self.chunk_elements >= 1, "chunk_elements", f"must be >= 1, got {self.chunk_elements}")
         check(self.topk_dtype in TOPK_DTYPES, "--topk-dtype",
@@ -204,6 +207,8 @@ class TrainConfig(Config):
         check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         check(self.micro_batch_tokens >= 1, "--micro-batch-tokens", f"must be >= 1, got {self.micro_batch_tokens}")
         check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        check(self.lr <= FLOAT32_MAX, "--lr", f"must be at most {FLOAT32_MAX:g} (the optimizer computes in float32), "
+                                              f"got {self.lr:g}")
         check(self.schedule in SCHEDULES, "--schedule",
               f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         check(self.warmup_steps >= 0, "--warmup-steps", f"must be >= 0, got {self.warmup_steps}")

@@ -1,4 +1,4 @@
-"""The one exception type for bad input: the CLI turns it into exit code 2 and one clear line."""
+"""The exceptions the CLI turns into one clear line: bad input (exit 2) and training that cannot go on (exit 1)."""
 
 
 class InputError(Exception):
@@ -11,3 +11,7 @@ class InputError(Exception):
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept. Exit code 1."""
+
+
+class NonFiniteLogits(InputError):
+    """A model produced NaN or inf logits, so nothing can be sampled or scored from it (bad weights)."""

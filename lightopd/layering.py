@@ -121,4 +121,4 @@ def objective_params(cls: type[ObjectiveParams], name: str, values: dict[str, An
             valid = ", ".join(sorted(f.name.rstrip("_") for f in fields(cls)))
             raise InputError(f"objective.{key}: not a parameter of {name} (valid: {valid})")
         out[field_name] = coerce(f"objective.{key}", value, by_name[field_name])
-    return cls(**out)
+    return build(cls, out, prefix="objective.")

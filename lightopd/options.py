@@ -11,6 +11,7 @@ of the model under `student` is `--student`). Imports nothing heavy, so `--help`
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from lightopd.errors import InputError
 
 _META = "lightopd"
+MIN_TEMPERATURE = 1e-3  # logits / T stay finite in float32 (0 is greedy decoding, where it applies)
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,17 @@ def options(cls: type, path: tuple[str, ...] = (), parent: str | None = None, pa
     return out
 
 
-def build(cls: type, values: dict[str, Any]) -> Any:
-    """An instance of `cls` from flat `values` (keys as in `options`); absent keys keep defaults."""
+def build(cls: type, values: dict[str, Any], prefix: str = "--") -> Any:
+    """An instance of `cls` from flat `values` (keys as in `options`); absent keys keep defaults.
+    A non-finite number is refused whatever the option (`prefix` + key names it)."""
     by_path = {o.path: o.key for o in options(cls)}
     unknown = sorted(set(values) - set(by_path.values()))
     if unknown:
         raise TypeError(f"{cls.__name__} has no option {unknown[0]!r}")
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            name = prefix + (key.replace("_", "-") if prefix == "--" else key.rstrip("_"))
+            raise InputError(f"{name}: must be a finite number, got {value}")
     return _build(cls, values, by_path, ())
 
 

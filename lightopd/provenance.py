@@ -89,9 +89,12 @@ def read_provenance(path: str | Path) -> dict | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        record = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: unreadable provenance file ({e})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{p}: not a provenance record (a JSON object), found a {type(record).__name__}")
+    return record
 
 
 def write_provenance(path: str | Path, record: dict) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from lightopd.cli import main
 from lightopd.config import RolloutConfig, ScoreConfig
-from lightopd.data.store import iter_batches
+from lightopd.data.reader import iter_batches
 from lightopd.layering import train_settings
 
 

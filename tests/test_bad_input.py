@@ -1,116 +1,347 @@
-"""Bad input: exit code 2, one message naming the file/record/field, no traceback, no store."""
+"""Bad input, as a careless user or an attacker gives it: one row per case, each run through the
+real command line. Every row states the exit code and a word the one-line message must hold; for
+exit 2 the message is a single `error:` line with no traceback, nothing is printed on stdout, and
+no store or model is left behind (the README counts the rows)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
-from lightopd.tiny import make_model
-from tests.helpers import cli, write_jsonl
+from lightopd.data.store import ROLLOUT_FORMAT
+from lightopd.data.writer import StoreWriter
+from lightopd.tiny import default_words, make_model
+from tests.helpers import cli, do_rollout, do_score, write_jsonl
+
+
+@dataclass
+class Env:
+    """What a case builds on: the session's models and stores, and a fresh directory."""
+
+    tmp: Path
+    tiny_model: Path
+    plain_model: Path
+    teacher_model: Path
+    rollout_store: Path
+    teacher_store: Path
+    prompts: Path
+
+    def copy(self, source: Path, name: str) -> Path:
+        shutil.copytree(source, self.tmp / name)
+        return self.tmp / name
+
+    def jsonl(self, records, name="p.jsonl") -> str:
+        return str(write_jsonl(self.tmp / name, records))
+
+    def edit_manifest(self, store: Path, change) -> Path:
+        manifest = json.loads((store / "manifest.json").read_text())
+        change(manifest)
+        (store / "manifest.json").write_text(json.dumps(manifest))
+        return store
+
+
+# ---- building blocks of the cases ----
+
+def rollout(e: Env, prompts: str | Path, *extra: str, model: Path | None = None) -> list[str]:
+    return ["rollout", "--model", str(model or e.tiny_model), "--prompts", str(prompts), "--out", str(e.tmp / "out"),
+            "--max-new-tokens", "4", *extra]
+
+
+def score(e: Env, *extra: str, teacher: Path | None = None, data: Path | None = None) -> list[str]:
+    return ["score-teacher", "--teacher", str(teacher or e.teacher_model), "--data", str(data or e.rollout_store),
+            "--out", str(e.tmp / "out"), *extra]
+
+
+def train(e: Env, *extra: str, student: Path | None = None, data: Path | None = None, out: Path | None = None
+          ) -> list[str]:
+    return ["train", "--student", str(student or e.tiny_model), "--data", str(data or e.teacher_store),
+            "--out", str(out or e.tmp / "out"), "--steps", "1", "--batch-size", "4", *extra]
+
+
+def evaluate(e: Env, *extra: str, prompts: str | None = None) -> list[str]:
+    prompts = prompts or e.jsonl([{"prompt": "w1", "answer": "w2"}], "answers.jsonl")
+    return ["eval", "--model", str(e.tiny_model), "--prompts", prompts, "--max-new-tokens", "2", *extra]
+
+
+def edited(e: Env, store: Path, change) -> Path:
+    """A copy of `store` with its manifest changed by `change`."""
+    return e.edit_manifest(e.copy(store, "edited"), change)
+
+
+def flip_a_bit(store: Path, shard: str = "part-00001.parquet") -> Path:
+    data = bytearray((store / shard).read_bytes())
+    data[len(data) // 2] ^= 1
+    (store / shard).write_bytes(bytes(data))
+    return store
+
+
+def model_with(e: Env, name: str, change) -> Path:
+    model = e.copy(e.tiny_model, name)
+    change(model)
+    return model
+
+
+def nan_weights(model: Path) -> None:
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def truncated_weights(model: Path) -> None:
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def remote_code(model: Path) -> None:
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="lightopd-custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (model / "config.json").write_text(json.dumps(config))
+
+
+def foreign_shard(e: Env) -> Path:
+    """A store whose shard 1 was copied in from another teacher's store, its manifest entry patched to
+    the copy's size and sha256: only the shard's store id tells it apart."""
+    other = e.tmp / "other-teacher"
+    do_score(e.plain_model, e.rollout_store, other, top_k=6)
+    store = e.copy(e.teacher_store, "mixed")
+    shutil.copy(other / "part-00001.parquet", store / "part-00001.parquet")
+    entry = next(s for s in json.loads((other / "manifest.json").read_text())["shards"]
+                 if s["name"] == "part-00001.parquet")
+
+    def patch(manifest):
+        for s in manifest["shards"]:
+            if s["name"] == "part-00001.parquet":
+                s.update(bytes=entry["bytes"], sha256=entry["sha256"])
+    return e.edit_manifest(store, patch)
+
+
+def empty_store(e: Env) -> Path:
+    manifest = json.loads((e.rollout_store / "manifest.json").read_text())
+    meta = {k: manifest[k] for k in ("model", "tokenizer", "sampling", "prompts", "prompts_per_shard")}
+    StoreWriter(e.tmp / "empty", ROLLOUT_FORMAT, meta, num_shards=0)
+    return e.edit_manifest(e.tmp / "empty", lambda m: m.update(complete=True))
+
+
+def greedy_store(e: Env) -> Path:
+    do_rollout(e.tiny_model, e.prompts, e.tmp / "greedy-r", temperature=0.0, max_new_tokens=4)
+    do_score(e.teacher_model, e.tmp / "greedy-r", e.tmp / "greedy-t", top_k=4)
+    return e.tmp / "greedy-t"
+
+
+def one_sample_store(e: Env) -> Path:
+    do_rollout(e.tiny_model, e.prompts, e.tmp / "n1-r", n=1, max_new_tokens=4)
+    do_score(e.teacher_model, e.tmp / "n1-r", e.tmp / "n1-t", top_k=4)
+    return e.tmp / "n1-t"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    build: object  # Env -> argv
+    code: int
+    word: str
+
+
+CASES = [
+    # ---- prompt files (rollout and eval) ----
+    Case("missing prompt file", lambda e: rollout(e, e.tmp / "nope.jsonl"), 2, "nope.jsonl: no such file"),
+    Case("malformed json line", lambda e: rollout(e, _write(e, '{"prompt": "w1"}\n\n{"prompt": "w2"\n')), 2,
+         "line 3: not valid JSON"),
+    Case("not utf-8", lambda e: rollout(e, _write(e, b'{"prompt": "w1"}\n{"prompt": "w\xff"}\n')), 2,
+         "line 2: not UTF-8 text"),
+    Case("not utf-8, eval", lambda e: evaluate(e, prompts=_write(e, b'{"prompt": "\xc3", "answer": "1"}\n')), 2,
+         "line 1: not UTF-8 text"),
+    Case("prompt and messages", lambda e: rollout(e, e.jsonl(
+        [{"prompt": "w1"}, {"prompt": "w1", "messages": [{"role": "user", "content": "w1"}]}])), 2,
+        "line 2: record has both of 'prompt' and 'messages'"),
+    Case("neither prompt nor messages", lambda e: rollout(e, e.jsonl([{"id": "a", "answer": "3"}])), 2,
+         "line 1: record has neither"),
+    Case("unknown field", lambda e: rollout(e, e.jsonl([{"prompt": "w1", "anwser": "3"}])), 2,
+         "line 1: unknown field 'anwser'"),
+    Case("prompt not a string", lambda e: rollout(e, e.jsonl([{"prompt": 3}])), 2, "field 'prompt' must be a string"),
+    Case("message without content", lambda e: rollout(e, e.jsonl([{"messages": [{"role": "user"}]}])), 2,
+         "field 'messages'[0]"),
+    Case("duplicate id", lambda e: rollout(e, e.jsonl([{"id": "x", "prompt": "w1"}] * 2)), 2,
+         "line 2: duplicate id 'x'"),
+    Case("empty prompt file", lambda e: rollout(e, _write(e, "\n")), 2, "holds no records"),
+    Case("messages without a chat template", lambda e: rollout(e, e.jsonl(
+        [{"prompt": "w1"}, {"messages": [{"role": "user", "content": "w1"}]}]), model=e.plain_model), 2,
+        "line 2: field 'messages' needs a chat template"),
+    Case("prompt longer than the context", lambda e: rollout(e, e.jsonl(
+        [{"prompt": "w1"}, {"prompt": " ".join(f"w{i}" for i in range(12))}]),
+        model=make_model(e.tmp / "short", context=8)), 2, "context of 8 tokens"),
+    Case("eval prompt without answer", lambda e: evaluate(e, prompts=e.jsonl([{"prompt": "w1"}])), 2,
+         "line 1: no 'answer' field"),
+    # ---- models ----
+    Case("model directory missing", lambda e: rollout(e, e.prompts, model=e.tmp / "no-model"), 2,
+         "no such model directory"),
+    Case("model without weights", lambda e: rollout(e, e.prompts, model=_cfg_only(e)), 2, "no *.safetensors weights"),
+    Case("truncated safetensors", lambda e: rollout(e, e.prompts, model=model_with(e, "cut", truncated_weights)), 2,
+         "model.safetensors is truncated"),
+    Case("model needing remote code", lambda e: rollout(e, e.prompts, model=model_with(e, "rc", remote_code)), 2,
+         "--trust-remote-code"),
+    Case("teacher needing remote code", lambda e: score(e, teacher=model_with(e, "rc", remote_code)), 2,
+         "--trust-remote-code"),
+    Case("model with NaN weights", lambda e: rollout(e, e.prompts, model=model_with(e, "nan", nan_weights)), 2,
+         "logits are not finite"),
+    Case("teacher with NaN weights", lambda e: score(e, teacher=model_with(e, "nan", nan_weights)), 2,
+         "logits are not finite"),
+    Case("teacher of another vocabulary", lambda e: score(e, teacher=make_model(e.tmp / "o", default_words(41))), 2,
+         "differs from the one the rollouts were sampled with"),
+    Case("student of another vocabulary", lambda e: train(e, student=make_model(e.tmp / "o", default_words(41))), 2,
+         "its vocabulary (sha256:"),
+    Case("teacher shorter than the rows", lambda e: score(e, teacher=make_model(e.tmp / "s", seed=2, context=8)), 2,
+         "longer than the teacher's context of 8"),
+    Case("provenance not an object", lambda e: train(e, student=model_with(
+        e, "s", lambda m: (m / "lightopd.json").write_text("[1, 2]"))), 2, "not a provenance record"),
+    # ---- options ----
+    Case("n of zero", lambda e: rollout(e, e.prompts, "--n", "0"), 2, "--n: samples per prompt must be >= 1"),
+    Case("n not a number", lambda e: rollout(e, e.prompts, "--n", "two"), 2, "--n"),
+    Case("negative temperature", lambda e: rollout(e, e.prompts, "--temperature", "-0.5"), 2,
+         "--temperature: must be 0 (greedy decoding) or at least"),
+    Case("vanishing temperature", lambda e: rollout(e, e.prompts, "--temperature", "1e-40"), 2,
+         "--temperature: must be 0 (greedy decoding) or at least 0.001"),
+    Case("top-p of zero", lambda e: rollout(e, e.prompts, "--top-p", "0"), 2, "--top-p: must be in (0, 1]"),
+    Case("no new tokens", lambda e: rollout(e, e.prompts, "--max-new-tokens", "0"), 2,
+         "--max-new-tokens: must be >= 1"),
+    Case("unknown dtype", lambda e: rollout(e, e.prompts, "--dtype", "float8"), 2, "--dtype: must be one of"),
+    Case("worker out of range", lambda e: score(e, "--worker", "2/2"), 2, "--worker: expected 0 <= I < N"),
+    Case("worker not I/N", lambda e: score(e, "--worker", "half"), 2, "--worker: expected I/N"),
+    Case("k of zero", lambda e: score(e, "--top-k", "0"), 2, "--top-k"),
+    Case("k above the vocabulary", lambda e: score(e, "--top-k", "51"), 2, "--top-k 51"),
+    Case("lr of zero", lambda e: train(e, "--lr", "0"), 2, "--lr: must be > 0"),
+    Case("lr of inf", lambda e: train(e, "--lr", "inf"), 2, "--lr: must be a finite number"),
+    Case("lr beyond float32", lambda e: train(e, "--lr", "1e39"), 2, "--lr: must be at most 3.40282e+38"),
+    Case("epochs of inf", lambda e: ["train", "--student", str(e.tiny_model), "--data", str(e.teacher_store),
+                                     "--out", str(e.tmp / "out"), "--epochs", "inf"], 2,
+         "--epochs: must be a finite number"),
+    Case("lr of nan by --set", lambda e: train(e, "--set", "lr=nan"), 2, "--lr: must be a finite number"),
+    Case("objective parameter of inf", lambda e: train(e, "--objective", "jsd", "--set", "objective.beta=inf"), 2,
+         "objective.beta: must be a finite number"),
+    Case("unknown objective", lambda e: train(e, "--objective", "kd"), 2, "unknown objective"),
+    Case("objective parameter of the wrong type", lambda e: train(e, "--objective", "jsd", "--set",
+                                                                  "objective.beta=x"), 2,
+         "objective.beta: expected float, got 'x'"),
+    Case("recipe with an unknown key", lambda e: train(e, "--recipe", _write(e, "[train]\nlearnig_rate = 1e-5\n",
+                                                                             "r.toml")), 2,
+         "unknown training key 'learnig_rate'"),
+    Case("recipe not TOML", lambda e: train(e, "--recipe", _write(e, "[train\n", "r.toml")), 2, "not valid TOML"),
+    Case("bad checker", lambda e: evaluate(e, "--checker", "fuzzy"), 2, "--checker: must be one of auto, exact, math"),
+    Case("plot without compare", lambda e: evaluate(e, "--plot", str(e.tmp / "c.png")), 2,
+         "--plot: only with --compare"),
+    # ---- outputs ----
+    Case("out holds other files", lambda e: _other_files(e) and rollout(e, e.prompts), 2,
+         "not empty and holds no lightopd store"),
+    Case("out cannot be created", lambda e: ["rollout", "--model", str(e.tiny_model), "--prompts", str(e.prompts),
+                                             "--out", "/sys/lightopd-out"], 2, "cannot write there"),
+    Case("train out is a file", lambda e: train(e, out=Path(_write(e, "x", "a-file"))), 2,
+         "exists and is not a directory"),
+    Case("train out cannot be created", lambda e: train(e, out=Path("/sys/lightopd-out")), 2, "cannot write there"),
+    Case("train out holds a previous run", lambda e: _other_files(e) and train(e, "--objective", "sft"), 2,
+         "pass --resume"),
+    Case("eval out in a missing directory", lambda e: evaluate(e, "--out", str(e.tmp / "missing" / "x.json")), 2,
+         "no such directory"),
+    Case("compare of a JSON list", lambda e: ["eval", "--compare", _write(e, "[1, 2]", "r.json")], 2,
+         "not an eval result (a JSON object)"),
+    Case("compare of a non-JSON file", lambda e: ["eval", "--compare", _write(e, "{not json", "r.json")], 2,
+         "not a readable eval result"),
+    # ---- stores ----
+    Case("not a store", lambda e: ["inspect", str(e.tmp)], 2, "not a lightopd store"),
+    Case("not a rollout store", lambda e: score(e, data=e.tmp), 2, "not a lightopd store"),
+    Case("train on a rollout store", lambda e: train(e, data=e.rollout_store), 2, "a rollout store has no teacher"),
+    Case("empty store", lambda e: train(e, "--objective", "sft", data=empty_store(e)), 2, "the store holds no rows"),
+    Case("incomplete rollout store", lambda e: score(e, data=edited(e, e.rollout_store, lambda m: m.update(
+        shards=m["shards"][:2], complete=False))), 2, "store is incomplete (2 of 4 shards)"),
+    Case("shortened manifest", lambda e: train(e, data=edited(e, e.teacher_store, lambda m: m.update(
+        shards=m["shards"][:3]))), 2, "store is incomplete (3 of 4 shards)"),
+    Case("damaged rollout store", lambda e: score(e, data=flip_a_bit(e.copy(e.rollout_store, "r"),
+                                                                     "part-00002.parquet")),
+         2, "damaged store (part-00002.parquet: corrupt"),
+    Case("bit flip, train", lambda e: train(e, data=flip_a_bit(e.copy(e.teacher_store, "t"))), 2,
+         "part-00001.parquet is corrupt (sha256 differs"),
+    Case("bit flip, eval", lambda e: evaluate(e, "--data", str(flip_a_bit(e.copy(e.teacher_store, "t")))), 2,
+         "part-00001.parquet is corrupt"),
+    Case("truncated shard", lambda e: train(e, data=_truncate(e.copy(e.teacher_store, "t"))), 2,
+         "part-00003.parquet is corrupt ("),
+    Case("deleted shard", lambda e: train(e, data=_delete(e.copy(e.teacher_store, "t"))), 2,
+         "part-00000.parquet is missing"),
+    Case("foreign shard, train", lambda e: train(e, data=foreign_shard(e)), 2, "part-00001.parquet is foreign"),
+    Case("foreign shard, inspect", lambda e: ["inspect", "--verify", str(foreign_shard(e))], 2,
+         "part-00001.parquet: foreign"),
+    Case("manifest entry without bytes", lambda e: train(e, data=edited(
+        e, e.teacher_store, lambda m: m["shards"][0].pop("bytes"))), 2, "has no valid 'bytes'"),
+    Case("manifest path outside the store", lambda e: train(e, data=edited(
+        e, e.teacher_store, lambda m: m["shards"][0].update(name="../../x/part-00000.parquet"))), 2,
+        "never points outside its directory"),
+    Case("store of an older format", lambda e: train(e, data=edited(
+        e, e.teacher_store, lambda m: m.update(format_version=1))), 2, "format version 1"),
+    Case("store missing in eval", lambda e: evaluate(e, "--data", "/nonexistent/store"), 2, "no such store directory"),
+    Case("greedy store for opd-is", lambda e: train(e, "--objective", "opd-is", "--allow-teacher-mismatch",
+                                                    data=greedy_store(e)), 2, "greedy"),
+    Case("one sample per prompt for opd-seq", lambda e: train(e, "--objective", "opd-seq", "--allow-teacher-mismatch",
+                                                              data=one_sample_store(e)), 2, "holds 1 sample(s)"),
+]
+
+
+MID_RUN = {"model with NaN weights", "teacher with NaN weights",  # found once sampling or scoring has begun
+           "bit flip, train", "bit flip, eval", "truncated shard", "deleted shard", "foreign shard, train"}
+USAGE = {"n not a number"}  # click's own usage error: exit 2 with its usage lines
+
+
+def _write(e: Env, content: str | bytes, name: str = "p.jsonl") -> str:
+    path = e.tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def _cfg_only(e: Env) -> Path:
+    (e.tmp / "cfg-only").mkdir()
+    (e.tmp / "cfg-only" / "config.json").write_text("{}")
+    return e.tmp / "cfg-only"
+
+
+def _other_files(e: Env) -> bool:
+    (e.tmp / "out").mkdir()
+    (e.tmp / "out" / "metrics.jsonl").write_text("mine")
+    return True
+
+
+def _truncate(store: Path) -> Path:
+    data = (store / "part-00003.parquet").read_bytes()
+    (store / "part-00003.parquet").write_bytes(data[:-100])
+    return store
+
+
+def _delete(store: Path) -> Path:
+    (store / "part-00000.parquet").unlink()
+    return store
 
 
 @pytest.fixture
-def rollout_bad(monkeypatch, capsys, tiny_model, tmp_path):
-    def run(prompts: Path | str, *extra: str, model: Path | str = tiny_model) -> str:
-        out = tmp_path / "out"
-        code, stdout, stderr = cli(monkeypatch, capsys, "rollout", "--model", str(model), "--prompts", str(prompts),
-                                   "--out", str(out), "--max-new-tokens", "4", *extra)
-        assert code == 2, stderr
-        assert "Traceback" not in stderr and stdout == ""
-        assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
-        assert not (out / "manifest.json").exists(), "bad input must not leave a store"
-        return stderr
-
-    return run
+def env(tmp_path, tiny_model, plain_model, teacher_model, rollout_store, teacher_store, prompts_file) -> Env:
+    return Env(tmp_path, tiny_model, plain_model, teacher_model, rollout_store, teacher_store, prompts_file)
 
 
-def test_missing_prompt_file(rollout_bad, tmp_path):
-    assert "nope.jsonl: no such file" in rollout_bad(tmp_path / "nope.jsonl")
-
-
-def test_malformed_json_names_the_line(rollout_bad, tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "w1"}\n\n{"prompt": "w2"\n')
-    err = rollout_bad(path)
-    assert f"{path} line 3: not valid JSON" in err
-
-
-def test_both_prompt_and_messages(rollout_bad, tmp_path):
-    both = {"prompt": "w1", "messages": [{"role": "user", "content": "w1"}]}
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w1"}, both])
-    assert "line 2: record has both of 'prompt' and 'messages'" in rollout_bad(path)
-
-
-def test_neither_prompt_nor_messages(rollout_bad, tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "answer": "3"}])
-    assert "line 1: record has neither of 'prompt' and 'messages'" in rollout_bad(path)
-
-
-def test_unknown_field_is_named(rollout_bad, tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w1", "anwser": "3"}])
-    assert "line 1: unknown field 'anwser'" in rollout_bad(path)
-
-
-def test_wrong_field_types(rollout_bad, tmp_path):
-    assert "field 'prompt' must be a string" in rollout_bad(write_jsonl(tmp_path / "a.jsonl", [{"prompt": 3}]))
-    assert "field 'messages'[0]" in rollout_bad(write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user"}]}]))
-    duplicate = write_jsonl(tmp_path / "c.jsonl", [{"id": "x", "prompt": "w1"}] * 2)
-    assert "line 2: duplicate id 'x'" in rollout_bad(duplicate)
-
-
-def test_empty_file(rollout_bad, tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text("\n")
-    assert "holds no records" in rollout_bad(path)
-
-
-def test_messages_without_chat_template(rollout_bad, plain_model, tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w1"}, {"messages": [{"role": "user", "content": "w1"}]}])
-    err = rollout_bad(path, model=plain_model)
-    assert "line 2: field 'messages' needs a chat template" in err
-
-
-def test_model_directory_missing(rollout_bad, prompts_file, tmp_path):
-    assert "no such model directory" in rollout_bad(prompts_file, model=tmp_path / "no-model")
-
-
-def test_directory_without_weights(rollout_bad, prompts_file, tmp_path):
-    (tmp_path / "cfg-only").mkdir()
-    (tmp_path / "cfg-only" / "config.json").write_text("{}")
-    assert "no *.safetensors weights" in rollout_bad(prompts_file, model=tmp_path / "cfg-only")
-
-
-def test_prompt_longer_than_context(rollout_bad, tmp_path):
-    model = make_model(tmp_path / "short", context=8)
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w1"}, {"prompt": " ".join(f"w{i}" for i in range(12))}])
-    err = rollout_bad(path, model=model)
-    assert "line 2: prompt is 13 tokens" in err and "context of 8 tokens" in err
-
-
-@pytest.mark.parametrize("option,value,message", [
-    ("--n", "0", "--n: samples per prompt must be >= 1"),
-    ("--temperature", "-0.5", "--temperature: must be >= 0"),
-    ("--top-p", "0", "--top-p: must be in (0, 1]"),
-    ("--max-new-tokens", "0", "--max-new-tokens: must be >= 1"),
-    ("--dtype", "float8", "--dtype: must be one of"),
-])
-def test_bad_option_values(rollout_bad, prompts_file, option, value, message):
-    assert message in rollout_bad(prompts_file, option, value)
-
-
-def test_option_of_wrong_type(monkeypatch, capsys, tiny_model, prompts_file, tmp_path):
-    code, _, err = cli(monkeypatch, capsys, "rollout", "--model", str(tiny_model), "--prompts", str(prompts_file),
-                       "--out", str(tmp_path / "o"), "--n", "two")
-    assert code == 2 and "--n" in err and "Traceback" not in err
-
-
-def test_out_is_a_non_store_directory(rollout_bad, prompts_file, tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "notes.txt").write_text("mine")
-    assert "not empty and holds no lightopd store" in rollout_bad(prompts_file)
-
-
-def test_inspect_of_a_non_store(monkeypatch, capsys, tmp_path):
-    code, _, err = cli(monkeypatch, capsys, "inspect", str(tmp_path))
-    assert code == 2 and "not a lightopd store" in err
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_exits_with_one_clear_line(case, env, monkeypatch, capsys):
+    argv = case.build(env)
+    before = {p for p in env.tmp.rglob("*")}
+    capsys.readouterr()  # what building the case printed
+    code, stdout, stderr = cli(monkeypatch, capsys, *argv)
+    assert code == case.code, stderr
+    assert case.word in stderr, stderr
+    assert "Traceback" not in stderr
+    if argv[0] != "inspect" and case.id not in USAGE:
+        assert stdout == ""
+        lines = stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and sum(line.startswith("error: ") for line in lines) == 1, stderr
+        assert case.id in MID_RUN or not any("━" in line for line in lines), "found before any work started"
+    out = env.tmp / "out"
+    if out not in before:
+        assert not out.exists(), "a failure before the first row leaves nothing behind"

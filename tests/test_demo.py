@@ -7,7 +7,8 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightopd.data.store import open_store, verify
+from lightopd.data.reader import verify
+from lightopd.data.store import open_store
 from lightopd.provenance import read_provenance
 from lightopd.stages import demo
 from lightopd.tasks import addition as A

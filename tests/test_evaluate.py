@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightopd.config import EvalConfig
-from lightopd.data.store import iter_batches
+from lightopd.data.reader import iter_batches
 from lightopd.stages import evaluate
-from tests.helpers import cli, do_rollout, do_score, last_json, run_cli, write_jsonl
+from tests.helpers import do_rollout, do_score, last_json, run_cli, write_jsonl
 from tests.reference import completion_logits, log_softmax64
 
 
@@ -83,24 +83,6 @@ def test_end_to_end_accuracy_against_known_answers(tiny_model, tmp_path):
     assert compared["compare"]["eval"]["accuracy"] == 0.5
 
 
-@pytest.mark.parametrize("records,extra,message", [
-    ([{"prompt": "w1"}], [], "line 1: no 'answer' field"),
-    ([{"prompt": "w1", "answer": "w2"}], ["--checker", "fuzzy"], "--checker: must be one of auto, exact, math"),
-    ([{"prompt": "w1", "answer": "w2"}], ["--data", "/nonexistent/store"], "no such store directory"),
-])
-def test_bad_input(monkeypatch, capsys, tiny_model, tmp_path, records, extra, message):
-    prompts = write_jsonl(tmp_path / "p.jsonl", records)
-    code, stdout, stderr = cli(monkeypatch, capsys, "eval", "--model", str(tiny_model), "--prompts", str(prompts),
-                               *extra)
-    assert code == 2 and message in stderr and stdout == "" and "Traceback" not in stderr
-
-
-def test_compare_needs_readable_results(monkeypatch, capsys, tmp_path):
-    (tmp_path / "bad.json").write_text("{not json")
-    code, _, stderr = cli(monkeypatch, capsys, "eval", "--compare", str(tmp_path / "bad.json"))
-    assert code == 2 and "not a readable eval result" in stderr
-
-
 def test_compare_writes_a_bar_chart(tmp_path):
     from PIL import Image
 
@@ -118,9 +100,3 @@ def test_compare_writes_a_bar_chart(tmp_path):
         images.append(Image.open(png).convert("L"))
     assert images[0].size == images[1].size
     assert images[0].tobytes() != images[1].tobytes()  # the bars' heights are drawn from the results
-
-
-def test_plot_only_with_compare(monkeypatch, capsys, tiny_model, tmp_path):
-    code, _, stderr = cli(monkeypatch, capsys, "eval", "--model", str(tiny_model), "--prompts", "x.jsonl",
-                          "--plot", str(tmp_path / "c.png"))
-    assert code == 2 and "--plot: only with --compare" in stderr

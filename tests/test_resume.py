@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from lightopd.data.store import verify
+from lightopd.data.reader import verify
 from tests.helpers import do_rollout, last_json, read_rows, run_cli, write_jsonl
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightopd.data.store import ROLLOUT_SCHEMA, open_store, shard_name, verify
+from lightopd.data.reader import verify
+from lightopd.data.store import ROLLOUT_SCHEMA, open_store, shard_name
 from lightopd.tiny import make_model
 from tests.helpers import do_rollout, read_rows, run_workers, write_jsonl
 from tests.reference import completion_logits, nucleus_logprobs

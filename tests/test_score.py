@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightopd.data.store import TEACHER_FORMAT, open_store, teacher_schema, verify
+from lightopd.data.reader import verify
+from lightopd.data.store import TEACHER_FORMAT, open_store, teacher_schema
 from lightopd.engine.forward import PositionLogits
 from lightopd.tiny import make_model
 from tests.helpers import do_score, read_rows

@@ -1,80 +1,17 @@
-"""score-teacher: bad input refused before compute; workers, kills and re-runs never lose or duplicate rows."""
+"""score-teacher: workers, kills and re-runs never lose or duplicate rows (bad input: test_bad_input.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
-
-from lightopd.data.store import open_store, verify
-from lightopd.tiny import default_words, make_model
-from tests.helpers import cli, do_rollout, do_score, last_json, read_rows, run_cli, run_workers, write_jsonl
-
-
-@pytest.fixture
-def score_bad(monkeypatch, capsys, teacher_model, rollout_store, tmp_path):
-    def run(*extra: str, teacher=teacher_model, rollouts=rollout_store) -> str:
-        out = tmp_path / "out"
-        code, stdout, stderr = cli(monkeypatch, capsys, "score-teacher", "--teacher", str(teacher),
-                                   "--data", str(rollouts), "--out", str(out), *extra)
-        assert code == 2, stderr
-        assert "Traceback" not in stderr and stdout == "" and stderr.startswith("error: ")
-        assert not out.exists(), "nothing is written for bad input"
-        return stderr
-
-    return run
-
-
-def test_teacher_with_another_vocabulary(score_bad, tmp_path):
-    other = make_model(tmp_path / "other", default_words(41), seed=3)
-    err = score_bad(teacher=other)
-    assert "its tokenizer (sha256:" in err and "differs from the one the rollouts were sampled with (sha256:" in err
-    assert str(other) in err
-
-
-@pytest.mark.parametrize("k", ["0", "51"])
-def test_k_out_of_range(score_bad, k):
-    assert "--top-k" in score_bad("--top-k", k)
-
-
-def test_bad_worker_spec(score_bad):
-    assert "--worker: expected 0 <= I < N" in score_bad("--worker", "2/2")
-    assert "--worker: expected I/N" in score_bad("--worker", "half")
-
-
-def test_incomplete_rollout_store(score_bad, rollout_store, tmp_path):
-    partial = tmp_path / "partial"
-    shutil.copytree(rollout_store, partial)
-    manifest = json.loads((partial / "manifest.json").read_text())
-    manifest["shards"] = manifest["shards"][:2]
-    manifest["complete"] = False
-    (partial / "manifest.json").write_text(json.dumps(manifest))
-    assert "store is incomplete (2 of 4 shards)" in score_bad(rollouts=partial)
-
-
-def test_corrupt_rollout_store(score_bad, rollout_store, tmp_path):
-    damaged = tmp_path / "damaged"
-    shutil.copytree(rollout_store, damaged)
-    shard = damaged / "part-00002.parquet"
-    data = bytearray(shard.read_bytes())
-    data[100] ^= 1
-    shard.write_bytes(bytes(data))
-    assert "damaged store (part-00002.parquet: corrupt" in score_bad(rollouts=damaged)
-
-
-def test_not_a_rollout_store(score_bad, tmp_path):
-    assert "not a lightopd store" in score_bad(rollouts=tmp_path)
-
-
-def test_rows_longer_than_teacher_context(score_bad, tmp_path):
-    short = make_model(tmp_path / "short", seed=2, context=8)
-    assert "longer than the teacher's context of 8" in score_bad(teacher=short)
+from lightopd.data.reader import verify
+from lightopd.data.store import open_store
+from tests.helpers import do_rollout, do_score, last_json, read_rows, run_cli, run_workers, write_jsonl
 
 
 def test_two_concurrent_workers_fill_one_store(teacher_model, rollout_store, tmp_path):

@@ -7,7 +7,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from lightopd.data.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA, iter_batches, open_store, verify
+from lightopd.data.reader import iter_batches, verify
+from lightopd.data.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA, open_store
 from lightopd.data.writer import StoreWriter
 from lightopd.errors import InputError
 from tests.helpers import last_json, run_cli

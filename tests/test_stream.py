@@ -16,7 +16,7 @@ def names(manifest: dict) -> list[str]:
 def test_each_group_whole_and_once_per_epoch(rollout_store, monkeypatch, read_rows):
     monkeypatch.setattr(S, "READ_BATCH_ROWS", read_rows)
     manifest = open_store(rollout_store)
-    stream = S.GroupStream(rollout_store, names(manifest), ["sample_index"], seed=1, buffer_size=3)
+    stream = S.GroupStream(rollout_store, manifest, names(manifest), ["sample_index"], seed=1, buffer_size=3)
     first = [next(stream) for _ in range(10)]
     second = [next(stream) for _ in range(10)]
     for epoch in (first, second):
@@ -31,7 +31,7 @@ def test_each_group_whole_and_once_per_epoch(rollout_store, monkeypatch, read_ro
 
 def test_seeded_and_resumable(rollout_store):
     manifest = open_store(rollout_store)
-    make = lambda seed: S.GroupStream(rollout_store, names(manifest), [], seed=seed, buffer_size=4)  # noqa: E731
+    make = lambda seed: S.GroupStream(rollout_store, manifest, names(manifest), [], seed=seed, buffer_size=4)  # noqa: E731
     ids = lambda s, n: [next(s).column("prompt_id")[0].as_py() for _ in range(n)]  # noqa: E731
     full = ids(make(0), 25)
     assert full == ids(make(0), 25)
@@ -42,6 +42,7 @@ def test_seeded_and_resumable(rollout_store):
 
 
 def test_take_rows_takes_whole_groups(rollout_store):
-    stream = S.GroupStream(rollout_store, names(open_store(rollout_store)), [], seed=0, buffer_size=4)
+    manifest = open_store(rollout_store)
+    stream = S.GroupStream(rollout_store, manifest, names(manifest), [], seed=0, buffer_size=4)
     step = stream.take_rows(5)
     assert [g.num_rows for g in step] == [2, 2, 2] and stream.consumed == 3

@@ -35,11 +35,16 @@ def _raw_records(path: Path):
     """Yield (where, record) pairs from a JSONL or Parquet file."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path} line {lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line is "
+                                     f"{raw[e.start:e.start + 1]!r})") from None
                 if not line.strip():
                     continue
-                where = f"{path} line {lineno}"
                 try:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as e:

@@ -1,8 +1,9 @@
-"""Sharded Parquet stores, read side: schemas, the manifest, a streaming reader, verification.
+"""Sharded Parquet stores: formats and schemas, and the manifest, read and checked.
 
 A store is a directory holding `manifest.json` and shards `part-NNNNN.parquet`; the manifest
-lists every complete shard with its rows, tokens, bytes and sha256, and is the only place
-metadata lives. Writing is writer.py's job.
+lists every complete shard with its rows, tokens, bytes and sha256, carries the store's id
+(which every shard repeats in its Parquet metadata), and is the only place metadata lives.
+Reading shards, each checked against the manifest, is reader.py's job; writing, writer.py's.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lightopd.errors import InputError
 
@@ -22,6 +21,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: teacher_log_tail column; tokenizer fingerprints cover the vocabulary alone
 ROLLOUT_FORMAT = "lightopd.rollouts"
 SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
+SHARD_KEYS = ("rows", "tokens", "bytes", "sha256")
+STORE_ID_KEY = b"lightopd.store_id"  # the Parquet key-value metadata every shard carries
 
 ROLLOUT_SCHEMA = pa.schema(
     [
@@ -90,15 +91,23 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or "format" not in manifest or "shards" not in manifest:
-        raise InputError(f"{path}: not a lightopd manifest (no 'format' or 'shards')")
+    if not isinstance(manifest, dict) or "format" not in manifest or not isinstance(manifest.get("shards"), list):
+        raise InputError(f"{path}: not a lightopd manifest (no 'format' or 'shards' list)")
+    for i, entry in enumerate(manifest["shards"]):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not SHARD_RE.match(name):
+            raise InputError(f"{path}: shard entry {i} names {name!r}, which is not a shard of this store "
+                             "(part-NNNNN.parquet); a manifest never points outside its directory")
+        missing = next((key for key in SHARD_KEYS if not isinstance(entry.get(key), (int, str))), None)
+        if missing:
+            raise InputError(f"{path}: shard entry {i} ({name}) has no valid {missing!r}")
     return manifest
 
 
 def check_version(directory: str | Path, manifest: dict) -> None:
     """InputError unless the store is of the format this lightopd reads and writes."""
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or not isinstance(manifest.get("store_id"), str):
         raise InputError(f"{directory}: a store of format version {version}, and this lightopd reads version "
                          f"{FORMAT_VERSION} (version 2 added the teacher's exact tail mass and fingerprints "
                          "tokenizers by their vocabulary alone); re-run the command that wrote it")
@@ -114,65 +123,16 @@ def open_store(directory: str | Path, formats: tuple[str, ...] | None = None) ->
     check_version(directory, manifest)
     if formats is not None and manifest["format"] not in formats:
         raise InputError(f"{directory}: is a {manifest['format']!r} store; expected {' or '.join(formats)}")
-    if not manifest.get("complete"):
+    listed = sorted(shard_index(s["name"]) for s in manifest["shards"])
+    if not manifest.get("complete") or listed != list(range(manifest.get("num_shards", -1))):
         raise InputError(
             f"{directory}: store is incomplete ({len(manifest['shards'])} of "
             f"{manifest.get('num_shards')} shards); re-run the command that writes it to finish it"
         )
+    if sum(s["rows"] for s in manifest["shards"]) != manifest.get("rows"):
+        raise InputError(f"{directory}: its manifest's shards hold {sum(s['rows'] for s in manifest['shards'])} rows "
+                         f"and it says {manifest.get('rows')}; the manifest was edited or damaged")
     return manifest
-
-
-def iter_batches(
-    directory: str | Path,
-    columns: list[str] | None = None,
-    batch_size: int = 1024,
-    manifest: dict | None = None,
-) -> Iterator[pa.RecordBatch]:
-    """Stream record batches from the listed shards in order, reading only `columns`."""
-    directory = Path(directory)
-    manifest = manifest if manifest is not None else open_store(directory)
-    for shard in manifest["shards"]:
-        with pq.ParquetFile(directory / shard["name"]) as pf:
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
-
-
-def verify(directory: str | Path) -> list[str]:
-    """Every problem found in the store: missing, partial, unlisted or corrupt shards."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    problems = []
-    listed = {s["name"] for s in manifest["shards"]}
-    for shard in manifest["shards"]:
-        path = directory / shard["name"]
-        if not path.is_file():
-            problems.append(f"{shard['name']}: missing")
-            continue
-        if path.stat().st_size != shard["bytes"]:
-            problems.append(f"{shard['name']}: corrupt ({path.stat().st_size} bytes, manifest says {shard['bytes']})")
-            continue
-        if sha256_file(path) != shard["sha256"]:
-            problems.append(f"{shard['name']}: corrupt (sha256 differs from the manifest)")
-            continue
-        try:
-            rows = pq.ParquetFile(path).metadata.num_rows
-        except (OSError, pa.ArrowException) as e:
-            problems.append(f"{shard['name']}: corrupt (unreadable Parquet: {e})")
-            continue
-        if rows != shard["rows"]:
-            problems.append(f"{shard['name']}: corrupt ({rows} rows, manifest says {shard['rows']})")
-    for path in sorted(directory.iterdir()):
-        if SHARD_RE.match(path.name) and path.name not in listed:
-            problems.append(f"{path.name}: partial (on disk but not listed in the manifest)")
-        elif path.name.startswith(".part-") and path.name.endswith(".tmp"):
-            problems.append(f"{path.name}: partial (temporary file of an interrupted write)")
-    planned = manifest.get("num_shards")
-    if planned is not None:
-        missing = [shard_name(i) for i in range(planned) if shard_name(i) not in listed]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            problems.append(f"store incomplete: {len(missing)} of {planned} shards not written "
-                            f"({', '.join(missing[:3])}{more})")
-    return problems
 
 
 def describe(directory: str | Path) -> dict:

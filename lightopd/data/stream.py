@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lightopd.data.reader import shard_path
 from lightopd.errors import InputError
 
 Group = pa.RecordBatch  # the rows of one prompt
@@ -57,9 +58,12 @@ def _concat(pieces: list[pa.RecordBatch]) -> Group:
 
 
 class GroupStream:
-    def __init__(self, directory: str | Path, shards: list[str], columns: list[str], seed: int | str,
-                 buffer_size: int):
+    def __init__(self, directory: str | Path, manifest: dict, shards: list[str], columns: list[str],
+                 seed: int | str, buffer_size: int):
+        """The groups of `shards` (names listed in `manifest`), each shard verified as it is opened."""
         self.directory = Path(directory)
+        self.manifest = manifest
+        self.entries = {s["name"]: s for s in manifest["shards"]}
         self.shards = list(shards)
         self.columns = sorted(set(columns) | {"prompt_id"})
         self.seed = seed
@@ -73,7 +77,8 @@ class GroupStream:
         rng.shuffle(order)
         buffer: list[Group] = []
         for name in order:
-            for group in _groups_of_shard(self.directory / name, self.columns):
+            path = shard_path(self.directory, self.manifest, self.entries[name])
+            for group in _groups_of_shard(path, self.columns):
                 buffer.append(group)
                 if len(buffer) >= self.buffer_size:
                     i = rng.randrange(len(buffer))
@@ -148,8 +153,8 @@ class StepStream:
     def __init__(self, directory: str | Path, manifest: dict, columns: list[str], seed: int, buffer_size: int,
                  parts: int = 1, rank: int = 0, world: int = 1):
         split = split_shards(manifest, parts)
-        self.parts = {p: GroupStream(directory, split[p], columns, seed if parts == 1 else f"{seed}:part{p}",
-                                     buffer_size)
+        self.parts = {p: GroupStream(directory, manifest, split[p], columns,
+                                     seed if parts == 1 else f"{seed}:part{p}", buffer_size)
                       for p in range(rank, parts, world)}
 
     def take_step(self, rows_per_part: int) -> list[Group]:

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightopd import __version__
+from lightopd.data.lock import LOCK, exclusive
 from lightopd.data.store import (
     FORMAT_VERSION,
     MANIFEST,
+    STORE_ID_KEY,
     check_version,
     read_manifest,
     sha256_file,
@@ -123,10 +126,18 @@ class StoreWriter:
         self.parquet_options = parquet_options or {"compression": "zstd"}
         self.format = fmt
         self.num_shards = num_shards
+        self.created = False  # this writer made the store: `discard` may remove it
         manifest_path = self.directory / MANIFEST
         if self.directory.exists() and not self.directory.is_dir():
             raise InputError(f"{self.directory}: exists and is not a directory")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        made_directory = not self.directory.exists()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{self.directory}: cannot create the store directory ({e.strerror})") from None
+        if not os.access(self.directory, os.W_OK):
+            raise InputError(f"{self.directory}: not writable")
+        self._made_directory = made_directory
         with _locked(self.directory):
             if manifest_path.exists():
                 manifest = read_manifest(self.directory)
@@ -142,6 +153,7 @@ class StoreWriter:
                 manifest = {
                     "format": fmt,
                     "format_version": FORMAT_VERSION,
+                    "store_id": uuid.uuid4().hex,
                     "lightopd_version": __version__,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     **metadata,
@@ -152,6 +164,18 @@ class StoreWriter:
                     "shards": [],
                 }
                 _write_json_atomic(manifest_path, manifest)
+                self.created = True
+        self.store_id = manifest["store_id"]
+
+    def discard(self) -> None:
+        """Remove the store this writer created if no shard was written to it yet: a run that fails
+        before its first row leaves nothing behind."""
+        if not self.created or self.manifest()["shards"]:
+            return
+        for path in (self.directory / MANIFEST, self.directory / ".lock"):
+            path.unlink(missing_ok=True)
+        if self._made_directory and not any(self.directory.iterdir()):
+            self.directory.rmdir()
 
     def _check_compatible(self, manifest: dict, metadata: dict) -> None:
         if manifest.get("format") != self.format:
@@ -184,6 +208,7 @@ class StoreWriter:
         name = shard_name(index)
         final = self.directory / name
         tmp = _tmp_path(final)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), STORE_ID_KEY: self.store_id.encode()})
         with pa.OSFile(str(tmp), "wb") as sink:
             pq.write_table(table, sink, row_group_size=max(1, min(len(table), 4096)), **self.parquet_options)
         with open(tmp, "rb+") as f:
@@ -215,6 +240,25 @@ class StoreWriter:
             change(manifest)
             _write_json_atomic(self.directory / MANIFEST, manifest)
         return manifest
+
+
+@contextlib.contextmanager
+def shard_work(directory: str | Path, fmt: str, metadata: dict, num_shards: int, worker: str,
+               parquet_options: dict | None = None) -> Iterator[ShardWork]:
+    """This worker's share of a store, for the duration of a run: the worker's lock on the store (a
+    second process with the same --out and --worker stops, naming the first), the writer, and, if
+    the run fails before any row is written, no store left behind (one worker only: with several,
+    another may be writing)."""
+    index, count = parse_worker(worker)
+    what = f"--out {directory}" + (f" --worker {worker}" if count > 1 else "")
+    with exclusive(directory, what, LOCK if count == 1 else f".worker-{index}-of-{count}.lock"):
+        writer = StoreWriter(directory, fmt, metadata, num_shards, parquet_options)
+        try:
+            yield ShardWork(writer, worker)
+        except BaseException:
+            if count == 1:
+                writer.discard()
+            raise
 
 
 class ShardWork:

@@ -19,6 +19,7 @@ from lightopd.config import SamplingSpec
 from lightopd.data.batching import plan_generation
 from lightopd.engine.models import ModelInfo
 from lightopd.engine.sampling import choose, row_key, uniforms
+from lightopd.errors import NonFiniteLogits
 
 
 @dataclass
@@ -96,6 +97,9 @@ def generate(
     stopped = torch.zeros(n_rows, dtype=torch.bool, device=device)
 
     for step in range(tokens_out.shape[1]):
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits(f"the model's logits are not finite (NaN or inf) at decoding step {step}: its "
+                                  "weights hold NaN or inf, or it overflows in this dtype")
         u = torch.from_numpy(uniforms(row_keys[rows.cpu().numpy()], step))
         tok, lp = choose(logits, sampling.temperature, sampling.top_p, u)
         live = ~finished[rows]

@@ -4,6 +4,7 @@ length, EOS and pad ids, the tokenizer's vocabulary and the output layer's rows.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,41 @@ def check_model_dir(path: str | Path, what: str = "--model") -> Path:
             f"{what} {path}: no *.safetensors weights; lightopd loads weights only from safetensors "
             "(convert pickled .bin checkpoints first)"
         )
+    for f in weight_files(p):
+        problem = safetensors_problem(f)
+        if problem:
+            raise InputError(f"{what} {path}: {f.name} is {problem}; re-download or re-save the model")
     return p
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (truncated, not safetensors), read from its
+    header alone; None if the header parses and the file holds every byte it promises."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes)"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"truncated or not a safetensors file (a header of {length} bytes in {size})"
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "not a safetensors file (its header is not JSON)"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    needed = 8 + length + max(ends, default=0)
+    return None if size >= needed else f"truncated ({size} bytes of {needed})"
+
+
+def read_error(e: Exception, path: str | Path, what: str, thing: str) -> InputError:
+    """An InputError for a model directory transformers could not read, with the way out when the
+    model ships its own code."""
+    if "trust_remote_code" in str(e):
+        return InputError(f"{what} {path}: its {thing} needs Python code shipped in the model directory; pass "
+                          "--trust-remote-code if you trust its source")
+    return InputError(f"{what} {path}: cannot read its {thing} ({e})")
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -56,16 +91,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, what: str = "--model"):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot load a tokenizer ({e})") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise read_error(e, path, what, "tokenizer") from None
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
+               what: str = "--model"):
     """A causal LM from a local directory, in eval mode, on `device`, from safetensors only."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -75,8 +111,8 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot load a causal language model ({e})") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise read_error(e, path, what, "weights as a causal language model") from None
     return model.to(device).eval()
 
 
@@ -136,7 +172,10 @@ def model_info(path: str | Path, tokenizer, trust_remote_code: bool = False, wha
     weights; InputError if its output layer has fewer rows than its tokenizer has ids."""
     from transformers import AutoConfig, GenerationConfig
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise read_error(e, path, what, "config") from None
     try:
         generation_config = GenerationConfig.from_pretrained(str(path))
     except OSError:

@@ -14,6 +14,7 @@ import torch
 
 from lightopd.data.batching import pack_rows
 from lightopd.engine.forward import PositionLogits
+from lightopd.errors import NonFiniteLogits
 from lightopd.objectives.stats import SPLIT, LogprobStats, logprob_stats
 
 
@@ -39,7 +40,11 @@ class Scorer:
         parts = []
         for lo in range(0, len(targets), self.chunk_positions):
             hi = min(lo + self.chunk_positions, len(targets))
-            parts.append(logprob_stats(logits_of(lo, hi), targets[lo:hi], self.temperature, k=self.k))
+            logits = logits_of(lo, hi)
+            if not bool(torch.isfinite(logits).all()):
+                raise NonFiniteLogits("the teacher's logits are not finite (NaN or inf): its weights hold NaN or "
+                                      "inf, or it overflows in this dtype")
+            parts.append(logprob_stats(logits, targets[lo:hi], self.temperature, k=self.k))
         stats = LogprobStats(**{name: torch.cat([getattr(p, name) for p in parts]).cpu()
                                 for name in SPLIT if getattr(parts[0], name) is not None})
         return stats.rows(lengths)

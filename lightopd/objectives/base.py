@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from lightopd.options import check, opt
+from lightopd.options import MIN_TEMPERATURE, check, opt
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -41,8 +41,8 @@ class ObjectiveParams:
                                           "student that sampled the store has lq_y = ℓμ.")
 
     def __post_init__(self) -> None:
-        check(self.temperature is None or self.temperature > 0, "objective.temperature",
-              f"must be > 0, got {self.temperature}")
+        check(self.temperature is None or self.temperature >= MIN_TEMPERATURE, "objective.temperature",
+              f"must be at least {MIN_TEMPERATURE}, got {self.temperature}")
 
 
 @dataclass(frozen=True)

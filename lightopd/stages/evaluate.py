@@ -10,8 +10,10 @@ mean over completion tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,10 @@ import torch
 
 from lightopd.config import EvalConfig
 from lightopd.data.batching import TokenBatches
+from lightopd.data.lock import exclusive
 from lightopd.data.prompts import encode_all, read_prompts
-from lightopd.data.store import TEACHER_FORMAT, iter_batches, open_store
+from lightopd.data.reader import iter_batches
+from lightopd.data.store import TEACHER_FORMAT, open_store
 from lightopd.engine import models
 from lightopd.engine.forward import PositionLogits
 from lightopd.engine.generate import sample_prompts
@@ -128,7 +132,27 @@ def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int) ->
             "teacher": manifest["teacher"]["path"], "top_k": k}
 
 
+def output_lock(out: str | None):
+    """The lock of `--out FILE` (another eval writing the same file stops, naming this one), after
+    checking the file can be written there: a bad --out fails now, not after all the sampling."""
+    if out is None:
+        return contextlib.nullcontext()
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"--out {out}: is a directory; give the result file's path")
+    if not path.parent.is_dir():
+        raise InputError(f"--out {out}: no such directory {path.parent}")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"--out {out}: not writable")
+    return exclusive(path.parent, f"--out {out}", f".{path.name}.lock")
+
+
 def run(cfg: EvalConfig) -> dict:
+    with output_lock(cfg.out):
+        return _run(cfg)
+
+
+def _run(cfg: EvalConfig) -> dict:
     spec, sampling = cfg.model, cfg.sampling
     model_dir = models.check_model_dir(spec.path)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
@@ -158,7 +182,10 @@ def compare(paths: list[str], plot: str | None = None) -> dict:
     results = []
     for p in paths:
         try:
-            results.append(json.loads(Path(p).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            result = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"--compare {p}: not a readable eval result ({e})") from None
+        if not isinstance(result, dict):
+            raise InputError(f"--compare {p}: not an eval result (a JSON object), found a {type(result).__name__}")
+        results.append(result)
     return compare_results(results, [Path(p).stem for p in paths], plot)

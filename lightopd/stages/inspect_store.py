@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from lightopd.config import InspectConfig
-from lightopd.data.store import describe, verify
+from lightopd.data.reader import verify
+from lightopd.data.store import describe
 from lightopd.progress import console
 from lightopd.report import render_store
 

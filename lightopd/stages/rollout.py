@@ -18,9 +18,10 @@ import pyarrow as pa
 from lightopd.config import RolloutConfig
 from lightopd.data.prompts import encode_all, file_fingerprint, read_prompts
 from lightopd.data.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA
-from lightopd.data.writer import ShardWork, StoreWriter
+from lightopd.data.writer import shard_work
 from lightopd.engine import models
 from lightopd.engine.generate import sample_prompts
+from lightopd.errors import NonFiniteLogits
 from lightopd.progress import StageProgress
 from lightopd.provenance import model_fingerprint, read_provenance, tokenizer_fingerprint
 
@@ -82,20 +83,24 @@ def run(cfg: RolloutConfig) -> dict:
         "prompts_per_shard": cfg.prompts_per_shard,
     }
     per_shard = cfg.prompts_per_shard
-    writer = StoreWriter(cfg.out, ROLLOUT_FORMAT, metadata, math.ceil(len(records) / per_shard))
-    work = ShardWork(writer, cfg.worker)
-    if work.todo:
-        model = models.load_model(model_dir, device, dtype, spec.trust_remote_code)
-        rows = lambda shards: sum(min(per_shard, len(records) - i * per_shard) for i in shards) * sampling.n  # noqa: E731
-        with StageProgress("rollout", total=rows(work.mine), completed=rows(set(work.mine) - set(work.todo))) as bar:
-            for shard in work.todo:
-                lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(records))
-                shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
-                completions = sample_prompts(
-                    model, shard_ids, [r.id for r in shard_records], sampling, cfg.generation_batch_size, info,
-                    on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
-                table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n)
-                writer.write_shard(shard, table, tokens, prompt_tokens=sum(len(x) for x in shard_ids) * sampling.n)
-                work.new_tokens += tokens
-            work.work_seconds = bar.seconds
-    return work.summary("rollout")
+    with shard_work(cfg.out, ROLLOUT_FORMAT, metadata, math.ceil(len(records) / per_shard), cfg.worker) as work:
+        if work.todo:
+            model = models.load_model(model_dir, device, dtype, spec.trust_remote_code)
+            rows = lambda shards: sum(min(per_shard, len(records) - i * per_shard) for i in shards) * sampling.n  # noqa: E731
+            with StageProgress("rollout", total=rows(work.mine),
+                               completed=rows(set(work.mine) - set(work.todo))) as bar:
+                for shard in work.todo:
+                    lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(records))
+                    shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
+                    try:
+                        completions = sample_prompts(
+                            model, shard_ids, [r.id for r in shard_records], sampling, cfg.generation_batch_size,
+                            info, on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+                    except NonFiniteLogits as e:
+                        raise NonFiniteLogits(f"--model {spec.path}: {e}") from None
+                    table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n)
+                    work.writer.write_shard(shard, table, tokens,
+                                            prompt_tokens=sum(len(x) for x in shard_ids) * sampling.n)
+                    work.new_tokens += tokens
+                work.work_seconds = bar.seconds
+        return work.summary("rollout")

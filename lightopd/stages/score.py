@@ -23,20 +23,19 @@ import torch
 
 from lightopd.config import ScoreConfig
 from lightopd.data.batching import pack_by_tokens
+from lightopd.data.reader import iter_batches, shard_path, verify
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
     TEACHER_FORMAT,
-    iter_batches,
     manifest_fingerprint,
     open_store,
     shard_index,
     teacher_schema,
-    verify,
 )
-from lightopd.data.writer import ShardWork, StoreWriter
+from lightopd.data.writer import ShardWork, shard_work
 from lightopd.engine import models
 from lightopd.engine.scoring import Scorer
-from lightopd.errors import InputError
+from lightopd.errors import InputError, NonFiniteLogits
 from lightopd.objectives.stats import LogprobStats
 from lightopd.progress import StageProgress, warn
 from lightopd.provenance import eos_mismatch, model_fingerprint, tokenizer_fingerprint
@@ -109,7 +108,7 @@ def run(cfg: ScoreConfig) -> dict:
     spec = cfg.teacher
     teacher_dir = models.check_model_dir(spec.path, "--teacher")
     rollout_manifest = _check_rollouts(cfg)
-    tokenizer = models.load_tokenizer(teacher_dir, spec.trust_remote_code)
+    tokenizer = models.load_tokenizer(teacher_dir, spec.trust_remote_code, "--teacher")
     teacher_tok = tokenizer_fingerprint(tokenizer)
     rollout_tok = rollout_manifest["tokenizer"]["fingerprint"]
     if teacher_tok != rollout_tok:
@@ -145,33 +144,41 @@ def run(cfg: ScoreConfig) -> dict:
         "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
                     "vocab_size": info.vocab},
     }
-    writer = StoreWriter(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], PARQUET_OPTIONS)
-    work = ShardWork(writer, cfg.worker)
+    with shard_work(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], cfg.worker,
+                    PARQUET_OPTIONS) as work:
+        if work.todo:
+            model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code, "--teacher")
+            try:
+                _score_shards(cfg, work, Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements),
+                              rollout_manifest)
+            except NonFiniteLogits as e:
+                raise NonFiniteLogits(f"--teacher {spec.path}: {e}") from None
+        return work.summary("score-teacher")
+
+
+def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer, rollout_manifest: dict) -> None:
+    """Score this worker's remaining shards; writing a shard overlaps scoring the next."""
     shards = {shard_index(s["name"]): s for s in rollout_manifest["shards"]}
-    if work.todo:
-        model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code)
-        scorer = Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements)
-        pending: Future | None = None
-        with ThreadPoolExecutor(max_workers=1) as io, StageProgress(
-            "score-teacher", total=sum(shards[i]["rows"] for i in work.todo)
-        ) as bar:
-            for index in work.todo:
-                rollouts = pq.read_table(Path(cfg.data) / shards[index]["name"])
-                prompts = rollouts["prompt_ids"].to_pylist()
-                completions = rollouts["completion_ids"].to_pylist()
-                stats: list[LogprobStats | None] = [None] * len(prompts)
-                lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
-                for batch in pack_by_tokens(lengths, cfg.micro_batch_tokens):
-                    scored = scorer.score([prompts[i] for i in batch], [completions[i] for i in batch])
-                    for i, s in zip(batch, scored, strict=True):
-                        stats[i] = s
-                    bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
-                table = teacher_table(rollouts, stats, cfg.topk_dtype)
-                if pending is not None:
-                    pending.result()  # at most one shard waits to be written while the next is scored
-                pending = io.submit(writer.write_shard, index, table, shards[index]["tokens"])
-                work.new_tokens += shards[index]["tokens"]
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as io, StageProgress(
+        "score-teacher", total=sum(shards[i]["rows"] for i in work.todo)
+    ) as bar:
+        for index in work.todo:
+            rollouts = pq.read_table(shard_path(cfg.data, rollout_manifest, shards[index]))
+            prompts = rollouts["prompt_ids"].to_pylist()
+            completions = rollouts["completion_ids"].to_pylist()
+            stats: list[LogprobStats | None] = [None] * len(prompts)
+            lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+            for batch in pack_by_tokens(lengths, cfg.micro_batch_tokens):
+                scored = scorer.score([prompts[i] for i in batch], [completions[i] for i in batch])
+                for i, s in zip(batch, scored, strict=True):
+                    stats[i] = s
+                bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
+            table = teacher_table(rollouts, stats, cfg.topk_dtype)
             if pending is not None:
-                pending.result()
-            work.work_seconds = bar.seconds
-    return work.summary("score-teacher")
+                pending.result()  # at most one shard waits to be written while the next is scored
+            pending = io.submit(work.writer.write_shard, index, table, shards[index]["tokens"])
+            work.new_tokens += shards[index]["tokens"]
+        if pending is not None:
+            pending.result()
+        work.work_seconds = bar.seconds

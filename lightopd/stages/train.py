@@ -12,6 +12,7 @@ runs the loop (training/loop.py). Under torchrun every rank runs this; rank 0 al
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -21,6 +22,7 @@ import torch
 
 from lightopd import __version__
 from lightopd.config import TrainConfig
+from lightopd.data.lock import LOCK, exclusive
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
     TEACHER_FORMAT,
@@ -99,11 +101,35 @@ def check_on_policy(cfg: TrainConfig, name: str, manifest: dict, student: dict, 
          "the student itself, or pass --allow-off-policy to silence this")
 
 
+# settings that may differ when a run is resumed; any other difference changes what is trained
+MAY_CHANGE_ON_RESUME = ("steps", "epochs", "save_every", "micro_batch_tokens", "device", "allow_teacher_mismatch",
+                        "allow_off_policy")
+
+
+def resume_differences(checkpoint: dict, now: dict, at_step: int, total: int) -> list[str]:
+    """Every difference between a checkpoint's provenance and this run's that would change the result."""
+    out = []
+    old, new = checkpoint.get("train", {}), now["train"]
+    for key in sorted(set(old) | set(new)):
+        if key not in MAY_CHANGE_ON_RESUME and old.get(key) != new.get(key):
+            out.append(f"--{key.replace('_', '-')}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
+    fingerprint = lambda record, block: (record.get(block) or {}).get("fingerprint")  # noqa: E731
+    for what, a, b in (("the objective", checkpoint.get("objective"), now["objective"]),
+                       ("--data (its manifest)", fingerprint(checkpoint, "data"), fingerprint(now, "data")),
+                       ("--student", fingerprint(checkpoint, "parent"), fingerprint(now, "parent"))):
+        if a != b:
+            out.append(f"{what}: {a} in the checkpoint, {b} now")
+    if total < at_step:
+        out.append(f"--steps: the checkpoint is at step {at_step}, past the {total} steps asked for")
+    return out
+
+
 def run(cfg: TrainConfig, params: ObjectiveParams) -> dict | None:
-    """Train; returns the result on rank 0 (None on other ranks)."""
+    """Train; returns the result on rank 0 (None on other ranks). Rank 0 holds --out for the run."""
     world, device = distributed.join(cfg.student.device)
     try:
-        result = _run(cfg, params, world, device)
+        with exclusive(cfg.out, f"--out {cfg.out}") if world.main else contextlib.nullcontext():
+            result = _run(cfg, params, world, device)
     except BaseException:
         distributed.leave(world, clean=False)
         raise
@@ -120,7 +146,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     manifest = check_data(cfg, cfg.objective, kind(params).requirements())
     sampling = sampling_of(manifest)
     params = student_temperature(params, sampling)
-    tokenizer = models.load_tokenizer(student_dir, spec.trust_remote_code)
+    tokenizer = models.load_tokenizer(student_dir, spec.trust_remote_code, "--student")
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
         raise InputError(
             f"--student {spec.path}: its vocabulary ({tokenizer_fingerprint(tokenizer)}) differs from the "
@@ -144,7 +170,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         warn(f"--resume: no checkpoint in {out}/checkpoints; starting from the beginning")
-    if not cfg.resume and out.exists() and any(out.iterdir()):
+    if not cfg.resume and out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise InputError(f"--out {out}: already holds files; pass --resume to continue its run, "
                          "or choose another --out")
     parts = data_parts_for(cfg.batch_size, cfg.data_parts, manifest, world.size, cfg.data)
@@ -171,11 +197,17 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     if resume_from is not None:
         state = load_state(resume_from)
         check_resumable(state, resume_from, world, parts, cfg.fsdp and world.active)
+        differences = resume_differences(read_provenance(resume_from) or {}, provenance, state["step"],
+                                         objective.total_steps)
+        if differences:
+            raise InputError(f"--resume: {resume_from} was made with other settings ({'; '.join(differences)}). "
+                             "Resume with the checkpoint's settings, or train into a new --out; only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in MAY_CHANGE_ON_RESUME)} may change")
     world.barrier()  # every rank has passed every check before rank 0 writes anything
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = models.load_model(resume_from or student_dir, device, torch.float32, spec.trust_remote_code)
+    model = models.load_model(resume_from or student_dir, device, torch.float32, spec.trust_remote_code, "--student")
     trainer = Trainer(cfg, objective, model, data, objective.total_steps, world)
     stream = StepStream(cfg.data, manifest, ["prompt_ids", "completion_ids", *trainer.columns], cfg.seed,
                         cfg.shuffle_buffer, parts, world.rank, world.size)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightopd.data.stream import StepStream
-from lightopd.errors import TrainingError
+from lightopd.errors import InputError, TrainingError
 from lightopd.progress import StageProgress
 from lightopd.training.checkpoints import latest_checkpoint, save_checkpoint, save_model, trainer_state
 from lightopd.training.trainer import Trainer
@@ -37,23 +37,53 @@ class Run:
 
 
 def open_metrics(run: Run, main: bool) -> Path:
-    """OUT/metrics.jsonl, emptied for a new run or cut back to the checkpoint's step for a resumed one."""
+    """OUT/metrics.jsonl, emptied for a new run or cut back to the checkpoint's step for a resumed one
+    (a last line cut short by a kill is dropped; damage elsewhere is an InputError naming the line)."""
     path = run.out / "metrics.jsonl"
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
         if run.start_step:
-            kept = [line for line in path.read_text().splitlines()
-                    if json.loads(line)["step"] <= run.start_step] if path.exists() else []
-            path.write_text("".join(line + "\n" for line in kept))
+            path.write_text("".join(line + "\n" for line in kept_metrics(path, run.start_step)))
         else:
             path.unlink(missing_ok=True)
     return path
+
+
+def kept_metrics(path: Path, step: int) -> list[str]:
+    """The lines of `path` of steps up to `step`."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            recorded = record["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if number == len(lines):
+                break  # the line a killed run was writing
+            raise InputError(f"{path} line {number}: not a metrics record; remove the damaged line to resume") from None
+        if recorded <= step:
+            kept.append(line)
+    return kept
 
 
 def fit(trainer: Trainer, stream: StepStream, run: Run) -> dict:
     """Train from `run.start_step` to `run.total_steps`; returns tokens, the last record and seconds."""
     world = trainer.world
     metrics_path = open_metrics(run, world.main)
+    try:
+        return _fit(trainer, stream, run, metrics_path)
+    except BaseException:
+        if world.main and not run.start_step and _steps_logged(metrics_path) == 0:
+            metrics_path.unlink(missing_ok=True)  # failed before its first step: leave --out as it was
+        raise
+
+
+def _steps_logged(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _fit(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path) -> dict:
+    world = trainer.world
     started = time.perf_counter()
     total_tokens, last = 0, None
     with StageProgress("train", total=run.total_steps, completed=run.start_step, disable=not world.main) as bar, \

@@ -45,6 +45,8 @@ class TrainData:
 
 
 class Trainer:
+    """One optimizer step at a time of `objective` on `model` (see the module doc)."""
+
     def __init__(self, cfg: TrainConfig, objective: Objective, model, data: TrainData, total_steps: int,
                  world: World = distributed.SINGLE):
         self.cfg, self.objective, self.model, self.data, self.world = cfg, objective, model, data, world
@@ -120,9 +122,20 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._non_finite_weights():
+            raise TrainingError(f"the update made a weight non-finite (loss {loss}, grad norm {grad_norm}, lr {lr}); "
+                                "a smaller --lr or --grad-clip keeps the weights finite")
         record = {"loss": loss, "lr": lr, "tokens": tokens, "rows": step_rows, "grad_norm": grad_norm}
         for name, total in sums.items():
             record["is_ratio_mean" if name == "is_ratio" else name] = total / tokens
         if "is_ratio" in sums:
             record["is_ratio_max"] = ratio_max
         return record
+
+    def _non_finite_weights(self) -> bool:
+        """Whether any weight on any rank is NaN or inf (one synchronisation; every rank gets the answer)."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor shard under FSDP
+            bad += (~torch.isfinite(local)).any()
+        return bool(self.world.sum(bad) > 0)

@@ -1,0 +1,104 @@
+"""Reading a store's shards, each verified against the manifest before any of it is used.
+
+Every reader (train's stream, eval, score-teacher reading rollouts, inspect) goes through
+`shard_path`, which checks a listed shard right before it is opened: it exists, has the listed
+size, carries this store's id in its Parquet metadata (a shard copied in from another store is
+named as such), and hashes to the listed sha256, in one sequential read that leaves the file in
+the page cache for the Parquet reader. `verify` audits a whole store for `inspect --verify`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lightopd.data.store import SHARD_RE, STORE_ID_KEY, open_store, read_manifest, sha256_file, shard_name
+from lightopd.errors import InputError
+
+READ_CHUNK = 8 << 20
+
+
+def shard_id(path: Path) -> str | None:
+    """The store id a shard's Parquet metadata names (None if it names none)."""
+    metadata = pq.read_metadata(path).metadata or {}
+    value = metadata.get(STORE_ID_KEY)
+    return None if value is None else value.decode()
+
+
+def shard_problem(directory: Path, entry: dict, store_id: str | None) -> str | None:
+    """What is wrong with a listed shard, or None if it is the one the manifest lists: its size and
+    sha256 as listed, and this store's id in its Parquet metadata (a shard copied in from another
+    store is called foreign, also when its manifest entry was patched to match it)."""
+    path = directory / entry["name"]
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    damage = None
+    if size != entry["bytes"]:
+        damage = f"corrupt ({size} bytes, manifest says {entry['bytes']})"
+    elif sha256_file(path, READ_CHUNK) != entry["sha256"]:
+        damage = "corrupt (sha256 differs from the manifest)"
+    try:
+        owner = shard_id(path)
+    except (OSError, pa.ArrowException) as e:
+        return damage or "corrupt (unreadable Parquet: " + " ".join(str(e).split()) + ")"
+    if owner != store_id:
+        return (f"foreign: it belongs to store {owner}, not to this store ({store_id}); a shard copied in "
+                "from another store")
+    return damage
+
+
+def shard_path(directory: str | Path, manifest: dict, entry: dict) -> Path:
+    """The path of a listed shard, after checking it (see module doc); InputError naming it otherwise."""
+    directory = Path(directory)
+    problem = shard_problem(directory, entry, manifest["store_id"])
+    if problem is not None:
+        raise InputError(f"{directory}: shard {entry['name']} is {problem}; `lightopd inspect --verify` lists every "
+                         "problem of the store, and re-running the command that wrote it rewrites what is damaged")
+    return directory / entry["name"]
+
+
+def iter_batches(
+    directory: str | Path,
+    columns: list[str] | None = None,
+    batch_size: int = 1024,
+    manifest: dict | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Stream record batches from the listed shards in order, each verified, reading only `columns`."""
+    directory = Path(directory)
+    manifest = manifest if manifest is not None else open_store(directory)
+    for entry in manifest["shards"]:
+        with pq.ParquetFile(shard_path(directory, manifest, entry)) as pf:
+            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def verify(directory: str | Path) -> list[str]:
+    """Every problem found in the store: missing, partial, unlisted, foreign or corrupt shards."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    problems = []
+    listed = {s["name"] for s in manifest["shards"]}
+    for entry in manifest["shards"]:
+        problem = shard_problem(directory, entry, manifest.get("store_id"))
+        if problem is None:
+            rows = pq.ParquetFile(directory / entry["name"]).metadata.num_rows
+            if rows != entry["rows"]:
+                problem = f"corrupt ({rows} rows, manifest says {entry['rows']})"
+        if problem is not None:
+            problems.append(f"{entry['name']}: {problem}")
+    for path in sorted(directory.iterdir()):
+        if SHARD_RE.match(path.name) and path.name not in listed:
+            problems.append(f"{path.name}: partial (on disk but not listed in the manifest)")
+        elif path.name.startswith(".part-") and path.name.endswith(".tmp"):
+            problems.append(f"{path.name}: partial (temporary file of an interrupted write)")
+    planned = manifest.get("num_shards")
+    if planned is not None:
+        missing = [shard_name(i) for i in range(planned) if shard_name(i) not in listed]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            problems.append(f"store incomplete: {len(missing)} of {planned} shards not written "
+                            f"({', '.join(missing[:3])}{more})")
+    return problems
