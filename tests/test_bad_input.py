@@ -272,6 +272,8 @@ CASES = [
     Case("deleted shard", lambda e: train(e, data=_delete(e.copy(e.teacher_store, "t"))), 2,
          "part-00000.parquet is missing"),
     Case("foreign shard, train", lambda e: train(e, data=foreign_shard(e)), 2, "part-00001.parquet is foreign"),
+    Case("foreign shard, eval", lambda e: evaluate(e, "--data", str(foreign_shard(e))), 2,
+         "part-00001.parquet is foreign"),
     Case("foreign shard, inspect", lambda e: ["inspect", "--verify", str(foreign_shard(e))], 2,
          "part-00001.parquet: foreign"),
     Case("manifest entry without bytes", lambda e: train(e, data=edited(
@@ -290,7 +292,8 @@ CASES = [
 
 
 MID_RUN = {"model with NaN weights", "teacher with NaN weights",  # found once sampling or scoring has begun
-           "bit flip, train", "bit flip, eval", "truncated shard", "deleted shard", "foreign shard, train"}
+           "bit flip, train", "bit flip, eval", "truncated shard", "deleted shard", "foreign shard, train",
+           "foreign shard, eval"}
 USAGE = {"n not a number"}  # click's own usage error: exit 2 with its usage lines
 
 
