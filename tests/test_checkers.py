@@ -1,4 +1,4 @@
-"""Answer checkers on tricky cases."""
+"""Answer checkers on tricky cases: markers on both sides, numbers as whole tokens, tags, user checkers."""
 
 import sys
 
@@ -24,6 +24,20 @@ from lightopd.tasks.checkers import check, last_boxed
     ("it was 12 at first\nAnswer: 8", "8", True),                              # Answer: beats the last number
     ("answer: 8 (not 9)", "8", False),                                         # the whole line is the answer
     ("\\boxed{5}\n#### 6", "5", True),                                         # the box comes first
+    # numbers are whole tokens
+    ("w4", "4", False),                                                        # a word holding a digit
+    ("it is x2", "2", False),
+    ("it is .5", "0.5", True),                                                 # a leading point
+    ("it is .5", "5", False),
+    ("it is 1e3", "1000", True),                                               # scientific notation
+    ("it is 1e3", "3", False),
+    ("it is \u22125", "-5", True),                                             # a Unicode minus
+    ("it is \u22125", "5", False),
+    ("version 1.2.3", "3", False),
+    ("it costs $18.", "18", True),
+    ("<answer>12</answer> and later 13", "12", True),                          # the tag beats the last number
+    ("<answer>\\boxed{7}</answer>", "7", True),
+    ("Answer: 72 apples", "72", True),                                         # words around one number
 ])
 def test_math_and_auto(text, reference, expected):
     assert check(text, reference, "math")[0] is expected
@@ -35,6 +49,23 @@ def test_exact_folds_white_space_only():
     assert check("W4", "w4", "exact")[0] is False
     assert check("", "w4", "exact") == (False, None)
     assert check("w4", "w4", "auto")[0] is True  # a non-numeric reference: exact
+
+
+@pytest.mark.parametrize("completion", ["so it is 72", "3 + 4\n#### 72", "the total is \\boxed{72}",
+                                        "<answer>72</answer>", "Answer: $72", "it makes 72."])
+@pytest.mark.parametrize("reference", ["Natalia sold 48/2 = 24 clips.\n48 + 24 = 72\n#### 72", "72",
+                                       "so \\boxed{72}", "<answer>72</answer>"])
+def test_references_are_read_like_completions(completion, reference):
+    """A GSM8K rationale ending in `#### 72`, a MATH solution's box, a tag: the reference's answer is 72."""
+    assert check(completion, reference, "auto") == (True, check(completion, reference, "math")[1])
+    assert check(completion.replace("72", "73"), reference, "auto")[0] is False
+
+
+def test_a_tagged_answer_that_is_not_a_number_is_matched_exactly():
+    assert check("I think <answer>True</answer>", "True") == (True, "True")
+    assert check("I think <answer> True </answer>", "<answer>True</answer>")[0] is True
+    assert check("<answer>False</answer>", "True")[0] is False
+    assert check("True, I think", "True")[0] is False  # without a tag the whole text is the answer
 
 
 def test_last_boxed():
