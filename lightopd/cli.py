@@ -19,10 +19,18 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lightopd import __version__
-from lightopd.config import DemoConfig, EvalConfig, InspectConfig, RolloutConfig, ScoreConfig, TrainConfig
+from lightopd.config import (
+    DemoConfig,
+    EvalConfig,
+    InspectConfig,
+    PromptsConfig,
+    RolloutConfig,
+    ScoreConfig,
+    TrainConfig,
+)
 from lightopd.errors import InputError, TrainingError
 from lightopd.objectives import OBJECTIVES
-from lightopd.options import Option, build, describe, metavar, options
+from lightopd.options import Option, build, describe, flag_of, metavar, options
 from lightopd.progress import console
 
 app = typer.Typer(
@@ -90,7 +98,7 @@ def _root(
     """Offline on-policy distillation: each command writes a store on disk for the next."""
 
 
-@command("rollout", RolloutConfig, """Sample a model on a prompt file into a sharded rollout store.
+@command("rollout", RolloutConfig, """Sample a model on a prompt source into a sharded rollout store.
 
 Each row holds the prompt and completion token ids and the log-prob of every sampled token under
 exactly the distribution sampled from (this temperature and top-p; never the model's own
@@ -163,7 +171,7 @@ def _train(values: dict, given: dict) -> None:
 
 @command("eval", EvalConfig, """Measure a model: accuracy on verifiable answers (accuracy, pass@k, majority vote,
 completion length, truncation rate) and agreement with a teacher store. Or, with --compare, show
-saved results side by side.""", optional=("model",), extra=(
+saved results side by side.""", optional=("model", "prompts"), extra=(
     _extra("results", Optional[list[str]], typer.Argument(
         help="With --compare: eval result files (JSON) to show side by side.", metavar="RESULT.json",
         show_default=False)),
@@ -181,6 +189,9 @@ def _eval(values: dict, given: dict) -> None:
     if values.pop("compare"):
         if not results:
             raise InputError("--compare: give the eval result files to compare")
+        ignored = next((key for key in given if key not in ("results", "compare", "plot")), None)
+        if ignored is not None:
+            raise InputError(f"{flag_of(ignored)}: not used with --compare, which only reads saved results")
         _emit(evaluate.compare(results, plot))
         return
     if plot is not None:
@@ -192,8 +203,20 @@ def _eval(values: dict, given: dict) -> None:
     _emit(evaluate.run(build(EvalConfig, values)))
 
 
+@command("prompts", PromptsConfig, """Write a prompt file (JSONL) from a reasoning-gym task or another prompt source.
+
+`lightopd prompts reasoning-gym:chain_sum --n 1000 --seed 0 --out p.jsonl` draws 1000 records of
+a reasoning-gym task (question, answer, metadata; check them with `eval --checker reasoning-gym`).
+From a file or a Hugging Face dataset, records are written with the fields lightopd recognises
+(id, prompt or messages, answer) after the field mapping, and every other field kept beside them.""")
+def _prompts(values: dict, given: dict) -> None:
+    from lightopd.stages import prompts
+
+    _emit(prompts.run(build(PromptsConfig, values)))
+
+
 @command("inspect", InspectConfig, "Describe a store: format, fingerprints, parameters, shards, rows, tokens, "
-                                   "bytes per token; with --verify, check it.")
+                                   "bytes per token; with --verify, check it; with --show N, print N rows decoded.")
 def _inspect(values: dict, given: dict) -> None:
     from lightopd.stages import inspect_store
 

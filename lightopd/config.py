@@ -3,10 +3,11 @@
 Each option is declared once, here (or, for objective parameters, beside its loss), with its
 default and help text (`options.opt`); the command line is generated from these declarations
 and each dataclass validates itself, so a bad value is reported before any work starts.
-Shared parts: `ModelSpec` (a model and how to run it: path, device, dtype, remote code) and
-`SamplingSpec` (n, temperature, top-p, max new tokens, seed), composed by the stages that load a
-model or sample one; single options used by several stages (`--limit`, `--worker`, ...) are
-declared once below and reused. `train` adds recipes and `--set` (layering.py).
+The shared parts (specs.py): `ModelSpec` (a model and how to run it), `SamplingSpec` (n,
+temperature, top-p, max new tokens, seed) and `SourceSpec` and `RenderSpec` (a prompt source and its field mapping;
+chat rendering and prompt length), composed by the stages that load a model, sample one or read
+prompts, and single options used by several stages (`--limit`, `--worker`, ...). `train` adds
+recipes and `--set` (layering.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,20 @@ from typing import Any
 
 from lightopd.objectives import OBJECTIVES
 from lightopd.options import MIN_TEMPERATURE, build, check, opt, parse_worker
-from lightopd.tasks.checkers import CHECKERS
+from lightopd.specs import (
+    ModelSpec,
+    RenderSpec,
+    SamplingSpec,
+    SourceSpec,
+    check_device,
+    device_option,
+    generation_batch_size_option,
+    limit_option,
+    micro_batch_tokens_option,
+    worker_option,
+)
+from lightopd.tasks.verifiers import NAMES, is_checker
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOPK_DTYPES = ("float16", "float32")
 SCHEDULES = ("constant", "linear", "cosine")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -33,79 +44,6 @@ class Config:
         return build(cls, values)
 
 
-# ---- options shared by several stages, declared once ----
-
-def _device() -> Any:
-    return opt("auto", "Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.", metavar="DEVICE",
-               at_end=True)
-
-
-def _worker() -> Any:
-    return opt("0/1", "I/N: write only shards i with i % N == I, so N processes (one per GPU, or the tasks of a "
-                      "job array on a shared filesystem) fill one store together; rows do not depend on the split.",
-               metavar="I/N")
-
-
-def _limit() -> Any:
-    return opt(None, "Use only the first N prompt records.", metavar="N")
-
-
-def _generation_batch_size() -> Any:
-    return opt(64, "Sequences decoded together (prompts are grouped by length); lower it if memory runs out.",
-               metavar="N")
-
-
-def _micro_batch_tokens(default: int, what: str) -> Any:
-    return opt(default, f"Padded tokens per forward pass{what}; rows are packed longest first to this budget.",
-               metavar="N")
-
-
-def check_device(device: str) -> None:
-    check(device in DEVICES or device.startswith("cuda:"), "--device",
-          f"must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
-
-
-# ---- shared parts ----
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """A Hugging Face causal LM and how to run it."""
-
-    path: str = opt(help="A local Hugging Face causal-LM directory (safetensors weights).", metavar="DIR",
-                    parent_name=True)
-    device: str = _device()
-    dtype: str = opt("auto", "Precision the model computes in; auto is bfloat16 on CUDA, float32 elsewhere. "
-                             "Inference loads the weights in it; train keeps float32 weights and optimizer state "
-                             "and computes forward and backward under autocast to it.", choices=DTYPES, metavar="DTYPE",
-                     at_end=True)
-    trust_remote_code: bool = opt(False, "Allow Python code shipped inside the model directory to run.", at_end=True)
-
-    def __post_init__(self) -> None:
-        check_device(self.device)
-        check(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingSpec:
-    """The distribution sampled from: exactly this, never a model's own generation defaults."""
-
-    n: int = opt(1, "Samples per prompt.", metavar="N")
-    temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding.", metavar="T")
-    top_p: float = opt(1.0, "Nucleus sampling: draw from the smallest set of most likely tokens holding this much "
-                            "probability; 1 disables it.", metavar="P")
-    max_new_tokens: int = opt(256, "Most tokens generated per sample (fewer if the model's context ends first).",
-                              metavar="N")
-    seed: int = opt(0, "Seed of every sample's random stream: the same seed and inputs give the same samples, "
-                       "whatever the batching.", metavar="S")
-
-    def __post_init__(self) -> None:
-        check(self.n >= 1, "--n", f"samples per prompt must be >= 1, got {self.n}")
-        check(self.temperature == 0 or self.temperature >= MIN_TEMPERATURE, "--temperature",
-              f"must be 0 (greedy decoding) or at least {MIN_TEMPERATURE}, got {self.temperature}")
-        check(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}")
-        check(self.max_new_tokens >= 1, "--max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
-
-
 # ---- the stages ----
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,15 +51,15 @@ class RolloutConfig(Config):
     """`lightopd rollout`: sample a model on a prompt file into a rollout store."""
 
     model: ModelSpec = opt(help="The model to sample.")
-    prompts: str = opt(help="Prompt file, .jsonl or .parquet: records with `prompt` or `messages`, optional `id` "
-                            "and `answer`.", metavar="FILE")
+    prompts: SourceSpec = opt(help="The prompts to sample.")
+    render: RenderSpec = opt(RenderSpec())
     out: str = opt(help="Directory of the rollout store to write (or to resume, if it holds an unfinished one).",
                    metavar="DIR")
     sampling: SamplingSpec = opt(SamplingSpec())
-    limit: int | None = _limit()
-    generation_batch_size: int = _generation_batch_size()
+    limit: int | None = limit_option()
+    generation_batch_size: int = generation_batch_size_option()
     prompts_per_shard: int = opt(256, "Prompts per Parquet shard, the unit of resumption.", metavar="N")
-    worker: str = _worker()
+    worker: str = worker_option()
 
     def __post_init__(self) -> None:
         check(self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}")
@@ -142,8 +80,8 @@ class ScoreConfig(Config):
     top_k: int = opt(32, "Teacher log-probs stored per position: its k most likely tokens.", metavar="K")
     temperature: float = opt(1.0, "Scoring temperature: every statistic is of softmax(logits / temperature).",
                              metavar="T")
-    worker: str = _worker()
-    micro_batch_tokens: int = _micro_batch_tokens(8192, " (no gradients, so larger than train's)")
+    worker: str = worker_option()
+    micro_batch_tokens: int = micro_batch_tokens_option(8192, " (no gradients, so larger than train's)")
     topk_dtype: str = opt("float16", "Storage dtype of the top-k log-probs (float16 halves the store; its rounding "
                                      "is documented in the README).", choices=TOPK_DTYPES)
     chunk_elements: int = opt(1 << 23, "Logit entries reduced at once (bounds the float32 scratch).", cli=False)
@@ -173,7 +111,7 @@ class TrainConfig(Config):
     epochs: float | None = opt(None, "Passes over the store, instead of --steps.", metavar="E")
     batch_size: int = opt(16, "Sequences per optimizer step over all ranks; a prompt's samples stay together.",
                           metavar="N")
-    micro_batch_tokens: int = _micro_batch_tokens(4096, "; gradients accumulate over the step's micro-batches")
+    micro_batch_tokens: int = micro_batch_tokens_option(4096, "; gradients accumulate over the step's micro-batches")
     lr: float = opt(1e-5, "Peak learning rate (AdamW).", metavar="LR")
     schedule: str = opt("constant", "Learning-rate schedule after warmup.", choices=SCHEDULES)
     warmup_steps: int = opt(0, "Linear warmup steps.", metavar="N")
@@ -228,27 +166,54 @@ class EvalConfig(Config):
     """`lightopd eval`: verifiable accuracy on prompts with answers, and agreement with a teacher store."""
 
     model: ModelSpec = opt(help="The model to evaluate.")
-    prompts: str | None = opt(None, "Prompt file (.jsonl or .parquet) whose records all have an `answer`.",
-                              metavar="FILE")
+    prompts: SourceSpec | None = opt(None, "Prompts to check answers on (every record needs a reference answer).")
+    render: RenderSpec = opt(RenderSpec())
     data: str | None = opt(None, "A teacher store: also measure agreement with its teacher on its rows (tail-bucket "
                                  "rkl and fkl, k1, top-1 agreement; token means).", metavar="DIR")
     out: str | None = opt(None, "Also write the result JSON to this file.", metavar="FILE")
+    log_samples: str | None = opt(None, "Also write every sample to this JSONL file: prompt id and text, sample index, "
+                                        "completion text, the answer read from it, the reference, the verdict.",
+                                  metavar="FILE")
     sampling: SamplingSpec = opt(SamplingSpec())
-    limit: int | None = _limit()
-    checker: str = opt("auto", "How answers are compared: auto (math when the answer is a number or the text has "
-                               "\\boxed{}), exact (white-space-folded string), math (last \\boxed{}, '#### x', "
-                               "'Answer: x' or last number, compared by value).", choices=CHECKERS)
-    generation_batch_size: int = _generation_batch_size()
-    micro_batch_tokens: int = _micro_batch_tokens(4096, " of the teacher-agreement pass")
+    limit: int | None = opt(None, "Use only the first N prompt records, and the rows of --data's first N prompts.",
+                            metavar="N")
+    checker: str = opt("auto", "How answers are compared: auto (math when the reference's answer is a number or "
+                               "either side has \\boxed{}, else exact), exact, math, reasoning-gym (the task's own "
+                               "scoring), or MODULE:FUNCTION / FILE.py:FUNCTION, your own function(completion, "
+                               "reference, metadata) -> bool. Answers are read from <answer> tags, \\boxed{}, "
+                               "'#### x' or 'Answer: x', in the completion and the reference alike (README: "
+                               "Checkers).", metavar="NAME")
+    generation_batch_size: int = generation_batch_size_option()
+    micro_batch_tokens: int = micro_batch_tokens_option(4096, " of the teacher-agreement pass")
 
     def __post_init__(self) -> None:
         check(self.prompts is not None or self.data is not None, "--prompts/--data",
               "give prompts to check answers on, a teacher store to measure agreement with, or both")
-        check(self.checker in CHECKERS, "--checker", f"must be one of {', '.join(CHECKERS)}, got {self.checker!r}")
+        check(self.prompts is not None or self.render == RenderSpec(), "--chat/--system-prompt/...",
+              "only with --prompts (they say how prompts are rendered)")
+        check(self.prompts is not None or self.log_samples is None, "--log-samples", "only with --prompts")
+        check(is_checker(self.checker), "--checker",
+              f"must be one of {', '.join(NAMES)} or MODULE:FUNCTION, got {self.checker!r}")
         check(self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}")
         check(self.generation_batch_size >= 1, "--generation-batch-size",
               f"must be >= 1, got {self.generation_batch_size}")
         check(self.micro_batch_tokens >= 1, "--micro-batch-tokens", f"must be >= 1, got {self.micro_batch_tokens}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptsConfig(Config):
+    """`lightopd prompts`: write a prompt file (JSONL) from a reasoning-gym task or another prompt source."""
+
+    source: SourceSpec = opt(help="What to write records of: reasoning-gym:TASK, a task of the reasoning-gym "
+                                  "package (e.g. chain_sum; `pip install 'lightopd[reasoning-gym]'`), whose records "
+                                  "keep its question, answer and metadata; or any prompt source.", argument=True)
+    out: str = opt(help="The JSONL file to write (it must not exist yet).", metavar="FILE")
+    n: int | None = opt(None, "Records to write: the size of a reasoning-gym task's dataset [default: 1000], or the "
+                              "first N records of another source [default: all].", metavar="N")
+    seed: int = opt(0, "Seed of a reasoning-gym task's generator.", metavar="S")
+
+    def __post_init__(self) -> None:
+        check(self.n is None or self.n >= 1, "--n", f"must be >= 1, got {self.n}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,6 +223,11 @@ class InspectConfig(Config):
     data: str = opt(help="A store directory (holding manifest.json).", metavar="STORE", argument=True)
     verify: bool = opt(False, "Check every shard's checksum and row count; exit 2 naming any shard that is missing, "
                               "partial or corrupt.")
+    show: int = opt(0, "Also print the first N rows, decoded with the tokenizer of the model that sampled them: "
+                       "prompt, completion, answer, metadata, and per-row means of the stored log-probs.", metavar="N")
+
+    def __post_init__(self) -> None:
+        check(self.show >= 0, "--show", f"must be >= 0, got {self.show}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -292,7 +262,7 @@ class DemoConfig(Config):
     student_dropout: bool = opt(True, "Train the student with its dropout (GPT-2's 0.1) on, in SFT and OPD alike: "
                                       "a 52k-parameter student that sees each stored rollout a few times needs the "
                                       "regularisation (train turns dropout off unless asked).")
-    device: str = _device()
+    device: str = device_option()
 
     def __post_init__(self) -> None:
         for name in ("sft_prompts", "sft_steps", "sft_batch_size", "opd_prompts", "opd_steps", "opd_batch_size",

@@ -106,6 +106,8 @@ def options(cls: type, path: tuple[str, ...] = (), parent: str | None = None, pa
             key = parent
             if parent_doc is not None and parent_doc.help:
                 doc = dataclasses.replace(doc, help=f"{parent_doc.help} {doc.help}")
+            if parent_doc is not None and parent_doc.argument:
+                doc = dataclasses.replace(doc, argument=True)
         out.append(Option(key, (*path, f.name), kind, optional, f.default, doc))
     keys = [o.key for o in out]
     duplicate = next((k for k in keys if keys.count(k) > 1), None)
@@ -131,13 +133,33 @@ def _build(cls: type, values: dict, by_path: dict, path: tuple[str, ...]) -> Any
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in fields(cls):
-        kind, _ = _unwrap(hints[f.name])
+        kind, optional = _unwrap(hints[f.name])
         here = (*path, f.name)
-        if is_dataclass(kind):
+        if is_dataclass(kind) and optional and _absent(kind, values, by_path, here):
+            kwargs[f.name] = None
+        elif is_dataclass(kind):
             kwargs[f.name] = _build(kind, values, by_path, here)
         elif by_path[here] in values:
             kwargs[f.name] = values[by_path[here]]
     return cls(**kwargs)
+
+
+def _absent(kind: type, values: dict, by_path: dict, path: tuple[str, ...]) -> bool:
+    """Whether an optional nested config is left out: its required option (the one named after it)
+    is not given. Then its other options must not be given either."""
+    mine = {k: p for p, k in by_path.items() if p[:len(path)] == path}
+    required = [k for k, p in mine.items() if _leaf(kind, p[len(path):]).default is MISSING]
+    if any(values.get(k) is not None for k in required):
+        return False
+    for key, p in mine.items():
+        if key not in required and key in values and values[key] != _leaf(kind, p[len(path):]).default:
+            raise InputError(f"{flag_of(key)}: only with {', '.join(map(flag_of, required))}")
+    return True
+
+
+def _leaf(kind: type, path: tuple[str, ...]) -> dataclasses.Field:
+    f = {f.name: f for f in fields(kind)}[path[0]]
+    return f if len(path) == 1 else _leaf(typing.get_type_hints(kind)[path[0]], path[1:])
 
 
 def flatten(config: Any) -> dict[str, Any]:
@@ -146,8 +168,9 @@ def flatten(config: Any) -> dict[str, Any]:
     for o in options(type(config)):
         value = config
         for name in o.path:
-            value = getattr(value, name)
-        out[o.key] = value
+            value = MISSING if value is None or value is MISSING else getattr(value, name)
+        # an option of a nested config left out: None for the option that names it, else the default
+        out[o.key] = value if value is not MISSING else (None if o.required else o.default)
     return out
 
 

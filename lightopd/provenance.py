@@ -24,6 +24,7 @@ from pathlib import Path
 from lightopd.data.store import ROLLOUT_FORMAT
 from lightopd.engine.models import check_model_dir, weight_files
 from lightopd.errors import InputError
+from lightopd.hub import locate
 from lightopd.progress import warn
 
 PROVENANCE = "lightopd.json"
@@ -101,6 +102,13 @@ def write_provenance(path: str | Path, record: dict) -> None:
     (Path(path) / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def named(model: dict) -> str:
+    """A model record's name for messages: its Hub id and commit when it has them, else its path."""
+    if model.get("hub_id"):
+        return f"{model['hub_id']}@{str(model.get('commit'))[:12]}"
+    return model["path"]
+
+
 def sft_teacher_of(manifest: dict, learns_from_teacher: bool, student: str, declared_path: str | None,
                    parent: dict | None, allow_mismatch: bool) -> dict | None:
     """The SFT teacher to record in a trained model's provenance, after the consistency gate.
@@ -114,17 +122,18 @@ def sft_teacher_of(manifest: dict, learns_from_teacher: bool, student: str, decl
         return {"path": writer["path"], "fingerprint": writer["fingerprint"]}
     if declared_path is not None:
         path = check_model_dir(declared_path, "--sft-teacher")
-        declared = {"path": str(path.resolve()), "fingerprint": model_fingerprint(path)}
+        declared = {"path": str(path.resolve()), **locate(declared_path).record(),
+                    "fingerprint": model_fingerprint(path)}
     else:
         declared = (parent or {}).get("sft_teacher")
     teacher = manifest["teacher"]
     if declared is None:
         warn(f"--student {student} has no recorded SFT teacher (no lightopd.json, no --sft-teacher), so "
-             f"teacher consistency cannot be checked against the scoring teacher {teacher['path']}. " + CONSISTENCY)
+             f"teacher consistency cannot be checked against the scoring teacher {named(teacher)}. " + CONSISTENCY)
         return None
     if declared["fingerprint"] != teacher["fingerprint"]:
-        message = (f"the student's SFT teacher ({declared['path']}, {declared['fingerprint']}) is not the teacher "
-                   f"that scored --data ({teacher['path']}, {teacher['fingerprint']}). " + CONSISTENCY)
+        message = (f"the student's SFT teacher ({named(declared)}, {declared['fingerprint']}) is not the teacher "
+                   f"that scored --data ({named(teacher)}, {teacher['fingerprint']}). " + CONSISTENCY)
         if not allow_mismatch:
             raise InputError(message + " Pass --allow-teacher-mismatch to train anyway.")
         warn(message)

@@ -44,6 +44,27 @@ def render_eval(*results: dict, names: list[str] | None = None) -> None:
     console.print(table)
 
 
+def _leaves(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def setting_differences(results: list[dict], names: list[str]) -> list[str]:
+    """One line per setting that differs between eval results (prompts, sampling, checker, limit, the
+    store): their numbers are not measured alike, so a side-by-side reading needs care."""
+    lines = [f"{name} records no settings (made by an older lightopd); they cannot be checked"
+             for name, r in zip(names, results, strict=True) if "settings" not in r]
+    flat = [_leaves(r["settings"]) for r in results if "settings" in r]
+    named = [n for n, r in zip(names, results, strict=True) if "settings" in r]
+    for key in dict.fromkeys(k for f in flat for k in f if k not in ("prompts.path", "data.path")):
+        values = [f.get(key) for f in flat]
+        if any(v != values[0] for v in values):
+            lines.append(f"results made with different {key}: " + ", ".join(f"{n}={v}" for n, v in
+                                                                            zip(named, values, strict=True)))
+    return lines
+
+
 def compare_results(results: list[dict], names: list[str], plot: str | None = None) -> dict:
     """Saved eval results side by side: the table, the summary JSON, and a bar chart with `plot`."""
     render_eval(*results, names=names)
@@ -152,3 +173,17 @@ def _save(fig, plt, path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def render_rows(rows: list[dict]) -> None:
+    """Decoded store rows (`inspect --show`), one panel each."""
+    from rich.panel import Panel
+    from rich.text import Text
+
+    for row in rows:
+        body = Text()
+        for key in ("prompt", "completion"):
+            body.append(f"{key}: ", style="bold").append(f"{row[key]}\n")
+        rest = {k: v for k, v in row.items() if k not in ("prompt", "completion", "prompt_id", "sample_index")}
+        body.append("  ".join(f"{k}={v}" for k, v in rest.items() if v is not None), style="dim")
+        console.print(Panel(body, title=f"{row['prompt_id']} #{row['sample_index']}", title_align="left"))

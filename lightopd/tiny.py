@@ -1,10 +1,11 @@
 """Tiny random Hugging Face models and tokenizers, built from configs and saved like real ones.
 
 For tests, benchmarks, and trying the pipeline without downloading anything:
-`python -m lightopd.tiny OUT_DIR [--vocab N] [--arch llama|gpt2]`. The tokenizer is word-level
-(whitespace-separated words `w0 w1 ...`), prepends `<s>`, ends with `</s>`, and has a chat
-template; the model is a randomly initialised Llama (rotary positions) or GPT-2 (learned
-absolute positions).
+`python -m lightopd.tiny OUT_DIR [--words N] [--arch llama|gpt2] [--chat-model] [--vocab-from FILE]`.
+The tokenizer is word-level (whitespace-separated words `w0 w1 ...`, plus those of FILE),
+prepends `<s>`, ends with `</s>`, and has a chat template (with `--chat-model`, one shaped like
+Qwen3's: turns end with `</s>`, and `enable_thinking=false` writes an empty think block); the
+model is a randomly initialised Llama (rotary positions) or GPT-2 (learned absolute positions).
 """
 
 from __future__ import annotations
@@ -16,14 +17,35 @@ from pathlib import Path
 import torch
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # a template whose turns do not end with the end token, as a base model's does not
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}assistant : {% endif %}"
 )
+CHAT_MODEL_TEMPLATE = (  # a chat model's, shaped like Qwen3's: a turn ends with </s>; enable_thinking=false
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"  # writes an empty think block
+    "{% if add_generation_prompt %}assistant : "
+    "{% if enable_thinking is defined and enable_thinking is false %}<think> </think> {% endif %}{% endif %}"
+)
+CHAT_MODEL_WORDS = ["system", "<think>", "</think>"]
 
 
 def default_words(count: int) -> list[str]:
     return [f"w{i}" for i in range(count)] + ["user", "assistant", ":", "?", "what", "is"]
+
+
+def words_from(path: str | Path) -> list[str]:
+    """The distinct whitespace-separated words of a text file, or of every string in a JSONL file's
+    records, in order of appearance: a vocabulary in which that text decodes as it reads."""
+    text = Path(path).read_text()
+    if Path(path).suffix == ".jsonl":
+        def strings(value):
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, (list, dict)):
+                for v in value.values() if isinstance(value, dict) else value:
+                    yield from strings(v)
+        text = " ".join(s for line in text.splitlines() if line.strip() for s in strings(json.loads(line)))
+    return list(dict.fromkeys(text.split()))
 
 
 def make_tokenizer(words: list[str], chat_template: str | None = CHAT_TEMPLATE):
@@ -113,9 +135,19 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-from", type=Path, metavar="FILE", action="append", default=[],
+                    help="also give the vocabulary every word of FILE (text, or the strings of a JSONL file's "
+                         "records), so prompts written in it decode as they read (repeatable)")
+    ap.add_argument("--chat-model", action="store_true",
+                    help="a chat model's tokenizer: its template ends each turn with </s> and takes enable_thinking")
     args = ap.parse_args()
-    path = make_model(args.out, default_words(args.words), args.arch, args.hidden, args.layers, args.context, args.seed)
-    print(json.dumps({"model": str(path), "vocab_size": len(make_tokenizer(default_words(args.words)))}))
+    words = default_words(args.words) + (CHAT_MODEL_WORDS if args.chat_model else [])
+    for path in args.vocab_from:
+        words += [w for w in words_from(path) if w not in words and w not in SPECIALS]
+    template = CHAT_MODEL_TEMPLATE if args.chat_model else CHAT_TEMPLATE
+    path = make_model(args.out, words, args.arch, args.hidden, args.layers, args.context, args.seed,
+                      chat_template=template)
+    print(json.dumps({"model": str(path), "vocab_size": len(make_tokenizer(words))}))
 
 
 if __name__ == "__main__":

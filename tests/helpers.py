@@ -5,6 +5,7 @@ independent float64 references in reference.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,12 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m lightopd ARGS` in a subprocess, as a user's shell script would."""
-    proc = subprocess.run([sys.executable, "-m", "lightopd", *args], capture_output=True, text=True)
+def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run `python -m lightopd ARGS` in a subprocess, as a user's shell script would (`env` adds to
+    the environment)."""
+    proc = subprocess.run([sys.executable, "-m", "lightopd", *args], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env}, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"lightopd {' '.join(args)} exited {proc.returncode}\n{proc.stderr}")
     return proc

@@ -159,12 +159,19 @@ CASES = [
          "line 1: not UTF-8 text"),
     Case("prompt and messages", lambda e: rollout(e, e.jsonl(
         [{"prompt": "w1"}, {"prompt": "w1", "messages": [{"role": "user", "content": "w1"}]}])), 2,
-        "line 2: record has both of 'prompt' and 'messages'"),
+        "line 2: record has both of 'prompt' (a prompt) and 'messages'"),
     Case("neither prompt nor messages", lambda e: rollout(e, e.jsonl([{"id": "a", "answer": "3"}])), 2,
-         "line 1: record has neither"),
-    Case("unknown field", lambda e: rollout(e, e.jsonl([{"prompt": "w1", "anwser": "3"}])), 2,
-         "line 1: unknown field 'anwser'"),
-    Case("prompt not a string", lambda e: rollout(e, e.jsonl([{"prompt": 3}])), 2, "field 'prompt' must be a string"),
+         "line 1: record has neither a prompt nor messages"),
+    Case("mapped field missing", lambda e: rollout(e, e.jsonl([{"question": "w1"}]), "--prompt-field", "text"), 2,
+         "line 1: no field 'text' (--prompt-field); the record's fields are 'question'"),
+    Case("mapped field of a wrong type", lambda e: rollout(e, e.jsonl([{"q": "w1", "gold": {"a": 1}}]),
+                                                           "--prompt-field", "q", "--answer-field", "gold"), 2,
+         "line 1: field 'gold' (the answer) must be a string or a number, got dict"),
+    Case("field flag without prompts, eval", lambda e: ["eval", "--model", str(e.tiny_model), "--data",
+                                                        str(e.teacher_store), "--answer-field", "gold"], 2,
+         "--answer-field: only with --prompts"),
+    Case("prompt not a string", lambda e: rollout(e, e.jsonl([{"prompt": 3}])), 2,
+         "field 'prompt' (the prompt) must be a string"),
     Case("message without content", lambda e: rollout(e, e.jsonl([{"messages": [{"role": "user"}]}])), 2,
          "field 'messages'[0]"),
     Case("duplicate id", lambda e: rollout(e, e.jsonl([{"id": "x", "prompt": "w1"}] * 2)), 2,
@@ -172,12 +179,31 @@ CASES = [
     Case("empty prompt file", lambda e: rollout(e, _write(e, "\n")), 2, "holds no records"),
     Case("messages without a chat template", lambda e: rollout(e, e.jsonl(
         [{"prompt": "w1"}, {"messages": [{"role": "user", "content": "w1"}]}]), model=e.plain_model), 2,
-        "line 2: field 'messages' needs a chat template"),
+        "line 2: messages need a chat template"),
     Case("prompt longer than the context", lambda e: rollout(e, e.jsonl(
         [{"prompt": "w1"}, {"prompt": " ".join(f"w{i}" for i in range(12))}]),
         model=make_model(e.tmp / "short", context=8)), 2, "context of 8 tokens"),
     Case("eval prompt without answer", lambda e: evaluate(e, prompts=e.jsonl([{"prompt": "w1"}])), 2,
-         "line 1: no 'answer' field"),
+         "line 1: no reference answer"),
+    Case("prompt over --max-prompt-tokens", lambda e: rollout(e, e.jsonl([{"prompt": "w1 w2 w3"}]),
+                                                              "--max-prompt-tokens", "2"), 2,
+         "line 1: prompt is 4 tokens, over the limit of 2 (--max-prompt-tokens)"),
+    Case("max prompt tokens of zero", lambda e: rollout(e, e.prompts, "--max-prompt-tokens", "0"), 2,
+         "--max-prompt-tokens: must be >= 1"),
+    Case("unknown long-prompts policy", lambda e: rollout(e, e.prompts, "--long-prompts", "drop"), 2,
+         "--long-prompts"),
+    Case("unknown chat mode", lambda e: rollout(e, e.prompts, "--chat", "sometimes"), 2, "--chat"),
+    Case("chat template kwargs not JSON", lambda e: rollout(e, e.prompts, "--chat-template-kwargs", "{thinking}"), 2,
+         "--chat-template-kwargs: not JSON"),
+    Case("chat template kwargs not an object", lambda e: rollout(e, e.prompts, "--chat-template-kwargs", "[1]"), 2,
+         "--chat-template-kwargs: must be a JSON object"),
+    Case("system prompt with plain prompts", lambda e: rollout(e, e.jsonl([{"prompt": "w1"}]), "--system-prompt",
+                                                               "be brief"), 2,
+         "--system-prompt: no prompt is rendered with the chat template"),
+    Case("chat always without a template", lambda e: rollout(e, e.prompts, "--chat", "always", model=e.plain_model), 2,
+         "--chat always: the tokenizer of --model has no chat template"),
+    Case("split of a dataset that is not there", lambda e: rollout(e, _saved_dataset(e), "--split", "dev"), 2,
+         "--split dev"),
     # ---- models ----
     Case("model directory missing", lambda e: rollout(e, e.prompts, model=e.tmp / "no-model"), 2,
          "no such model directory"),
@@ -232,7 +258,17 @@ CASES = [
                                                                              "r.toml")), 2,
          "unknown training key 'learnig_rate'"),
     Case("recipe not TOML", lambda e: train(e, "--recipe", _write(e, "[train\n", "r.toml")), 2, "not valid TOML"),
-    Case("bad checker", lambda e: evaluate(e, "--checker", "fuzzy"), 2, "--checker: must be one of auto, exact, math"),
+    Case("bad checker", lambda e: evaluate(e, "--checker", "fuzzy"), 2,
+         "--checker: must be one of auto, exact, math, reasoning-gym or MODULE:FUNCTION"),
+    Case("checker file missing", lambda e: evaluate(e, "--checker", "nope.py:judge"), 2, "no such file nope.py"),
+    Case("compare with an option it ignores", lambda e: ["eval", "--compare", _write(e, "{}", "r.json"), "--n", "4"],
+         2, "--n: not used with --compare"),
+    Case("log samples into a directory", lambda e: evaluate(e, "--log-samples", str(e.tmp)), 2,
+         ": is a directory; give the file's path"),
+    Case("prompts file already there", lambda e: ["prompts", str(e.prompts), "--out", str(e.prompts)], 2,
+         "exists; remove it or choose another file"),
+    Case("unknown reasoning-gym task", lambda e: ["prompts", "reasoning-gym:no_such_task", "--out",
+                                                  str(e.tmp / "rg.jsonl")], 2, "reasoning-gym"),
     Case("plot without compare", lambda e: evaluate(e, "--plot", str(e.tmp / "c.png")), 2,
          "--plot: only with --compare"),
     # ---- outputs ----
@@ -295,6 +331,17 @@ MID_RUN = {"model with NaN weights", "teacher with NaN weights",  # found once s
            "bit flip, train", "bit flip, eval", "truncated shard", "deleted shard", "foreign shard, train",
            "foreign shard, eval"}
 USAGE = {"n not a number"}  # click's own usage error: exit 2 with its usage lines
+
+
+def _saved_dataset(e: Env) -> str:
+    """A DatasetDict saved with save_to_disk (train and test), or a plain file without `datasets`."""
+    try:
+        import datasets
+    except ImportError:
+        pytest.skip("the datasets extra is not installed")
+    part = datasets.Dataset.from_dict({"prompt": ["w1"]})
+    datasets.DatasetDict({"train": part, "test": part}).save_to_disk(str(e.tmp / "ds"))
+    return str(e.tmp / "ds")
 
 
 def _write(e: Env, content: str | bytes, name: str = "p.jsonl") -> str:

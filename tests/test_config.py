@@ -7,7 +7,15 @@ import pytest
 
 from lightopd import objectives as O
 from lightopd.cli import command_line
-from lightopd.config import DemoConfig, EvalConfig, InspectConfig, RolloutConfig, ScoreConfig, TrainConfig
+from lightopd.config import (
+    DemoConfig,
+    EvalConfig,
+    InspectConfig,
+    PromptsConfig,
+    RolloutConfig,
+    ScoreConfig,
+    TrainConfig,
+)
 from lightopd.errors import InputError
 from lightopd.layering import load_recipe, shipped_recipes, train_settings
 from lightopd.options import flatten, options
@@ -15,7 +23,7 @@ from tests.helpers import do_rollout, do_score, last_json, metrics, run_cli
 
 BASE = {"student": "s", "data": "d", "out": "o"}
 COMMANDS = {"rollout": RolloutConfig, "score-teacher": ScoreConfig, "train": TrainConfig, "eval": EvalConfig,
-            "inspect": InspectConfig, "demo": DemoConfig}
+            "inspect": InspectConfig, "demo": DemoConfig, "prompts": PromptsConfig}
 
 
 def help_text(command: str) -> str:
@@ -57,18 +65,27 @@ def test_shared_parts_are_the_same_options_in_every_command():
         return {o.key: o.doc for o in options(cls)}
 
     rollout, evaluate, score = docs(RolloutConfig), docs(EvalConfig), docs(ScoreConfig)
-    for key in ("n", "temperature", "top_p", "max_new_tokens", "seed", "limit", "generation_batch_size", "device",
-                "dtype", "trust_remote_code"):
+    source = ("split", "subset", "prompt_field", "messages_field", "answer_field", "id_field")
+    for key in ("n", "temperature", "top_p", "max_new_tokens", "seed", "generation_batch_size", "device", "dtype",
+                "trust_remote_code", "chat", "system_prompt", "chat_template_kwargs", "max_prompt_tokens",
+                "long_prompts", *source):
         assert rollout[key] == evaluate[key], key
+    for key in source:
+        assert docs(PromptsConfig)[key] == rollout[key], key
     for key in ("device", "dtype", "trust_remote_code", "worker"):
         assert rollout[key] == score[key], key
     assert docs(TrainConfig)["device"] == docs(DemoConfig)["device"]
 
 
 def test_flat_keys_round_trip():
-    cfg = RolloutConfig.of(model="m", prompts="p", out="o", n=3, temperature=0.6, device="cpu")
+    cfg = RolloutConfig.of(model="m", prompts="p", out="o", n=3, temperature=0.6, device="cpu", answer_field="gold")
     assert cfg.model.path == "m" and cfg.sampling.n == 3 and cfg.model.device == "cpu"
+    assert cfg.prompts.source == "p" and cfg.prompts.answer_field == "gold"
     assert RolloutConfig.of(**flatten(cfg)) == cfg
+    no_prompts = EvalConfig.of(model="m", data="d")  # a nested part left out is None, and round-trips
+    assert no_prompts.prompts is None and EvalConfig.of(**flatten(no_prompts)) == no_prompts
+    with pytest.raises(InputError, match="--answer-field: only with --prompts"):
+        EvalConfig.of(model="m", data="d", answer_field="gold")
 
 
 def test_layers_apply_in_order():

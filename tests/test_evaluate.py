@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lightopd.config import EvalConfig
 from lightopd.data.reader import iter_batches
 from lightopd.stages import evaluate
-from tests.helpers import do_rollout, do_score, last_json, run_cli, write_jsonl
+from tests.helpers import do_rollout, do_score, last_json, read_rows, run_cli, write_jsonl
 from tests.reference import completion_logits, log_softmax64
 
 
@@ -100,3 +100,30 @@ def test_compare_writes_a_bar_chart(tmp_path):
         images.append(Image.open(png).convert("L"))
     assert images[0].size == images[1].size
     assert images[0].tobytes() != images[1].tobytes()  # the bars' heights are drawn from the results
+
+
+def test_limit_applies_to_the_teacher_store(tiny_model, teacher_store):
+    """--limit N measures agreement on the rows of the store's first N prompts, and only those."""
+    rows = read_rows(teacher_store)
+    first = list(dict.fromkeys(r["prompt_id"] for r in rows))[:3]
+    kept = [r for r in rows if r["prompt_id"] in first]
+    got = evaluate.run(EvalConfig.of(model=str(tiny_model), data=str(teacher_store), limit=3))["teacher"]
+    assert (got["prompts"], got["rows"]) == (3, len(kept)) and len(kept) < len(rows)
+    assert got["tokens"] == sum(len(r["completion_ids"]) for r in kept)
+
+
+def test_compare_warns_when_settings_differ_and_refuses_options_it_ignores(tiny_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w1", "answer": "w2"}, {"prompt": "w3", "answer": "w4"}])
+    for name, extra in (("a", []), ("b", []), ("c", ["--n", "2", "--limit", "1"])):
+        run_cli("eval", "--model", str(tiny_model), "--prompts", str(prompts), "--max-new-tokens", "2",
+                "--out", str(tmp_path / f"{name}.json"), *extra)
+    same = run_cli("eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert last_json(same)["differences"] == [] and "warning" not in same.stderr
+    differ = run_cli("eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "c.json"))
+    lines = last_json(differ)["differences"]
+    assert "results made with different limit: a=None, c=1" in lines
+    assert "results made with different n: a=1, c=2" in lines
+    assert any(line.startswith("results made with different prompts.count") for line in lines)
+    assert "warning: results made with different n" in differ.stderr
+    proc = run_cli("eval", "--compare", str(tmp_path / "a.json"), "--model", str(tiny_model), check=False)
+    assert proc.returncode == 2 and "--model: not used with --compare" in proc.stderr

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from lightopd.data.reader import iter_batches, verify
-from lightopd.data.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA, open_store
+from lightopd.data.store import FORMAT_VERSION, ROLLOUT_FORMAT, ROLLOUT_SCHEMA, open_store
 from lightopd.data.writer import StoreWriter
 from lightopd.errors import InputError
 from tests.helpers import last_json, run_cli
@@ -19,7 +19,7 @@ def _table(prompt: str, rows: int) -> pa.Table:
         "prompt_id": [f"{prompt}-{i}" for i in range(rows)], "sample_index": [0] * rows,
         "prompt_ids": [[1, 2]] * rows, "completion_ids": [[3, 4, 2]] * rows,
         "behavior_logprobs": [[-0.5, -0.25, -1.0]] * rows, "finish_reason": ["stop"] * rows,
-        "answer": [None] * rows,
+        "answer": [None] * rows, "metadata": [None] * rows,
     }, schema=ROLLOUT_SCHEMA)
 
 
@@ -110,7 +110,7 @@ def test_inspect_reports_sizes(store):
 def test_a_store_of_an_older_format_is_refused_for_reading_and_writing(store):
     manifest = json.loads((store / "manifest.json").read_text())
     (store / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(InputError, match="format version 1, and this lightopd reads version 2"):
+    with pytest.raises(InputError, match=f"format version 1, and this lightopd reads version {FORMAT_VERSION}"):
         open_store(store)
     with pytest.raises(InputError, match="re-run the command that wrote it"):
         StoreWriter(store, ROLLOUT_FORMAT, META, num_shards=3)

@@ -1,149 +1,106 @@
-"""Read and validate prompt files (JSONL or Parquet) and turn records into token ids.
+"""Prompt records from a source (sources.py), their fields mapped (fields.py), and their token ids
+(chat.py), with prompts too long for the model skipped, truncated or refused.
 
-A record has exactly one of `prompt` (a string) or `messages` (a chat list rendered with the
-tokenizer's chat template and its generation prompt), an optional `id` (default: the record's
-index) and an optional `answer`. Anything else is an error naming the file, record and field.
+A prompt may hold at most `max_prompt_tokens` tokens (and always leaves at least one position of
+the model's context to generate into). A longer one is, by `--long-prompts`: `error` (the
+default: stop before any model is loaded, naming the record), `skip` (left out, counted), or
+`truncate` (its first tokens cut, keeping the end, where the question and the generation prompt
+are). Ids must be unique in the source.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightopd.data.store import sha256_file
+from lightopd.data.chat import Renderer
+from lightopd.data.fields import Mapping, PromptRecord
+from lightopd.data.sources import Source
 from lightopd.errors import InputError
+from lightopd.progress import console
 
-FIELDS = ("id", "prompt", "messages", "answer")
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    id: str
-    prompt: str | None
-    messages: tuple[dict, ...] | None
-    answer: str | None
-    where: str  # "FILE line N" or "FILE row N", for error messages
+LONG_PROMPTS = ("error", "skip", "truncate")
 
 
-def file_fingerprint(path: str | Path) -> str:
-    return "sha256:" + sha256_file(Path(path))[:32]
-
-
-def _raw_records(path: Path):
-    """Yield (where, record) pairs from a JSONL or Parquet file."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path} line {lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise InputError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line is "
-                                     f"{raw[e.start:e.start + 1]!r})") from None
-                if not line.strip():
-                    continue
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    elif suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(f"{path}: not a readable Parquet file ({e})") from None
-        row = 0
-        for batch in pf.iter_batches(batch_size=4096):
-            for record in batch.to_pylist():
-                yield f"{path} row {row}", {k: v for k, v in record.items() if v is not None}
-                row += 1
-    else:
-        raise InputError(f"{path}: unknown prompt file type {suffix!r} (use .jsonl or .parquet)")
-
-
-def _check_messages(where: str, messages) -> tuple[dict, ...]:
-    if not isinstance(messages, list) or not messages:
-        raise InputError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InputError(f"{where}: field 'messages'[{i}] must be an object with string 'role' and 'content'")
-    return tuple(messages)
-
-
-def _validate(where: str, index: int, record) -> PromptRecord:
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    unknown = sorted(set(record) - set(FIELDS))
-    if unknown:
-        raise InputError(f"{where}: unknown field {unknown[0]!r} (allowed: {', '.join(FIELDS)})")
-    has_prompt, has_messages = "prompt" in record, "messages" in record
-    if has_prompt == has_messages:
-        which = "both" if has_prompt else "neither"
-        raise InputError(f"{where}: record has {which} of 'prompt' and 'messages'; give exactly one")
-    prompt = record.get("prompt")
-    if has_prompt and not isinstance(prompt, str):
-        raise InputError(f"{where}: field 'prompt' must be a string")
-    messages = _check_messages(where, record["messages"]) if has_messages else None
-    rid = record.get("id", index)
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        raise InputError(f"{where}: field 'id' must be a string or an integer")
-    answer = record.get("answer")
-    if answer is not None:
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise InputError(f"{where}: field 'answer' must be a string or a number")
-        answer = str(answer)
-    return PromptRecord(str(rid), prompt, messages, answer, where)
-
-
-def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptRecord]:
-    """Every record of the file (the first `limit` if given), validated; ids must be unique."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--prompts {path}: no such file")
+def read_prompts(source: Source | str | Path, mapping: Mapping | None = None, limit: int | None = None,
+                 quiet: bool = False) -> list[PromptRecord]:
+    """Every record of the source (the first `limit` if given), validated; ids must be unique. The
+    fields chosen for each role are printed once (stderr) unless `quiet`."""
+    source = source if isinstance(source, Source) else Source(str(source))
+    mapping = mapping or Mapping()
     records: list[PromptRecord] = []
     seen: dict[str, str] = {}
-    for index, (where, raw) in enumerate(itertools.islice(_raw_records(path), limit)):
-        rec = _validate(where, index, raw)
+    for index, (where, raw) in enumerate(itertools.islice(source.records(), limit)):
+        rec = mapping.record(where, index, raw)
         if rec.id in seen:
             raise InputError(f"{where}: duplicate id {rec.id!r} (first at {seen[rec.id]})")
         seen[rec.id] = where
         records.append(rec)
     if not records:
-        raise InputError(f"--prompts {path}: the file holds no records")
+        raise InputError(f"--prompts {source.spec}: the source holds no records")
+    if not quiet:
+        extra = sorted({k for r in records for k in r.metadata})
+        console.print(f"prompts: {len(records)} records from {source.spec}; {mapping.describe(len(records))}"
+                      + (f"; metadata <- {', '.join(extra)}" if extra else ""), soft_wrap=True, highlight=False)
     return records
 
 
-def encode(tokenizer, record: PromptRecord) -> list[int]:
-    """Token ids fed to the model: the prompt as is, or the chat rendered for generation."""
-    if record.prompt is not None:
-        return list(tokenizer(record.prompt, add_special_tokens=True)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError(
-            f"{record.where}: field 'messages' needs a chat template, and this tokenizer has none "
-            "(use 'prompt' records, or a tokenizer with a chat_template)"
-        )
-    ids = tokenizer.apply_chat_template(list(record.messages), add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+@dataclass
+class Encoded:
+    """The records kept, their token ids, and what the length policy did."""
+
+    records: list[PromptRecord]
+    ids: list[list[int]]
+    skipped: int = 0
+    truncated: int = 0
 
 
-def encode_all(tokenizer, records: list[PromptRecord], context: int | None) -> list[list[int]]:
-    """Token ids of every record; a prompt that leaves no room to generate is an error."""
-    encoded = []
+def encode_all(renderer: Renderer, records: list[PromptRecord], context: int | None,
+               max_prompt_tokens: int | None = None, long_prompts: str = "error") -> Encoded:
+    """Token ids of every record under the length policy (see the module docstring)."""
+    limits = [n for n in (max_prompt_tokens, None if context is None else context - 1) if n is not None]
+    limit = min(limits) if limits else None
+    out = Encoded([], [])
     for record in records:
-        ids = encode(tokenizer, record)
+        ids = renderer.ids(record)
         if not ids:
             raise InputError(f"{record.where}: the prompt encodes to no tokens")
-        if context is not None and len(ids) >= context:
-            raise InputError(
-                f"{record.where}: prompt is {len(ids)} tokens, which leaves no room to generate "
-                f"within the model's context of {context} tokens"
-            )
-        encoded.append(ids)
-    return encoded
+        if limit is not None and len(ids) > limit:
+            if long_prompts == "skip":
+                out.skipped += 1
+                continue
+            if long_prompts == "truncate":
+                ids = ids[len(ids) - limit:]
+                out.truncated += 1
+            else:
+                why = ("--max-prompt-tokens" if max_prompt_tokens is not None and limit == max_prompt_tokens
+                       else f"the model's context of {context} tokens, which leaves no room to generate")
+                raise InputError(f"{record.where}: prompt is {len(ids)} tokens, over the limit of {limit} "
+                                 f"({why}); --long-prompts skip or truncate lets the run go on")
+        out.records.append(record)
+        out.ids.append(ids)
+    renderer.check_used()
+    if not out.records:
+        raise InputError(f"every prompt is over the limit of {limit} tokens (--max-prompt-tokens, --long-prompts)")
+    if out.skipped or out.truncated:
+        console.print(f"prompts: {out.skipped} skipped, {out.truncated} truncated (over {limit} tokens; "
+                      f"--long-prompts {long_prompts})", highlight=False)
+    return out
+
+
+def provenance(source: Source, mapping: Mapping, renderer: Renderer, encoded: Encoded, limit: int | None,
+               max_prompt_tokens: int | None, long_prompts: str) -> dict:
+    """What a store records of its prompts: the source, a fingerprint of its content and of the field
+    mapping together, the rendering, and how many records were used."""
+    identity = source.identity()
+    fields = mapping.flags()
+    key = json.dumps({"content": identity["fingerprint"], "split": source.split, "subset": source.subset,
+                      "fields": fields}, sort_keys=True)
+    return {**identity, "content_fingerprint": identity["fingerprint"],
+            "fingerprint": "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:32], "fields": fields,
+            "rendering": renderer.describe(), "count": len(encoded.records), "limit": limit,
+            "max_prompt_tokens": max_prompt_tokens, "long_prompts": long_prompts, "skipped": encoded.skipped,
+            "truncated": encoded.truncated}

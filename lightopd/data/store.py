@@ -2,7 +2,7 @@
 
 A store is a directory holding `manifest.json` and shards `part-NNNNN.parquet`; the manifest
 lists every complete shard with its rows, tokens, bytes and sha256, carries the store's id
-(which every shard repeats in its Parquet metadata), and is the only place metadata lives.
+(which every shard repeats in its Parquet metadata), and is the only place store-level metadata lives.
 Reading shards, each checked against the manifest, is reader.py's job; writing, writer.py's.
 """
 
@@ -18,7 +18,7 @@ import pyarrow as pa
 from lightopd.errors import InputError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: teacher_log_tail column; tokenizer fingerprints cover the vocabulary alone
+FORMAT_VERSION = 3  # 2: teacher_log_tail column, vocabulary-only tokenizer fingerprints; 3: metadata column
 ROLLOUT_FORMAT = "lightopd.rollouts"
 SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 SHARD_KEYS = ("rows", "tokens", "bytes", "sha256")
@@ -33,6 +33,7 @@ ROLLOUT_SCHEMA = pa.schema(
         ("behavior_logprobs", pa.list_(pa.float32())),
         ("finish_reason", pa.string()),
         ("answer", pa.string()),
+        ("metadata", pa.string()),  # the prompt record's other fields, a JSON object (null when none)
     ]
 )
 
@@ -110,7 +111,8 @@ def check_version(directory: str | Path, manifest: dict) -> None:
     if version != FORMAT_VERSION or not isinstance(manifest.get("store_id"), str):
         raise InputError(f"{directory}: a store of format version {version}, and this lightopd reads version "
                          f"{FORMAT_VERSION} (version 2 added the teacher's exact tail mass and fingerprints "
-                         "tokenizers by their vocabulary alone); re-run the command that wrote it")
+                         "tokenizers by their vocabulary alone; version 3 keeps each prompt record's other fields as "
+                         "metadata); re-run the command that wrote it")
 
 def manifest_fingerprint(directory: str | Path) -> str:
     """sha256 of a store's manifest: names the exact content a derived store was computed from."""

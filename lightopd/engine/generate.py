@@ -9,6 +9,7 @@ logits match an unpadded forward of that row alone.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -76,12 +77,14 @@ def generate(
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    # transformers renamed forward's `past_key_values` to `cache` (the old name is deprecated): pass the one it takes
+    cache_kw = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
     share_prefix = _selectable(cache)
     if not share_prefix:  # caches we cannot reindex: prefill every row
         ids, mask = ids[expand], mask[expand]
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **cache_kw)
     logits = out.logits[:, -1, :vocab]
     if share_prefix:
         cache.batch_select_indices(expand)
@@ -123,7 +126,7 @@ def generate(
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         position = position + 1
         out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=position.unsqueeze(-1),
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **cache_kw)
         logits = out.logits[:, -1, :vocab]
 
     tokens_cpu, logprobs_cpu = tokens_out.cpu(), logprobs_out.cpu()

@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 
 from lightopd.errors import InputError
+from lightopd.hub import locate
 
 
 def check_model_dir(path: str | Path, what: str = "--model") -> Path:
-    """The model directory as a Path; InputError unless it holds a config and safetensors weights."""
-    p = Path(path)
+    """The model's local directory (a Hub id is resolved through the cache first); InputError unless
+    it holds a config and sound safetensors weights."""
+    p = locate(str(path), what).path
     if not p.is_dir():
-        raise InputError(f"{what} {path}: no such model directory (models are local Hugging Face directories)")
+        raise InputError(f"{what} {path}: no such model directory, and not a Hub id (org/name) either")
     if not (p / "config.json").is_file():
         raise InputError(f"{what} {path}: not a Hugging Face model directory (no config.json)")
     if not weight_files(p):

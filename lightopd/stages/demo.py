@@ -47,17 +47,18 @@ def evaluate(model_dir: Path, prompts: Path, device_name: str = "auto", seed: in
     eval_cfg = EvalConfig.of(model=str(model_dir), prompts=str(prompts), temperature=EVAL_TEMPERATURE,
                              max_new_tokens=MAX_NEW_TOKENS, generation_batch_size=256, seed=seed, device=device_name)
     tokenizer = models.load_tokenizer(model_dir)
-    records, encoded, info = read_checked_prompts(eval_cfg, model_dir, tokenizer)
+    info = models.model_info(model_dir, tokenizer)
+    prompts = read_checked_prompts(eval_cfg, tokenizer, info)
     device = models.resolve_device(device_name)
     model = models.load_model(model_dir, device, models.resolve_dtype("auto", device))
-    samples = sample_and_check(model, tokenizer, records, encoded, info, eval_cfg)
+    samples = sample_and_check(model, tokenizer, prompts, info, eval_cfg)
     formats = Counter()
     correct = Counter()
     for texts, results in zip(samples.texts, samples.results, strict=True):
         fmt = A.format_of(texts[0])
         formats[fmt] += 1
         correct[fmt] += results[0][0]
-    total = len(records)
+    total = len(prompts.records)
     return {
         "accuracy": samples.metrics(1)["accuracy"],
         "format_share": {f: formats[f] / total for f in (*A.FORMATS, "other") if formats[f]},

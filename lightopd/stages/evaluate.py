@@ -5,7 +5,9 @@ Accuracy is the mean over all samples (pass@1 averaged over n); pass@k is the un
 1 − C(n−c, k)/C(n, k) averaged over prompts; majority vote takes each prompt's most common
 extracted answer. Agreement is measured on the store's own rows: tail-bucket reverse and forward
 KL over the teacher's top-k, k1 (the sampled estimate of reverse KL) and top-1 agreement, each a
-mean over completion tokens.
+mean over completion tokens. `--limit N` keeps the first N prompt records, and the rows of the
+store's first N prompts. The result records the settings it was made with (`settings`), which
+`--compare` checks; `--log-samples` writes every sample with its verdict (JSONL).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import torch
 from lightopd.config import EvalConfig
 from lightopd.data.batching import TokenBatches
 from lightopd.data.lock import exclusive
-from lightopd.data.prompts import encode_all, read_prompts
 from lightopd.data.reader import iter_batches
 from lightopd.data.store import TEACHER_FORMAT, open_store
 from lightopd.engine import models
@@ -36,10 +37,12 @@ from lightopd.objectives import Inputs
 from lightopd.objectives.diagnostics import diagnostics
 from lightopd.objectives.divergences import ForwardKL, ReverseKL
 from lightopd.objectives.stats import logprob_stats
-from lightopd.progress import StageProgress
+from lightopd.progress import StageProgress, warn
 from lightopd.provenance import tokenizer_fingerprint
-from lightopd.report import compare_results, render_eval
-from lightopd.tasks.checkers import check
+from lightopd.report import compare_results, render_eval, setting_differences
+from lightopd.specs import load_prompts
+from lightopd.tasks.checkers import reference_answer
+from lightopd.tasks.verifiers import CHECKERS, verifier
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -83,39 +86,81 @@ class Samples:
                 "truncation_rate": float(np.mean([c.finish_reason == "length" for c in flat]))}
 
 
-def read_checked_prompts(cfg: EvalConfig, model_dir: Path, tokenizer) -> tuple[list, list, models.ModelInfo]:
-    """The prompt records (each must have an answer), their token ids, and the model's ModelInfo:
-    everything `sample_and_check` needs but the model."""
-    records = read_prompts(cfg.prompts, cfg.limit)
-    missing = next((r for r in records if r.answer is None), None)
+@dataclass
+class Prompts:
+    """The prompt records eval checks (each with an answer), their token ids, and what was read."""
+
+    records: list
+    ids: list[list[int]]
+    provenance: dict
+
+
+def read_checked_prompts(cfg: EvalConfig, tokenizer, info: models.ModelInfo) -> Prompts:
+    """The prompt records (each must have an answer) and their token ids, as rollout renders them."""
+    encoded, provenance = load_prompts(cfg.prompts, cfg.render, cfg.limit, tokenizer, info.eos_ids, info.context)
+    missing = next((r for r in encoded.records if r.answer is None), None)
     if missing is not None:
-        raise InputError(f"{missing.where}: no 'answer' field, so there is nothing to check its samples "
+        raise InputError(f"{missing.where}: no reference answer (no field answer, final_answer, target, ground_truth "
+                         "or solution; name it with --answer-field), so there is nothing to check its samples "
                          "against; eval needs an answer in every prompt record")
-    info = models.model_info(model_dir, tokenizer, cfg.model.trust_remote_code)
-    return records, encode_all(tokenizer, records, info.context), info
+    return Prompts(encoded.records, encoded.ids, provenance)
 
 
-def sample_and_check(model, tokenizer, records, encoded, info: models.ModelInfo, cfg: EvalConfig) -> Samples:
+def sample_and_check(model, tokenizer, prompts: Prompts, info: models.ModelInfo, cfg: EvalConfig) -> Samples:
     """Sample `cfg.sampling.n` completions of every prompt (rollout's engine) and check each against its answer."""
+    verify = verifier(cfg.checker)  # a checker that cannot be had fails before any sampling
+    records = prompts.records
     with StageProgress("eval", total=len(records) * cfg.sampling.n) as bar:
-        completions = sample_prompts(model, encoded, [r.id for r in records], cfg.sampling, cfg.generation_batch_size,
-                                     info, on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+        completions = sample_prompts(model, prompts.ids, [r.id for r in records], cfg.sampling,
+                                     cfg.generation_batch_size, info,
+                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
     texts = [[tokenizer.decode(c.ids, skip_special_tokens=True) for c in cs] for cs in completions]
-    results = [[check(t, r.answer, cfg.checker) for t in ts] for r, ts in zip(records, texts, strict=True)]
+    results = []
+    for record, ts in zip(records, texts, strict=True):
+        prompt = record.prompt if record.prompt is not None else record.messages[-1]["content"]
+        try:
+            results.append([verify(t, record.answer, record.metadata, prompt) for t in ts])
+        except InputError as e:
+            raise InputError(f"{record.where}: {e}") from None
     return Samples(completions, texts, results)
 
 
+def log_samples(path: str, tokenizer, prompts: Prompts, samples: Samples, checker: str) -> None:
+    """Every sample as one JSON line: what was asked, what came back, what was read, and the verdict."""
+    builtin = checker in CHECKERS
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    with open(tmp, "w") as f:
+        for record, ids, cs, ts, rs in zip(prompts.records, prompts.ids, samples.completions, samples.texts,
+                                           samples.results, strict=True):
+            prompt = tokenizer.decode(ids, skip_special_tokens=False)
+            for j, (c, text, (ok, given)) in enumerate(zip(cs, ts, rs, strict=True)):
+                f.write(json.dumps({
+                    "prompt_id": record.id, "sample_index": j, "prompt": prompt, "completion": text,
+                    "extracted": given, "reference": record.answer,
+                    "reference_answer": reference_answer(record.answer) if builtin else None,
+                    "correct": bool(ok), "finish_reason": c.finish_reason, "completion_tokens": len(c.ids),
+                    **({"metadata": record.metadata} if record.metadata else {}),
+                }, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 @torch.inference_mode()
-def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int) -> dict:
+def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int, limit: int | None = None) -> dict:
+    """Mean agreement statistics over the store's rows (those of its first `limit` prompts if given)."""
     manifest = open_store(store, formats=(TEACHER_FORMAT,))
     k = manifest["scoring"]["top_k"]
     positions = PositionLogits(model, vocab)
     columns = ["prompt_ids", "completion_ids", "teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail"]
     divergences = {"rkl": ReverseKL(), "fkl": ForwardKL()}
     sums = {"rkl": 0.0, "fkl": 0.0, "k1": 0.0, "top1_agree": 0.0}
-    tokens = 0
+    tokens, rows = 0, 0
+    first = FirstPrompts(limit)
     with StageProgress("teacher agreement", total=manifest["rows"]) as bar:
-        for batch in iter_batches(store, columns=columns, manifest=manifest):
+        for batch in iter_batches(store, columns=["prompt_id", *columns], manifest=manifest):
+            batch = first.take(batch)
+            if batch.num_rows == 0:
+                break
+            rows += batch.num_rows
             batches = TokenBatches(pa.Table.from_batches([batch]), micro_batch_tokens)
             for micro in batches.plan:
                 mb = batches.tensors(micro, columns, k, positions.device)
@@ -128,28 +173,60 @@ def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int) ->
                 sums["top1_agree"] += float(diag["top1_agree"].sum())
                 tokens += len(mb.targets)
             bar.advance(items=batch.num_rows, tokens=batches.tokens)
-    return {**{name: total / tokens for name, total in sums.items()}, "tokens": tokens, "store": str(store),
-            "teacher": manifest["teacher"]["path"], "top_k": k}
+    return {**{name: total / tokens for name, total in sums.items()}, "tokens": tokens, "rows": rows,
+            "prompts": first.count, "store": str(store), "teacher": manifest["teacher"]["path"], "top_k": k}
 
 
-def output_lock(out: str | None):
-    """The lock of `--out FILE` (another eval writing the same file stops, naming this one), after
-    checking the file can be written there: a bad --out fails now, not after all the sampling."""
+class FirstPrompts:
+    """Keeps the rows of the first `limit` prompts of a stream of record batches (all, if None)."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.seen, self.count = limit, set(), 0
+
+    def take(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        keep = 0
+        for pid in batch.column("prompt_id").to_pylist():
+            if pid not in self.seen:
+                if self.limit is not None and len(self.seen) >= self.limit:
+                    break
+                self.seen.add(pid)
+            keep += 1
+        self.count = len(self.seen)
+        return batch.slice(0, keep)
+
+
+def output_lock(flag: str, out: str | None):
+    """The lock of an output file (another eval writing the same file stops, naming this one), after
+    checking the file can be written there: a bad path fails now, not after all the sampling."""
     if out is None:
         return contextlib.nullcontext()
     path = Path(out)
     if path.is_dir():
-        raise InputError(f"--out {out}: is a directory; give the result file's path")
+        raise InputError(f"{flag} {out}: is a directory; give the file's path")
     if not path.parent.is_dir():
-        raise InputError(f"--out {out}: no such directory {path.parent}")
+        raise InputError(f"{flag} {out}: no such directory {path.parent}")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InputError(f"--out {out}: not writable")
-    return exclusive(path.parent, f"--out {out}", f".{path.name}.lock")
+        raise InputError(f"{flag} {out}: not writable")
+    return exclusive(path.parent, f"{flag} {out}", f".{path.name}.lock")
 
 
 def run(cfg: EvalConfig) -> dict:
-    with output_lock(cfg.out):
+    with output_lock("--out", cfg.out), output_lock("--log-samples", cfg.log_samples):
         return _run(cfg)
+
+
+def settings(cfg: EvalConfig, prompts: Prompts | None, store: dict | None) -> dict:
+    """What the numbers depend on besides the model: `--compare` checks these are alike."""
+    out: dict = {"limit": cfg.limit}
+    if prompts is not None:
+        p = prompts.provenance
+        out["prompts"] = {k: p[k] for k in ("path", "split", "subset", "fingerprint", "rendering", "count",
+                                            "max_prompt_tokens", "long_prompts", "skipped", "truncated")}
+        out.update(checker=cfg.checker, **{k: getattr(cfg.sampling, k) for k in ("n", "temperature", "top_p",
+                                                                                   "max_new_tokens", "seed")})
+    if store is not None:
+        out["data"] = {"path": str(cfg.data), "store_id": store["store_id"]}
+    return out
 
 
 def _run(cfg: EvalConfig) -> dict:
@@ -158,7 +235,10 @@ def _run(cfg: EvalConfig) -> dict:
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
     result: dict = {"command": "eval", "model": str(spec.path)}
     info = models.model_info(model_dir, tokenizer, spec.trust_remote_code)
-    prompts = None if cfg.prompts is None else read_checked_prompts(cfg, model_dir, tokenizer)
+    prompts = None if cfg.prompts is None else read_checked_prompts(cfg, tokenizer, info)
+    if prompts is not None:
+        verifier(cfg.checker)  # a checker that cannot be had fails before the model is loaded
+    store = None
     if cfg.data is not None:
         store = open_store(cfg.data, formats=(TEACHER_FORMAT,))
         if store["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
@@ -166,11 +246,16 @@ def _run(cfg: EvalConfig) -> dict:
     device = models.resolve_device(spec.device)
     model = models.load_model(model_dir, device, models.resolve_dtype(spec.dtype, device), spec.trust_remote_code)
     if prompts is not None:
-        samples = sample_and_check(model, tokenizer, *prompts, cfg)
-        result.update(prompts=str(cfg.prompts), n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                      checker=cfg.checker, prompts_evaluated=len(prompts[0]), **samples.metrics(sampling.n))
+        samples = sample_and_check(model, tokenizer, prompts, info, cfg)
+        result.update(prompts=str(cfg.prompts.source), n=sampling.n, temperature=sampling.temperature,
+                      top_p=sampling.top_p, checker=cfg.checker, prompts_evaluated=len(prompts.records),
+                      **samples.metrics(sampling.n))
+        if cfg.log_samples is not None:
+            log_samples(cfg.log_samples, tokenizer, prompts, samples, cfg.checker)
+            result["log_samples"] = str(cfg.log_samples)
     if cfg.data is not None:
-        result["teacher"] = teacher_agreement(model, info.vocab, cfg.data, cfg.micro_batch_tokens)
+        result["teacher"] = teacher_agreement(model, info.vocab, cfg.data, cfg.micro_batch_tokens, cfg.limit)
+    result["settings"] = settings(cfg, prompts, store)
     render_eval(result)
     if cfg.out is not None:
         Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -188,4 +273,8 @@ def compare(paths: list[str], plot: str | None = None) -> dict:
         if not isinstance(result, dict):
             raise InputError(f"--compare {p}: not an eval result (a JSON object), found a {type(result).__name__}")
         results.append(result)
-    return compare_results(results, [Path(p).stem for p in paths], plot)
+    names = [Path(p).stem for p in paths]
+    differences = setting_differences(results, names)
+    for line in differences:
+        warn(line)
+    return {**compare_results(results, names, plot), "differences": differences}

@@ -1,16 +1,23 @@
-"""Stage `inspect`: describe a store and, with --verify, check every shard."""
+"""Stage `inspect`: describe a store; with --verify, check every shard; with --show N, print rows decoded."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from lightopd.config import InspectConfig
-from lightopd.data.reader import verify
-from lightopd.data.store import describe
-from lightopd.progress import console
-from lightopd.report import render_store
+from lightopd.data.reader import iter_batches, verify
+from lightopd.data.store import ROLLOUT_FORMAT, check_version, describe, read_manifest
+from lightopd.errors import InputError
+from lightopd.progress import console, warn
+from lightopd.report import render_rows, render_store
+
+LOGPROB_COLUMNS = ("behavior_logprobs", "teacher_logprobs", "teacher_entropy")
 
 
 def run(cfg: InspectConfig) -> tuple[dict, bool]:
-    """The store's summary (with `verified` and `problems` under --verify), and whether it passed."""
+    """The store's summary (with `verified` and `problems` under --verify, `show` under --show), and
+    whether it passed."""
     summary = describe(cfg.data)
     render_store(summary)
     ok = True
@@ -24,4 +31,52 @@ def run(cfg: InspectConfig) -> tuple[dict, bool]:
         if ok:
             n = summary["shards_written"]
             console.print(f"[green]verified[/] {n} shard{'' if n == 1 else 's'}: checksums and row counts match")
+    if cfg.show:
+        summary["show"] = show(cfg.data, cfg.show)
+        render_rows(summary["show"])
     return summary, ok
+
+
+def _tokenizer(manifest: dict):
+    """The tokenizer of the model that sampled the store, if it is still where the manifest says
+    (or in the Hugging Face cache) and has the store's vocabulary; else None (ids are shown)."""
+    from lightopd.engine.models import load_tokenizer
+    from lightopd.hub import locate
+    from lightopd.provenance import tokenizer_fingerprint
+
+    model = manifest["model"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["model"]
+    where = model["path"]
+    try:
+        if not Path(where).is_dir() and model.get("hub_id"):
+            where = str(locate(f"{model['hub_id']}@{model['commit']}").path)
+        tokenizer = load_tokenizer(where)
+    except InputError as e:
+        warn(f"token ids are shown, not text: the tokenizer of {model['path']} cannot be read ({e})")
+        return None
+    if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
+        warn(f"token ids are shown, not text: {where} no longer has the store's vocabulary")
+        return None
+    return tokenizer
+
+
+def show(directory: str, n: int) -> list[dict]:
+    """The first `n` rows of the store's listed shards, decoded."""
+    manifest = read_manifest(directory)
+    check_version(directory, manifest)
+    tokenizer = _tokenizer(manifest)
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)) if tokenizer else (lambda ids: ids)  # noqa: E731
+    rows = []
+    for batch in iter_batches(directory, manifest=manifest, batch_size=max(n, 1)):
+        for row in batch.to_pylist():
+            shown = {"prompt_id": row["prompt_id"], "sample_index": row["sample_index"],
+                     "prompt": decode(row["prompt_ids"]), "completion": decode(row["completion_ids"]),
+                     "completion_tokens": len(row["completion_ids"]), "finish_reason": row["finish_reason"],
+                     "answer": row["answer"], "metadata": json.loads(row["metadata"]) if row["metadata"] else None}
+            for column in LOGPROB_COLUMNS:
+                values = row.get(column)
+                if values:
+                    shown[f"mean_{column}"] = round(sum(values) / len(values), 4)
+            rows.append(shown)
+            if len(rows) == n:
+                return rows
+    return rows

@@ -1,7 +1,9 @@
-"""Stage `rollout`: sample a model on a prompt file into a sharded rollout store.
+"""Stage `rollout`: sample a model on a prompt source into a sharded rollout store.
 
-Prompts are validated and tokenized before any model is loaded, so bad input fails in seconds
-and leaves no store behind. Shard i holds the samples of prompts [i·P, (i+1)·P) in file order,
+Prompts are read, mapped, rendered and tokenized before any model is loaded (specs.load_prompts),
+so bad input fails in seconds and leaves no store behind. Each row keeps its prompt record's
+other fields as a JSON `metadata` column. Shard i holds the samples of prompts [i·P, (i+1)·P) in
+source order,
 all samples of a prompt together. Every row's random stream is keyed by (seed, prompt id,
 sample index), so an interrupted run resumed later, a run with another batch size, or N worker
 processes (`--worker I/N` writes shards i with i % N == I into one shared store) write the same
@@ -10,20 +12,26 @@ rows; a re-run skips the shards the manifest lists as complete.
 
 from __future__ import annotations
 
+import json
 import math
-from pathlib import Path
 
 import pyarrow as pa
 
 from lightopd.config import RolloutConfig
-from lightopd.data.prompts import encode_all, file_fingerprint, read_prompts
 from lightopd.data.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA
 from lightopd.data.writer import shard_work
 from lightopd.engine import models
 from lightopd.engine.generate import sample_prompts
 from lightopd.errors import NonFiniteLogits
+from lightopd.hub import locate
 from lightopd.progress import StageProgress
 from lightopd.provenance import model_fingerprint, read_provenance, tokenizer_fingerprint
+from lightopd.specs import load_prompts
+
+
+def metadata_json(metadata: dict) -> str | None:
+    """A record's other fields as JSON text (values JSON has no type for, such as dates, as text)."""
+    return json.dumps(metadata, ensure_ascii=False, default=str) if metadata else None
 
 
 def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, int]:
@@ -39,6 +47,7 @@ def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, 
             columns["behavior_logprobs"].append(c.logprobs)
             columns["finish_reason"].append(c.finish_reason)
             columns["answer"].append(record.answer)
+            columns["metadata"].append(metadata_json(record.metadata))
             tokens += len(c.ids)
     return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA), tokens
 
@@ -47,16 +56,17 @@ def run(cfg: RolloutConfig) -> dict:
     """Write (or finish) the rollout store `cfg.out`; return the JSON summary."""
     spec, sampling = cfg.model, cfg.sampling
     model_dir = models.check_model_dir(spec.path)
-    records = read_prompts(cfg.prompts, cfg.limit)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
     info = models.model_info(model_dir, tokenizer, spec.trust_remote_code)
-    encoded = encode_all(tokenizer, records, info.context)
+    prompts, prompts_record = load_prompts(cfg.prompts, cfg.render, cfg.limit, tokenizer, info.eos_ids, info.context)
+    records, encoded = prompts.records, prompts.ids
     device = models.resolve_device(spec.device)
     dtype = models.resolve_dtype(spec.dtype, device)
 
     metadata = {
         "model": {
-            "path": str(Path(spec.path).resolve()),
+            "path": str(model_dir.resolve()),
+            **locate(spec.path).record(),
             "fingerprint": model_fingerprint(model_dir),
             "dtype": str(dtype).removeprefix("torch."),
             "sft_teacher": (read_provenance(model_dir) or {}).get("sft_teacher"),
@@ -74,12 +84,7 @@ def run(cfg: RolloutConfig) -> dict:
             "max_new_tokens": sampling.max_new_tokens,
             "seed": sampling.seed,
         },
-        "prompts": {
-            "path": str(Path(cfg.prompts).resolve()),
-            "fingerprint": file_fingerprint(cfg.prompts),
-            "count": len(records),
-            "limit": cfg.limit,
-        },
+        "prompts": prompts_record,
         "prompts_per_shard": cfg.prompts_per_shard,
     }
     per_shard = cfg.prompts_per_shard

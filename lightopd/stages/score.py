@@ -36,6 +36,7 @@ from lightopd.data.writer import ShardWork, shard_work
 from lightopd.engine import models
 from lightopd.engine.scoring import Scorer
 from lightopd.errors import InputError, NonFiniteLogits
+from lightopd.hub import locate
 from lightopd.objectives.stats import LogprobStats
 from lightopd.progress import StageProgress, warn
 from lightopd.provenance import eos_mismatch, model_fingerprint, tokenizer_fingerprint
@@ -131,7 +132,8 @@ def run(cfg: ScoreConfig) -> dict:
     dtype = models.resolve_dtype(spec.dtype, device)
 
     metadata = {
-        "teacher": {"path": str(Path(spec.path).resolve()), "fingerprint": model_fingerprint(teacher_dir),
+        "teacher": {"path": str(teacher_dir.resolve()), **locate(spec.path).record(),
+                    "fingerprint": model_fingerprint(teacher_dir),
                     "dtype": str(dtype).removeprefix("torch.")},
         "tokenizer": rollout_manifest["tokenizer"],
         "rollouts": {

@@ -34,6 +34,7 @@ from lightopd.data.store import (
 from lightopd.data.stream import StepStream, data_parts_for
 from lightopd.engine import models
 from lightopd.errors import InputError
+from lightopd.hub import locate
 from lightopd.objectives import Objective, ObjectiveParams, Requirements, lookup
 from lightopd.options import flatten
 from lightopd.progress import console, warn
@@ -161,7 +162,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     parent = read_provenance(student_dir)
     objective: Objective = kind(params, total_steps(cfg, manifest))
     needs = objective.requirements()
-    student = {"path": str(student_dir.resolve()), "fingerprint": model_fingerprint(student_dir)}
+    student = {"path": str(student_dir.resolve()), **locate(spec.path).record(),
+               "fingerprint": model_fingerprint(student_dir)}
     sft_teacher = sft_teacher_of(manifest, needs.teacher, spec.path, cfg.sft_teacher, parent,
                                  cfg.allow_teacher_mismatch)
     if needs.on_policy:

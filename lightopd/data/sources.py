@@ -1,0 +1,176 @@
+"""Where prompt records come from: files and Hugging Face datasets, read lazily.
+
+- `.jsonl` (or `.json`, `.ndjson`): one JSON object per line, decoded line by line.
+- `.parquet`: read a batch of rows at a time, so a large file is never loaded whole.
+- `.csv`: streamed by pyarrow's CSV reader (an empty cell is a missing value); a cell holding a
+  JSON list (a `messages` column) is parsed when that field is used.
+- `hf:org/name` (with `--split`, default train, and `--subset`): a Hugging Face dataset through the
+  optional `datasets` package, from the cache when it is there (with HF_HUB_OFFLINE set, only
+  from the cache, and a miss names the dataset, the cache and the command that fetches it).
+- a directory written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict and `--split`).
+
+Each yields `(where, record)`: `where` names the file and line or row, for error messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightopd import hub
+from lightopd.data.store import sha256_file
+from lightopd.errors import InputError
+
+HF_PREFIX = "hf:"
+BATCH = 4096
+
+
+@dataclass(frozen=True)
+class Source:
+    """A prompt source: a file path, `hf:org/name`, or a save_to_disk directory."""
+
+    spec: str
+    split: str | None = None
+    subset: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.spec.startswith(HF_PREFIX)
+
+    def records(self) -> Iterator[tuple[str, dict]]:
+        if self.is_hub or Path(self.spec).is_dir():
+            yield from _dataset_records(self)
+            return
+        path = Path(self.spec)
+        if not path.is_file():
+            raise InputError(f"--prompts {path}: no such file")
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            yield from _jsonl(path)
+        elif suffix == ".parquet":
+            yield from _parquet(path)
+        elif suffix == ".csv":
+            yield from _csv(path)
+        else:
+            raise InputError(f"{path}: unknown prompt file type {suffix!r} (use .jsonl, .parquet or .csv, a "
+                             "save_to_disk directory, or hf:org/name)")
+
+    def identity(self) -> dict:
+        """What the store records of the source: where it is and a fingerprint of its content."""
+        record = {"path": self.spec if self.is_hub else str(Path(self.spec).resolve()), "split": self.split,
+                  "subset": self.subset}
+        if not self.is_hub and Path(self.spec).is_file():
+            record["fingerprint"] = "sha256:" + sha256_file(Path(self.spec))[:32]
+        elif not self.is_hub:
+            files = sorted(p for p in Path(self.spec).rglob("*") if p.is_file())
+            record["fingerprint"] = "sha256:" + _combined([f"{p.relative_to(self.spec)}:{sha256_file(p)}"
+                                                           for p in files])
+        else:
+            record["fingerprint"] = _load(self)[1]
+        return record
+
+
+def _combined(parts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line is "
+                                 f"{raw[e.start:e.start + 1]!r})") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _rows(batches, path: Path) -> Iterator[tuple[str, dict]]:
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            yield f"{path} row {row}", {k: v for k, v in record.items() if v is not None}
+            row += 1
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    yield from _rows(pf.iter_batches(batch_size=BATCH), path)
+
+
+def _csv(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    try:
+        reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        yield from _rows(reader, path)
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{path}: not a readable CSV file ({' '.join(str(e).split())})") from None
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise InputError("--prompts: Hugging Face datasets need the `datasets` package: "
+                         "pip install 'lightopd[datasets]'") from None
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _dataset_records(source: Source) -> Iterator[tuple[str, dict]]:
+    dataset, _ = _load(source)
+    where = source.spec + (f" ({source.split})" if source.split else "")
+    for row, record in enumerate(dataset):
+        yield f"{where} row {row}", {k: v for k, v in record.items() if v is not None}
+
+
+def _load(source: Source):
+    """(the dataset split a source names, its fingerprint), offline-first: a Hub snapshot in the cache,
+    else what `datasets` cached from an earlier download, else (online only) a download."""
+    datasets = _datasets()
+    if not source.is_hub:
+        try:
+            loaded = datasets.load_from_disk(source.spec)
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(f"--prompts {source.spec}: not a dataset saved with save_to_disk ({e})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            split = source.split or "train"
+            if split not in loaded:
+                raise InputError(f"--split {split}: {source.spec} has splits {', '.join(loaded)}")
+            loaded = loaded[split]
+        return loaded, loaded._fingerprint
+    name = source.spec.removeprefix(HF_PREFIX)
+    repo, _, revision = name.partition("@")
+    revision = revision or "main"
+    split = source.split or "train"
+    snapshot = hub.cached(repo, revision, "dataset")
+    try:
+        if snapshot is not None:  # read in place, lazily: nothing converted, nothing fetched
+            dataset = datasets.load_dataset(str(snapshot), source.subset, split=split, streaming=True)
+            return dataset, f"hub:{repo}@{snapshot.name}"
+        dataset = datasets.load_dataset(repo, source.subset, split=split, revision=revision)
+        return dataset, dataset._fingerprint
+    except ValueError as e:  # an unknown subset or split
+        raise InputError(f"--prompts {source.spec}: {' '.join(str(e).split())} (--subset, --split)") from None
+    except (ConnectionError, FileNotFoundError, OSError) as e:
+        if hub.offline():
+            raise hub.missing_offline("--prompts", source.spec, repo, revision, "dataset") from None
+        raise InputError(f"--prompts {source.spec}: cannot load it ({' '.join(str(e).split())})") from None

@@ -1,0 +1,177 @@
+"""The shared parts of the stage configs, each option declared once with its default and help.
+
+`ModelSpec` (a model and how to run it), `SamplingSpec` (the distribution sampled from),
+`SourceSpec` (where prompts come from, and their field mapping) and `RenderSpec` (how a record
+becomes the model's input: chat rendering, prompt length; rollout and eval alike), and single
+options used by several stages (`--limit`, `--worker`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lightopd.data.chat import CHAT_MODES, ChatSettings, Renderer
+from lightopd.data.fields import Mapping
+from lightopd.data.prompts import LONG_PROMPTS, Encoded, encode_all, provenance, read_prompts
+from lightopd.data.sources import Source
+from lightopd.errors import InputError
+from lightopd.options import MIN_TEMPERATURE, check, opt
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def device_option() -> Any:
+    return opt("auto", "Device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.", metavar="DEVICE",
+               at_end=True)
+
+
+def worker_option() -> Any:
+    return opt("0/1", "I/N: write only shards i with i % N == I, so N processes (one per GPU, or the tasks of a "
+                      "job array on a shared filesystem) fill one store together; rows do not depend on the split.",
+               metavar="I/N")
+
+
+def limit_option() -> Any:
+    return opt(None, "Use only the first N prompt records.", metavar="N")
+
+
+def generation_batch_size_option() -> Any:
+    return opt(64, "Sequences decoded together (prompts are grouped by length); lower it if memory runs out.",
+               metavar="N")
+
+
+def micro_batch_tokens_option(default: int, what: str) -> Any:
+    return opt(default, f"Padded tokens per forward pass{what}; rows are packed longest first to this budget.",
+               metavar="N")
+
+
+def check_device(device: str) -> None:
+    check(device in DEVICES or device.startswith("cuda:"), "--device",
+          f"must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A Hugging Face causal LM and how to run it."""
+
+    path: str = opt(help="A Hugging Face causal LM: a local directory, or a Hub id (org/name[@revision]) read from "
+                         "the Hugging Face cache and downloaded when missing, unless HF_HUB_OFFLINE=1 (safetensors "
+                         "weights only).", metavar="DIR|ID", parent_name=True)
+    device: str = device_option()
+    dtype: str = opt("auto", "Precision the model computes in; auto is bfloat16 on CUDA, float32 elsewhere. "
+                             "Inference loads the weights in it; train keeps float32 weights and optimizer state "
+                             "and computes forward and backward under autocast to it.", choices=DTYPES, metavar="DTYPE",
+                     at_end=True)
+    trust_remote_code: bool = opt(False, "Allow Python code shipped inside the model directory to run.", at_end=True)
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        check(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSpec:
+    """The distribution sampled from: exactly this, never a model's own generation defaults."""
+
+    n: int = opt(1, "Samples per prompt.", metavar="N")
+    temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding.", metavar="T")
+    top_p: float = opt(1.0, "Nucleus sampling: draw from the smallest set of most likely tokens holding this much "
+                            "probability; 1 disables it.", metavar="P")
+    max_new_tokens: int = opt(256, "Most tokens generated per sample (fewer if the model's context ends first).",
+                              metavar="N")
+    seed: int = opt(0, "Seed of every sample's random stream: the same seed and inputs give the same samples, "
+                       "whatever the batching.", metavar="S")
+
+    def __post_init__(self) -> None:
+        check(self.n >= 1, "--n", f"samples per prompt must be >= 1, got {self.n}")
+        check(self.temperature == 0 or self.temperature >= MIN_TEMPERATURE, "--temperature",
+              f"must be 0 (greedy decoding) or at least {MIN_TEMPERATURE}, got {self.temperature}")
+        check(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}")
+        check(self.max_new_tokens >= 1, "--max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+
+PROMPTS_HELP = ("A .jsonl, .parquet or .csv file, a Hugging Face dataset (hf:org/name[@revision], "
+                "with --split and --subset; needs `pip install 'lightopd[datasets]'`) or a directory saved by "
+                "datasets' save_to_disk. Fields are recognised (prompt/question/problem, messages/conversations, "
+                "answer/solution/..., id) or named with the --*-field options; others are kept as metadata.")
+
+
+def _field(role: str, example: str) -> Any:
+    return opt(None, f"Field holding the {role} (default: recognised by name, e.g. {example}).", metavar="NAME")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    """Where prompt records come from, and which of their fields play which role."""
+
+    source: str = opt(help=PROMPTS_HELP, metavar="SOURCE", parent_name=True)
+    split: str | None = opt(None, "Split of a Hugging Face dataset. [default: train]", metavar="NAME")
+    subset: str | None = opt(None, "Subset (configuration) of a Hugging Face dataset, e.g. main for openai/gsm8k.",
+                             metavar="NAME")
+    prompt_field: str | None = _field("prompt text", "prompt, question, problem")
+    messages_field: str | None = _field("chat messages", "messages, or ShareGPT conversations")
+    answer_field: str | None = _field("reference answer", "answer, final_answer, target, ground_truth, solution")
+    id_field: str | None = _field("record id", "id, idx, uid, unique_id; else the record's index")
+
+    def open(self) -> Source:
+        return Source(self.source, self.split, self.subset)
+
+    def mapping(self) -> Mapping:
+        return Mapping(self.prompt_field, self.messages_field, self.answer_field, self.id_field)
+
+    def record(self) -> dict:
+        """What a store records of the mapping (its source records itself: Source.identity)."""
+        return {"fields": self.mapping().flags()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderSpec:
+    """How a prompt record becomes the model's input: chat rendering and prompt length."""
+
+    chat: str = opt("auto", "Whether a plain prompt becomes one user turn of the chat template; auto: when the "
+                            "template ends a turn with the model's end token, as a chat model's does. Messages are "
+                            "always rendered with the template.", choices=CHAT_MODES)
+    system_prompt: str | None = opt(None, "A system turn put first in every chat that has none.", metavar="TEXT")
+    chat_template_kwargs: str | None = opt(None, "JSON object passed to the chat template, e.g. "
+                                                 "'{\"enable_thinking\": false}' for Qwen3.", metavar="JSON")
+    max_prompt_tokens: int | None = opt(None, "Longest prompt, in tokens (always short enough to leave room to "
+                                              "generate in the model's context).", metavar="N")
+    long_prompts: str = opt("error", "What happens to a longer prompt: error (stop, naming it), skip (leave it "
+                                     "out), truncate (keep its last tokens).", choices=LONG_PROMPTS)
+
+    def __post_init__(self) -> None:
+        check(self.chat in CHAT_MODES, "--chat", f"must be one of {', '.join(CHAT_MODES)}, got {self.chat!r}")
+        check(self.long_prompts in LONG_PROMPTS, "--long-prompts",
+              f"must be one of {', '.join(LONG_PROMPTS)}, got {self.long_prompts!r}")
+        check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "--max-prompt-tokens",
+              f"must be >= 1, got {self.max_prompt_tokens}")
+        self.template_kwargs()
+
+    def template_kwargs(self) -> dict:
+        if self.chat_template_kwargs is None:
+            return {}
+        try:
+            kwargs = json.loads(self.chat_template_kwargs)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--chat-template-kwargs: not JSON ({e.msg} at column {e.colno})") from None
+        check(isinstance(kwargs, dict), "--chat-template-kwargs",
+              f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {self.chat_template_kwargs}")
+        return kwargs
+
+    def chat_settings(self) -> ChatSettings:
+        return ChatSettings(self.chat, self.system_prompt, self.template_kwargs())
+
+
+def load_prompts(prompts: SourceSpec, render: RenderSpec, limit: int | None, tokenizer, eos_ids: list[int],
+                 context: int | None) -> tuple[Encoded, dict]:
+    """The prompt records of a source, validated and rendered to token ids under the length policy,
+    and what a store records of them (data.prompts.provenance)."""
+    source, mapping = prompts.open(), prompts.mapping()
+    records = read_prompts(source, mapping, limit)
+    renderer = Renderer(tokenizer, render.chat_settings(), eos_ids)
+    encoded = encode_all(renderer, records, context, render.max_prompt_tokens, render.long_prompts)
+    return encoded, provenance(source, mapping, renderer, encoded, limit, render.max_prompt_tokens,
+                               render.long_prompts)
