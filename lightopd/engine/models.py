@@ -1,6 +1,7 @@
-"""Load models and tokenizers from local directories (safetensors only), choose device and dtype,
-and read what the stages need from a model's config before loading it (ModelInfo): context
-length, EOS and pad ids, the tokenizer's vocabulary and the output layer's rows."""
+"""Load models and tokenizers from model directories (a local path, or the Hub snapshot hub.py
+resolved; safetensors only), choose device and dtype, and read what the stages need from a
+model's config before loading it (ModelInfo): context length, EOS and pad ids, the tokenizer's
+vocabulary and the output layer's rows."""
 
 from __future__ import annotations
 
