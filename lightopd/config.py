@@ -25,6 +25,7 @@ from lightopd.specs import (
     check_device,
     device_option,
     generation_batch_size_option,
+    kv_cache_tokens_option,
     limit_option,
     micro_batch_tokens_option,
     worker_option,
@@ -58,6 +59,7 @@ class RolloutConfig(Config):
     sampling: SamplingSpec = opt(SamplingSpec())
     limit: int | None = limit_option()
     generation_batch_size: int = generation_batch_size_option()
+    kv_cache_tokens: int | None = kv_cache_tokens_option()
     prompts_per_shard: int = opt(256, "Prompts per Parquet shard, the unit of resumption.", metavar="N")
     worker: str = worker_option()
 
@@ -65,6 +67,8 @@ class RolloutConfig(Config):
         check(self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}")
         check(self.generation_batch_size >= 1, "--generation-batch-size",
               f"must be >= 1, got {self.generation_batch_size}")
+        check(self.kv_cache_tokens is None or self.kv_cache_tokens >= 1, "--kv-cache-tokens",
+              f"must be >= 1, got {self.kv_cache_tokens}")
         check(self.prompts_per_shard >= 1, "--prompts-per-shard", f"must be >= 1, got {self.prompts_per_shard}")
         parse_worker(self.worker)
 
@@ -97,6 +101,9 @@ class ScoreConfig(Config):
         parse_worker(self.worker)
 
 
+PACKING = ("auto", "on", "off")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(Config):
     """`lightopd train`: fit a student on a store. Objective parameters live beside each objective."""
@@ -111,7 +118,25 @@ class TrainConfig(Config):
     epochs: float | None = opt(None, "Passes over the store, instead of --steps.", metavar="E")
     batch_size: int = opt(16, "Sequences per optimizer step over all ranks; a prompt's samples stay together.",
                           metavar="N")
-    micro_batch_tokens: int = micro_batch_tokens_option(4096, "; gradients accumulate over the step's micro-batches")
+    micro_batch_tokens: int = opt(4096, "Tokens per forward pass; gradients accumulate over the step's "
+                                         "micro-batches. Packed (see --packing), real tokens count; padded, padding "
+                                         "counts too. A sequence longer than the budget gets a micro-batch of its "
+                                         "own.", metavar="N")
+    packing: str = opt("auto", "Padding-free micro-batches: sequences concatenated into one row whose position ids "
+                               "restart at each sequence, so none attends to another (checked once against "
+                               "separate forwards; a model that fails the check is padded, with a warning). auto: "
+                               "packed with a variable-length attention kernel (--attn-implementation "
+                               "flash_attention_2, flash_attention_3 or flex_attention), padded otherwise, since "
+                               "sdpa and eager attend over the whole packed row under a mask (measured slower: "
+                               "README).", choices=PACKING)
+    loss_chunk_tokens: int = opt(1024, "Completion positions whose [positions × vocabulary] logits are computed at "
+                                       "once in the loss; each chunk is differentiated and freed before the next, so "
+                                       "the loss holds one chunk's float32 blocks whatever the sequence length.",
+                                 metavar="N")
+    gradient_checkpointing: bool = opt(False, "Activation checkpointing: keep only each decoder layer's input in "
+                                              "forward and recompute the layer in backward (about a third more "
+                                              "compute; a layer's saved activations shrink to one hidden vector "
+                                              "per token).")
     lr: float = opt(1e-5, "Peak learning rate (AdamW).", metavar="LR")
     schedule: str = opt("constant", "Learning-rate schedule after warmup.", choices=SCHEDULES)
     warmup_steps: int = opt(0, "Linear warmup steps.", metavar="N")
@@ -144,6 +169,8 @@ class TrainConfig(Config):
         check(self.steps is None or self.epochs is None, "--steps/--epochs", "give one of them, not both")
         check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         check(self.micro_batch_tokens >= 1, "--micro-batch-tokens", f"must be >= 1, got {self.micro_batch_tokens}")
+        check(self.packing in PACKING, "--packing", f"must be one of {', '.join(PACKING)}, got {self.packing!r}")
+        check(self.loss_chunk_tokens >= 1, "--loss-chunk-tokens", f"must be >= 1, got {self.loss_chunk_tokens}")
         check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
         check(self.lr <= FLOAT32_MAX, "--lr", f"must be at most {FLOAT32_MAX:g} (the optimizer computes in float32), "
                                               f"got {self.lr:g}")
@@ -184,6 +211,7 @@ class EvalConfig(Config):
                                "'#### x' or 'Answer: x', in the completion and the reference alike (README: "
                                "Checkers).", metavar="NAME")
     generation_batch_size: int = generation_batch_size_option()
+    kv_cache_tokens: int | None = kv_cache_tokens_option()
     micro_batch_tokens: int = micro_batch_tokens_option(4096, " of the teacher-agreement pass")
 
     def __post_init__(self) -> None:
@@ -197,6 +225,8 @@ class EvalConfig(Config):
         check(self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}")
         check(self.generation_batch_size >= 1, "--generation-batch-size",
               f"must be >= 1, got {self.generation_batch_size}")
+        check(self.kv_cache_tokens is None or self.kv_cache_tokens >= 1, "--kv-cache-tokens",
+              f"must be >= 1, got {self.kv_cache_tokens}")
         check(self.micro_batch_tokens >= 1, "--micro-batch-tokens", f"must be >= 1, got {self.micro_batch_tokens}")
 
 

@@ -39,8 +39,14 @@ def limit_option() -> Any:
 
 
 def generation_batch_size_option() -> Any:
-    return opt(64, "Sequences decoded together (prompts are grouped by length); lower it if memory runs out.",
-               metavar="N")
+    return opt(256, "Most sequences decoded together (prompts are grouped by length); --kv-cache-tokens bounds "
+                    "their memory.", metavar="N")
+
+
+def kv_cache_tokens_option() -> Any:
+    return opt(None, "Most KV-cache tokens a decoding batch holds: rows x (longest prompt + max new tokens). "
+                     "[default: what half the device's free memory holds (on CPU, of the system's available "
+                     "memory)]", metavar="N")
 
 
 def micro_batch_tokens_option(default: int, what: str) -> Any:
@@ -66,6 +72,9 @@ class ModelSpec:
                              "and computes forward and backward under autocast to it.", choices=DTYPES, metavar="DTYPE",
                      at_end=True)
     trust_remote_code: bool = opt(False, "Allow Python code shipped inside the model directory to run.", at_end=True)
+    attn_implementation: str | None = opt(None, "The attention kernel transformers uses: sdpa, eager, "
+                                                "flash_attention_2, flex_attention, ... [default: transformers' "
+                                                "choice for the model, usually sdpa]", metavar="NAME", at_end=True)
 
     def __post_init__(self) -> None:
         check_device(self.device)

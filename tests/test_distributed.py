@@ -70,13 +70,17 @@ def test_one_process_owning_two_parts_takes_the_steps_two_ranks_take(teacher_sto
     assert one.cursors() == {**ranks[0].cursors(), **ranks[1].cursors()}
 
 
-@pytest.mark.parametrize("objective,fsdp", [("opd-seq", False), ("rkl", False), ("rkl", True)])
-def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, consistent_student, teacher_store, tmp_path):
+@pytest.mark.parametrize("objective,fsdp,checkpointing", [("opd-seq", False, False), ("rkl", False, True),
+                                                         ("rkl", True, True)])
+def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, checkpointing, consistent_student, teacher_store,
+                                                    tmp_path):
     """opd-seq normalises advantages by a std over the whole step: it must cross ranks. Under FSDP2 each rank
     holds half of every weight; with 32-token micro-batches the ranks' micro-batch counts differ in 4 of
-    the 5 steps, and the rank with fewer pads to the other's count (every forward gathers from both)."""
+    the 5 steps, and the rank with fewer pads to the other's count (every forward gathers from both).
+    Activation checkpointing, packed micro-batches and 3-position loss chunks change nothing."""
     common = ["--student", str(consistent_student), "--data", str(teacher_store), "--objective", objective, *TRAIN,
-              *(["--micro-batch-tokens", "32"] if fsdp else [])]
+              *(["--micro-batch-tokens", "32"] if fsdp else []),
+              *(["--gradient-checkpointing", "--packing", "on", "--loss-chunk-tokens", "3"] if checkpointing else [])]
     single = run_cli("train", *common, "--out", str(tmp_path / "one"), "--set", "data_parts=2")
     proc = torchrun("train", *common, "--out", str(tmp_path / "two"), *(["--fsdp"] if fsdp else []))
     assert proc.returncode == 0, proc.stderr
@@ -98,7 +102,7 @@ def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, consistent_
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, consistent_student, teacher_store, tmp_path):
     common = ["--student", str(consistent_student), "--data", str(teacher_store), "--objective", "jsd", *TRAIN,
-              "--save-every", "2", "--schedule", "cosine", *(["--fsdp"] if fsdp else [])]
+              "--save-every", "2", "--schedule", "cosine", *(["--fsdp", "--gradient-checkpointing"] if fsdp else [])]
     assert torchrun("train", *common, "--out", str(tmp_path / "full")).returncode == 0
     cut = tmp_path / "cut"  # as if both ranks died after the step-2 checkpoint
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-2", cut / "checkpoints" / "step-2")

@@ -74,8 +74,10 @@ def test_gradient_accumulation_equals_one_batch(consistent_student, teacher_stor
             torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=0)
 
 
-def test_resume_reproduces_the_uninterrupted_run(consistent_student, teacher_store, tmp_path):
-    kw = dict(objective="taid", steps=6, batch_size=4, lr=1e-3, save_every=3, schedule="cosine", warmup_steps=2)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_resume_reproduces_the_uninterrupted_run(checkpointing, consistent_student, teacher_store, tmp_path):
+    kw = dict(objective="taid", steps=6, batch_size=4, lr=1e-3, save_every=3, schedule="cosine", warmup_steps=2,
+              gradient_checkpointing=checkpointing, loss_chunk_tokens=5 if checkpointing else 1024)
     train_run(consistent_student, teacher_store, tmp_path / "full", **kw)
     train_run(consistent_student, teacher_store, tmp_path / "cut", **kw)
     # as if the process died after the step-3 checkpoint: later work is lost
@@ -139,14 +141,20 @@ def test_student_without_record_warns(tiny_model, teacher_store, tmp_path, capsy
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(consistent_student, teacher_store, tmp_path,
                                                              monkeypatch):
-    real = O.OBJECTIVES["lightning-opd"].loss
-    calls = {"n": 0}
+    from lightopd.training.trainer import Trainer
 
-    def poisoned(self, inputs):
-        calls["n"] += 1
+    real, real_step = O.OBJECTIVES["lightning-opd"].loss, Trainer.step
+    steps = {"n": 0}
+
+    def counted(self, groups):
+        steps["n"] += 1
+        return real_step(self, groups)
+
+    def poisoned(self, inputs):  # the loss of step 5 onwards is NaN (it runs again in backward: count steps)
         loss = real(self, inputs)
-        return loss * float("nan") if calls["n"] > 4 else loss
+        return loss * float("nan") if steps["n"] > 4 else loss
 
+    monkeypatch.setattr(Trainer, "step", counted)
     monkeypatch.setattr(O.OBJECTIVES["lightning-opd"], "loss", poisoned)
     with pytest.raises(TrainingError, match="non-finite loss") as e:
         train_run(consistent_student, teacher_store, tmp_path / "out", steps=10, batch_size=4, save_every=2,

@@ -1,6 +1,7 @@
-"""Rows to batches and tensors: grouping longest first (by padded tokens for forwards, by rows for
-sampling), right-padded id tensors, Arrow list columns as flat or padded tensors, and
-`TokenBatches`, the micro-batches of a table of stored rows that training and eval both run."""
+"""Rows to batches and tensors: grouping longest first (by padded or packed tokens for forwards, by
+rows and KV-cache tokens for sampling), right-padded or packed id tensors, Arrow list columns as
+flat or padded tensors, and `TokenBatches`, the micro-batches of a table of stored rows that
+training and eval both run."""
 
 from __future__ import annotations
 
@@ -13,14 +14,26 @@ import pyarrow.compute as pc
 import torch
 
 
-def pack_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Row indices grouped so that rows × longest row ≤ `max_tokens` in every batch.
+def pack_by_tokens(lengths: Sequence[int], max_tokens: int, packed: bool = False) -> list[list[int]]:
+    """Row indices grouped into batches within a budget of `max_tokens`, longest rows first; a row
+    longer than the budget gets a batch of its own.
 
-    Rows are taken longest first, so each batch holds rows of similar length (little padding);
-    a row longer than the budget gets a batch of its own.
+    Padded (default): rows × longest row ≤ budget, so each batch holds rows of similar length.
+    Packed (the rows concatenated, no padding): the rows' own tokens ≤ budget, filled first-fit.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
+    if packed:
+        used: list[int] = []
+        for i in order:
+            slot = next((b for b, u in enumerate(used) if u + lengths[i] <= max_tokens), None)
+            if slot is None:
+                batches.append([i])
+                used.append(lengths[i])
+            else:
+                batches[slot].append(i)
+                used[slot] += lengths[i]
+        return batches
     for i in order:
         if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
             batches[-1].append(i)
@@ -29,17 +42,24 @@ def pack_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
-def plan_generation(lengths: list[int], n: int, batch_size: int) -> list[list[tuple[int, range]]]:
-    """Group (prompt, sample range) pieces into batches of at most `batch_size` rows.
+def plan_generation(lengths: list[int], n: int, batch_size: int, kv_tokens: int | None = None,
+                    max_new: int = 0) -> list[list[tuple[int, range]]]:
+    """Group (prompt, sample range) pieces into batches of at most `batch_size` rows whose KV cache,
+    rows × (longest prompt + `max_new`), holds at most `kv_tokens` tokens (None: no such bound; a
+    single row over it still gets a batch).
 
     Longest prompts first, so similar lengths share a batch (little padding) and a batch too
     large for memory fails at the start rather than at the end.
     """
-    pieces = [(i, range(s, min(s + batch_size, n))) for i in range(len(lengths)) for s in range(0, n, batch_size)]
+    def fits(length: int) -> int:  # rows of this prompt length the KV budget holds (at least 1)
+        return batch_size if kv_tokens is None else max(1, min(batch_size, kv_tokens // (length + max_new)))
+
+    pieces = [(i, range(s, min(s + fits(lengths[i]), n))) for i in range(len(lengths))
+              for s in range(0, n, fits(lengths[i]))]
     pieces.sort(key=lambda piece: -lengths[piece[0]])
     batches, current, rows = [], [], 0
     for piece in pieces:
-        if rows + len(piece[1]) > batch_size:
+        if current and rows + len(piece[1]) > fits(lengths[current[0][0]]):
             batches.append(current)
             current, rows = [], 0
         current.append(piece)
@@ -49,22 +69,46 @@ def plan_generation(lengths: list[int], n: int, batch_size: int) -> list[list[tu
     return batches
 
 
-def pack_rows(prompts, completions, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor]:
-    """Right-padded ids and mask [B, L], and for every completion token (row-major) its row, the
-    position whose logits predict it, and the token itself."""
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
-    ids = torch.zeros((len(prompts), max(lengths)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
+@dataclass
+class Layout:
+    """Rows laid out for one forward, and where their completion tokens are in it."""
+
+    inputs: dict[str, torch.Tensor]  # the model's keyword arguments: input_ids, and attention_mask or position_ids
+    rows: torch.Tensor  # [N] for every completion token (row-major): the row of the logits that predict it
+    cols: torch.Tensor  # [N] ... and their column
+    targets: torch.Tensor  # [N] the completion tokens
+
+    @property
+    def tokens(self) -> int:
+        """Token slots of the forward, padding included."""
+        return self.inputs["input_ids"].numel()
+
+
+def pack_rows(prompts, completions, device, packed: bool = False) -> Layout:
+    """Rows of prompt + completion ids for one forward: right-padded [B, L] with an attention mask,
+    or packed (`packed`): concatenated into one [1, T] row whose position ids restart at 0 for each
+    sequence, which transformers reads as separate sequences (no attention across them)."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
     rows, cols, targets = [], [], []
+    offset = 0
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids[i, : lengths[i]] = torch.tensor(list(p) + list(c))
-        mask[i, : lengths[i]] = 1
-        rows += [i] * len(c)
-        cols += range(len(p) - 1, len(p) - 1 + len(c))
+        start = offset + len(p) - 1 if packed else len(p) - 1
+        rows += [0 if packed else i] * len(c)
+        cols += range(start, start + len(c))
         targets += c
+        offset += len(seqs[i])
     as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return ids.to(device), mask.to(device), as_tensor(rows), as_tensor(cols), as_tensor(targets)
+    if packed:
+        inputs = {"input_ids": as_tensor([t for s in seqs for t in s]).unsqueeze(0),
+                  "position_ids": as_tensor([j for s in seqs for j in range(len(s))]).unsqueeze(0)}
+    else:
+        ids = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    return Layout(inputs, as_tensor(rows), as_tensor(cols), as_tensor(targets))
 
 
 def flat_column(table: pa.Table, name: str, dtype) -> torch.Tensor:
@@ -107,23 +151,25 @@ class MicroBatch:
     """One forward's worth of rows as tensors (see pack_rows), with their stored columns."""
 
     rows: list[int]  # indices into the table
-    ids: torch.Tensor
-    mask: torch.Tensor
-    positions: tuple[torch.Tensor, torch.Tensor]  # (row, column) of the logits predicting each completion token
-    targets: torch.Tensor  # [N] the completion tokens, row-major
+    layout: Layout
     stored: dict[str, torch.Tensor]  # the stored per-token columns asked for, flat [N] or [N, k]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.layout.targets
 
 
 class TokenBatches:
-    """A table of rows (prompt_ids, completion_ids and stored columns) packed into micro-batches of
-    at most `max_tokens` padded tokens; `plan` leaves out micro-batches with no completion token."""
+    """A table of rows (prompt_ids, completion_ids and stored columns) in micro-batches within a
+    budget of `max_tokens` (padded, or packed: see pack_by_tokens); `plan` leaves out micro-batches
+    with no completion token."""
 
-    def __init__(self, table: pa.Table, max_tokens: int):
-        self.table = table
+    def __init__(self, table: pa.Table, max_tokens: int, packed: bool = False):
+        self.table, self.packed = table, packed
         self.prompts = table.column("prompt_ids").to_pylist()
         self.completions = table.column("completion_ids").to_pylist()
         lengths = [len(p) + len(c) for p, c in zip(self.prompts, self.completions, strict=True)]
-        self.packs = pack_by_tokens(lengths, max_tokens)
+        self.packs = pack_by_tokens(lengths, max_tokens, packed)
         self.plan = [m for m in self.packs if any(self.completions[i] for i in m)]
 
     @property
@@ -132,7 +178,7 @@ class TokenBatches:
         return sum(len(c) for c in self.completions)
 
     def tensors(self, rows: list[int], columns, k: int | None, device) -> MicroBatch:
-        ids, mask, prow, pcol, targets = pack_rows([self.prompts[i] for i in rows],
-                                                   [self.completions[i] for i in rows], device)
+        layout = pack_rows([self.prompts[i] for i in rows], [self.completions[i] for i in rows], device,
+                           self.packed)
         stored = stored_tensors(self.table.take(pa.array(rows)), columns, k, device)
-        return MicroBatch(rows, ids, mask, (prow, pcol), targets, stored)
+        return MicroBatch(rows, layout, stored)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from lightopd.engine.chunks import chunked_loss
+
 
 def _head_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model's own post-processing of head outputs, if its config declares one."""
@@ -43,8 +45,13 @@ def output_rows(model) -> int:
 
 
 class PositionLogits:
-    """`logits_at(ids, mask, rows, cols)` returns a function (lo, hi) -> logits of positions lo:hi,
-    over the first `vocab` ids (the tokenizer's)."""
+    """`logits_at(layout)` returns a function (lo, hi) -> logits of completion positions lo:hi of a
+    `data.batching.Layout`, over the first `vocab` ids (the tokenizer's).
+
+    `packs`: whether the model reads packed rows (position ids restarting per sequence) as separate
+    sequences; checked once against separate forwards, since it depends on the architecture and
+    the attention implementation.
+    """
 
     def __init__(self, model, vocab: int):
         rows = output_rows(model)
@@ -57,40 +64,89 @@ class PositionLogits:
         self._head = model.get_output_embeddings()
         self._transform = _head_transform(model.config)
         self.split_head = self._split_head_matches()
+        self._packs: bool | None = None
+
+    def _probe(self) -> torch.Tensor:
+        return torch.arange(1, 9, device=self.device).clamp(max=self.vocab - 1).unsqueeze(0)
 
     @torch.no_grad()
     def _split_head_matches(self) -> bool:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            ids = torch.arange(1, 9, device=self.device).clamp(max=self.vocab - 1).unsqueeze(0)
+        with _eval_mode(self.model):
+            ids = self._probe()
             try:
                 split = self._transform(self._head(self._base(input_ids=ids).last_hidden_state)).float()
             except (AttributeError, TypeError):
                 return False
             full = self.model(input_ids=ids).logits.float()
             return split.shape == full.shape and torch.allclose(split, full, rtol=1e-3, atol=1e-3)
-        finally:
-            self.model.train(was_training)
 
-    def logits_at(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-                  ) -> Callable[[int, int], torch.Tensor]:
-        vocab = self.vocab
-        if self.split_head:
-            hidden = self._base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[rows, cols]
-            return lambda lo, hi: self._transform(self._head(hidden[lo:hi]))[:, :vocab]
-        full = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    @property
+    @torch.no_grad()
+    def packs(self) -> bool:
+        if self._packs is None:
+            with _eval_mode(self.model):
+                a, b = self._probe()[:, :5], self._probe()[:, 2:]
+                apart = torch.cat([self.model(input_ids=x, use_cache=False).logits for x in (a, b)], dim=1).float()
+                positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])]).to(self.device)
+                try:
+                    packed = self.model(input_ids=torch.cat([a, b], dim=1), position_ids=positions.unsqueeze(0),
+                                        use_cache=False).logits.float()
+                except (TypeError, ValueError, RuntimeError):
+                    packed = None
+                self._packs = packed is not None and torch.allclose(packed, apart, rtol=1e-3, atol=1e-3)
+        return self._packs
+
+    def hidden_at(self, layout) -> torch.Tensor | None:
+        """The decoder's last hidden states at the completion positions [N, H] (None: the model's own
+        forward is needed, see `logits_at`)."""
+        if not self.split_head:
+            return None
+        return self._base(**layout.inputs, use_cache=False).last_hidden_state[layout.rows, layout.cols]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the tokenizer's ids from hidden states [n, H]."""
+        return self._transform(self._head(hidden))[:, :self.vocab]
+
+    def logits_at(self, layout) -> Callable[[int, int], torch.Tensor]:
+        hidden = self.hidden_at(layout)
+        if hidden is not None:
+            return lambda lo, hi: self.head(hidden[lo:hi])
+        full = self.model(**layout.inputs, use_cache=False).logits
+        rows, cols, vocab = layout.rows, layout.cols, self.vocab
         return lambda lo, hi: full[rows[lo:hi], cols[lo:hi], :vocab]
 
 
-class CompletionLogits(torch.nn.Module):
-    """The model's logits at the given (row, column) positions as a single module call, so that
-    DistributedDataParallel can wrap it (DDP synchronises gradients of what runs in its forward)."""
+class _eval_mode:
+    """Within: the model in eval mode (no dropout); after: as it was."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+class CompletionChunks(torch.nn.Module):
+    """A model's summed loss over the completion positions of a layout, computed a chunk of positions
+    at a time by engine.chunks, all inside one module call so that DistributedDataParallel and FSDP
+    see the output layer run in their forward."""
 
     def __init__(self, model, vocab: int):
         super().__init__()
         self.model = model
         self.positions = PositionLogits(model, vocab)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return self.positions.logits_at(ids, mask, rows, cols)(0, rows.numel())
+    def forward(self, layout, per_chunk, chunk: int) -> tuple[torch.Tensor, list]:
+        """(Σ of per-position losses, with gradient; [(per-position losses, extras) per chunk]), for
+        `per_chunk(logits, lo, hi)` returning (per-position loss, extras) of positions lo:hi."""
+        hidden = self.positions.hidden_at(layout)
+        if hidden is None:  # the model's own forward: its full logits exist anyway
+            logits = self.positions.logits_at(layout)(0, len(layout.targets))
+            per_position, extras = per_chunk(logits, 0, len(layout.targets))
+            return per_position.sum(), [(per_position.detach(), extras)]
+        weights = [w for w in self.positions._head.parameters() if w.requires_grad]
+        return chunked_loss(self.positions.head, weights, hidden, chunk, per_chunk)

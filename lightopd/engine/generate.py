@@ -1,5 +1,8 @@
 """Batched sampling with the KV cache: the HF decoding loop behind `rollout` and `eval`.
 
+Batches are bounded in rows and in KV-cache tokens (rows × (longest prompt + new tokens)), the
+latter by default from the device's free memory, so long completions do not run out of memory.
+
 One call takes a batch of distinct prompts and, for each, the random-stream keys of the samples
 to draw from it. Each prompt is prefilled once and its cache copied to its samples; rows that
 finish (EOS or their token limit) are dropped from the batch so the rest decode faster. Prompts
@@ -10,6 +13,7 @@ logits match an unpadded forward of that row alone.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +42,35 @@ def _selectable(cache) -> bool:
     return isinstance(cache, DynamicCache) and bool(layers) and all(
         isinstance(layer, DynamicLayer) for layer in layers
     )
+
+
+KV_SHARE = 0.5  # of the free memory, for the KV cache of a decoding batch by default
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token takes in every layer (keys and values, in the model's dtype)."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = next(model.parameters()).dtype.itemsize
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+def kv_token_budget(model, requested: int | None) -> int | None:
+    """`requested`, else the KV-cache tokens that KV_SHARE of the device's free memory holds (CUDA:
+    the GPU's free memory; CPU: the system's available memory; None where it cannot be told)."""
+    if requested is not None:
+        return requested
+    device = next(model.parameters()).device
+    try:
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return max(1, int(free * KV_SHARE) // kv_bytes_per_token(model))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
 
 
 @torch.inference_mode()
@@ -148,11 +181,15 @@ def sample_prompts(
     batch_size: int,
     info: ModelInfo,
     on_step: Callable[[int, int], None] | None = None,
+    kv_tokens: int | None = None,
 ) -> list[list[Completion]]:
-    """`sampling.n` completions of each prompt, batched by length; sample j of prompt `name` always
-    draws from the random stream row_key(sampling.seed, name, j), whatever the batching."""
+    """`sampling.n` completions of each prompt, batched by length within `batch_size` rows and
+    `kv_tokens` KV-cache tokens (None: see kv_token_budget); sample j of prompt `name` always draws
+    from the random stream row_key(sampling.seed, name, j), whatever the batching."""
     completions: list[list[Completion | None]] = [[None] * sampling.n for _ in prompt_ids]
-    for batch in plan_generation([len(x) for x in prompt_ids], sampling.n, batch_size):
+    budget = kv_token_budget(model, kv_tokens)
+    for batch in plan_generation([len(x) for x in prompt_ids], sampling.n, batch_size, budget,
+                                 sampling.max_new_tokens):
         prompts = [prompt_ids[i] for i, _ in batch]
         keys = [[row_key(sampling.seed, prompt_names[i], j) for j in js] for i, js in batch]
         limits = [sampling.max_new_tokens if info.context is None

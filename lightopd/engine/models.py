@@ -104,17 +104,21 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, what: str 
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
-               what: str = "--model"):
-    """A causal LM from a local directory, in eval mode, on `device`, from safetensors only."""
+               what: str = "--model", attn_implementation: str | None = None):
+    """A causal LM from a local directory, in eval mode, on `device`, from safetensors only, with the
+    attention kernel asked for (None: transformers' choice)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # lightopd draws its own progress
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **attention
         )
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        if attn_implementation and attn_implementation in str(e):
+            raise InputError(f"--attn-implementation {attn_implementation}: {str(e).splitlines()[0]}") from None
         raise read_error(e, path, what, "weights as a causal language model") from None
     return model.to(device).eval()
 

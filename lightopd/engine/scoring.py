@@ -1,8 +1,8 @@
 """A teacher reduced to per-token statistics: sampled-token log-prob, top-k, tail log-mass, entropy.
 
 The decoder runs once per batch; its hidden states at completion positions go through the
-output layer a chunk of positions at a time, so the float32 logits in memory never exceed
-`chunk_elements` entries (a [tokens × vocab] array never exists). Every statistic is of
+output layer a chunk of positions at a time (engine.chunks, as in training), so the float32
+logits in memory never exceed `chunk_elements` entries (a [tokens × vocab] array never exists). Every statistic is of
 softmax(logits / temperature) over the full vocabulary (objectives.stats).
 """
 
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from lightopd.data.batching import pack_rows
+from lightopd.engine.chunks import over_chunks
 from lightopd.engine.forward import PositionLogits
 from lightopd.errors import NonFiniteLogits
 from lightopd.objectives.stats import SPLIT, LogprobStats, logprob_stats
@@ -35,16 +36,15 @@ class Scorer:
         if not any(lengths):
             empty = logprob_stats(torch.zeros((0, self.positions.vocab)), torch.zeros(0, dtype=torch.long), k=self.k)
             return empty.rows(lengths)
-        ids, mask, rows, cols, targets = pack_rows(prompts, completions, self.positions.device)
-        logits_of = self.positions.logits_at(ids, mask, rows, cols)
-        parts = []
-        for lo in range(0, len(targets), self.chunk_positions):
-            hi = min(lo + self.chunk_positions, len(targets))
-            logits = logits_of(lo, hi)
+        layout = pack_rows(prompts, completions, self.positions.device)
+
+        def stats_of(logits: torch.Tensor, lo: int, hi: int) -> LogprobStats:
             if not bool(torch.isfinite(logits).all()):
                 raise NonFiniteLogits("the teacher's logits are not finite (NaN or inf): its weights hold NaN or "
                                       "inf, or it overflows in this dtype")
-            parts.append(logprob_stats(logits, targets[lo:hi], self.temperature, k=self.k))
+            return logprob_stats(logits, layout.targets[lo:hi], self.temperature, k=self.k)
+
+        parts = over_chunks(self.positions.logits_at(layout), len(layout.targets), self.chunk_positions, stats_of)
         stats = LogprobStats(**{name: torch.cat([getattr(p, name) for p in parts]).cpu()
                                 for name in SPLIT if getattr(parts[0], name) is not None})
         return stats.rows(lengths)

@@ -1,4 +1,5 @@
-"""Per-position statistics of a model's next-token distribution, from one float32 log-softmax.
+"""Per-position statistics of a model's next-token distribution, from one float32 log-softmax
+(float64 when the logits are).
 
 One function serves both sides: the teacher's scoring (the sampled token's log-prob, its top-k,
 the log-mass outside the top-k, its entropy, under inference mode) and the student's view in
@@ -131,7 +132,7 @@ def logprob_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, 
     """Statistics of softmax(logits / temperature) over the full vocabulary, for logits [N, V]:
     at `at` ids [N, m] (and the mass outside them, on demand), the top `k` (and the mass outside
     them), and the targets' log-probs under the full softmax and under its top-p nucleus."""
-    z = logits.float()
+    z = logits if logits.dtype == torch.float64 else logits.float()  # at least float32
     lq = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
     del z
     top_lp, top_ids = lq.topk(k, dim=-1, sorted=True) if k else (None, None)

@@ -30,6 +30,7 @@ from lightopd.data.lock import exclusive
 from lightopd.data.reader import iter_batches
 from lightopd.data.store import TEACHER_FORMAT, open_store
 from lightopd.engine import models
+from lightopd.engine.chunks import over_chunks
 from lightopd.engine.forward import PositionLogits
 from lightopd.engine.generate import sample_prompts
 from lightopd.errors import InputError
@@ -113,7 +114,8 @@ def sample_and_check(model, tokenizer, prompts: Prompts, info: models.ModelInfo,
     with StageProgress("eval", total=len(records) * cfg.sampling.n) as bar:
         completions = sample_prompts(model, prompts.ids, [r.id for r in records], cfg.sampling,
                                      cfg.generation_batch_size, info,
-                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks),
+                                     kv_tokens=cfg.kv_cache_tokens)
     texts = [[tokenizer.decode(c.ids, skip_special_tokens=True) for c in cs] for cs in completions]
     results = []
     for record, ts in zip(records, texts, strict=True):
@@ -144,6 +146,18 @@ def log_samples(path: str, tokenizer, prompts: Prompts, samples: Samples, checke
     os.replace(tmp, path)
 
 
+CHUNK = 1024  # completion positions whose logits are reduced at once
+
+
+def _inputs(mb):
+    """The objectives' view of positions lo:hi of a micro-batch, from their logits."""
+    def of(logits: torch.Tensor, lo: int, hi: int) -> Inputs:
+        stored = {name: values[lo:hi] for name, values in mb.stored.items()}
+        return Inputs(logprob_stats(logits, mb.targets[lo:hi], at=stored["topk_ids"]), **stored)
+
+    return of
+
+
 @torch.inference_mode()
 def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int, limit: int | None = None) -> dict:
     """Mean agreement statistics over the store's rows (those of its first `limit` prompts if given)."""
@@ -164,13 +178,12 @@ def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int, li
             batches = TokenBatches(pa.Table.from_batches([batch]), micro_batch_tokens)
             for micro in batches.plan:
                 mb = batches.tensors(micro, columns, k, positions.device)
-                logits = positions.logits_at(mb.ids, mb.mask, *mb.positions)(0, len(mb.targets))
-                inputs = Inputs(logprob_stats(logits, mb.targets, at=mb.stored["topk_ids"]), **mb.stored)
-                diag = diagnostics(inputs)
-                for name, objective in divergences.items():
-                    sums[name] += float(objective.loss(inputs).sum())
-                sums["k1"] += float(diag["k1"].sum())
-                sums["top1_agree"] += float(diag["top1_agree"].sum())
+                for inputs in over_chunks(positions.logits_at(mb.layout), len(mb.targets), CHUNK, _inputs(mb)):
+                    diag = diagnostics(inputs)
+                    for name, objective in divergences.items():
+                        sums[name] += float(objective.loss(inputs).sum())
+                    sums["k1"] += float(diag["k1"].sum())
+                    sums["top1_agree"] += float(diag["top1_agree"].sum())
                 tokens += len(mb.targets)
             bar.advance(items=batch.num_rows, tokens=batches.tokens)
     return {**{name: total / tokens for name, total in sums.items()}, "tokens": tokens, "rows": rows,
@@ -244,7 +257,8 @@ def _run(cfg: EvalConfig) -> dict:
         if store["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise InputError(f"--data {cfg.data}: its vocabulary differs from --model {spec.path}'s")
     device = models.resolve_device(spec.device)
-    model = models.load_model(model_dir, device, models.resolve_dtype(spec.dtype, device), spec.trust_remote_code)
+    model = models.load_model(model_dir, device, models.resolve_dtype(spec.dtype, device), spec.trust_remote_code,
+                              attn_implementation=spec.attn_implementation)
     if prompts is not None:
         samples = sample_and_check(model, tokenizer, prompts, info, cfg)
         result.update(prompts=str(cfg.prompts.source), n=sampling.n, temperature=sampling.temperature,

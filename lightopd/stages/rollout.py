@@ -90,7 +90,8 @@ def run(cfg: RolloutConfig) -> dict:
     per_shard = cfg.prompts_per_shard
     with shard_work(cfg.out, ROLLOUT_FORMAT, metadata, math.ceil(len(records) / per_shard), cfg.worker) as work:
         if work.todo:
-            model = models.load_model(model_dir, device, dtype, spec.trust_remote_code)
+            model = models.load_model(model_dir, device, dtype, spec.trust_remote_code,
+                                      attn_implementation=spec.attn_implementation)
             rows = lambda shards: sum(min(per_shard, len(records) - i * per_shard) for i in shards) * sampling.n  # noqa: E731
             with StageProgress("rollout", total=rows(work.mine),
                                completed=rows(set(work.mine) - set(work.todo))) as bar:
@@ -100,7 +101,8 @@ def run(cfg: RolloutConfig) -> dict:
                     try:
                         completions = sample_prompts(
                             model, shard_ids, [r.id for r in shard_records], sampling, cfg.generation_batch_size,
-                            info, on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+                            info, on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks),
+                            kv_tokens=cfg.kv_cache_tokens)
                     except NonFiniteLogits as e:
                         raise NonFiniteLogits(f"--model {spec.path}: {e}") from None
                     table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n)

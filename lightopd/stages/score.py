@@ -149,7 +149,8 @@ def run(cfg: ScoreConfig) -> dict:
     with shard_work(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], cfg.worker,
                     PARQUET_OPTIONS) as work:
         if work.todo:
-            model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code, "--teacher")
+            model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code, "--teacher",
+                                      spec.attn_implementation)
             try:
                 _score_shards(cfg, work, Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements),
                               rollout_manifest)

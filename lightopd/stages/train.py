@@ -103,7 +103,9 @@ def check_on_policy(cfg: TrainConfig, name: str, manifest: dict, student: dict, 
 
 
 # settings that may differ when a run is resumed; any other difference changes what is trained
-MAY_CHANGE_ON_RESUME = ("steps", "epochs", "save_every", "micro_batch_tokens", "device", "allow_teacher_mismatch",
+# (how the same computation is laid out in memory may change: that is how a run that ran out of memory goes on)
+MAY_CHANGE_ON_RESUME = ("steps", "epochs", "save_every", "micro_batch_tokens", "packing", "loss_chunk_tokens",
+                        "gradient_checkpointing", "attn_implementation", "device", "allow_teacher_mismatch",
                         "allow_off_policy")
 
 
@@ -209,7 +211,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = models.load_model(resume_from or student_dir, device, torch.float32, spec.trust_remote_code, "--student")
+    model = models.load_model(resume_from or student_dir, device, torch.float32, spec.trust_remote_code, "--student",
+                              spec.attn_implementation)
     trainer = Trainer(cfg, objective, model, data, objective.total_steps, world)
     stream = StepStream(cfg.data, manifest, ["prompt_ids", "completion_ids", *trainer.columns], cfg.seed,
                         cfg.shuffle_buffer, parts, world.rank, world.size)

@@ -1,8 +1,11 @@
 """One optimizer step of offline distillation: a step's prompt groups in, gradients applied.
 
-A step's rows are packed longest-first into micro-batches within a token budget; each
-micro-batch runs the student on its completion positions only (engine.forward), turns the logits
-into log-prob statistics (objectives.stats) and asks the objective for a per-position loss.
+A step's rows go into micro-batches within a token budget (packed without padding when the model
+reads packed rows, else padded, longest first); each micro-batch runs the student's decoder once
+and its output layer on completion positions only, a chunk of positions at a time
+(engine.chunks): the chunk's logits become log-prob statistics (objectives.stats) and the
+objective's per-position loss, differentiated and freed before the next chunk, so the loss's
+memory does not grow with the sequence.
 Gradients accumulate as (sum of per-token losses) × world / (completion tokens of the step over
 all ranks), so the loss is the token mean of the whole step whatever the micro-batching or the
 number of ranks (DDP's gradient average supplies the 1 / world). The objective's `prepare` hook
@@ -21,11 +24,12 @@ from lightopd.config import TrainConfig
 from lightopd.data.batching import TokenBatches, list_mask, padded_column
 from lightopd.data.stream import Group
 from lightopd.engine import models
-from lightopd.engine.forward import CompletionLogits
+from lightopd.engine.forward import CompletionChunks
 from lightopd.errors import TrainingError
 from lightopd.objectives import Inputs, Objective, StepRows
 from lightopd.objectives.diagnostics import diagnostics
 from lightopd.objectives.stats import logprob_stats
+from lightopd.progress import warn
 from lightopd.training import distributed
 from lightopd.training.distributed import World
 from lightopd.training.parallel import Parallel
@@ -44,6 +48,42 @@ class TrainData:
     vocab: int  # the tokenizer's ids
 
 
+def checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant: it composes with DDP, FSDP2 and
+    autocast), by the name this transformers release gives it."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def attention(model) -> str:
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def packs(packing: str, model) -> bool:
+    """Whether `--packing` asks for packed micro-batches with this model's attention kernel."""
+    variable_length = "flash" in attention(model) or attention(model) == "flex_attention"
+    return packing == "on" or (packing == "auto" and variable_length)
+
+
+def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor], top_p: float):
+    """The function of one chunk of a micro-batch's completion positions (their logits, lo, hi) that
+    returns their per-position loss (with gradient) and diagnostics (without), for engine.chunks."""
+    def loss(logits: torch.Tensor, lo: int, hi: int):
+        with torch.autocast(logits.device.type, enabled=False):  # statistics in float32
+            stored = {name: values[lo:hi] for name, values in mb.stored.items()}
+            student = logprob_stats(logits, mb.targets[lo:hi], objective.params.temperature,
+                                    at=stored.get("topk_ids"), top_p=top_p)
+            inputs = Inputs(student, **stored, prepared={name: v[lo:hi] for name, v in prepared.items()})
+            per_token = objective.loss(inputs)
+            with torch.no_grad():
+                diagnosed = {**diagnostics(inputs), **objective.diagnostics(inputs)}
+        return per_token, {name: values.detach() for name, values in diagnosed.items()}
+
+    return loss
+
+
 class Trainer:
     """One optimizer step at a time of `objective` on `model` (see the module doc)."""
 
@@ -54,9 +94,18 @@ class Trainer:
         self.device = next(model.parameters()).device
         if not cfg.dropout:
             models.without_dropout(model)
+        chunks = CompletionChunks(model, data.vocab)
+        self.packed = packs(cfg.packing, model) and chunks.positions.packs
+        if cfg.packing == "on" and not self.packed and world.main:
+            warn(f"--packing on: this model ({type(model).__name__}, attention {attention(model)}) does not read "
+                 "packed rows as separate sequences; micro-batches are padded instead")
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise TrainingError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+            checkpointing(model)
         # wrapped before the optimizer sees the (possibly sharded) weights
-        self.parallel = Parallel(CompletionLogits(model, data.vocab), model, world, cfg.fsdp)
-        self.completion_logits = self.parallel.module
+        self.parallel = Parallel(chunks, model, world, cfg.fsdp)
+        self.completion_chunks = self.parallel.module
         self.amp_dtype = models.resolve_dtype(cfg.student.dtype, self.device)
         self.optimizer = optimizer_for(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
@@ -71,7 +120,7 @@ class Trainer:
 
     def step(self, groups: list[Group]) -> dict:
         table = pa.Table.from_batches(groups)
-        batches = TokenBatches(table, self.cfg.micro_batch_tokens)
+        batches = TokenBatches(table, self.cfg.micro_batch_tokens, self.packed)
         totals = self.world.sum(torch.tensor([batches.tokens, table.num_rows], dtype=torch.float64,
                                              device=self.device))
         tokens, step_rows = (int(x) for x in totals.tolist())  # over all ranks
@@ -90,22 +139,20 @@ class Trainer:
         for j, (micro, weight) in enumerate(zip(micros, weights, strict=True)):
             with self.parallel.sync(j == len(micros) - 1):
                 mb = batches.tensors(micro, self.columns, self.data.k, self.device)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-                    logits = self.completion_logits(mb.ids, mb.mask, *mb.positions)
-                student = logprob_stats(logits, mb.targets, self.objective.params.temperature,
-                                        at=mb.stored.get("topk_ids"), top_p=self.data.top_p)
-                del logits  # backward needs only the log-softmax: one float32 [tokens x vocab] copy stays
                 mine = {name: values[micro][mask[micro]].float() for name, (values, mask) in prepared.items()}
-                inputs = Inputs(student, **mb.stored, prepared=mine)
-                per_token = self.objective.loss(inputs)
-                (per_token.sum() * (scale * weight)).backward()
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+                    total, chunks = self.completion_chunks(mb.layout, chunk_loss(self.objective, mb, mine,
+                                                                                 self.data.top_p),
+                                                           self.cfg.loss_chunk_tokens)
+                (total * (scale * weight)).backward()
             if not weight:
                 continue
-            loss_sum += per_token.detach().sum()
-            for name, values in {**diagnostics(inputs), **self.objective.diagnostics(inputs)}.items():
-                sums[name] = sums.get(name, 0.0) + values.sum()
-                if name == "is_ratio" and values.numel():
-                    ratio_max = torch.maximum(ratio_max, values.max())
+            loss_sum += total.detach()
+            for _, diagnosed in chunks:
+                for name, values in diagnosed.items():
+                    sums[name] = sums.get(name, 0.0) + values.sum()
+                    if name == "is_ratio" and values.numel():
+                        ratio_max = torch.maximum(ratio_max, values.max())
         # sums over ranks, then one device-to-host transfer per step
         names = sorted(sums)
         totals = self.world.sum(torch.stack([loss_sum.double(), *(sums[n].double() for n in names)])).tolist()
