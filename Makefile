@@ -21,6 +21,8 @@ bench:
 	$(PYTHON) bench/rollout.py
 	$(PYTHON) bench/score.py
 	$(PYTHON) bench/train.py
+	$(PYTHON) bench/long.py
+	$(PYTHON) bench/gpu.py
 	$(PYTHON) bench/tail.py
 	$(PYTHON) bench/demo.py
 

@@ -24,10 +24,11 @@ def machine() -> dict:
     }
 
 
-def make_bench_model(path: Path, vocab: int = 32000, hidden: int = 256, layers: int = 4, seed: int = 0) -> Path:
+def make_bench_model(path: Path, vocab: int = 32000, hidden: int = 256, layers: int = 4, seed: int = 0,
+                     context: int = 1024) -> Path:
     """A Llama-shaped model with a realistic (32k) word-level vocabulary, saved like a real checkpoint."""
     words = default_words(vocab - len(SPECIALS) - 6)
-    return make_model(path, words, hidden=hidden, layers=layers, context=1024, seed=seed)
+    return make_model(path, words, hidden=hidden, layers=layers, context=context, seed=seed)
 
 
 def peak_rss_mb(command: list[str]) -> float:
