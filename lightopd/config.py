@@ -102,6 +102,7 @@ class ScoreConfig(Config):
 
 
 PACKING = ("auto", "on", "off")
+REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +138,11 @@ class TrainConfig(Config):
                                               "forward and recompute the layer in backward (about a third more "
                                               "compute; a layer's saved activations shrink to one hidden vector "
                                               "per token).")
+    report_to: str = opt("none", "Experiment trackers that get every step's metrics.jsonl numbers and the run's "
+                                 "settings, comma-separated: tensorboard (OUT/tensorboard), wandb, trackio, mlflow, "
+                                 "all (the installed ones) or none. Each is an optional extra (pip install "
+                                 "'lightopd[tensorboard]') and works offline as usual (WANDB_MODE=offline).",
+                         metavar="NAMES")
     lr: float = opt(1e-5, "Peak learning rate (AdamW).", metavar="LR")
     schedule: str = opt("constant", "Learning-rate schedule after warmup.", choices=SCHEDULES)
     warmup_steps: int = opt(0, "Linear warmup steps.", metavar="N")
@@ -169,6 +175,10 @@ class TrainConfig(Config):
         check(self.steps is None or self.epochs is None, "--steps/--epochs", "give one of them, not both")
         check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         check(self.micro_batch_tokens >= 1, "--micro-batch-tokens", f"must be >= 1, got {self.micro_batch_tokens}")
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        check(names in ([], ["none"], ["all"]) or all(n in REPORT_TO for n in names), "--report-to",
+              f"must be none, all or trackers from {', '.join(REPORT_TO)} separated by commas, "
+              f"got {self.report_to!r}")
         check(self.packing in PACKING, "--packing", f"must be one of {', '.join(PACKING)}, got {self.packing!r}")
         check(self.loss_chunk_tokens >= 1, "--loss-chunk-tokens", f"must be >= 1, got {self.loss_chunk_tokens}")
         check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")

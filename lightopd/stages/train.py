@@ -49,6 +49,7 @@ from lightopd.training import distributed
 from lightopd.training.checkpoints import check_resumable, latest_checkpoint, load_state, restore
 from lightopd.training.distributed import World
 from lightopd.training.loop import Run, fit
+from lightopd.training.trackers import check_installed, trackers_of
 from lightopd.training.trainer import TrainData, Trainer
 
 
@@ -106,7 +107,7 @@ def check_on_policy(cfg: TrainConfig, name: str, manifest: dict, student: dict, 
 # (how the same computation is laid out in memory may change: that is how a run that ran out of memory goes on)
 MAY_CHANGE_ON_RESUME = ("steps", "epochs", "save_every", "micro_batch_tokens", "packing", "loss_chunk_tokens",
                         "gradient_checkpointing", "attn_implementation", "device", "allow_teacher_mismatch",
-                        "allow_off_policy")
+                        "allow_off_policy", "report_to")
 
 
 def resume_differences(checkpoint: dict, now: dict, at_step: int, total: int) -> list[str]:
@@ -178,6 +179,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         raise InputError(f"--out {out}: already holds files; pass --resume to continue its run, "
                          "or choose another --out")
     parts = data_parts_for(cfg.batch_size, cfg.data_parts, manifest, world.size, cfg.data)
+    trackers = trackers_of(cfg.report_to)
+    check_installed(trackers)  # before the student is loaded
     if cfg.fsdp and not world.active:
         warn("--fsdp shards the student over torchrun's ranks; in a single process it does nothing")
     greedy = sampling["temperature"] == 0  # behaviour log-probs are all 0: no ratio diagnostics either
@@ -222,7 +225,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         start_step = state["step"]
         console.print(f"resuming {out} from {resume_from.name}")
     loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size // parts, parts, cfg.save_every,
-               start_step)
+               start_step, trackers)
     done = fit(trainer, stream, loop)
     last = done["last"]
     return {

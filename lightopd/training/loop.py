@@ -1,7 +1,8 @@
 """The training loop: steps from the stream, one metrics line per step, checkpoints, the final model.
 
 `OUT/metrics.jsonl` gets one JSON object per optimizer step (step, loss, lr, tokens, rows,
-grad_norm, the diagnostics, what the objective reports, tokens_per_s); a resumed run first drops
+grad_norm, the diagnostics, what the objective reports, tokens_per_s), and the `--report-to`
+trackers (trackers.py) get the same numbers; a resumed run first drops
 the lines of steps after its checkpoint. A step with a non-finite loss or gradient stops the run
 with TrainingError naming the last good checkpoint, and no final model is written. Under torchrun
 every rank runs the loop; rank 0 alone writes.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from lightopd.data.stream import StepStream
 from lightopd.errors import InputError, TrainingError
 from lightopd.progress import StageProgress
 from lightopd.training.checkpoints import latest_checkpoint, save_checkpoint, save_model, trainer_state
+from lightopd.training.trackers import Trackers
 from lightopd.training.trainer import Trainer
 
 
@@ -34,6 +37,7 @@ class Run:
     data_parts: int
     save_every: int
     start_step: int = 0  # > 0 when resuming
+    trackers: tuple[str, ...] = ()  # --report-to (training/trackers.py)
 
 
 def open_metrics(run: Run, main: bool) -> Path:
@@ -75,6 +79,7 @@ def fit(trainer: Trainer, stream: StepStream, run: Run) -> dict:
     except BaseException:
         if world.main and not run.start_step and _steps_logged(metrics_path) == 0:
             metrics_path.unlink(missing_ok=True)  # failed before its first step: leave --out as it was
+            shutil.rmtree(run.out / "tensorboard", ignore_errors=True)
         raise
 
 
@@ -85,6 +90,16 @@ def _steps_logged(path: Path) -> int:
 def _fit(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path) -> dict:
     world = trainer.world
     started = time.perf_counter()
+    trackers = Trackers(run.trackers if world.main else (), run.out, run.provenance, run.start_step)
+    try:
+        return _steps(trainer, stream, run, metrics_path, trackers, started)
+    finally:
+        trackers.close()
+
+
+def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, trackers: Trackers,
+           started: float) -> dict:
+    world = trainer.world
     total_tokens, last = 0, None
     with StageProgress("train", total=run.total_steps, completed=run.start_step, disable=not world.main) as bar, \
             open(metrics_path if world.main else os.devnull, "a") as metrics:
@@ -103,6 +118,7 @@ def _fit(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path) -> 
             record = {"step": step, **record, "tokens_per_s": round(record["tokens"] / seconds, 1)}
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            trackers.log(step, record)
             total_tokens += record["tokens"]
             last = record
             bar.advance(items=1, tokens=record["tokens"], status=f"loss {record['loss']:.4f}")
