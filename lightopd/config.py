@@ -151,9 +151,6 @@ class TrainConfig(Config):
     adam_beta2: float = opt(0.999, "AdamW β2.", metavar="X")
     grad_clip: float = opt(1.0, "Max gradient norm; 0 disables clipping.", metavar="X")
     shuffle_buffer: int = opt(256, "Prompt groups held per data part for the seeded shuffle.", metavar="N")
-    data_parts: int | None = opt(None, "Disjoint parts the store is read in, each by one rank; a step takes "
-                                       "batch_size / data_parts rows from each. Fix it to train on identical steps "
-                                       "with any number of ranks. [default: the world size]", metavar="P")
     fsdp: bool = opt(False, "Under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of a "
                             "full copy per rank (DDP).")
     seed: int = opt(0, "Seed of the data order and of torch.", metavar="S")
@@ -192,7 +189,6 @@ class TrainConfig(Config):
               f"must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         check(self.grad_clip >= 0, "--grad-clip", f"must be >= 0, got {self.grad_clip}")
         check(self.shuffle_buffer >= 1, "--shuffle-buffer", f"must be >= 1, got {self.shuffle_buffer}")
-        check(self.data_parts is None or self.data_parts >= 1, "--data-parts", f"must be >= 1, got {self.data_parts}")
         check(self.save_every >= 0, "--save-every", f"must be >= 0, got {self.save_every}")
         check(self.student.dtype != "float16", "--dtype",
               "float16 training needs loss scaling, which lightopd does not do; use bfloat16 (or float32)")

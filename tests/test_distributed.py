@@ -45,29 +45,62 @@ def prompts_in(store: Path, names: list[str]) -> list[str]:
                                                        .to_pylist())]
 
 
-def test_ranks_read_disjoint_parts_that_cover_the_store(teacher_store):
+def test_ranks_share_each_step_and_cover_the_store_once(teacher_store):
+    """Every rank runs the same stream; a step's groups go one to each rank, balanced by tokens."""
     manifest = open_store(teacher_store)
     every = sorted(prompts_in(teacher_store, [s["name"] for s in manifest["shards"]]))
-    for parts, world in [(2, 2), (4, 2), (4, 4)]:
-        split = S.split_shards(manifest, parts)
-        read = []  # one epoch of every part, by the rank that owns it
-        for rank in range(world):
-            stream = S.StepStream(teacher_store, manifest, [], seed=0, buffer_size=4, parts=parts, rank=rank,
-                                  world=world)
-            assert sorted(stream.parts) == list(range(rank, parts, world))
-            for p, part in stream.parts.items():
-                read.append(prompt_ids([next(part) for _ in prompts_in(teacher_store, split[p])]))
-        assert sorted(p for ids in read for p in ids) == every, (parts, world)  # every prompt once, by one rank
+    for world in (1, 2):
+        ranks = [S.StepStream(teacher_store, manifest, [], seed=0, buffer_size=4, rank=r, world=world)
+                 for r in range(world)]
+        one = S.StepStream(teacher_store, manifest, [], seed=0, buffer_size=4)
+        seen = []
+        for _ in range(len(every) // 2):  # one epoch: 2 samples per prompt, 4 rows (2 prompts) per step
+            step = prompt_ids(one.take_step(4))
+            shares = [prompt_ids(r.take_step(4)) for r in ranks]
+            assert sorted(p for ids in shares for p in ids) == sorted(step)  # the step, split
+            assert all(shares)  # every rank trains on something
+            seen += step
+        assert sorted(seen) == every, world  # every prompt once per epoch, by one rank
+        assert {r.cursor() for r in ranks} == {one.cursor()}
 
 
-def test_one_process_owning_two_parts_takes_the_steps_two_ranks_take(teacher_store):
-    manifest = open_store(teacher_store)
-    one = S.StepStream(teacher_store, manifest, [], seed=5, buffer_size=3, parts=2)
-    ranks = [S.StepStream(teacher_store, manifest, [], seed=5, buffer_size=3, parts=2, rank=r, world=2)
-             for r in range(2)]
-    for _ in range(12):
-        assert prompt_ids(one.take_step(2)) == prompt_ids(ranks[0].take_step(2)) + prompt_ids(ranks[1].take_step(2))
-    assert one.cursors() == {**ranks[0].cursors(), **ranks[1].cursors()}
+def test_shares_are_balanced_by_tokens():
+    groups = [pa.RecordBatch.from_pylist([{"prompt_id": f"p{i}", "prompt_ids": [1] * n, "completion_ids": [2] * n}])
+              for i, n in enumerate([50, 10, 40, 30, 20, 5])]
+    shares = [prompt_ids(S.share(groups, r, 2)) for r in range(2)]
+    assert shares == [["p0", "p1", "p4"], ["p2", "p3", "p5"]]  # 160 and 150 tokens; step order kept
+    assert prompt_ids(S.share(groups, 0, 1)) == prompt_ids(groups)
+
+
+def test_one_shard_store_trains_on_two_ranks_as_one_process(consistent_student, teacher_store, tmp_path):
+    """A store of one shard (the case that used to cap the world size at the shard count)."""
+    one_shard = tmp_path / "one-shard"
+    shutil.copytree(teacher_store, one_shard)
+    manifest = json.loads((one_shard / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["shards"]]
+    table = pa.concat_tables([pq.read_table(one_shard / n) for n in names])
+    for n in names:
+        (one_shard / n).unlink()
+    from lightopd.data.writer import StoreWriter
+
+    meta = {k: v for k, v in manifest.items() if k not in ("shards", "num_shards", "complete", "rows", "tokens",
+                                                            "store_id", "format", "format_version", "created",
+                                                            "lightopd_version")}
+    (one_shard / "manifest.json").unlink()
+    writer = StoreWriter(one_shard, manifest["format"], meta, num_shards=1)
+    writer.write_shard(0, table, sum(len(c) for c in table.column("completion_ids").to_pylist()))
+    assert len(open_store(one_shard)["shards"]) == 1
+    common = ["--student", str(consistent_student), "--data", str(one_shard), "--objective", "rkl", *TRAIN,
+              "--allow-teacher-mismatch"]
+    single = run_cli("train", *common, "--out", str(tmp_path / "one"))
+    proc = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr
+    assert last_json(single)["tokens"] == last_json(proc)["tokens"]
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("objective,fsdp,checkpointing", [("opd-seq", False, False), ("rkl", False, True),
@@ -81,7 +114,7 @@ def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, checkpointi
     common = ["--student", str(consistent_student), "--data", str(teacher_store), "--objective", objective, *TRAIN,
               *(["--micro-batch-tokens", "32"] if fsdp else []),
               *(["--gradient-checkpointing", "--packing", "on", "--loss-chunk-tokens", "3"] if checkpointing else [])]
-    single = run_cli("train", *common, "--out", str(tmp_path / "one"), "--set", "data_parts=2")
+    single = run_cli("train", *common, "--out", str(tmp_path / "one"))
     proc = torchrun("train", *common, "--out", str(tmp_path / "two"), *(["--fsdp"] if fsdp else []))
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) == 1  # only rank 0 prints its result
@@ -96,7 +129,7 @@ def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, checkpointi
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     provenance = json.loads((tmp_path / "two" / "lightopd.json").read_text())
-    assert provenance["parallel"] == {"world_size": 2, "data_parts": 2, "fsdp": fsdp}
+    assert provenance["parallel"] == {"world_size": 2, "fsdp": fsdp}
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
@@ -117,31 +150,31 @@ def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, consistent_stude
     assert metrics(tmp_path / "full") == [{**m, "tokens_per_s": f["tokens_per_s"]}
                                           for m, f in zip(metrics(cut), metrics(tmp_path / "full"), strict=True)]
 
-    # the same checkpoint in one process: refused, naming the world size it needs
-    proc = run_cli("train", *common, "--out", str(cut), "--resume", check=False)
-    assert proc.returncode == 2
-    assert "2 rank(s)" in proc.stderr and "same world size" in proc.stderr
+    if fsdp:
+        return
+    # the same checkpoint in one process: the data order goes on; a warning says what cannot
+    one = tmp_path / "one"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-2", one / "checkpoints" / "step-2")
+    (one / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    proc = run_cli("train", *common, "--out", str(one), "--resume")
+    assert "written by 2 rank(s) and this run has 1" in proc.stderr
+    for m, f in zip(metrics(one), metrics(tmp_path / "full"), strict=True):
+        assert (m["step"], m["tokens"], m["rows"]) == (f["step"], f["tokens"], f["rows"])
+        assert m["loss"] == pytest.approx(f["loss"], rel=1e-5, abs=1e-6)
+    a, b = weights(tmp_path / "full"), weights(one)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
-def test_world_size_must_divide_the_batch(consistent_student, teacher_store, tmp_path):
+def test_a_batch_without_a_group_per_rank_is_refused(consistent_student, teacher_store, tmp_path):
     proc = torchrun("train", "--student", str(consistent_student), "--data", str(teacher_store),
                     "--out", str(tmp_path / "o"), "--objective", "rkl", "--steps", "1", "--batch-size", "3")
     assert proc.returncode != 0
-    assert "--batch-size 3 is not divisible by the world size" in proc.stderr
+    assert "--batch-size 3 is less than one prompt group (2 sample(s)) per rank for 2 ranks" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 
-def test_data_parts_checks(teacher_store):
-    manifest = open_store(teacher_store)  # 4 shards
-
-    def parts(batch_size: int, requested: int | None, world: int) -> int:
-        return S.data_parts_for(batch_size, requested, manifest, world, str(teacher_store))
-
-    assert parts(4, None, 2) == 2
-    assert parts(8, 4, 2) == 4
-    with pytest.raises(InputError, match="data_parts 3 is not a multiple of the world size"):
-        parts(6, 3, 2)
-    with pytest.raises(InputError, match="--batch-size 6 is not divisible by data_parts 4"):
-        parts(6, 4, 1)
-    with pytest.raises(InputError, match="4 shard\\(s\\) cannot be split into 8"):
-        parts(8, 8, 1)
+def test_a_step_needs_a_prompt_group_per_rank():
+    S.check_batch(8, 4, 2)
+    with pytest.raises(InputError, match="--batch-size 4 is less than one prompt group .* per rank for 2 ranks"):
+        S.check_batch(4, 4, 2)

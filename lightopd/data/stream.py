@@ -10,11 +10,12 @@ Groups are held as compact Arrow record batches (copied out of the Parquet batch
 from, so a buffered group never pins a whole batch); rows become Python objects only for the
 step that uses them. Memory is one Parquet batch plus the buffer.
 
-For data parallelism the store's shards are split once into `parts` disjoint parts (balanced by
-rows); each part is its own stream and each rank reads only the parts it owns, so no row is read
-by two ranks. A step takes batch_size / parts rows from every part, so a run's steps depend on
-(seed, parts) and not on how many ranks share the parts: one process owning two parts trains on
-exactly the rows two ranks owning one part each would.
+For data parallelism every rank runs the same stream over the whole store (reading is cheap next
+to training: about 94 bytes per token of a teacher store at k = 32) and a step's groups are
+shared out among the ranks by tokens, so each group is trained on by exactly one rank and a
+run's steps depend on the seed alone: not on the shard count, and not on the world size. One
+process trains on exactly the groups any number of ranks would, and a store of one shard trains
+on any number of ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lightopd.data.reader import shard_path
@@ -115,55 +117,52 @@ class GroupStream:
         return taken
 
 
-def split_shards(manifest: dict, parts: int) -> list[list[str]]:
-    """The store's shards in `parts` disjoint lists of nearly equal rows (largest shard first to
-    the part with the fewest rows; ties by name), a pure function of the manifest."""
-    shards = sorted(manifest["shards"], key=lambda s: (-s["rows"], s["name"]))
-    split: list[list[str]] = [[] for _ in range(parts)]
-    rows = [0] * parts
-    for shard in shards:
-        i = min(range(parts), key=lambda p: (rows[p], p))
-        split[i].append(shard["name"])
-        rows[i] += shard["rows"]
-    return [sorted(names) for names in split]
+def group_tokens(group: Group) -> int:
+    """Tokens of a group's forward passes: its rows' prompt and completion ids."""
+    return sum(int(pc.sum(pc.list_value_length(group.column(name))).as_py() or 0)
+               for name in ("prompt_ids", "completion_ids"))
 
 
-def data_parts_for(batch_size: int, requested: int | None, manifest: dict, world_size: int, data: str) -> int:
-    """How many disjoint parts the store is read in (default: one per rank), after checking it fits."""
-    parts = requested or world_size
-    launch = "the world size (torchrun's --nnodes x --nproc-per-node)"
-    if parts % world_size:
-        raise InputError(f"data_parts {parts} is not a multiple of {launch}, {world_size}: every rank must own "
-                         "the same number of parts")
-    if batch_size % parts:
-        what = f"data_parts {parts}" if requested else launch + f", {world_size}"
-        raise InputError(f"--batch-size {batch_size} is not divisible by {what}: each part gives a step "
-                         f"batch_size / {parts} rows. Choose a multiple of {parts}")
-    if len(manifest["shards"]) < parts:
-        raise InputError(f"--data {data}: {len(manifest['shards'])} shard(s) cannot be split into {parts} "
-                         "disjoint parts (one or more shards per part); write the store with smaller shards "
-                         "(rollout --prompts-per-shard) or train with fewer ranks")
-    return parts
+def share(groups: list[Group], rank: int, world: int) -> list[Group]:
+    """Rank `rank`'s groups of a step shared out among `world` ranks: largest first, each to the
+    rank with the fewest tokens so far (ties to the lower rank), kept in step order. The union
+    over ranks is the step, whatever `world`."""
+    if world == 1:
+        return groups
+    tokens = [group_tokens(g) for g in groups]
+    load, mine = [0] * world, []
+    for i in sorted(range(len(groups)), key=lambda i: (-tokens[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += tokens[i]
+        if r == rank:
+            mine.append(i)
+    return [groups[i] for i in sorted(mine)]
+
+
+def check_batch(batch_size: int, samples: int, world_size: int) -> None:
+    """Every rank must get a prompt group in every step (DDP and FSDP synchronise each one)."""
+    if batch_size < world_size * samples:
+        raise InputError(f"--batch-size {batch_size} is less than one prompt group ({samples} sample(s)) per "
+                         f"rank for {world_size} ranks; use --batch-size {world_size * samples} or more")
 
 
 class StepStream:
-    """The parts of the store one rank owns (part p belongs to rank p % world), each a GroupStream;
-    a step is whole groups of at least `rows_per_part` rows from each owned part, in part order."""
+    """The whole store's stream of groups, the same on every rank; a step is whole groups until it
+    holds `batch_size` rows, and each rank keeps its share (see `share`)."""
 
     def __init__(self, directory: str | Path, manifest: dict, columns: list[str], seed: int, buffer_size: int,
-                 parts: int = 1, rank: int = 0, world: int = 1):
-        split = split_shards(manifest, parts)
-        self.parts = {p: GroupStream(directory, manifest, split[p], columns,
-                                     seed if parts == 1 else f"{seed}:part{p}", buffer_size)
-                      for p in range(rank, parts, world)}
+                 rank: int = 0, world: int = 1):
+        names = [s["name"] for s in manifest["shards"]]
+        self.stream = GroupStream(directory, manifest, names, sorted({*columns, "prompt_ids", "completion_ids"}),
+                                  seed, buffer_size)
+        self.rank, self.world = rank, world
 
-    def take_step(self, rows_per_part: int) -> list[Group]:
-        return [group for stream in self.parts.values() for group in stream.take_rows(rows_per_part)]
+    def take_step(self, batch_size: int) -> list[Group]:
+        return share(self.stream.take_rows(batch_size), self.rank, self.world)
 
-    def cursors(self) -> dict[int, int]:
-        """Groups consumed from each owned part: the data cursor saved in checkpoints."""
-        return {p: stream.consumed for p, stream in self.parts.items()}
+    def cursor(self) -> int:
+        """Groups consumed from the stream (the same on every rank): the data cursor of checkpoints."""
+        return self.stream.consumed
 
-    def skip(self, cursors: dict[int, int]) -> None:
-        for p, stream in self.parts.items():
-            stream.skip(cursors[p])
+    def skip(self, groups: int) -> None:
+        self.stream.skip(groups)

@@ -31,7 +31,7 @@ from lightopd.data.store import (
     sampling_of,
     store_columns,
 )
-from lightopd.data.stream import StepStream, data_parts_for
+from lightopd.data.stream import StepStream, check_batch
 from lightopd.engine import models
 from lightopd.errors import InputError
 from lightopd.hub import locate
@@ -178,7 +178,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     if not cfg.resume and out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise InputError(f"--out {out}: already holds files; pass --resume to continue its run, "
                          "or choose another --out")
-    parts = data_parts_for(cfg.batch_size, cfg.data_parts, manifest, world.size, cfg.data)
+    check_batch(cfg.batch_size, int(sampling.get("n", 1)), world.size)
     trackers = trackers_of(cfg.report_to)
     check_installed(trackers)  # before the student is loaded
     if cfg.fsdp and not world.active:
@@ -198,12 +198,14 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
                       "student_top_p": data.top_p},
         "train": {**{k: v for k, v in flatten(cfg).items() if k not in ("student", "data", "out", "resume")},
                   "compute_dtype": str(compute_dtype).removeprefix("torch.")},
-        "parallel": {"world_size": world.size, "data_parts": parts, "fsdp": cfg.fsdp and world.active},
+        "parallel": {"world_size": world.size, "fsdp": cfg.fsdp and world.active},
     }
     state = None
     if resume_from is not None:
         state = load_state(resume_from)
-        check_resumable(state, resume_from, world, parts, cfg.fsdp and world.active)
+        other_world = check_resumable(state, resume_from, world, cfg.fsdp and world.active)
+        if other_world and world.main:
+            warn(other_world)
         differences = resume_differences(read_provenance(resume_from) or {}, provenance, state["step"],
                                          objective.total_steps)
         if differences:
@@ -218,14 +220,14 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
                               spec.attn_implementation)
     trainer = Trainer(cfg, objective, model, data, objective.total_steps, world)
     stream = StepStream(cfg.data, manifest, ["prompt_ids", "completion_ids", *trainer.columns], cfg.seed,
-                        cfg.shuffle_buffer, parts, world.rank, world.size)
+                        cfg.shuffle_buffer, world.rank, world.size)
     start_step = 0
     if state is not None:
         stream.skip(restore(trainer, state))
         start_step = state["step"]
         console.print(f"resuming {out} from {resume_from.name}")
-    loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size // parts, parts, cfg.save_every,
-               start_step, trackers)
+    loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size, cfg.save_every, start_step,
+               trackers)
     done = fit(trainer, stream, loop)
     last = done["last"]
     return {

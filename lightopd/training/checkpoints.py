@@ -2,7 +2,7 @@
 
 `OUT/checkpoints/step-N/` holds the model (safetensors, config, tokenizer, lightopd.json) and the
 state that makes `--resume` reproduce the uninterrupted run: optimizer, scheduler, the objective's
-carried state, and every rank's RNG states and data cursors. A checkpoint is written to a
+carried state, the data cursor and every rank's RNG states. A checkpoint is written to a
 temporary directory and renamed into place, so a kill -9 never leaves half of one. The state is
 read back with `torch.load(weights_only=True)`.
 """
@@ -56,11 +56,10 @@ def load_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / STATE, weights_only=True, map_location="cpu")
 
 
-def trainer_state(trainer, step: int, cursors: dict[int, int], data_parts: int) -> dict:
+def trainer_state(trainer, step: int, cursor: int) -> dict:
     """Everything needed to resume; a collective: every rank calls it, rank 0 saves the result.
-    The optimizer is the same on every rank (DDP); RNG states and data cursors are per rank."""
+    The optimizer and the data cursor are the same on every rank; RNG states are per rank."""
     mine = {
-        "cursors": cursors,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": random.getstate(),
@@ -68,7 +67,7 @@ def trainer_state(trainer, step: int, cursors: dict[int, int], data_parts: int) 
     return {
         "step": step,
         "world_size": trainer.world.size,
-        "data_parts": data_parts,
+        "cursor": cursor,
         "ranks": trainer.world.gather(mine),
         "fsdp": trainer.parallel.fsdp,
         "optimizer": trainer.parallel.optimizer_state(trainer.optimizer),
@@ -77,27 +76,31 @@ def trainer_state(trainer, step: int, cursors: dict[int, int], data_parts: int) 
     }
 
 
-def restore(trainer, state: dict) -> dict[int, int]:
-    """Restores this rank's share of `state` into `trainer`; returns its data cursors."""
+def restore(trainer, state: dict) -> int:
+    """Restores this rank's share of `state` into `trainer`; returns the data cursor. A rank the
+    checkpoint's run did not have takes rank 0's RNG states (see check_resumable)."""
     trainer.parallel.load_optimizer_state(trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
-    mine = state["ranks"][trainer.world.rank]
+    ranks = state["ranks"]
+    mine = ranks[trainer.world.rank] if trainer.world.rank < len(ranks) else ranks[0]
     torch.set_rng_state(mine["torch_rng"])
     if mine["cuda_rng"]:
         torch.cuda.set_rng_state_all(mine["cuda_rng"])
     random.setstate(mine["python_rng"])
     trainer.objective.load_state_dict(state["objective"])
-    return mine["cursors"]
+    return state["cursor"]
 
 
-def check_resumable(state: dict, checkpoint: Path, world: World, parts: int, fsdp: bool) -> None:
-    if (state["world_size"], state["data_parts"]) != (world.size, parts):
-        raise InputError(
-            f"--resume: {checkpoint} was written by a run of {state['world_size']} rank(s) reading "
-            f"{state['data_parts']} data part(s); this run has {world.size} rank(s) and {parts} part(s). Resume with "
-            f"the same world size (torchrun --nproc-per-node x --nnodes = {state['world_size']}) and data_parts, "
-            "so every rank continues its own parts, RNG and cursor"
-        )
+def check_resumable(state: dict, checkpoint: Path, world: World, fsdp: bool) -> str | None:
+    """Refuses what cannot resume; returns a warning for what resumes differently (None: nothing)."""
+    if "cursor" not in state:
+        raise InputError(f"--resume: {checkpoint} was written by an earlier lightopd whose data order depended on "
+                         "the world size; resume it with that release, or train into a new --out")
     if state["fsdp"] != fsdp:
         raise InputError(f"--resume: {checkpoint} was written {'with' if state['fsdp'] else 'without'} --fsdp; "
                          "resume it the same way (its optimizer state is laid out for that)")
+    if state["world_size"] != world.size:
+        return (f"--resume: {checkpoint} was written by {state['world_size']} rank(s) and this run has {world.size}; "
+                "the data order continues unchanged, but per-rank random streams cannot (they matter only with "
+                "--dropout), and sums over ranks round differently, so the result is not bit-identical")
+    return None

@@ -33,8 +33,7 @@ class Run:
     tokenizer: object
     provenance: dict  # lightopd.json of every model written (plus "steps")
     total_steps: int
-    rows_per_part: int  # rows a step takes from each data part
-    data_parts: int
+    batch_size: int  # rows a step takes from the stream (over all ranks)
     save_every: int
     start_step: int = 0  # > 0 when resuming
     trackers: tuple[str, ...] = ()  # --report-to (training/trackers.py)
@@ -105,7 +104,7 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
             open(metrics_path if world.main else os.devnull, "a") as metrics:
         for step in range(run.start_step + 1, run.total_steps + 1):
             t0 = time.perf_counter()
-            groups = stream.take_step(run.rows_per_part)
+            groups = stream.take_step(run.batch_size)
             try:
                 record = trainer.step(groups)
             except TrainingError as e:
@@ -132,7 +131,7 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
 def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool) -> None:
     """A checkpoint at `step` (every save_every steps, and at the end if checkpointing), and at the
     end the final model in OUT. Gathering state is a collective; rank 0 writes."""
-    state = trainer_state(trainer, step, stream.cursors(), run.data_parts) if run.save_every else None
+    state = trainer_state(trainer, step, stream.cursor()) if run.save_every else None
     weights = trainer.parallel.model_state()
     if not trainer.world.main:
         return
