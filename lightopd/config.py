@@ -155,6 +155,8 @@ class TrainConfig(Config):
                             "full copy per rank (DDP).")
     seed: int = opt(0, "Seed of the data order and of torch.", metavar="S")
     save_every: int = opt(0, "Write a resumable checkpoint every N steps (0: only at the end).", metavar="N")
+    keep_checkpoints: int | None = opt(None, "Keep only the newest N checkpoints (older ones are deleted once a "
+                                             "new one is in place). [default: keep all]", metavar="N")
     resume: bool = opt(False, "Continue from the newest checkpoint in --out.")
     sft_teacher: str | None = opt(None, "Declare the model that wrote the student's SFT data, when the student has "
                                         "no lightopd.json.", metavar="DIR")
@@ -189,6 +191,8 @@ class TrainConfig(Config):
               f"must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         check(self.grad_clip >= 0, "--grad-clip", f"must be >= 0, got {self.grad_clip}")
         check(self.shuffle_buffer >= 1, "--shuffle-buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "--keep-checkpoints",
+              f"must be >= 1, got {self.keep_checkpoints}")
         check(self.save_every >= 0, "--save-every", f"must be >= 0, got {self.save_every}")
         check(self.student.dtype != "float16", "--dtype",
               "float16 training needs loss scaling, which lightopd does not do; use bfloat16 (or float32)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lightopd import objectives as O
@@ -188,3 +189,25 @@ def test_set_overrides_and_errors():
         train_settings({**base, "dtype": "float16"}, None, [])
     with pytest.raises(InputError, match="--lr: must be > 0"):
         train_settings({**base, "lr": 0.0}, None, [])
+
+
+def test_keep_checkpoints_keeps_the_newest(consistent_student, teacher_store, tmp_path):
+    train_run(consistent_student, teacher_store, tmp_path / "out", steps=4, batch_size=4, save_every=1,
+             keep_checkpoints=2)
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-3", "step-4"]
+
+
+def test_the_final_model_keeps_the_students_dtype(consistent_student, teacher_store, tmp_path):
+    """A bfloat16 student trains in float32 (checkpoints stay float32, to resume exactly) and is
+    written back in bfloat16."""
+    student = tmp_path / "bf16"
+    shutil.copytree(consistent_student, student)
+    AutoModelForCausalLM.from_pretrained(consistent_student, dtype=torch.bfloat16).save_pretrained(student)
+    train_run(student, teacher_store, tmp_path / "out", steps=2, batch_size=4, save_every=1,
+             allow_teacher_mismatch=True)
+    final = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    kept = load_file(tmp_path / "out" / "checkpoints" / "step-2" / "model.safetensors")
+    assert {t.dtype for t in kept.values()} == {torch.float32}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16

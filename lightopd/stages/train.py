@@ -46,7 +46,7 @@ from lightopd.provenance import (
     tokenizer_fingerprint,
 )
 from lightopd.training import distributed
-from lightopd.training.checkpoints import check_resumable, latest_checkpoint, load_state, restore
+from lightopd.training.checkpoints import check_resumable, latest_checkpoint, load_state, restore, saved_dtype
 from lightopd.training.distributed import World
 from lightopd.training.loop import Run, fit
 from lightopd.training.trackers import check_installed, trackers_of
@@ -107,7 +107,7 @@ def check_on_policy(cfg: TrainConfig, name: str, manifest: dict, student: dict, 
 # (how the same computation is laid out in memory may change: that is how a run that ran out of memory goes on)
 MAY_CHANGE_ON_RESUME = ("steps", "epochs", "save_every", "micro_batch_tokens", "packing", "loss_chunk_tokens",
                         "gradient_checkpointing", "attn_implementation", "device", "allow_teacher_mismatch",
-                        "allow_off_policy", "report_to")
+                        "allow_off_policy", "report_to", "keep_checkpoints")
 
 
 def resume_differences(checkpoint: dict, now: dict, at_step: int, total: int) -> list[str]:
@@ -227,7 +227,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         start_step = state["step"]
         console.print(f"resuming {out} from {resume_from.name}")
     loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size, cfg.save_every, start_step,
-               trackers)
+               trackers, cfg.keep_checkpoints, saved_dtype(student_dir))
     done = fit(trainer, stream, loop)
     last = done["last"]
     return {

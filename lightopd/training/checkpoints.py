@@ -9,6 +9,7 @@ read back with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -20,13 +21,44 @@ from lightopd.provenance import write_provenance
 from lightopd.training.distributed import World
 
 STATE = "trainer_state.pt"
+SHARD_SIZE = "5GB"  # safetensors files of the saved models
 
 
-def save_model(directory: Path, model, tokenizer, provenance: dict, weights: dict | None = None) -> None:
-    """An HF model directory; `weights`: the full state dict when the model itself is sharded."""
-    model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
+def saved_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype a model directory's weights are stored in (its config's `dtype`), float32 if unsaid."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def save_model(directory: Path, model, tokenizer, provenance: dict, weights: dict | None = None,
+               dtype: torch.dtype = torch.float32) -> None:
+    """An HF model directory, its floating-point weights in `dtype` (the student's own, for the
+    final model; float32 in checkpoints, which resume from them exactly), in safetensors files of
+    at most SHARD_SIZE; `weights`: the full state dict when the model itself is sharded."""
+    if dtype != torch.float32:
+        weights = {k: v.to("cpu", dtype) if v.is_floating_point() else v
+                   for k, v in (weights if weights is not None else model.state_dict()).items()}
+    model.save_pretrained(directory, safe_serialization=True, state_dict=weights, max_shard_size=SHARD_SIZE)
+    if dtype != torch.float32:  # save_pretrained records the dtype of the model in memory (float32)
+        config = json.loads((directory / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(directory)
     write_provenance(directory, provenance)
+
+
+def prune_checkpoints(out: Path, keep: int | None) -> None:
+    """Deletes all but the newest `keep` checkpoints (None: keeps them all)."""
+    if not keep:
+        return
+    found = sorted((int(p.name[5:]), p) for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+    for _, path in found[:-keep]:
+        shutil.rmtree(path)
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, provenance: dict, state: dict,

@@ -17,10 +17,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lightopd.data.stream import StepStream
 from lightopd.errors import InputError, TrainingError
 from lightopd.progress import StageProgress
-from lightopd.training.checkpoints import latest_checkpoint, save_checkpoint, save_model, trainer_state
+from lightopd.training.checkpoints import (
+    latest_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_model,
+    trainer_state,
+)
 from lightopd.training.trackers import Trackers
 from lightopd.training.trainer import Trainer
 
@@ -37,6 +45,8 @@ class Run:
     save_every: int
     start_step: int = 0  # > 0 when resuming
     trackers: tuple[str, ...] = ()  # --report-to (training/trackers.py)
+    keep_checkpoints: int | None = None  # the newest N kept (None: all)
+    dtype: torch.dtype = torch.float32  # of the final model's weights: the student's own
 
 
 def open_metrics(run: Run, main: bool) -> Path:
@@ -136,6 +146,7 @@ def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool
     if not trainer.world.main:
         return
     if final:
-        save_model(run.out, trainer.model, run.tokenizer, {**run.provenance, "steps": step}, weights)
+        save_model(run.out, trainer.model, run.tokenizer, {**run.provenance, "steps": step}, weights, run.dtype)
     if state is not None:
         save_checkpoint(run.out, step, trainer.model, run.tokenizer, run.provenance, state, weights)
+        prune_checkpoints(run.out, run.keep_checkpoints)
