@@ -151,6 +151,16 @@ class TrainConfig(Config):
     adam_beta2: float = opt(0.999, "AdamW β2.", metavar="X")
     grad_clip: float = opt(1.0, "Max gradient norm; 0 disables clipping.", metavar="X")
     shuffle_buffer: int = opt(256, "Prompt groups held per data part for the seeded shuffle.", metavar="N")
+    lora_rank: int = opt(0, "LoRA: train rank-R adapters on the student's linear layers instead of all its weights "
+                            "(needs pip install 'lightopd[peft]'); 0 trains every weight.", metavar="R")
+    lora_alpha: float | None = opt(None, "LoRA scale α (the update is α/R · BA). [default: 2R]", metavar="A")
+    lora_dropout: float = opt(0.0, "Dropout on the adapters' input (only with --dropout: dropout is off in the "
+                                   "training forward otherwise).", metavar="P")
+    lora_target_modules: str | None = opt(None, "The layers that get adapters, names separated by commas "
+                                                "(q_proj,v_proj). [default: all-linear, every linear layer of the "
+                                                "decoder but not the output layer]", metavar="NAMES")
+    merge_lora: bool = opt(False, "Write the output with the adapters merged into full weights (a plain transformers "
+                                  "model) instead of the adapter alone.")
     fsdp: bool = opt(False, "Under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of a "
                             "full copy per rank (DDP).")
     seed: int = opt(0, "Seed of the data order and of torch.", metavar="S")
@@ -178,6 +188,9 @@ class TrainConfig(Config):
         check(names in ([], ["none"], ["all"]) or all(n in REPORT_TO for n in names), "--report-to",
               f"must be none, all or trackers from {', '.join(REPORT_TO)} separated by commas, "
               f"got {self.report_to!r}")
+        check(self.lora_rank >= 0, "--lora-rank", f"must be >= 0, got {self.lora_rank}")
+        check(self.lora_alpha is None or self.lora_alpha > 0, "--lora-alpha", f"must be > 0, got {self.lora_alpha}")
+        check(0 <= self.lora_dropout < 1, "--lora-dropout", f"must be in [0, 1), got {self.lora_dropout}")
         check(self.packing in PACKING, "--packing", f"must be one of {', '.join(PACKING)}, got {self.packing!r}")
         check(self.loss_chunk_tokens >= 1, "--loss-chunk-tokens", f"must be >= 1, got {self.loss_chunk_tokens}")
         check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")

@@ -252,6 +252,8 @@ CASES = [
          "objective.beta: must be a finite number"),
     Case("unknown objective", lambda e: train(e, "--objective", "kd"), 2, "unknown objective"),
     Case("unknown packing mode", lambda e: train(e, "--packing", "yes"), 2, "--packing"),
+    Case("negative lora rank", lambda e: train(e, "--lora-rank", "-1"), 2, "--lora-rank: must be >= 0"),
+    Case("merge without lora", lambda e: train(e, "--merge-lora"), 2, "--merge-lora: there is no adapter"),
     Case("unknown tracker", lambda e: train(e, "--report-to", "tensorbord"), 2, "--report-to: must be none, all"),
     Case("loss chunk of zero", lambda e: train(e, "--loss-chunk-tokens", "0"), 2, "--loss-chunk-tokens: must be >= 1"),
     Case("unknown attention kernel", lambda e: train(e, "--attn-implementation", "warp_attention"), 2,

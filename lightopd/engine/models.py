@@ -22,6 +22,9 @@ def check_model_dir(path: str | Path, what: str = "--model") -> Path:
     if not p.is_dir():
         raise InputError(f"{what} {path}: no such model directory, and not a Hub id (org/name) either")
     if not (p / "config.json").is_file():
+        if (p / "adapter_config.json").is_file():
+            raise InputError(f"{what} {path}: a LoRA adapter, not a model; train with --merge-lora to write the "
+                             "merged model, or merge it with peft (PeftModel.from_pretrained(...).merge_and_unload())")
         raise InputError(f"{what} {path}: not a Hugging Face model directory (no config.json)")
     if not weight_files(p):
         raise InputError(

@@ -49,6 +49,8 @@ from lightopd.training import distributed
 from lightopd.training.checkpoints import check_resumable, latest_checkpoint, load_state, restore, saved_dtype
 from lightopd.training.distributed import World
 from lightopd.training.loop import Run, fit
+from lightopd.training.lora import add_adapters, check_lora
+from lightopd.training.lora import settings as lora_settings
 from lightopd.training.trackers import check_installed, trackers_of
 from lightopd.training.trainer import TrainData, Trainer
 
@@ -107,7 +109,7 @@ def check_on_policy(cfg: TrainConfig, name: str, manifest: dict, student: dict, 
 # (how the same computation is laid out in memory may change: that is how a run that ran out of memory goes on)
 MAY_CHANGE_ON_RESUME = ("steps", "epochs", "save_every", "micro_batch_tokens", "packing", "loss_chunk_tokens",
                         "gradient_checkpointing", "attn_implementation", "device", "allow_teacher_mismatch",
-                        "allow_off_policy", "report_to", "keep_checkpoints")
+                        "allow_off_policy", "report_to", "keep_checkpoints", "merge_lora")
 
 
 def resume_differences(checkpoint: dict, now: dict, at_step: int, total: int) -> list[str]:
@@ -181,6 +183,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     check_batch(cfg.batch_size, int(sampling.get("n", 1)), world.size)
     trackers = trackers_of(cfg.report_to)
     check_installed(trackers)  # before the student is loaded
+    check_lora(cfg, cfg.fsdp and world.active)
     if cfg.fsdp and not world.active:
         warn("--fsdp shards the student over torchrun's ranks; in a single process it does nothing")
     greedy = sampling["temperature"] == 0  # behaviour log-probs are all 0: no ratio diagnostics either
@@ -199,6 +202,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         "train": {**{k: v for k, v in flatten(cfg).items() if k not in ("student", "data", "out", "resume")},
                   "compute_dtype": str(compute_dtype).removeprefix("torch.")},
         "parallel": {"world_size": world.size, "fsdp": cfg.fsdp and world.active},
+        "lora": lora_settings(cfg) if cfg.lora_rank else None,
     }
     state = None
     if resume_from is not None:
@@ -216,8 +220,15 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = models.load_model(resume_from or student_dir, device, torch.float32, spec.trust_remote_code, "--student",
-                              spec.attn_implementation)
+    # with LoRA the base weights are the student's, and a checkpoint holds the adapter alone
+    weights_from = student_dir if cfg.lora_rank else (resume_from or student_dir)
+    # full training keeps float32 master weights; under LoRA the frozen base stays in the compute dtype
+    # (peft keeps the adapters in float32)
+    model = models.load_model(weights_from, device, compute_dtype if cfg.lora_rank else torch.float32,
+                              spec.trust_remote_code, "--student", spec.attn_implementation)
+    peft_model = add_adapters(model, cfg, resume_from) if cfg.lora_rank else None
+    if peft_model is not None:
+        model = peft_model.get_base_model()  # the student, its linear layers carrying the adapters
     trainer = Trainer(cfg, objective, model, data, objective.total_steps, world)
     stream = StepStream(cfg.data, manifest, ["prompt_ids", "completion_ids", *trainer.columns], cfg.seed,
                         cfg.shuffle_buffer, world.rank, world.size)
@@ -227,7 +238,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         start_step = state["step"]
         console.print(f"resuming {out} from {resume_from.name}")
     loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size, cfg.save_every, start_step,
-               trackers, cfg.keep_checkpoints, saved_dtype(student_dir))
+               trackers, cfg.keep_checkpoints, saved_dtype(student_dir), peft_model, cfg.merge_lora)
     done = fit(trainer, stream, loop)
     last = done["last"]
     return {

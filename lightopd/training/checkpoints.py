@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,14 +62,14 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
         shutil.rmtree(path)
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, provenance: dict, state: dict,
-                    weights: dict | None = None) -> Path:
-    """OUT/checkpoints/step-N, written to a temporary directory and renamed: never half a checkpoint."""
+def save_checkpoint(out: Path, step: int, write: Callable[[Path], None], state: dict) -> Path:
+    """OUT/checkpoints/step-N: the model files `write(directory)` writes, and the trainer state;
+    written to a temporary directory and renamed: never half a checkpoint."""
     final = out / "checkpoints" / f"step-{step}"
     tmp = out / "checkpoints" / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(tmp, model, tokenizer, {**provenance, "steps": step}, weights)
+    write(tmp)
     torch.save(state, tmp / STATE)
     if final.exists():
         shutil.rmtree(final)

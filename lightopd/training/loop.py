@@ -22,6 +22,8 @@ import torch
 from lightopd.data.stream import StepStream
 from lightopd.errors import InputError, TrainingError
 from lightopd.progress import StageProgress
+from lightopd.provenance import write_provenance
+from lightopd.training import lora
 from lightopd.training.checkpoints import (
     latest_checkpoint,
     prune_checkpoints,
@@ -47,6 +49,8 @@ class Run:
     trackers: tuple[str, ...] = ()  # --report-to (training/trackers.py)
     keep_checkpoints: int | None = None  # the newest N kept (None: all)
     dtype: torch.dtype = torch.float32  # of the final model's weights: the student's own
+    peft: object | None = None  # the peft model around the student, with --lora-rank
+    merge_lora: bool = False
 
 
 def open_metrics(run: Run, main: bool) -> Path:
@@ -145,8 +149,24 @@ def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool
     weights = trainer.parallel.model_state()
     if not trainer.world.main:
         return
-    if final:
-        save_model(run.out, trainer.model, run.tokenizer, {**run.provenance, "steps": step}, weights, run.dtype)
     if state is not None:
-        save_checkpoint(run.out, step, trainer.model, run.tokenizer, run.provenance, state, weights)
+        provenance = {**run.provenance, "steps": step}
+        save_checkpoint(run.out, step, lambda d: _write_model(trainer, run, weights, d, provenance, False), state)
         prune_checkpoints(run.out, run.keep_checkpoints)
+    if final:
+        _write_model(trainer, run, weights, run.out, {**run.provenance, "steps": step}, True)
+
+
+def _write_model(trainer: Trainer, run: Run, weights: dict | None, directory: Path, provenance: dict,
+                 final: bool) -> None:
+    """The model files of a checkpoint (float32, or the adapter) or of the output (the student's
+    dtype; with LoRA the adapter, or with --merge-lora the merged model)."""
+    if run.peft is None:
+        save_model(directory, trainer.model, run.tokenizer, provenance, weights,
+                   run.dtype if final else torch.float32)
+    elif final and run.merge_lora:
+        save_model(directory, lora.merged(run.peft), run.tokenizer, provenance, None, run.dtype)
+    else:
+        lora.save_adapter(run.peft, directory)
+        run.tokenizer.save_pretrained(directory)
+        write_provenance(directory, provenance)

@@ -13,6 +13,8 @@ from lightopd.config import TrainConfig
 def optimizer_for(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen: the base weights under LoRA
+            continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

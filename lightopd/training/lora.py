@@ -1,0 +1,67 @@
+"""LoRA (`train --lora-rank R`): low-rank adapters on the student's linear layers, through `peft`
+(an optional extra), and only they train.
+
+Adapters start with B = 0, so the first step's loss is the base model's. The trainer runs the
+base model with the adapters injected in place (the decoder, output layer and everything else
+as without LoRA); checkpoints and the output hold the adapter in peft's format
+(adapter_config.json, adapter_model.safetensors), or with `--merge-lora` the output holds the
+merged full weights, a plain transformers model. Resume loads the base student and the
+checkpoint's adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from lightopd.config import TrainConfig
+from lightopd.errors import InputError
+
+
+def check_lora(cfg: TrainConfig, fsdp: bool) -> None:
+    """Exit 2 before any work when LoRA is asked for and cannot run."""
+    if not cfg.lora_rank:
+        if cfg.merge_lora:
+            raise InputError("--merge-lora: there is no adapter to merge without --lora-rank")
+        return
+    if importlib.util.find_spec("peft") is None:
+        raise InputError("--lora-rank: the peft package is not installed; pip install 'lightopd[peft]'")
+    if fsdp:
+        raise InputError("--lora-rank with --fsdp is not supported yet; LoRA trains with DDP (without --fsdp), "
+                         "where its small optimizer state fits every GPU")
+
+
+def settings(cfg: TrainConfig) -> dict:
+    """What lightopd.json records of the adapter."""
+    return {"rank": cfg.lora_rank, "alpha": alpha(cfg), "dropout": cfg.lora_dropout,
+            "target_modules": cfg.lora_target_modules or "all-linear", "merged": cfg.merge_lora}
+
+
+def alpha(cfg: TrainConfig) -> float:
+    return cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank
+
+
+def add_adapters(model, cfg: TrainConfig, checkpoint: Path | None = None):
+    """The peft model around `model`: new adapters, or a checkpoint's (trainable) to resume."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+    targets = cfg.lora_target_modules or "all-linear"
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha(cfg), lora_dropout=cfg.lora_dropout,
+                        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise InputError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from None
+
+
+def save_adapter(peft_model, directory: Path) -> None:
+    """The adapter alone, in peft's format."""
+    peft_model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def merged(peft_model):
+    """The base model with the adapters folded into its weights (a plain transformers model)."""
+    return peft_model.merge_and_unload()
