@@ -137,6 +137,10 @@ def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, consistent_stude
     common = ["--student", str(consistent_student), "--data", str(teacher_store), "--objective", "jsd", *TRAIN,
               "--save-every", "2", "--schedule", "cosine", *(["--fsdp", "--gradient-checkpointing"] if fsdp else [])]
     assert torchrun("train", *common, "--out", str(tmp_path / "full")).returncode == 0
+    kept = tmp_path / "full" / "checkpoints" / "step-2"
+    if fsdp:  # each rank's own shards (torch.distributed.checkpoint), nothing gathered
+        assert (kept / "sharded" / ".metadata").is_file() and not (kept / "model.safetensors").exists()
+        assert len(list((kept / "sharded").glob("*.distcp"))) == 2
     cut = tmp_path / "cut"  # as if both ranks died after the step-2 checkpoint
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-2", cut / "checkpoints" / "step-2")
     lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()

@@ -221,7 +221,9 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     # with LoRA the base weights are the student's, and a checkpoint holds the adapter alone
-    weights_from = student_dir if cfg.lora_rank else (resume_from or student_dir)
+    # (and under FSDP a checkpoint holds shards, loaded after the model is sharded)
+    sharded = state is not None and state["optimizer"] is None
+    weights_from = student_dir if cfg.lora_rank or sharded else (resume_from or student_dir)
     # full training keeps float32 master weights; under LoRA the frozen base stays in the compute dtype
     # (peft keeps the adapters in float32)
     model = models.load_model(weights_from, device, compute_dtype if cfg.lora_rank else torch.float32,
@@ -234,7 +236,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
                         cfg.shuffle_buffer, world.rank, world.size)
     start_step = 0
     if state is not None:
-        stream.skip(restore(trainer, state))
+        stream.skip(restore(trainer, state, resume_from))
         start_step = state["step"]
         console.print(f"resuming {out} from {resume_from.name}")
     loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size, cfg.save_every, start_step,

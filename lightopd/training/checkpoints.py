@@ -22,6 +22,7 @@ from lightopd.provenance import write_provenance
 from lightopd.training.distributed import World
 
 STATE = "trainer_state.pt"
+SHARDED = "sharded"  # under FSDP: every rank's shards of weights and optimizer (torch.distributed.checkpoint)
 SHARD_SIZE = "5GB"  # safetensors files of the saved models
 
 
@@ -62,19 +63,30 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
         shutil.rmtree(path)
 
 
-def save_checkpoint(out: Path, step: int, write: Callable[[Path], None], state: dict) -> Path:
-    """OUT/checkpoints/step-N: the model files `write(directory)` writes, and the trainer state;
-    written to a temporary directory and renamed: never half a checkpoint."""
-    final = out / "checkpoints" / f"step-{step}"
+def staging(out: Path, step: int) -> Path:
+    """The empty temporary directory a checkpoint of `step` is written into (rank 0 makes it)."""
     tmp = out / "checkpoints" / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def publish(out: Path, step: int, state: dict) -> Path:
+    """Writes the trainer state into the staged checkpoint and renames it into place."""
+    final = out / "checkpoints" / f"step-{step}"
+    tmp = out / "checkpoints" / f".step-{step}.tmp"
     torch.save(state, tmp / STATE)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def save_checkpoint(out: Path, step: int, write: Callable[[Path], None], state: dict) -> Path:
+    """OUT/checkpoints/step-N: the model files `write(directory)` writes, and the trainer state;
+    written to a temporary directory and renamed: never half a checkpoint."""
+    write(staging(out, step))
+    return publish(out, step, state)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -103,16 +115,21 @@ def trainer_state(trainer, step: int, cursor: int) -> dict:
         "cursor": cursor,
         "ranks": trainer.world.gather(mine),
         "fsdp": trainer.parallel.fsdp,
-        "optimizer": trainer.parallel.optimizer_state(trainer.optimizer),
+        # under FSDP every rank writes its own shards of the weights and optimizer (SHARDED)
+        "optimizer": None if trainer.parallel.fsdp else trainer.parallel.optimizer_state(trainer.optimizer),
         "scheduler": trainer.scheduler.state_dict(),
         "objective": trainer.objective.state_dict(),
     }
 
 
-def restore(trainer, state: dict) -> int:
-    """Restores this rank's share of `state` into `trainer`; returns the data cursor. A rank the
-    checkpoint's run did not have takes rank 0's RNG states (see check_resumable)."""
-    trainer.parallel.load_optimizer_state(trainer.optimizer, state["optimizer"])
+def restore(trainer, state: dict, checkpoint: Path) -> int:
+    """Restores this rank's share of `state` (and, under FSDP, of the checkpoint's shards: weights
+    and optimizer) into `trainer`; returns the data cursor. A rank the checkpoint's run did not
+    have takes rank 0's RNG states (see check_resumable)."""
+    if state["optimizer"] is None:
+        trainer.parallel.load_sharded(trainer.optimizer, checkpoint / SHARDED)
+    else:
+        trainer.parallel.load_optimizer_state(trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     ranks = state["ranks"]
     mine = ranks[trainer.world.rank] if trainer.world.rank < len(ranks) else ranks[0]
@@ -126,7 +143,7 @@ def restore(trainer, state: dict) -> int:
 
 def check_resumable(state: dict, checkpoint: Path, world: World, fsdp: bool) -> str | None:
     """Refuses what cannot resume; returns a warning for what resumes differently (None: nothing)."""
-    if "cursor" not in state:
+    if "cursor" not in state or "optimizer" not in state:
         raise InputError(f"--resume: {checkpoint} was written by an earlier lightopd whose data order depended on "
                          "the world size; resume it with that release, or train into a new --out")
     if state["fsdp"] != fsdp:

@@ -25,10 +25,13 @@ from lightopd.progress import StageProgress
 from lightopd.provenance import write_provenance
 from lightopd.training import lora
 from lightopd.training.checkpoints import (
+    SHARDED,
     latest_checkpoint,
     prune_checkpoints,
+    publish,
     save_checkpoint,
     save_model,
+    staging,
     trainer_state,
 )
 from lightopd.training.trackers import Trackers
@@ -144,17 +147,29 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
 
 def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool) -> None:
     """A checkpoint at `step` (every save_every steps, and at the end if checkpointing), and at the
-    end the final model in OUT. Gathering state is a collective; rank 0 writes."""
-    state = trainer_state(trainer, step, stream.cursor()) if run.save_every else None
-    weights = trainer.parallel.model_state()
-    if not trainer.world.main:
-        return
-    if state is not None:
+    end the final model in OUT. These are collectives; rank 0 writes all but FSDP's shards."""
+    world = trainer.world
+    if run.save_every:
+        state = trainer_state(trainer, step, stream.cursor())
         provenance = {**run.provenance, "steps": step}
-        save_checkpoint(run.out, step, lambda d: _write_model(trainer, run, weights, d, provenance, False), state)
-        prune_checkpoints(run.out, run.keep_checkpoints)
+        if trainer.parallel.fsdp:  # every rank writes its shards into the staged directory
+            tmp = staging(run.out, step) if world.main else None
+            tmp = Path(world.gather(str(tmp))[0])
+            trainer.parallel.save_sharded(trainer.optimizer, tmp / SHARDED)
+            world.barrier()
+            if world.main:
+                trainer.model.config.save_pretrained(tmp)
+                run.tokenizer.save_pretrained(tmp)
+                write_provenance(tmp, provenance)
+                publish(run.out, step, state)
+        elif world.main:
+            save_checkpoint(run.out, step, lambda d: _write_model(trainer, run, None, d, provenance, False), state)
+        if world.main:
+            prune_checkpoints(run.out, run.keep_checkpoints)
     if final:
-        _write_model(trainer, run, weights, run.out, {**run.provenance, "steps": step}, True)
+        weights = trainer.parallel.model_state()
+        if world.main:
+            _write_model(trainer, run, weights, run.out, {**run.provenance, "steps": step}, True)
 
 
 def _write_model(trainer: Trainer, run: Run, weights: dict | None, directory: Path, provenance: dict,

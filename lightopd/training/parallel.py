@@ -1,12 +1,13 @@
 """How the student runs across ranks: as is (one process), replicated (DDP) or sharded (FSDP2),
 behind one interface for the trainer: the module to call, gradient-sync control for
-accumulation, the gradient norm, and full state dicts for checkpoints.
+accumulation, the gradient norm, and state for checkpoints.
 
 Under FSDP2 each decoder layer (the model's `_no_split_modules` classes) is its own shard group
 and the root group holds the rest (embeddings, final norm, output layer). Every forward gathers
 parameters from all ranks, so every rank must run the same number of micro-batches; `Parallel.
-pads` tells the trainer to pad. Model and optimizer states are gathered in full to save and are
-loaded in full on every rank, so a checkpoint is a plain one whichever way it was trained.
+pads` tells the trainer to pad. Under FSDP a checkpoint holds every rank's own shards of the
+weights and optimizer state (torch.distributed.checkpoint: nothing is gathered, and a different
+world size reshards on load); the final model alone is gathered in full, to be a plain one.
 """
 
 from __future__ import annotations
@@ -74,6 +75,25 @@ class Parallel:
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.world.main else None
+
+    def save_sharded(self, optimizer: torch.optim.Optimizer, directory) -> None:
+        """FSDP: every rank writes its own shards of the weights and the optimizer state into
+        `directory` (torch.distributed.checkpoint); nothing is gathered."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+    def load_sharded(self, optimizer: torch.optim.Optimizer, directory) -> None:
+        """FSDP: every rank reads its own shards (resharded when the world size changed)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         if not self.fsdp:
