@@ -102,6 +102,7 @@ class ScoreConfig(Config):
 
 
 PACKING = ("auto", "on", "off")
+LOSS_CHUNK_TOKENS = 1024  # completion positions whose logits are reduced at once (train's default, eval's too)
 REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow")
 
 
@@ -130,10 +131,10 @@ class TrainConfig(Config):
                                "flash_attention_2, flash_attention_3 or flex_attention), padded otherwise, since "
                                "sdpa and eager attend over the whole packed row under a mask (measured slower: "
                                "README).", choices=PACKING)
-    loss_chunk_tokens: int = opt(1024, "Completion positions whose [positions × vocabulary] logits are computed at "
-                                       "once in the loss; each chunk is differentiated and freed before the next, so "
-                                       "the loss holds one chunk's float32 blocks whatever the sequence length.",
-                                 metavar="N")
+    loss_chunk_tokens: int = opt(LOSS_CHUNK_TOKENS,
+                                 "Completion positions whose [positions × vocabulary] logits are computed at once in "
+                                 "the loss; each chunk is differentiated and freed before the next, so the loss holds "
+                                 "one chunk's float32 blocks whatever the sequence length.", metavar="N")
     gradient_checkpointing: bool = opt(False, "Activation checkpointing: keep only each decoder layer's input in "
                                               "forward and recompute the layer in backward (about a third more "
                                               "compute; a layer's saved activations shrink to one hidden vector "

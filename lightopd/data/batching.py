@@ -78,11 +78,6 @@ class Layout:
     cols: torch.Tensor  # [N] ... and their column
     targets: torch.Tensor  # [N] the completion tokens
 
-    @property
-    def tokens(self) -> int:
-        """Token slots of the forward, padding included."""
-        return self.inputs["input_ids"].numel()
-
 
 def pack_rows(prompts, completions, device, packed: bool = False) -> Layout:
     """Rows of prompt + completion ids for one forward: right-padded [B, L] with an attention mask,

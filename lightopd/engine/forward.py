@@ -103,6 +103,10 @@ class PositionLogits:
             return None
         return self._base(**layout.inputs, use_cache=False).last_hidden_state[layout.rows, layout.cols]
 
+    def head_weights(self) -> list[torch.Tensor]:
+        """The output layer's trainable weights (what `head` differentiates besides its input)."""
+        return [w for w in self._head.parameters() if w.requires_grad]
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the tokenizer's ids from hidden states [n, H]."""
         return self._transform(self._head(hidden))[:, :self.vocab]
@@ -148,5 +152,4 @@ class CompletionChunks(torch.nn.Module):
             logits = self.positions.logits_at(layout)(0, len(layout.targets))
             per_position, extras = per_chunk(logits, 0, len(layout.targets))
             return per_position.sum(), [(per_position.detach(), extras)]
-        weights = [w for w in self.positions._head.parameters() if w.requires_grad]
-        return chunked_loss(self.positions.head, weights, hidden, chunk, per_chunk)
+        return chunked_loss(self.positions.head, self.positions.head_weights(), hidden, chunk, per_chunk)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lightopd.config import EvalConfig
+from lightopd.config import LOSS_CHUNK_TOKENS, EvalConfig
 from lightopd.data.batching import TokenBatches
 from lightopd.data.lock import exclusive
 from lightopd.data.reader import iter_batches
@@ -146,9 +146,6 @@ def log_samples(path: str, tokenizer, prompts: Prompts, samples: Samples, checke
     os.replace(tmp, path)
 
 
-CHUNK = 1024  # completion positions whose logits are reduced at once
-
-
 def _inputs(mb):
     """The objectives' view of positions lo:hi of a micro-batch, from their logits."""
     def of(logits: torch.Tensor, lo: int, hi: int) -> Inputs:
@@ -178,7 +175,8 @@ def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int, li
             batches = TokenBatches(pa.Table.from_batches([batch]), micro_batch_tokens)
             for micro in batches.plan:
                 mb = batches.tensors(micro, columns, k, positions.device)
-                for inputs in over_chunks(positions.logits_at(mb.layout), len(mb.targets), CHUNK, _inputs(mb)):
+                logits_of = positions.logits_at(mb.layout)
+                for inputs in over_chunks(logits_of, len(mb.targets), LOSS_CHUNK_TOKENS, _inputs(mb)):
                     diag = diagnostics(inputs)
                     for name, objective in divergences.items():
                         sums[name] += float(objective.loss(inputs).sum())

@@ -232,7 +232,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     if peft_model is not None:
         model = peft_model.get_base_model()  # the student, its linear layers carrying the adapters
     trainer = Trainer(cfg, objective, model, data, objective.total_steps, world)
-    stream = StepStream(cfg.data, manifest, ["prompt_ids", "completion_ids", *trainer.columns], cfg.seed,
+    stream = StepStream(cfg.data, manifest, list(trainer.columns), cfg.seed,
                         cfg.shuffle_buffer, world.rank, world.size)
     start_step = 0
     if state is not None:

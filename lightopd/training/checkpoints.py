@@ -63,9 +63,14 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
         shutil.rmtree(path)
 
 
+def staged(out: Path, step: int) -> Path:
+    """The temporary directory a checkpoint of `step` is written into before it is renamed."""
+    return out / "checkpoints" / f".step-{step}.tmp"
+
+
 def staging(out: Path, step: int) -> Path:
-    """The empty temporary directory a checkpoint of `step` is written into (rank 0 makes it)."""
-    tmp = out / "checkpoints" / f".step-{step}.tmp"
+    """Makes the (empty) staged directory of `step`'s checkpoint; rank 0 calls it."""
+    tmp = staged(out, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -74,7 +79,7 @@ def staging(out: Path, step: int) -> Path:
 def publish(out: Path, step: int, state: dict) -> Path:
     """Writes the trainer state into the staged checkpoint and renames it into place."""
     final = out / "checkpoints" / f"step-{step}"
-    tmp = out / "checkpoints" / f".step-{step}.tmp"
+    tmp = staged(out, step)
     torch.save(state, tmp / STATE)
     if final.exists():
         shutil.rmtree(final)
@@ -143,7 +148,7 @@ def restore(trainer, state: dict, checkpoint: Path) -> int:
 
 def check_resumable(state: dict, checkpoint: Path, world: World, fsdp: bool) -> str | None:
     """Refuses what cannot resume; returns a warning for what resumes differently (None: nothing)."""
-    if "cursor" not in state or "optimizer" not in state:
+    if "cursor" not in state:
         raise InputError(f"--resume: {checkpoint} was written by an earlier lightopd whose data order depended on "
                          "the world size; resume it with that release, or train into a new --out")
     if state["fsdp"] != fsdp:

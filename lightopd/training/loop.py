@@ -31,6 +31,7 @@ from lightopd.training.checkpoints import (
     publish,
     save_checkpoint,
     save_model,
+    staged,
     staging,
     trainer_state,
 )
@@ -153,8 +154,10 @@ def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool
         state = trainer_state(trainer, step, stream.cursor())
         provenance = {**run.provenance, "steps": step}
         if trainer.parallel.fsdp:  # every rank writes its shards into the staged directory
-            tmp = staging(run.out, step) if world.main else None
-            tmp = Path(world.gather(str(tmp))[0])
+            if world.main:
+                staging(run.out, step)
+            world.barrier()
+            tmp = staged(run.out, step)
             trainer.parallel.save_sharded(trainer.optimizer, tmp / SHARDED)
             world.barrier()
             if world.main:

@@ -18,7 +18,6 @@ from pathlib import Path
 from lightopd.config import REPORT_TO
 from lightopd.errors import InputError
 
-TRACKERS = {name: name for name in REPORT_TO}  # tracker: the module it needs
 PROJECT = "lightopd"  # the W&B / Trackio project, unless WANDB_PROJECT says otherwise
 
 
@@ -29,20 +28,21 @@ def trackers_of(value: str) -> tuple[str, ...]:
     if names in ((), ("none",)):
         return ()
     if names == ("all",):
-        return tuple(n for n, module in TRACKERS.items() if importlib.util.find_spec(module) is not None)
+        return tuple(n for n in REPORT_TO if importlib.util.find_spec(n) is not None)  # each's module is its name
     return names
 
 
 def check_installed(names: tuple[str, ...]) -> None:
     """Exit 2 before any work when a tracker's package is missing."""
     for name in names:
-        if importlib.util.find_spec(TRACKERS[name]) is None:
+        if importlib.util.find_spec(name) is None:
             raise InputError(f"--report-to {name}: the {name} package is not installed; "
                              f"pip install 'lightopd[{name}]'")
 
 
-def _numbers(record: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+def _numbers(record: dict, prefix: str = "") -> dict[str, float]:
+    """A metrics record's numbers but the step, their names prefixed."""
+    return {prefix + k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))
             and not isinstance(v, bool)}
 
 
@@ -56,8 +56,8 @@ class TensorBoard:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
 
     def log(self, step: int, record: dict) -> None:
-        for name, value in _numbers(record).items():
-            self.writer.add_scalar(f"train/{name}", value, step)
+        for name, value in _numbers(record, "train/").items():
+            self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -75,7 +75,7 @@ class WandB:
                               resume="allow" if start_step else None)
 
     def log(self, step: int, record: dict) -> None:
-        self.run.log({f"train/{k}": v for k, v in _numbers(record).items()}, step=step)
+        self.run.log(_numbers(record, "train/"), step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -89,7 +89,7 @@ class Trackio:
         trackio.init(project=PROJECT, name=run, config=config, resume="allow" if start_step else "never")
 
     def log(self, step: int, record: dict) -> None:
-        self.trackio.log({f"train/{k}": v for k, v in _numbers(record).items()}, step=step)
+        self.trackio.log(_numbers(record, "train/"), step=step)
 
     def close(self) -> None:
         self.trackio.finish()

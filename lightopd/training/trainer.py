@@ -61,7 +61,7 @@ def attention(model) -> str:
     return str(getattr(model.config, "_attn_implementation", None) or "eager")
 
 
-def packs(packing: str, model) -> bool:
+def asks_packing(packing: str, model) -> bool:
     """Whether `--packing` asks for packed micro-batches with this model's attention kernel."""
     variable_length = "flash" in attention(model) or attention(model) == "flex_attention"
     return packing == "on" or (packing == "auto" and variable_length)
@@ -95,7 +95,7 @@ class Trainer:
         if not cfg.dropout:
             models.without_dropout(model)
         chunks = CompletionChunks(model, data.vocab)
-        self.packed = packs(cfg.packing, model) and chunks.positions.packs
+        self.packed = asks_packing(cfg.packing, model) and chunks.positions.packs
         if cfg.packing == "on" and not self.packed and world.main:
             warn(f"--packing on: this model ({type(model).__name__}, attention {attention(model)}) does not read "
                  "packed rows as separate sequences; micro-batches are padded instead")
