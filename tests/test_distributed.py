@@ -170,6 +170,26 @@ def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, consistent_stude
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
+def test_fsdp_in_bfloat16_keeps_float32_shards(consistent_student, teacher_store, tmp_path):
+    """--dtype bfloat16 under --fsdp: forwards and all-gathers in bf16 (MixedPrecisionPolicy), the weights
+    and AdamW state float32 shards. One process computes in bf16 autocast over float32 weights: the same
+    numbers to bf16 rounding, where float32 compute differs."""
+    import torch.distributed.checkpoint as dcp
+
+    common = ["--student", str(consistent_student), "--data", str(teacher_store), "--objective", "rkl", *TRAIN,
+              "--steps", "2", "--save-every", "1"]
+    run_cli("train", *common, "--out", str(tmp_path / "fp32"))
+    run_cli("train", *common, "--out", str(tmp_path / "one"), "--dtype", "bfloat16")
+    proc = torchrun("train", *common, "--out", str(tmp_path / "two"), "--dtype", "bfloat16", "--fsdp")
+    assert proc.returncode == 0, proc.stderr
+    fp32, one, two = (metrics(tmp_path / d)[0]["loss"] for d in ("fp32", "one", "two"))
+    assert two == pytest.approx(one, rel=1e-4) and abs(two - fp32) > 1e-4  # bf16 compute, not float32
+    saved = dcp.FileSystemReader(str(tmp_path / "two" / "checkpoints" / "step-1" / "sharded")).read_metadata()
+    dtypes = {m.properties.dtype for k, m in saved.state_dict_metadata.items() if hasattr(m, "properties")}
+    assert dtypes == {torch.float32}  # weights and both AdamW moments
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "two").values())  # the student's own dtype
+
+
 def test_a_batch_without_a_group_per_rank_is_refused(consistent_student, teacher_store, tmp_path):
     proc = torchrun("train", "--student", str(consistent_student), "--data", str(teacher_store),
                     "--out", str(tmp_path / "o"), "--objective", "rkl", "--steps", "1", "--batch-size", "3")

@@ -73,7 +73,7 @@ def test_lora_resume_reproduces_the_uninterrupted_run(consistent_student, teache
         assert torch.equal(a[key], b[key]), key
 
 
-def test_lora_without_peft_or_with_fsdp_is_exit_2(consistent_student, teacher_store, tmp_path, monkeypatch):
+def test_lora_without_peft_is_exit_2(consistent_student, teacher_store, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="--merge-lora: there is no adapter"):
         do_train(consistent_student, teacher_store, tmp_path / "a", steps=1, merge_lora=True, **KW)
     real = importlib.util.find_spec
@@ -93,3 +93,45 @@ def test_two_ranks_train_the_adapter_of_one_process(consistent_student, teacher_
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+def test_fsdp_trains_the_adapter_of_one_process_resumes_exactly_and_merges(consistent_student, teacher_store,
+                                                                             tmp_path):
+    """Under --fsdp the base and the adapters are sharded together; checkpoints hold each rank's shards
+    of the adapters and their AdamW state only, and the output is gathered: the adapter, or merged."""
+    import torch.distributed.checkpoint as dcp
+
+    from tests.test_distributed import torchrun
+
+    common = ["--student", str(consistent_student), "--data", str(teacher_store), "--objective", "rkl",
+              "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--lora-rank", "4", "--save-every", "2"]
+    run_cli("train", *common, "--out", str(tmp_path / "one"))
+    run_cli("train", *common, "--out", str(tmp_path / "one-merged"), "--merge-lora")
+    proc = torchrun("train", *common, "--out", str(tmp_path / "two"), "--fsdp")
+    assert proc.returncode == 0, proc.stderr
+    assert metrics(tmp_path / "two")[0]["loss"] == pytest.approx(metrics(tmp_path / "one")[0]["loss"], rel=1e-6)
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    base = AutoModelForCausalLM.from_pretrained(consistent_student)
+    peft.PeftModel.from_pretrained(base, str(tmp_path / "two"))  # peft reads it
+
+    kept = tmp_path / "two" / "checkpoints" / "step-2" / "sharded"
+    saved = dcp.FileSystemReader(str(kept)).read_metadata().state_dict_metadata
+    weights_saved = [k for k in saved if k.startswith("model.")]
+    assert weights_saved and all("lora_" in k for k in weights_saved)  # not the frozen base
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "step-2", cut / "checkpoints" / "step-2")
+    proc = torchrun("train", *common, "--out", str(cut), "--fsdp", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    resumed = adapter(cut)
+    for key in b:
+        assert torch.equal(b[key], resumed[key]), key
+
+    proc = torchrun("train", *common, "--out", str(tmp_path / "two-merged"), "--fsdp", "--merge-lora")
+    assert proc.returncode == 0, proc.stderr
+    one, two = weights(tmp_path / "one-merged"), weights(tmp_path / "two-merged")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0)

@@ -53,18 +53,30 @@ class PositionLogits:
     the attention implementation.
     """
 
-    def __init__(self, model, vocab: int):
+    def __init__(self, model, vocab: int, check: bool = True):
+        """`check`: run the self-checks now; False for a model without weights yet (on the meta
+        device), whose owner calls `check()` once they are in place."""
         rows = output_rows(model)
         if vocab > rows:
             raise ValueError(f"the tokenizer has {vocab} ids but the model's output layer only {rows} rows")
         self.model = model
         self.vocab = vocab
-        self.device = next(model.parameters()).device
         self._base = model.base_model
         self._head = model.get_output_embeddings()
         self._transform = _head_transform(model.config)
-        self.split_head = self._split_head_matches()
+        self.split_head: bool | None = self._split_head_matches() if check else None
         self._packs: bool | None = None
+
+    def check(self) -> None:
+        """Both self-checks, now (see `__init__`)."""
+        self.split_head = self._split_head_matches()
+        self._packs = None
+        _ = self.packs
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (this rank's shard of them under FSDP)."""
+        return next(self.model.parameters()).device
 
     def _probe(self) -> torch.Tensor:
         return torch.arange(1, 9, device=self.device).clamp(max=self.vocab - 1).unsqueeze(0)
@@ -139,14 +151,20 @@ class CompletionChunks(torch.nn.Module):
     at a time by engine.chunks, all inside one module call so that DistributedDataParallel and FSDP
     see the output layer run in their forward."""
 
-    def __init__(self, model, vocab: int):
+    def __init__(self, model, vocab: int, check: bool = True):
         super().__init__()
         self.model = model
-        self.positions = PositionLogits(model, vocab)
+        self.positions = PositionLogits(model, vocab, check)
 
-    def forward(self, layout, per_chunk, chunk: int) -> tuple[torch.Tensor, list]:
+    def forward(self, layout, per_chunk=None, chunk: int = 0) -> tuple[torch.Tensor, list] | None:
         """(Σ of per-position losses, with gradient; [(per-position losses, extras) per chunk]), for
-        `per_chunk(logits, lo, hi)` returning (per-position loss, extras) of positions lo:hi."""
+        `per_chunk(logits, lo, hi)` returning (per-position loss, extras) of positions lo:hi.
+
+        With `layout` None it runs PositionLogits' self-checks instead: called through this module,
+        they see a sharded model's weights gathered like any forward."""
+        if layout is None:
+            self.positions.check()
+            return None
         hidden = self.positions.hidden_at(layout)
         if hidden is None:  # the model's own forward: its full logits exist anyway
             logits = self.positions.logits_at(layout)(0, len(layout.targets))

@@ -126,6 +126,32 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
     return model.to(device).eval()
 
 
+def empty_model(path: str | Path, trust_remote_code: bool = False, what: str = "--model",
+                attn_implementation: str | None = None):
+    """The causal LM of a model directory's config on the meta device (float32, no memory, no
+    weights): built so that it can be sharded before anything is allocated (training/parallel.py
+    then fills each rank's shards)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code, **attention)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        if attn_implementation and attn_implementation in str(e):
+            raise InputError(f"--attn-implementation {attn_implementation}: {str(e).splitlines()[0]}") from None
+        raise read_error(e, path, what, "config as a causal language model") from None
+    try:  # kept with the model as from_pretrained keeps it, so that a saved model carries it on
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    except OSError:
+        pass
+    return model.eval()
+
+
 def without_dropout(model) -> None:
     """Dropout off everywhere in `model`, in training mode too: a log-prob of the training forward
     is then the policy's own, so an importance ratio is 1 until the weights move. Covers dropout

@@ -51,6 +51,7 @@ from lightopd.training.distributed import World
 from lightopd.training.loop import Run, fit
 from lightopd.training.lora import add_adapters, check_lora
 from lightopd.training.lora import settings as lora_settings
+from lightopd.training.parallel import Source
 from lightopd.training.trackers import check_installed, trackers_of
 from lightopd.training.trainer import TrainData, Trainer
 
@@ -183,7 +184,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     check_batch(cfg.batch_size, int(sampling.get("n", 1)), world.size)
     trackers = trackers_of(cfg.report_to)
     check_installed(trackers)  # before the student is loaded
-    check_lora(cfg, cfg.fsdp and world.active)
+    check_lora(cfg)
     if cfg.fsdp and not world.active:
         warn("--fsdp shards the student over torchrun's ranks; in a single process it does nothing")
     greedy = sampling["temperature"] == 0  # behaviour log-probs are all 0: no ratio diagnostics either
@@ -224,14 +225,28 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     # (and under FSDP a checkpoint holds shards, loaded after the model is sharded)
     sharded = state is not None and state["optimizer"] is None
     weights_from = student_dir if cfg.lora_rank or sharded else (resume_from or student_dir)
+    fsdp = cfg.fsdp and world.active
     # full training keeps float32 master weights; under LoRA the frozen base stays in the compute dtype
-    # (peft keeps the adapters in float32)
-    model = models.load_model(weights_from, device, compute_dtype if cfg.lora_rank else torch.float32,
-                              spec.trust_remote_code, "--student", spec.attn_implementation)
-    peft_model = add_adapters(model, cfg, resume_from) if cfg.lora_rank else None
-    if peft_model is not None:
-        model = peft_model.get_base_model()  # the student, its linear layers carrying the adapters
-    trainer = Trainer(cfg, objective, model, data, objective.total_steps, world)
+    # (peft keeps the adapters in float32), except under FSDP, whose float32 shards are small
+    dtype = compute_dtype if cfg.lora_rank and not fsdp else torch.float32
+    source = full = None
+    if fsdp:  # built empty and sharded first; rank 0 alone reads the weights, on the CPU (training/parallel.py)
+        model = models.empty_model(student_dir, spec.trust_remote_code, "--student", spec.attn_implementation)
+        full = (models.load_model(weights_from, torch.device("cpu"), dtype, spec.trust_remote_code, "--student",
+                                  spec.attn_implementation) if world.main else None)
+        peft_model = add_adapters(model, cfg) if cfg.lora_rank else None  # (a checkpoint's: after sharding)
+        if peft_model is not None:
+            model = peft_model.get_base_model()
+            full = add_adapters(full, cfg).get_base_model() if full is not None else None
+        source = Source(device, full)
+    else:
+        model = models.load_model(weights_from, device, dtype, spec.trust_remote_code, "--student",
+                                  spec.attn_implementation)
+        peft_model = add_adapters(model, cfg, resume_from) if cfg.lora_rank else None
+        if peft_model is not None:
+            model = peft_model.get_base_model()  # the student, its linear layers carrying the adapters
+    trainer = Trainer(cfg, objective, model, data, objective.total_steps, world, source)
+    source = full = None  # rank 0's full copy is in the shards now
     stream = StepStream(cfg.data, manifest, list(trainer.columns), cfg.seed,
                         cfg.shuffle_buffer, world.rank, world.size)
     start_step = 0
@@ -240,7 +255,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         start_step = state["step"]
         console.print(f"resuming {out} from {resume_from.name}")
     loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size, cfg.save_every, start_step,
-               trackers, cfg.keep_checkpoints, saved_dtype(student_dir), peft_model, cfg.merge_lora)
+               trackers, cfg.keep_checkpoints, saved_dtype(student_dir), peft_model, cfg.merge_lora,
+               lambda: models.load_model(student_dir, torch.device("cpu"), torch.float32, spec.trust_remote_code))
     done = fit(trainer, stream, loop)
     last = done["last"]
     return {

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Run:
     dtype: torch.dtype = torch.float32  # of the final model's weights: the student's own
     peft: object | None = None  # the peft model around the student, with --lora-rank
     merge_lora: bool = False
+    load_base: Callable[[], object] | None = None  # the base student, read again on the CPU (a merge under FSDP)
 
 
 def open_metrics(run: Run, main: bool) -> Path:
@@ -183,8 +185,9 @@ def _write_model(trainer: Trainer, run: Run, weights: dict | None, directory: Pa
         save_model(directory, trainer.model, run.tokenizer, provenance, weights,
                    run.dtype if final else torch.float32)
     elif final and run.merge_lora:
-        save_model(directory, lora.merged(run.peft), run.tokenizer, provenance, None, run.dtype)
+        merged = lora.merged(run.peft) if weights is None else lora.merged_from(run.load_base(), run.peft, weights)
+        save_model(directory, merged, run.tokenizer, provenance, None, run.dtype)
     else:
-        lora.save_adapter(run.peft, directory)
+        lora.save_adapter(run.peft, directory, weights)
         run.tokenizer.save_pretrained(directory)
         write_provenance(directory, provenance)

@@ -6,7 +6,10 @@ base model with the adapters injected in place (the decoder, output layer and ev
 as without LoRA); checkpoints and the output hold the adapter in peft's format
 (adapter_config.json, adapter_model.safetensors), or with `--merge-lora` the output holds the
 merged full weights, a plain transformers model. Resume loads the base student and the
-checkpoint's adapter.
+checkpoint's adapter. Under --fsdp the base and the adapters are sharded together (float32
+shards, computed in bf16 on CUDA); checkpoints hold each rank's shards of the adapters and their
+optimizer state, and the output is gathered from them (a merge reads the base model again on
+rank 0's CPU).
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import torch
+
 from lightopd.config import TrainConfig
 from lightopd.errors import InputError
 
+PREFIX = "base_model.model."  # of the peft model's keys, before the base model's
 
-def check_lora(cfg: TrainConfig, fsdp: bool) -> None:
+
+def check_lora(cfg: TrainConfig) -> None:
     """Exit 2 before any work when LoRA is asked for and cannot run."""
     if not cfg.lora_rank:
         if cfg.merge_lora:
@@ -26,9 +33,6 @@ def check_lora(cfg: TrainConfig, fsdp: bool) -> None:
         return
     if importlib.util.find_spec("peft") is None:
         raise InputError("--lora-rank: the peft package is not installed; pip install 'lightopd[peft]'")
-    if fsdp:
-        raise InputError("--lora-rank with --fsdp is not supported yet; LoRA trains with DDP (without --fsdp), "
-                         "where its small optimizer state fits every GPU")
 
 
 def settings(cfg: TrainConfig) -> dict:
@@ -52,16 +56,35 @@ def add_adapters(model, cfg: TrainConfig, checkpoint: Path | None = None):
                         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                         task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        # drawn from the seed alone, whatever ran before (under FSDP rank 0 builds them twice: empty and real)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return get_peft_model(model, config)
     except ValueError as e:
         raise InputError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from None
 
 
-def save_adapter(peft_model, directory: Path) -> None:
-    """The adapter alone, in peft's format."""
-    peft_model.save_pretrained(str(directory), safe_serialization=True)
+def save_adapter(peft_model, directory: Path, weights: dict | None = None) -> None:
+    """The adapter alone, in peft's format; `weights`: the adapters' full state dict (keys of the
+    base model) when the model itself is sharded."""
+    state = None if weights is None else {PREFIX + k: v for k, v in weights.items()}
+    peft_model.save_pretrained(str(directory), safe_serialization=True, state_dict=state)
 
 
 def merged(peft_model):
     """The base model with the adapters folded into its weights (a plain transformers model)."""
     return peft_model.merge_and_unload()
+
+
+def merged_from(base, peft_model, weights: dict):
+    """`merged` for a sharded `peft_model`: its adapters' full state dict `weights` put into
+    adapters of the same settings on `base`, a full copy of the base model, then folded in."""
+    from peft import get_peft_model
+
+    adapted = get_peft_model(base, peft_model.peft_config[peft_model.active_adapter])
+    result = adapted.get_base_model().load_state_dict(weights, strict=False)
+    adapters = [k for k in adapted.get_base_model().state_dict() if "lora_" in k]
+    if result.unexpected_keys or set(adapters) - set(weights):
+        raise RuntimeError(f"the gathered adapters do not fit the base model (unexpected {result.unexpected_keys[:3]}, "
+                           f"missing {sorted(set(adapters) - set(weights))[:3]})")
+    return adapted.merge_and_unload()

@@ -32,7 +32,7 @@ from lightopd.objectives.stats import logprob_stats
 from lightopd.progress import warn
 from lightopd.training import distributed
 from lightopd.training.distributed import World
-from lightopd.training.parallel import Parallel
+from lightopd.training.parallel import Parallel, Source
 from lightopd.training.schedule import lr_factor, optimizer_for
 
 STORED = ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail")
@@ -88,25 +88,26 @@ class Trainer:
     """One optimizer step at a time of `objective` on `model` (see the module doc)."""
 
     def __init__(self, cfg: TrainConfig, objective: Objective, model, data: TrainData, total_steps: int,
-                 world: World = distributed.SINGLE):
+                 world: World = distributed.SINGLE, source: Source | None = None):
+        """`source`: where a `model` built on the meta device gets its weights (under --fsdp)."""
         self.cfg, self.objective, self.model, self.data, self.world = cfg, objective, model, data, world
         self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in data.columns)
-        self.device = next(model.parameters()).device
+        self.device = source.device if source is not None else next(model.parameters()).device
+        self.amp_dtype = models.resolve_dtype(cfg.student.dtype, self.device)
         if not cfg.dropout:
             models.without_dropout(model)
-        chunks = CompletionChunks(model, data.vocab)
-        self.packed = asks_packing(cfg.packing, model) and chunks.positions.packs
-        if cfg.packing == "on" and not self.packed and world.main:
-            warn(f"--packing on: this model ({type(model).__name__}, attention {attention(model)}) does not read "
-                 "packed rows as separate sequences; micro-batches are padded instead")
+        chunks = CompletionChunks(model, data.vocab, check=source is None)
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise TrainingError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
             checkpointing(model)
         # wrapped before the optimizer sees the (possibly sharded) weights
-        self.parallel = Parallel(chunks, model, world, cfg.fsdp)
+        self.parallel = Parallel(chunks, model, world, cfg.fsdp, self.amp_dtype, source)
         self.completion_chunks = self.parallel.module
-        self.amp_dtype = models.resolve_dtype(cfg.student.dtype, self.device)
+        self.packed = asks_packing(cfg.packing, model) and chunks.positions.packs
+        if cfg.packing == "on" and not self.packed and world.main:
+            warn(f"--packing on: this model ({type(model).__name__}, attention {attention(model)}) does not read "
+                 "packed rows as separate sequences; micro-batches are padded instead")
         self.optimizer = optimizer_for(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda step: lr_factor(step, cfg, total_steps))
