@@ -163,7 +163,9 @@ class TrainConfig(Config):
     merge_lora: bool = opt(False, "Write the output with the adapters merged into full weights (a plain transformers "
                                   "model) instead of the adapter alone.")
     fsdp: bool = opt(False, "Under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of a "
-                            "full copy per rank (DDP).")
+                            "full copy per rank (DDP). The student is built empty and rank 0 alone reads it (on the "
+                            "CPU) to fill every rank's shards; below float32 (bfloat16 on CUDA) it computes in "
+                            "--dtype over float32 shards. Works with --lora-rank.")
     seed: int = opt(0, "Seed of the data order and of torch.", metavar="S")
     save_every: int = opt(0, "Write a resumable checkpoint every N steps (0: only at the end).", metavar="N")
     keep_checkpoints: int | None = opt(None, "Keep only the newest N checkpoints (older ones are deleted once a "

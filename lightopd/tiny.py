@@ -68,14 +68,22 @@ def make_tokenizer(words: list[str], chat_template: str | None = CHAT_TEMPLATE):
 def build_model(path: str | Path, tokenizer, arch: str = "llama", hidden: int = 32, layers: int = 2, heads: int = 4,
                 kv_heads: int | None = None, intermediate: int | None = None, context: int = 64, seed: int = 0,
                 logit_scale: float = 1.0, generation: dict | None = None, vocab_rows: int | None = None) -> Path:
-    """Save a randomly initialised Llama (rotary positions) or GPT-2 (learned positions) for
+    """Save a randomly initialised Llama or Qwen3 (rotary positions) or GPT-2 (learned positions) for
     `tokenizer` to `path` (safetensors), with the tokenizer; returns the path.
 
     Ids 0, 1, 2 are pad, BOS and EOS. `logit_scale` multiplies the output layer, so a random model's
     next-token distributions can be peaked like a trained model's; `generation` is saved as its
     generation_config; `vocab_rows` pads the embeddings and output layer beyond the tokenizer, as
     many released checkpoints do."""
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        GenerationConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -90,8 +98,13 @@ def build_model(path: str | Path, tokenizer, arch: str = "llama", hidden: int = 
             intermediate_size=intermediate or 2 * hidden,
             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
             max_position_embeddings=context, **special))
+    elif arch == "qwen3":  # tied input and output embeddings, as in the Qwen3 releases up to 4B
+        model = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=vocab_rows or len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+            head_dim=hidden // heads, max_position_embeddings=context, **{**special, "tie_word_embeddings": True}))
     else:
-        raise ValueError(f"unknown arch {arch!r} (llama or gpt2)")
+        raise ValueError(f"unknown arch {arch!r} (llama, qwen3 or gpt2)")
     if logit_scale != 1.0:
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(logit_scale)
@@ -130,7 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="directory to write the model to")
     ap.add_argument("--words", type=int, default=40, help="vocabulary words besides specials (default 40)")
-    ap.add_argument("--arch", choices=["llama", "gpt2"], default="llama")
+    ap.add_argument("--arch", choices=["llama", "qwen3", "gpt2"], default="llama")
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--context", type=int, default=64)

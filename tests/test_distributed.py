@@ -170,6 +170,31 @@ def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, consistent_stude
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
+def test_fsdp_trains_a_tied_qwen3_student_as_one_process(consistent_student, teacher_store, tmp_path):
+    """Built empty on every rank and filled from rank 0: a Qwen3 whose output layer is its input embedding
+    (one parameter under two names) trains as in one process and is written with the weight once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightopd.tiny import build_model
+
+    student = build_model(tmp_path / "qwen3", AutoTokenizer.from_pretrained(consistent_student), arch="qwen3",
+                          hidden=32, heads=4, kv_heads=2, logit_scale=1.0)
+    common = ["--student", str(student), "--data", str(teacher_store), "--objective", "rkl", *TRAIN,
+              "--steps", "3", "--allow-off-policy", "--allow-teacher-mismatch"]
+    run_cli("train", *common, "--out", str(tmp_path / "one"))
+    proc = torchrun("train", *common, "--out", str(tmp_path / "two"), "--fsdp")
+    assert proc.returncode == 0, proc.stderr
+    assert [m["loss"] for m in metrics(tmp_path / "one")] == pytest.approx([m["loss"] for m in
+                                                                           metrics(tmp_path / "two")], rel=1e-5)
+    start, a, b = weights(student), weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys() == start.keys() and "lm_head.weight" not in b
+    assert not torch.equal(start["model.embed_tokens.weight"], b["model.embed_tokens.weight"])  # it trained
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_fsdp_in_bfloat16_keeps_float32_shards(consistent_student, teacher_store, tmp_path):
     """--dtype bfloat16 under --fsdp: forwards and all-gathers in bf16 (MixedPrecisionPolicy), the weights
     and AdamW state float32 shards. One process computes in bf16 autocast over float32 weights: the same

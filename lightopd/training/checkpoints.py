@@ -42,6 +42,8 @@ def save_model(directory: Path, model, tokenizer, provenance: dict, weights: dic
     """An HF model directory, its floating-point weights in `dtype` (the student's own, for the
     final model; float32 in checkpoints, which resume from them exactly), in safetensors files of
     at most SHARD_SIZE; `weights`: the full state dict when the model itself is sharded."""
+    if weights is not None:  # a gathered copy: tied weights are separate tensors in it, and are saved once
+        weights = {k: v for k, v in weights.items() if k not in _tied_names(model)}
     if dtype != torch.float32:
         weights = {k: v.to("cpu", dtype) if v.is_floating_point() else v
                    for k, v in (weights if weights is not None else model.state_dict()).items()}
@@ -52,6 +54,16 @@ def save_model(directory: Path, model, tokenizer, provenance: dict, weights: dic
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(directory)
     write_provenance(directory, provenance)
+
+
+def _tied_names(model) -> set[str]:
+    """Names of parameters that are another name's parameter (a tied output layer)."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
 
 
 def prune_checkpoints(out: Path, keep: int | None) -> None:
