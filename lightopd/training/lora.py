@@ -15,6 +15,7 @@ rank 0's CPU).
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def add_adapters(model, cfg: TrainConfig, checkpoint: Path | None = None):
                         task_type="CAUSAL_LM")
     try:
         # drawn from the seed alone, whatever ran before (under FSDP rank 0 builds them twice: empty and real)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft reads a transformers attribute that transformers 5 deprecates; nothing for the user to do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             torch.manual_seed(cfg.seed)
             return get_peft_model(model, config)
     except ValueError as e:
