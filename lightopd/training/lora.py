@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,20 +52,28 @@ def add_adapters(model, cfg: TrainConfig, checkpoint: Path | None = None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if checkpoint is not None:
-        return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+        with _quiet():
+            return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
     targets = cfg.lora_target_modules or "all-linear"
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha(cfg), lora_dropout=cfg.lora_dropout,
                         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
                         task_type="CAUSAL_LM")
     try:
         # drawn from the seed alone, whatever ran before (under FSDP rank 0 builds them twice: empty and real)
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            # peft reads a transformers attribute that transformers 5 deprecates; nothing for the user to do
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with torch.random.fork_rng(devices=[]), _quiet():
             torch.manual_seed(cfg.seed)
             return get_peft_model(model, config)
     except ValueError as e:
         raise InputError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from None
+
+
+@contextmanager
+def _quiet():
+    """peft reads a transformers attribute that transformers 5 deprecates: a warning the user can do
+    nothing about, kept off their stderr."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def save_adapter(peft_model, directory: Path, weights: dict | None = None) -> None:
@@ -84,7 +93,8 @@ def merged_from(base, peft_model, weights: dict):
     adapters of the same settings on `base`, a full copy of the base model, then folded in."""
     from peft import get_peft_model
 
-    adapted = get_peft_model(base, peft_model.peft_config[peft_model.active_adapter])
+    with _quiet():
+        adapted = get_peft_model(base, peft_model.peft_config[peft_model.active_adapter])
     result = adapted.get_base_model().load_state_dict(weights, strict=False)
     adapters = [k for k in adapted.get_base_model().state_dict() if "lora_" in k]
     if result.unexpected_keys or set(adapters) - set(weights):
