@@ -2,4 +2,5 @@
 
 from lightopd.cli import main
 
-main()
+if __name__ == "__main__":  # a spawned process (vLLM's workers) imports this module again
+    main()

@@ -18,6 +18,7 @@ from typing import Any
 from lightopd.objectives import OBJECTIVES
 from lightopd.options import MIN_TEMPERATURE, build, check, opt, parse_worker
 from lightopd.specs import (
+    EngineSpec,
     ModelSpec,
     RenderSpec,
     SamplingSpec,
@@ -57,6 +58,7 @@ class RolloutConfig(Config):
     out: str = opt(help="Directory of the rollout store to write (or to resume, if it holds an unfinished one).",
                    metavar="DIR")
     sampling: SamplingSpec = opt(SamplingSpec())
+    engine: EngineSpec = opt(EngineSpec())
     limit: int | None = limit_option()
     generation_batch_size: int = generation_batch_size_option()
     kv_cache_tokens: int | None = kv_cache_tokens_option()
@@ -228,6 +230,7 @@ class EvalConfig(Config):
                                         "completion text, the answer read from it, the reference, the verdict.",
                                   metavar="FILE")
     sampling: SamplingSpec = opt(SamplingSpec())
+    engine: EngineSpec = opt(EngineSpec())
     limit: int | None = opt(None, "Use only the first N prompt records, and the rows of --data's first N prompts.",
                             metavar="N")
     checker: str = opt("auto", "How answers are compared: auto (math when the reference's answer is a number or "

@@ -1,6 +1,7 @@
 """The shared parts of the stage configs, each option declared once with its default and help.
 
 `ModelSpec` (a model and how to run it), `SamplingSpec` (the distribution sampled from),
+`EngineSpec` (what samples: the transformers loop or vLLM),
 `SourceSpec` (where prompts come from, and their field mapping) and `RenderSpec` (how a record
 becomes the model's input: chat rendering, prompt length; rollout and eval alike), and single
 options used by several stages (`--limit`, `--worker`, ...).
@@ -100,6 +101,39 @@ class SamplingSpec:
               f"must be 0 (greedy decoding) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         check(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}")
         check(self.max_new_tokens >= 1, "--max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+
+ENGINES = ("hf", "vllm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSpec:
+    """What runs the model for sampling: lightopd's own transformers loop, or vLLM."""
+
+    engine: str = opt("hf", "What samples: hf (transformers, lightopd's own batched decoding loop) or vllm "
+                            "(continuous batching with paged attention, much faster on GPUs; pip install "
+                            "'lightopd[vllm]'). Both write the same columns with the same meaning; the tokens "
+                            "drawn for a seed differ between them.", choices=ENGINES)
+    tensor_parallel_size: int = opt(1, "vllm: GPUs one copy of the model is split over.", metavar="N")
+    gpu_memory_utilization: float = opt(0.9, "vllm: share of each GPU's memory it may take (weights, activations "
+                                             "and its KV cache).", metavar="F")
+    max_model_len: int | None = opt(None, "vllm: longest sequence (prompt + completion) it plans KV cache for. "
+                                          "[default: the model's context]", metavar="N")
+
+    def __post_init__(self) -> None:
+        check(self.engine in ENGINES, "--engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        check(self.tensor_parallel_size >= 1, "--tensor-parallel-size",
+              f"must be >= 1, got {self.tensor_parallel_size}")
+        check(0 < self.gpu_memory_utilization <= 1, "--gpu-memory-utilization",
+              f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        check(self.max_model_len is None or self.max_model_len >= 2, "--max-model-len",
+              f"must be >= 2, got {self.max_model_len}")
+        if self.engine == "hf":
+            changed = [name for name, value, default in (
+                ("--tensor-parallel-size", self.tensor_parallel_size, 1),
+                ("--gpu-memory-utilization", self.gpu_memory_utilization, 0.9),
+                ("--max-model-len", self.max_model_len, None)) if value != default]
+            check(not changed, changed[0] if changed else "--engine", "only with --engine vllm")
 
 
 PROMPTS_HELP = ("A .jsonl, .parquet or .csv file, a Hugging Face dataset (hf:org/name[@revision], "

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lightopd.config import DemoConfig, EvalConfig, RolloutConfig, ScoreConfig
 from lightopd.engine import models
+from lightopd.engine.samplers import open_sampler
 from lightopd.errors import InputError
 from lightopd.layering import train_settings
 from lightopd.progress import console
@@ -49,9 +50,9 @@ def evaluate(model_dir: Path, prompts: Path, device_name: str = "auto", seed: in
     tokenizer = models.load_tokenizer(model_dir)
     info = models.model_info(model_dir, tokenizer)
     prompts = read_checked_prompts(eval_cfg, tokenizer, info)
-    device = models.resolve_device(device_name)
-    model = models.load_model(model_dir, device, models.resolve_dtype("auto", device))
-    samples = sample_and_check(model, tokenizer, prompts, info, eval_cfg)
+    sampler = open_sampler(model_dir, eval_cfg.model, eval_cfg.engine, info, eval_cfg.generation_batch_size,
+                           eval_cfg.kv_cache_tokens, seed)
+    samples = sample_and_check(sampler, tokenizer, prompts, eval_cfg)
     formats = Counter()
     correct = Counter()
     for texts, results in zip(samples.texts, samples.results, strict=True):

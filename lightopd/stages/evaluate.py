@@ -32,7 +32,7 @@ from lightopd.data.store import TEACHER_FORMAT, open_store
 from lightopd.engine import models
 from lightopd.engine.chunks import over_chunks
 from lightopd.engine.forward import PositionLogits
-from lightopd.engine.generate import sample_prompts
+from lightopd.engine.samplers import HFSampler, Sampler, check_engine, engine_context, engine_record, open_sampler
 from lightopd.errors import InputError
 from lightopd.objectives import Inputs
 from lightopd.objectives.diagnostics import diagnostics
@@ -107,15 +107,13 @@ def read_checked_prompts(cfg: EvalConfig, tokenizer, info: models.ModelInfo) -> 
     return Prompts(encoded.records, encoded.ids, provenance)
 
 
-def sample_and_check(model, tokenizer, prompts: Prompts, info: models.ModelInfo, cfg: EvalConfig) -> Samples:
-    """Sample `cfg.sampling.n` completions of every prompt (rollout's engine) and check each against its answer."""
+def sample_and_check(sampler: Sampler, tokenizer, prompts: Prompts, cfg: EvalConfig) -> Samples:
+    """Sample `cfg.sampling.n` completions of every prompt (rollout's engines) and check each against its answer."""
     verify = verifier(cfg.checker)  # a checker that cannot be had fails before any sampling
     records = prompts.records
     with StageProgress("eval", total=len(records) * cfg.sampling.n) as bar:
-        completions = sample_prompts(model, prompts.ids, [r.id for r in records], cfg.sampling,
-                                     cfg.generation_batch_size, info,
-                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks),
-                                     kv_tokens=cfg.kv_cache_tokens)
+        completions = sampler.sample(prompts.ids, [r.id for r in records], cfg.sampling,
+                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
     texts = [[tokenizer.decode(c.ids, skip_special_tokens=True) for c in cs] for cs in completions]
     results = []
     for record, ts in zip(records, texts, strict=True):
@@ -234,7 +232,8 @@ def settings(cfg: EvalConfig, prompts: Prompts | None, store: dict | None) -> di
         out["prompts"] = {k: p[k] for k in ("path", "split", "subset", "fingerprint", "rendering", "count",
                                             "max_prompt_tokens", "long_prompts", "skipped", "truncated")}
         out.update(checker=cfg.checker, **{k: getattr(cfg.sampling, k) for k in ("n", "temperature", "top_p",
-                                                                                   "max_new_tokens", "seed")})
+                                                                                   "max_new_tokens", "seed")},
+                   engine=engine_record(cfg.engine))
     if store is not None:
         out["data"] = {"path": str(cfg.data), "store_id": store["store_id"]}
     return out
@@ -245,7 +244,8 @@ def _run(cfg: EvalConfig) -> dict:
     model_dir = models.check_model_dir(spec.path)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
     result: dict = {"command": "eval", "model": str(spec.path)}
-    info = models.model_info(model_dir, tokenizer, spec.trust_remote_code)
+    info = engine_context(models.model_info(model_dir, tokenizer, spec.trust_remote_code), cfg.engine)
+    check_engine(cfg.engine)
     prompts = None if cfg.prompts is None else read_checked_prompts(cfg, tokenizer, info)
     if prompts is not None:
         verifier(cfg.checker)  # a checker that cannot be had fails before the model is loaded
@@ -254,18 +254,23 @@ def _run(cfg: EvalConfig) -> dict:
         store = open_store(cfg.data, formats=(TEACHER_FORMAT,))
         if store["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise InputError(f"--data {cfg.data}: its vocabulary differs from --model {spec.path}'s")
-    device = models.resolve_device(spec.device)
-    model = models.load_model(model_dir, device, models.resolve_dtype(spec.dtype, device), spec.trust_remote_code,
-                              attn_implementation=spec.attn_implementation)
+    sampler = open_sampler(model_dir, spec, cfg.engine, info, cfg.generation_batch_size, cfg.kv_cache_tokens,
+                           sampling.seed)
     if prompts is not None:
-        samples = sample_and_check(model, tokenizer, prompts, info, cfg)
+        samples = sample_and_check(sampler, tokenizer, prompts, cfg)
         result.update(prompts=str(cfg.prompts.source), n=sampling.n, temperature=sampling.temperature,
                       top_p=sampling.top_p, checker=cfg.checker, prompts_evaluated=len(prompts.records),
                       **samples.metrics(sampling.n))
         if cfg.log_samples is not None:
             log_samples(cfg.log_samples, tokenizer, prompts, samples, cfg.checker)
             result["log_samples"] = str(cfg.log_samples)
-    if cfg.data is not None:
+    if cfg.data is not None:  # a forward pass: the transformers model, whichever engine sampled
+        model = sampler.model if isinstance(sampler, HFSampler) else None
+        sampler.close()
+        if model is None:
+            device = models.resolve_device(spec.device)
+            model = models.load_model(model_dir, device, models.resolve_dtype(spec.dtype, device),
+                                      spec.trust_remote_code, attn_implementation=spec.attn_implementation)
         result["teacher"] = teacher_agreement(model, info.vocab, cfg.data, cfg.micro_batch_tokens, cfg.limit)
     result["settings"] = settings(cfg, prompts, store)
     render_eval(result)

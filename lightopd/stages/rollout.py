@@ -21,7 +21,7 @@ from lightopd.config import RolloutConfig
 from lightopd.data.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA
 from lightopd.data.writer import shard_work
 from lightopd.engine import models
-from lightopd.engine.generate import sample_prompts
+from lightopd.engine.samplers import check_engine, engine_context, engine_record, open_sampler
 from lightopd.errors import NonFiniteLogits
 from lightopd.hub import locate
 from lightopd.progress import StageProgress
@@ -57,7 +57,8 @@ def run(cfg: RolloutConfig) -> dict:
     spec, sampling = cfg.model, cfg.sampling
     model_dir = models.check_model_dir(spec.path)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
-    info = models.model_info(model_dir, tokenizer, spec.trust_remote_code)
+    info = engine_context(models.model_info(model_dir, tokenizer, spec.trust_remote_code), cfg.engine)
+    check_engine(cfg.engine)
     prompts, prompts_record = load_prompts(cfg.prompts, cfg.render, cfg.limit, tokenizer, info.eos_ids, info.context)
     records, encoded = prompts.records, prompts.ids
     device = models.resolve_device(spec.device)
@@ -86,12 +87,13 @@ def run(cfg: RolloutConfig) -> dict:
         },
         "prompts": prompts_record,
         "prompts_per_shard": cfg.prompts_per_shard,
+        "engine": engine_record(cfg.engine),
     }
     per_shard = cfg.prompts_per_shard
     with shard_work(cfg.out, ROLLOUT_FORMAT, metadata, math.ceil(len(records) / per_shard), cfg.worker) as work:
         if work.todo:
-            model = models.load_model(model_dir, device, dtype, spec.trust_remote_code,
-                                      attn_implementation=spec.attn_implementation)
+            sampler = open_sampler(model_dir, spec, cfg.engine, info, cfg.generation_batch_size, cfg.kv_cache_tokens,
+                                   sampling.seed)
             rows = lambda shards: sum(min(per_shard, len(records) - i * per_shard) for i in shards) * sampling.n  # noqa: E731
             with StageProgress("rollout", total=rows(work.mine),
                                completed=rows(set(work.mine) - set(work.todo))) as bar:
@@ -99,10 +101,8 @@ def run(cfg: RolloutConfig) -> dict:
                     lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(records))
                     shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
                     try:
-                        completions = sample_prompts(
-                            model, shard_ids, [r.id for r in shard_records], sampling, cfg.generation_batch_size,
-                            info, on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks),
-                            kv_tokens=cfg.kv_cache_tokens)
+                        completions = sampler.sample(shard_ids, [r.id for r in shard_records], sampling,
+                                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
                     except NonFiniteLogits as e:
                         raise NonFiniteLogits(f"--model {spec.path}: {e}") from None
                     table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n)
