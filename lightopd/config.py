@@ -87,6 +87,7 @@ class ScoreConfig(Config):
     temperature: float = opt(1.0, "Scoring temperature: every statistic is of softmax(logits / temperature).",
                              metavar="T")
     worker: str = worker_option()
+    engine: EngineSpec = opt(EngineSpec())
     micro_batch_tokens: int = micro_batch_tokens_option(8192, " (no gradients, so larger than train's)")
     topk_dtype: str = opt("float16", "Storage dtype of the top-k log-probs (float16 halves the store; its rounding "
                                      "is documented in the README).", choices=TOPK_DTYPES)

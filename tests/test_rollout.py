@@ -140,3 +140,20 @@ def test_two_concurrent_workers_write_the_rows_of_one_process(tiny_model, prompt
     assert verify(tmp_path / "two") == []
     do_rollout(tiny_model, prompts_file, tmp_path / "one", n=2, max_new_tokens=8, prompts_per_shard=3)
     assert read_rows(tmp_path / "two") == read_rows(tmp_path / "one")
+
+
+def test_engine_vllm_without_vllm_or_vllm_flags_without_it_are_exit_2(tiny_model, prompts_file, tmp_path, monkeypatch):
+    """Before any model is loaded; the store is the transformers loop's, recorded as such."""
+    import importlib.util
+
+    from lightopd.errors import InputError
+
+    with pytest.raises(InputError, match="--tensor-parallel-size: only with --engine vllm"):
+        do_rollout(tiny_model, prompts_file, tmp_path / "a", tensor_parallel_size=2)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(InputError, match=r"vLLM is not installed; pip install 'lightopd\[vllm\]'"):
+        do_rollout(tiny_model, prompts_file, tmp_path / "b", engine="vllm")
+    assert not (tmp_path / "b").exists()
+    do_rollout(tiny_model, prompts_file, tmp_path / "hf", max_new_tokens=4)
+    assert open_store(tmp_path / "hf")["engine"] == {"name": "hf"}

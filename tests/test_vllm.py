@@ -121,3 +121,57 @@ def test_its_store_is_scored_and_trained_on_unchanged(model, store, tmp_path):
     do_train(model, tmp_path / "teacher", tmp_path / "student", objective="rkl", steps=2, batch_size=4,
              allow_teacher_mismatch=True)
     assert [m["step"] for m in metrics(tmp_path / "student")] == [1, 2]
+
+
+def test_score_teacher_through_vllm_equals_the_transformers_scorer(model, store, tmp_path):
+    """Shared columns within 1e-4 (float32 top-k on both sides); the tail and entropy are declared
+    unavailable, and an objective that needs the tail refuses the store while lightning-opd trains."""
+    from lightopd.errors import InputError
+
+    do_score(model, store, tmp_path / "hf", top_k=8, topk_dtype="float32")
+    do_score(model, store, tmp_path / "vllm", top_k=8, topk_dtype="float32", engine="vllm")
+    hf, vllm = rows(tmp_path / "hf"), rows(tmp_path / "vllm")
+    assert len(hf) == len(vllm) == 10
+    for a, b in zip(hf, vllm, strict=True):
+        assert a["completion_ids"] == b["completion_ids"]
+        np.testing.assert_allclose(b["teacher_logprobs"], a["teacher_logprobs"], atol=1e-4, rtol=0)
+        assert b["topk_ids"] == a["topk_ids"]
+        np.testing.assert_allclose(b["topk_logprobs"], a["topk_logprobs"], atol=1e-4, rtol=0)
+        assert b["teacher_log_tail"] is None and b["teacher_entropy"] is None
+    manifest = json.loads((tmp_path / "vllm" / "manifest.json").read_text())
+    assert manifest["scoring"]["unavailable"] == ["teacher_log_tail", "teacher_entropy"]
+    assert manifest["scoring"]["engine"]["name"] == "vllm"
+    with pytest.raises(InputError, match="scored with --engine vllm, which cannot give teacher_log_tail"):
+        do_train(model, tmp_path / "vllm", tmp_path / "rkl", objective="rkl", steps=1, batch_size=4,
+                 allow_teacher_mismatch=True)
+    do_train(model, tmp_path / "vllm", tmp_path / "opd", objective="lightning-opd", steps=2, batch_size=4,
+             allow_teacher_mismatch=True)
+    assert [m["step"] for m in metrics(tmp_path / "opd")] == [1, 2]
+    with pytest.raises(InputError, match="temperature 1 only"):
+        do_score(model, store, tmp_path / "hot", top_k=8, temperature=2.0, engine="vllm")
+
+
+def test_eval_through_vllm_scores_the_transformers_loops_greedy_answers(model, prompts, tmp_path):
+    from tests.helpers import run_cli
+
+    common = ["eval", "--model", str(model), "--prompts", str(prompts), "--temperature", "0", "--max-new-tokens", "6"]
+    hf = json.loads(run_cli(*common, "--log-samples", str(tmp_path / "hf.jsonl")).stdout.strip().splitlines()[-1])
+    vllm = json.loads(run_cli(*common, "--engine", "vllm", "--log-samples", str(tmp_path / "vllm.jsonl")
+                              ).stdout.strip().splitlines()[-1])
+    assert vllm["settings"]["engine"]["name"] == "vllm" and hf["settings"]["engine"] == {"name": "hf"}
+    same = lambda result: {k: v for k, v in result.items() if k not in ("settings", "log_samples")}  # noqa: E731
+    assert same(vllm) == same(hf)
+    texts = [[json.loads(line)["completion"] for line in (tmp_path / f).read_text().splitlines()]
+             for f in ("hf.jsonl", "vllm.jsonl")]
+    assert texts[0] == texts[1] and any(texts[0])
+
+
+def test_a_model_the_backend_cannot_run_is_exit_2_and_leaves_no_store(prompts, tmp_path):
+    """vLLM's CPU attention has kernels for head sizes of 32 and up; a head of 8 is refused cleanly."""
+    from tests.helpers import run_cli
+
+    small = build_model(tmp_path / "small", make_tokenizer(default_words(40)), hidden=32, heads=4)
+    proc = run_cli("rollout", "--model", str(small), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                   "--engine", "vllm", check=False)
+    assert proc.returncode == 2 and "use --engine hf" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "o").exists()

@@ -55,9 +55,14 @@ def teacher_schema(topk_dtype: str = "float16") -> pa.Schema:
 
 
 def store_columns(manifest: dict) -> tuple[str, ...]:
-    """The columns every row of the store has."""
+    """The columns every row of the store has (not those its scorer could not fill: `unavailable`)."""
     schema = ROLLOUT_SCHEMA if manifest["format"] == ROLLOUT_FORMAT else teacher_schema()
-    return tuple(schema.names)
+    return tuple(c for c in schema.names if c not in unavailable(manifest))
+
+
+def unavailable(manifest: dict) -> list[str]:
+    """The teacher columns a store's scorer left empty (score-teacher --engine vllm)."""
+    return list(manifest.get("scoring", {}).get("unavailable", []))
 
 
 def sampling_of(manifest: dict) -> dict:

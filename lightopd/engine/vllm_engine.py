@@ -15,7 +15,8 @@ What makes its rows mean what the transformers loop's rows mean:
 The environment vLLM reads is set here unless the user set it: on a machine without CUDA, the
 engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and eagerly, with a KV cache of a
 quarter of the available memory, 1 to 16 GiB (VLLM_CPU_KVCACHE_SPACE); everywhere its log level
-is WARNING (VLLM_LOGGING_LEVEL), leaving the terminal to lightopd's progress bar.
+is ERROR (VLLM_LOGGING_LEVEL; set INFO to see its own logs), leaving the terminal to lightopd's
+progress bar.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def cpu_kv_cache_gib() -> int:
 
 def environment(gpu: bool) -> dict[str, str]:
     """Set vLLM's environment defaults (never overriding the user's); returns them as used."""
-    defaults = {"VLLM_LOGGING_LEVEL": "WARNING"}
+    defaults = {"VLLM_LOGGING_LEVEL": "ERROR"}
     if not gpu:
         defaults |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(cpu_kv_cache_gib())}
     for name, value in defaults.items():
@@ -67,26 +68,44 @@ def engine_record(engine: EngineSpec) -> dict:
     return {"name": "vllm", "vllm": vllm.__version__, "max_model_len": engine.max_model_len}
 
 
+def open_llm(model_dir: Path, spec: ModelSpec, engine: EngineSpec, seed: int, what: str, **settings):
+    """A vLLM engine for the model in `model_dir` (see the module doc); InputError if vLLM cannot run it."""
+    check_installed()
+    gpu = torch.cuda.is_available()
+    environment(gpu)
+    dtype = models.resolve_dtype(spec.dtype, torch.device("cuda" if gpu else "cpu"))
+    from vllm import LLM
+
+    try:
+        return LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
+                   tensor_parallel_size=engine.tensor_parallel_size,
+                   gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
+                   trust_remote_code=spec.trust_remote_code, generation_config="vllm", enforce_eager=not gpu,
+                   **settings)
+    except (ValueError, RuntimeError, OSError, NotImplementedError) as e:
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise InputError(f"--engine vllm: vLLM cannot run {what} {model_dir}: {lines[-1]}") from None
+
+
+def generate(llm, requests: list, params, what: str):
+    """`llm.generate`, with the failures that are the model's (a shape the backend has no kernel for)
+    turned into InputError."""
+    try:
+        return llm.generate(requests, params, use_tqdm=False)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        text = str(e)
+        if "nsupported" in text or "not supported" in text:
+            raise InputError(f"--engine vllm: vLLM cannot run {what} here: {text.splitlines()[-1]}; "
+                             "use --engine hf") from None
+        raise
+
+
 class VllmSampler:
-    """A vLLM engine for the model in `model_dir` (see the module doc)."""
+    """Sampling through a vLLM engine (see the module doc)."""
 
     def __init__(self, model_dir: Path, spec: ModelSpec, engine: EngineSpec, info: models.ModelInfo, seed: int):
-        check_installed()
-        gpu = torch.cuda.is_available()
-        self.env = environment(gpu)
         self.engine, self.info = engine, info
-        dtype = models.resolve_dtype(spec.dtype, torch.device("cuda" if gpu else "cpu"))
-        from vllm import LLM
-
-        try:
-            self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=str(dtype).removeprefix("torch."),
-                           seed=seed, tensor_parallel_size=engine.tensor_parallel_size,
-                           gpu_memory_utilization=engine.gpu_memory_utilization, max_model_len=engine.max_model_len,
-                           trust_remote_code=spec.trust_remote_code, logprobs_mode="processed_logprobs",
-                           generation_config="vllm", enforce_eager=not gpu)
-        except (ValueError, RuntimeError, OSError, NotImplementedError) as e:
-            lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-            raise InputError(f"--engine vllm: vLLM cannot run {model_dir}: {lines[-1]}") from None
+        self.llm = open_llm(model_dir, spec, engine, seed, "--model", logprobs_mode="processed_logprobs")
 
     def sample(self, prompt_ids, names, sampling, on_step=None) -> list[list[Completion]]:
         from vllm import SamplingParams
@@ -105,7 +124,7 @@ class VllmSampler:
                     n=1, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=limit,
                     seed=row_key(sampling.seed, name, j) & SEED_MASK, logprobs=None if greedy else 0,
                     stop_token_ids=list(self.info.eos_ids), detokenize=False, allowed_token_ids=allowed))
-        outputs = iter(self.llm.generate(requests, params, use_tqdm=False))
+        outputs = iter(generate(self.llm, requests, params, "--model"))
         completions = []
         for _ in prompt_ids:
             samples = []

@@ -34,7 +34,9 @@ from lightopd.data.store import (
 )
 from lightopd.data.writer import ShardWork, shard_work
 from lightopd.engine import models
+from lightopd.engine.samplers import check_engine, engine_context, engine_record
 from lightopd.engine.scoring import Scorer
+from lightopd.engine.vllm_scoring import UNAVAILABLE, VllmScorer
 from lightopd.errors import InputError, NonFiniteLogits
 from lightopd.hub import locate
 from lightopd.objectives.stats import LogprobStats
@@ -83,8 +85,10 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
-def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str) -> pa.Table:
-    """The rollout rows with the teacher columns appended (top-k flattened row-major by position)."""
+def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str,
+                  unavailable: tuple[str, ...] = ()) -> pa.Table:
+    """The rollout rows with the teacher columns appended (top-k flattened row-major by position);
+    `unavailable` columns are null in every row."""
     schema = teacher_schema(topk_dtype)
     lengths = np.array([len(s.sampled) for s in stats], dtype=np.int64)
     k = stats[0].topk_ids.shape[1] if stats else 0
@@ -98,6 +102,8 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
         "teacher_log_tail": _list_array(cat["topk_rest"].astype(np.float32), lengths, pa.float32()),
         "teacher_entropy": _list_array(cat["entropy"].astype(np.float32), lengths, pa.float32()),
     }
+    for name in unavailable:
+        columns[name] = pa.nulls(len(stats), type=schema.field(name).type)
     table = rollouts.select(list(rollouts.schema.names))
     for name, array in columns.items():
         table = table.append_column(schema.field(name), array)
@@ -118,7 +124,12 @@ def run(cfg: ScoreConfig) -> dict:
             f"sampled with ({rollout_tok}, model {rollout_manifest['model']['path']}); the teacher must score "
             "the same token ids, so it needs the same vocabulary"
         )
-    info = models.model_info(teacher_dir, tokenizer, spec.trust_remote_code, "--teacher")
+    info = engine_context(models.model_info(teacher_dir, tokenizer, spec.trust_remote_code, "--teacher"), cfg.engine)
+    check_engine(cfg.engine)
+    vllm = cfg.engine.engine == "vllm"
+    if vllm and cfg.temperature != 1.0:
+        raise InputError(f"--temperature {cfg.temperature}: --engine vllm scores at temperature 1 only (vLLM's "
+                         "prompt log-probs are the raw distribution); score with --engine hf")
     mismatch = eos_mismatch(rollout_manifest["tokenizer"]["eos_token_ids"], info.eos_ids, spec.path, "the teacher")
     if mismatch:
         warn(mismatch)
@@ -127,7 +138,8 @@ def run(cfg: ScoreConfig) -> dict:
     longest, which = _longest_row(cfg.data, rollout_manifest)
     if info.context is not None and longest > info.context:
         raise InputError(f"--data {cfg.data}: prompt {which!r} with its completion is {longest} tokens, "
-                         f"longer than the teacher's context of {info.context}")
+                         f"longer than the teacher's context of {info.context}"
+                         + (" (--max-model-len)" if cfg.engine.max_model_len == info.context else ""))
     device = models.resolve_device(spec.device)
     dtype = models.resolve_dtype(spec.dtype, device)
 
@@ -144,16 +156,20 @@ def run(cfg: ScoreConfig) -> dict:
             "prompts": rollout_manifest["prompts"],
         },
         "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
-                    "vocab_size": info.vocab},
+                    "vocab_size": info.vocab, "engine": engine_record(cfg.engine),
+                    "unavailable": list(UNAVAILABLE) if vllm else []},
     }
     with shard_work(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], cfg.worker,
                     PARQUET_OPTIONS) as work:
         if work.todo:
-            model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code, "--teacher",
-                                      spec.attn_implementation)
+            if vllm:
+                scorer = VllmScorer(teacher_dir, spec, cfg.engine, info, cfg.top_k)
+            else:
+                model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code, "--teacher",
+                                          spec.attn_implementation)
+                scorer = Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements)
             try:
-                _score_shards(cfg, work, Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements),
-                              rollout_manifest)
+                _score_shards(cfg, work, scorer, rollout_manifest)
             except NonFiniteLogits as e:
                 raise NonFiniteLogits(f"--teacher {spec.path}: {e}") from None
         return work.summary("score-teacher")
@@ -177,7 +193,7 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer, rollout_man
                 for i, s in zip(batch, scored, strict=True):
                     stats[i] = s
                 bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
-            table = teacher_table(rollouts, stats, cfg.topk_dtype)
+            table = teacher_table(rollouts, stats, cfg.topk_dtype, UNAVAILABLE if cfg.engine.engine == "vllm" else ())
             if pending is not None:
                 pending.result()  # at most one shard waits to be written while the next is scored
             pending = io.submit(work.writer.write_shard, index, table, shards[index]["tokens"])

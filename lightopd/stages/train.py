@@ -30,6 +30,7 @@ from lightopd.data.store import (
     open_store,
     sampling_of,
     store_columns,
+    unavailable,
 )
 from lightopd.data.stream import StepStream, check_batch
 from lightopd.engine import models
@@ -60,6 +61,13 @@ def check_data(cfg: TrainConfig, name: str, needs: Requirements) -> dict:
     """The store's manifest, after checking it offers what the objective requires."""
     manifest = open_store(cfg.data, formats=(ROLLOUT_FORMAT, TEACHER_FORMAT))
     missing = [c for c in needs.columns if c not in store_columns(manifest)]
+    empty = [c for c in missing if c in unavailable(manifest)]
+    if empty:
+        raise InputError(
+            f"--data {cfg.data}: scored with --engine vllm, which cannot give {', '.join(empty)} (vLLM returns "
+            f"the teacher's top-k, not the mass outside it), and --objective {name} needs them; score the rollouts "
+            "with --engine hf, or train an objective that reads only the sampled token's log-prob "
+            "(lightning-opd, g-opd, opd-is, opd-seq)")
     if missing:
         raise InputError(
             f"--data {cfg.data}: a rollout store has no teacher columns, and --objective {name} needs "
