@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,7 +75,10 @@ def open_llm(model_dir: Path, spec: ModelSpec, engine: EngineSpec, seed: int, wh
     gpu = torch.cuda.is_available()
     environment(gpu)
     dtype = models.resolve_dtype(spec.dtype, torch.device("cuda" if gpu else "cpu"))
-    from vllm import LLM
+    with warnings.catch_warnings():  # vLLM's own deprecation warnings, nothing the user can act on
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from vllm import LLM
 
     try:
         return LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
