@@ -136,7 +136,8 @@ def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, checkpointi
 def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, consistent_student, teacher_store, tmp_path):
     common = ["--student", str(consistent_student), "--data", str(teacher_store), "--objective", "jsd", *TRAIN,
               "--save-every", "2", "--schedule", "cosine", *(["--fsdp", "--gradient-checkpointing"] if fsdp else [])]
-    assert torchrun("train", *common, "--out", str(tmp_path / "full")).returncode == 0
+    proc = torchrun("train", *common, "--out", str(tmp_path / "full"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
     kept = tmp_path / "full" / "checkpoints" / "step-2"
     if fsdp:  # each rank's own shards (torch.distributed.checkpoint), nothing gathered
         assert (kept / "sharded" / ".metadata").is_file() and not (kept / "model.safetensors").exists()
