@@ -254,8 +254,8 @@ def _run(cfg: EvalConfig) -> dict:
         store = open_store(cfg.data, formats=(TEACHER_FORMAT,))
         if store["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
             raise InputError(f"--data {cfg.data}: its vocabulary differs from --model {spec.path}'s")
-    sampler = open_sampler(model_dir, spec, cfg.engine, info, cfg.generation_batch_size, cfg.kv_cache_tokens,
-                           sampling.seed)
+    sampler = None if prompts is None else open_sampler(model_dir, spec, cfg.engine, info, cfg.generation_batch_size,
+                                                        cfg.kv_cache_tokens, sampling.seed)
     if prompts is not None:
         samples = sample_and_check(sampler, tokenizer, prompts, cfg)
         result.update(prompts=str(cfg.prompts.source), n=sampling.n, temperature=sampling.temperature,
@@ -266,7 +266,8 @@ def _run(cfg: EvalConfig) -> dict:
             result["log_samples"] = str(cfg.log_samples)
     if cfg.data is not None:  # a forward pass: the transformers model, whichever engine sampled
         model = sampler.model if isinstance(sampler, HFSampler) else None
-        sampler.close()
+        if sampler is not None:
+            sampler.close()
         if model is None:
             device = models.resolve_device(spec.device)
             model = models.load_model(model_dir, device, models.resolve_dtype(spec.dtype, device),
