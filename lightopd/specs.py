@@ -9,6 +9,7 @@ options used by several stages (`--limit`, `--worker`, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from lightopd.data.fields import Mapping
 from lightopd.data.prompts import LONG_PROMPTS, Encoded, encode_all, provenance, read_prompts
 from lightopd.data.sources import Source
 from lightopd.errors import InputError
-from lightopd.options import MIN_TEMPERATURE, check, opt
+from lightopd.options import MIN_TEMPERATURE, check, flag_of, opt
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -128,11 +129,9 @@ class EngineSpec:
               f"must be in (0, 1], got {self.gpu_memory_utilization}")
         check(self.max_model_len is None or self.max_model_len >= 2, "--max-model-len",
               f"must be >= 2, got {self.max_model_len}")
-        if self.engine == "hf":
-            changed = [name for name, value, default in (
-                ("--tensor-parallel-size", self.tensor_parallel_size, 1),
-                ("--gpu-memory-utilization", self.gpu_memory_utilization, 0.9),
-                ("--max-model-len", self.max_model_len, None)) if value != default]
+        if self.engine == "hf":  # the other options are vLLM's: each must keep its declared default
+            changed = [flag_of(f.name) for f in dataclasses.fields(self)
+                       if f.name != "engine" and getattr(self, f.name) != f.default]
             check(not changed, changed[0] if changed else "--engine", "only with --engine vllm")
 
 

@@ -68,6 +68,14 @@ def read_error(e: Exception, path: str | Path, what: str, thing: str) -> InputEr
     return InputError(f"{what} {path}: cannot read its {thing} ({e})")
 
 
+def load_error(e: Exception, path: str | Path, what: str, attn_implementation: str | None,
+               thing: str) -> InputError:
+    """`read_error`, or the attention kernel's flag when that is what transformers refused."""
+    if attn_implementation and attn_implementation in str(e):
+        return InputError(f"--attn-implementation {attn_implementation}: {str(e).splitlines()[0]}")
+    return read_error(e, path, what, thing)
+
+
 def weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
@@ -120,9 +128,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust
             str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **attention
         )
     except (OSError, ValueError, KeyError, ImportError) as e:
-        if attn_implementation and attn_implementation in str(e):
-            raise InputError(f"--attn-implementation {attn_implementation}: {str(e).splitlines()[0]}") from None
-        raise read_error(e, path, what, "weights as a causal language model") from None
+        raise load_error(e, path, what, attn_implementation, "weights as a causal language model") from None
     return model.to(device).eval()
 
 
@@ -140,9 +146,7 @@ def empty_model(path: str | Path, trust_remote_code: bool = False, what: str = "
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                      trust_remote_code=trust_remote_code, **attention)
     except (OSError, ValueError, KeyError, ImportError) as e:
-        if attn_implementation and attn_implementation in str(e):
-            raise InputError(f"--attn-implementation {attn_implementation}: {str(e).splitlines()[0]}") from None
-        raise read_error(e, path, what, "config as a causal language model") from None
+        raise load_error(e, path, what, attn_implementation, "config as a causal language model") from None
     try:  # kept with the model as from_pretrained keeps it, so that a saved model carries it on
         from transformers import GenerationConfig
 

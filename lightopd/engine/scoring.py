@@ -22,6 +22,8 @@ from lightopd.objectives.stats import SPLIT, LogprobStats, logprob_stats
 class Scorer:
     """Per-token teacher statistics for batches of (prompt ids, completion ids) rows."""
 
+    unavailable: tuple[str, ...] = ()  # teacher columns it cannot fill (it fills them all)
+
     def __init__(self, model, vocab: int, k: int, temperature: float, chunk_elements: int):
         """Statistics over the first `vocab` ids (the tokenizer's; padded output rows are left out)."""
         self.k = k

@@ -52,14 +52,13 @@ def cpu_kv_cache_gib() -> int:
     return max(1, min(16, int(available / 4 / 2**30)))
 
 
-def environment(gpu: bool) -> dict[str, str]:
-    """Set vLLM's environment defaults (never overriding the user's); returns them as used."""
+def environment(gpu: bool) -> None:
+    """Set vLLM's environment defaults, never overriding the user's."""
     defaults = {"VLLM_LOGGING_LEVEL": "ERROR"}
     if not gpu:
         defaults |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(cpu_kv_cache_gib())}
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in defaults}
 
 
 def engine_record(engine: EngineSpec) -> dict:

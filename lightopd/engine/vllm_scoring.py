@@ -30,6 +30,8 @@ UNAVAILABLE = ("teacher_log_tail", "teacher_entropy")  # columns this scorer can
 class VllmScorer:
     """Teacher statistics (sampled-token log-prob, top-k) through a vLLM engine."""
 
+    unavailable = UNAVAILABLE
+
     def __init__(self, model_dir: Path, spec: ModelSpec, engine: EngineSpec, info: models.ModelInfo, k: int):
         self.k, self.vocab = k, info.vocab
         # candidates per position: k, plus as many as there are padding rows that could outrank real ids

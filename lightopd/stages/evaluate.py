@@ -32,7 +32,15 @@ from lightopd.data.store import TEACHER_FORMAT, open_store
 from lightopd.engine import models
 from lightopd.engine.chunks import over_chunks
 from lightopd.engine.forward import PositionLogits
-from lightopd.engine.samplers import HFSampler, Sampler, check_engine, engine_context, engine_record, open_sampler
+from lightopd.engine.samplers import (
+    HFSampler,
+    Sampler,
+    check_engine,
+    engine_context,
+    engine_record,
+    hf_model,
+    open_sampler,
+)
 from lightopd.errors import InputError
 from lightopd.objectives import Inputs
 from lightopd.objectives.diagnostics import diagnostics
@@ -269,9 +277,7 @@ def _run(cfg: EvalConfig) -> dict:
         if sampler is not None:
             sampler.close()
         if model is None:
-            device = models.resolve_device(spec.device)
-            model = models.load_model(model_dir, device, models.resolve_dtype(spec.dtype, device),
-                                      spec.trust_remote_code, attn_implementation=spec.attn_implementation)
+            model = hf_model(model_dir, spec)
         result["teacher"] = teacher_agreement(model, info.vocab, cfg.data, cfg.micro_batch_tokens, cfg.limit)
     result["settings"] = settings(cfg, prompts, store)
     render_eval(result)

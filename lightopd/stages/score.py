@@ -175,7 +175,7 @@ def run(cfg: ScoreConfig) -> dict:
         return work.summary("score-teacher")
 
 
-def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer, rollout_manifest: dict) -> None:
+def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer, rollout_manifest: dict) -> None:
     """Score this worker's remaining shards; writing a shard overlaps scoring the next."""
     shards = {shard_index(s["name"]): s for s in rollout_manifest["shards"]}
     pending: Future | None = None
@@ -193,7 +193,7 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer, rollout_man
                 for i, s in zip(batch, scored, strict=True):
                     stats[i] = s
                 bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
-            table = teacher_table(rollouts, stats, cfg.topk_dtype, UNAVAILABLE if cfg.engine.engine == "vllm" else ())
+            table = teacher_table(rollouts, stats, cfg.topk_dtype, scorer.unavailable)
             if pending is not None:
                 pending.result()  # at most one shard waits to be written while the next is scored
             pending = io.submit(work.writer.write_shard, index, table, shards[index]["tokens"])

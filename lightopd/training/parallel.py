@@ -84,8 +84,7 @@ class Parallel:
                 if source.model is not None:
                     buffer.copy_(source.model.get_buffer(name))
                 dist.broadcast(buffer, src=0)
-        with torch.no_grad():  # the forward's self-checks, through the sharded root (every rank)
-            self.module(None)
+            self.module(None)  # the forward's self-checks, through the sharded root (every rank)
         # the root keeps its weights gathered after a forward, for the backward that follows; after
         # this one none follows: shard them again, or the optimizer would get the gathered copies
         self.module.reshard()
