@@ -338,6 +338,9 @@ CASES = [
                                                     data=greedy_store(e)), 2, "greedy"),
     Case("one sample per prompt for opd-seq", lambda e: train(e, "--objective", "opd-seq", "--allow-teacher-mismatch",
                                                               data=one_sample_store(e)), 2, "holds 1 sample(s)"),
+    # ---- locks, manifests and shard layouts ----
+    # ---- checkers and prompt records ----
+    # ---- checkpoints, the final model and LoRA ----
 ]
 
 
