@@ -28,7 +28,7 @@ from lightopd.config import (
     ScoreConfig,
     TrainConfig,
 )
-from lightopd.errors import InputError, TrainingError
+from lightopd.errors import InputError, TrainingError, full_disk
 from lightopd.objectives import OBJECTIVES
 from lightopd.options import Option, build, describe, flag_of, metavar, options
 from lightopd.progress import console
@@ -264,8 +264,18 @@ def main() -> None:
     try:
         command_line()(prog_name="lightopd")
     except (InputError, TrainingError) as e:
-        from rich.text import Text
+        _fail(str(e), 2 if isinstance(e, InputError) else 1)
+    except Exception as e:
+        disk = full_disk(e)
+        if disk is None:
+            raise
+        _fail(f"{disk} while writing; what was complete before is kept (temporary files are removed): free "
+              "space or raise the limit, then re-run the same command (train: with --resume)", 1)
 
-        console.quiet = False  # under torchrun other ranks are quiet, but their errors are not
-        console.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)
-        sys.exit(2 if isinstance(e, InputError) else 1)
+
+def _fail(message: str, code: int) -> None:
+    from rich.text import Text
+
+    console.quiet = False  # under torchrun other ranks are quiet, but their errors are not
+    console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+    sys.exit(code)
