@@ -339,6 +339,28 @@ CASES = [
     Case("one sample per prompt for opd-seq", lambda e: train(e, "--objective", "opd-seq", "--allow-teacher-mismatch",
                                                               data=one_sample_store(e)), 2, "holds 1 sample(s)"),
     # ---- locks, manifests and shard layouts ----
+    Case("lock is a symlink, train", lambda e: train(e, out=_lock_link(e)), 2, "is a symbolic link"),
+    Case("lock is a symlink, rollout", lambda e: rollout(e, e.prompts) if _lock_link(e) else None, 2,
+         "is a symbolic link"),
+    Case("manifest k edited down, train", lambda e: train(e, "--objective", "rkl", data=edited(
+        e, e.teacher_store, lambda m: m["scoring"].update(top_k=4))), 2, "written with top_k 6 (the manifest says 4)"),
+    Case("manifest k edited up, train", lambda e: train(e, "--objective", "rkl", data=edited(
+        e, e.teacher_store, lambda m: m["scoring"].update(top_k=1000))), 2, "top_k 6 (the manifest says 1000)"),
+    Case("manifest k edited, eval", lambda e: evaluate(e, "--data", str(edited(
+        e, e.teacher_store, lambda m: m["scoring"].update(top_k=4)))), 2, "top_k 6 (the manifest says 4)"),
+    Case("manifest k edited, inspect", lambda e: ["inspect", "--verify", str(edited(
+        e, e.teacher_store, lambda m: m["scoring"].update(top_k=4)))], 2, "inconsistent with the manifest"),
+    Case("shard rows of the wrong length", lambda e: train(e, "--objective", "rkl", data=_short_rows(e)), 2,
+         "column 'teacher_logprobs', holds"),
+    Case("manifest field of a wrong type, inspect", lambda e: ["inspect", str(edited(
+        e, e.teacher_store, lambda m: m.update(rows="twelve")))], 2, "field 'rows' is 'twelve', expected an integer"),
+    Case("manifest sampling of a wrong type, train", lambda e: train(e, data=edited(
+        e, e.teacher_store, lambda m: m["rollouts"]["sampling"].update(top_p="high"))), 2,
+        "field 'rollouts.sampling.top_p' is 'high'"),
+    Case("manifest without a tokenizer, score", lambda e: score(e, data=edited(
+        e, e.rollout_store, lambda m: m.pop("tokenizer"))), 2, "field 'tokenizer' is missing"),
+    Case("manifest listing a shard twice", lambda e: train(e, data=edited(
+        e, e.teacher_store, lambda m: m["shards"].append(m["shards"][0]))), 2, "lists shard part-00000.parquet twice"),
     # ---- checkers and prompt records ----
     # ---- checkpoints, the final model and LoRA ----
 ]
@@ -346,7 +368,7 @@ CASES = [
 
 MID_RUN = {"model with NaN weights", "teacher with NaN weights",  # found once sampling or scoring has begun
            "bit flip, train", "bit flip, eval", "truncated shard", "deleted shard", "foreign shard, train",
-           "foreign shard, eval"}
+           "foreign shard, eval", "manifest k edited, eval"}
 USAGE = {"n not a number"}  # click's own usage error: exit 2 with its usage lines
 
 
@@ -377,6 +399,36 @@ def _other_files(e: Env) -> bool:
     (e.tmp / "out").mkdir()
     (e.tmp / "out" / "metrics.jsonl").write_text("mine")
     return True
+
+
+def _lock_link(e: Env) -> Path:
+    """An output directory whose lock file is a symbolic link to a file of the user's."""
+    (e.tmp / "out").mkdir()
+    (e.tmp / "precious.txt").write_text("keep me")
+    (e.tmp / "out" / ".lightopd.lock").symlink_to(e.tmp / "precious.txt")
+    return e.tmp / "out"
+
+
+def _short_rows(e: Env) -> Path:
+    """A store whose shard 0 was rewritten (and its manifest entry and store id patched to match) with
+    one row's teacher log-probs a value short: only the row check can tell."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lightopd.data.store import sha256_file
+
+    store = e.copy(e.teacher_store, "short")
+    path = store / "part-00000.parquet"
+    table = pq.read_table(path)
+    values = table.column("teacher_logprobs").to_pylist()
+    values[1] = values[1][:-1]
+    table = table.set_column(table.schema.get_field_index("teacher_logprobs"), "teacher_logprobs",
+                             pa.array(values, pa.list_(pa.float32())))
+    pq.write_table(table, path)
+
+    def patch(manifest):
+        manifest["shards"][0].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    return e.edit_manifest(store, patch)
 
 
 def _truncate(store: Path) -> Path:

@@ -23,7 +23,9 @@ def _table(prompt: str, rows: int) -> pa.Table:
     }, schema=ROLLOUT_SCHEMA)
 
 
-META = {"model": {"path": "/m", "fingerprint": "sha256:1"}, "sampling": {"seed": 0}}
+META = {"model": {"path": "/m", "fingerprint": "sha256:1"},
+        "tokenizer": {"fingerprint": "sha256:2", "vocab_size": 8, "eos_token_ids": [2]},
+        "sampling": {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4, "seed": 0}}
 
 
 @pytest.fixture
@@ -85,10 +87,10 @@ def test_truncated_shard_is_corrupt(store):
 
 
 def test_reopening_with_other_settings_is_refused(store):
-    other = {"model": {"path": "/elsewhere", "fingerprint": "sha256:2"}, "sampling": {"seed": 0}}
+    other = {**META, "model": {"path": "/elsewhere", "fingerprint": "sha256:2"}}
     with pytest.raises(InputError, match="model.fingerprint: store has 'sha256:1', this run has 'sha256:2'"):
         StoreWriter(store, ROLLOUT_FORMAT, other, num_shards=3)
-    moved = {"model": {"path": "/elsewhere", "fingerprint": "sha256:1"}, "sampling": {"seed": 0}}
+    moved = {**META, "model": {"path": "/elsewhere", "fingerprint": "sha256:1"}}
     assert StoreWriter(store, ROLLOUT_FORMAT, moved, num_shards=3).completed() == {0, 1, 2}
 
 

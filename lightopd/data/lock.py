@@ -5,17 +5,21 @@ each `--worker I/N` of rollout and score-teacher). The lock is an `flock` on a f
 directory that also records the holder (pid, host, start time, command): a second run on the
 same output stops with exit 2 and names the first. The kernel drops the lock when its process
 dies, so the lock of a killed run is simply taken over (with a note naming the run it was).
-The file is removed, still locked, when the run ends.
+The file is removed, still locked, when the run ends. It is never opened through a symbolic link
+(O_NOFOLLOW): a link planted at its name stops the run with exit 2 instead of clobbering the file it
+points to, which matters on the shared filesystems where anyone who can write the output could plant one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +40,9 @@ def exclusive(directory: str | Path, what: str, name: str = LOCK) -> Iterator[No
     made = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        handle = open(directory / name, "a+")
+        handle = open_nofollow(directory / name)
+    except SymlinkRefused as e:
+        raise InputError(f"{what}: {e.strerror}") from None
     except OSError as e:
         raise InputError(f"{what}: cannot write there ({e.strerror})") from None
     try:
@@ -63,6 +69,26 @@ def exclusive(directory: str | Path, what: str, name: str = LOCK) -> Iterator[No
                 directory.rmdir()  # a run that failed before writing anything leaves no directory
     finally:
         handle.close()
+
+
+class SymlinkRefused(OSError):
+    """A file lightopd writes in place is a symbolic link: it is never followed."""
+
+
+def open_nofollow(path: Path, mode: str = "a+"):
+    """`path` opened for reading and writing (created if missing), never through a symbolic link:
+    a link planted at a lock's name would otherwise make the run overwrite the file it points to."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or path.is_symlink():
+            raise SymlinkRefused(e.errno, f"{path.name} is a symbolic link (to {os.readlink(path)}); lightopd never "
+                                 "writes through one: remove it", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SymlinkRefused(errno.EINVAL, f"{path.name} is not a regular file; remove it", str(path))
+    return os.fdopen(fd, mode)
 
 
 def _holder(handle) -> str:

@@ -4,7 +4,8 @@ Every reader (train's stream, eval, score-teacher reading rollouts, inspect) goe
 `shard_path`, which checks a listed shard right before it is opened: it exists, has the listed
 size, carries this store's id in its Parquet metadata (a shard copied in from another store is
 named as such), and hashes to the listed sha256, in one sequential read that leaves the file in
-the page cache for the Parquet reader. `verify` audits a whole store for `inspect --verify`.
+the page cache for the Parquet reader. `read_shard` then checks the shard's layout and every row
+it yields (rows.py). `verify` audits a whole store for `inspect --verify`, rows included.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lightopd.data.store import SHARD_RE, STORE_ID_KEY, open_store, read_manifest, sha256_file, shard_name
+from lightopd.data.rows import ShardLayout
+from lightopd.data.store import (
+    FORMAT_VERSION,
+    SHARD_RE,
+    STORE_ID_KEY,
+    open_store,
+    read_manifest,
+    sha256_file,
+    shard_name,
+)
 from lightopd.errors import InputError
 
 READ_CHUNK = 8 << 20
@@ -61,18 +71,47 @@ def shard_path(directory: str | Path, manifest: dict, entry: dict) -> Path:
     return directory / entry["name"]
 
 
+def read_shard(directory: str | Path, manifest: dict, entry: dict, columns: list[str] | None = None,
+               batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    """The record batches of one listed shard, reading only `columns` (None: all): the shard verified
+    (shard_path), its layout checked against the manifest and every row against its shape (rows.py)."""
+    path = shard_path(directory, manifest, entry)
+    with pq.ParquetFile(path) as pf:
+        layout = ShardLayout(path, pf.schema_arrow, manifest)
+        wanted = columns if columns is not None else pf.schema_arrow.names
+        read = layout.columns_to_read(wanted, pf.schema_arrow.names)
+        first = 0
+        for batch in pf.iter_batches(batch_size=batch_size, columns=read):
+            layout.check(batch, first)
+            first += batch.num_rows
+            yield batch if read == list(wanted) else batch.select(wanted)
+
+
 def iter_batches(
     directory: str | Path,
     columns: list[str] | None = None,
     batch_size: int = 1024,
     manifest: dict | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream record batches from the listed shards in order, each verified, reading only `columns`."""
+    """Stream record batches from the listed shards in order, each checked (read_shard), reading only `columns`."""
     directory = Path(directory)
     manifest = manifest if manifest is not None else open_store(directory)
     for entry in manifest["shards"]:
-        with pq.ParquetFile(shard_path(directory, manifest, entry)) as pf:
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+        yield from read_shard(directory, manifest, entry, columns, batch_size)
+
+
+def _layout_problem(path: Path, manifest: dict) -> str | None:
+    """What read_shard would refuse in a shard: a layout or a row the manifest does not describe."""
+    try:
+        with pq.ParquetFile(path) as pf:
+            layout = ShardLayout(path, pf.schema_arrow, manifest)
+            first = 0
+            for batch in pf.iter_batches(columns=layout.columns_to_read(None, pf.schema_arrow.names)):
+                layout.check(batch, first)
+                first += batch.num_rows
+    except InputError as e:
+        return "inconsistent with the manifest (" + str(e).removeprefix(f"{path}:").strip() + ")"
+    return None
 
 
 def verify(directory: str | Path) -> list[str]:
@@ -87,6 +126,8 @@ def verify(directory: str | Path) -> list[str]:
             rows = pq.ParquetFile(directory / entry["name"]).metadata.num_rows
             if rows != entry["rows"]:
                 problem = f"corrupt ({rows} rows, manifest says {entry['rows']})"
+            elif manifest.get("format_version") == FORMAT_VERSION:
+                problem = _layout_problem(directory / entry["name"], manifest)
         if problem is not None:
             problems.append(f"{entry['name']}: {problem}")
     for path in sorted(directory.iterdir()):

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from lightopd.data.manifest_fields import FORMAT_VERSION, ROLLOUT_FORMAT, TEACHER_FORMAT, check_fields
 from lightopd.errors import InputError
 
+__all__ = ["FORMAT_VERSION", "ROLLOUT_FORMAT", "TEACHER_FORMAT"]  # defined with the manifest's fields
+
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 3  # 2: teacher_log_tail column, vocabulary-only tokenizer fingerprints; 3: metadata column
-ROLLOUT_FORMAT = "lightopd.rollouts"
 SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 SHARD_KEYS = ("rows", "tokens", "bytes", "sha256")
 STORE_ID_KEY = b"lightopd.store_id"  # the Parquet key-value metadata every shard carries
+LAYOUT_KEY = b"lightopd.layout"  # ... and how its bytes are read (shard_layout), which no manifest edit can change
 
 ROLLOUT_SCHEMA = pa.schema(
     [
@@ -38,7 +40,6 @@ ROLLOUT_SCHEMA = pa.schema(
 )
 
 
-TEACHER_FORMAT = "lightopd.teacher"
 TEACHER_COLUMNS = ("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail", "teacher_entropy")
 
 
@@ -63,6 +64,15 @@ def store_columns(manifest: dict) -> tuple[str, ...]:
 def unavailable(manifest: dict) -> list[str]:
     """The teacher columns a store's scorer left empty (score-teacher --engine vllm)."""
     return list(manifest.get("scoring", {}).get("unavailable", []))
+
+
+def shard_layout(manifest: dict) -> dict:
+    """What decides how a shard's bytes are read: its format and, for a teacher store, k (the top-k
+    values per position). Every shard carries it in its own Parquet metadata (LAYOUT_KEY), and
+    readers take it from there, checking the manifest against it."""
+    scoring = manifest.get("scoring") or {}
+    return {"format": manifest["format"], "top_k": scoring.get("top_k"),
+            "topk_logprobs_dtype": scoring.get("topk_logprobs_dtype")}
 
 
 def sampling_of(manifest: dict) -> dict:
@@ -97,16 +107,7 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or "format" not in manifest or not isinstance(manifest.get("shards"), list):
-        raise InputError(f"{path}: not a lightopd manifest (no 'format' or 'shards' list)")
-    for i, entry in enumerate(manifest["shards"]):
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not SHARD_RE.match(name):
-            raise InputError(f"{path}: shard entry {i} names {name!r}, which is not a shard of this store "
-                             "(part-NNNNN.parquet); a manifest never points outside its directory")
-        missing = next((key for key in SHARD_KEYS if not isinstance(entry.get(key), (int, str))), None)
-        if missing:
-            raise InputError(f"{path}: shard entry {i} ({name}) has no valid {missing!r}")
+    check_fields(path, manifest, SHARD_RE)
     return manifest
 
 

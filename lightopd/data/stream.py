@@ -26,29 +26,27 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from lightopd.data.reader import shard_path
+from lightopd.data.reader import read_shard
 from lightopd.errors import InputError
 
 Group = pa.RecordBatch  # the rows of one prompt
 READ_BATCH_ROWS = 1024
 
 
-def _groups_of_shard(path: Path, columns: list[str]) -> Iterator[Group]:
+def _groups_of_shard(batches: Iterator[pa.RecordBatch]) -> Iterator[Group]:
     pending: list[pa.RecordBatch] = []  # the current prompt's rows, possibly across Parquet batches
-    with pq.ParquetFile(path) as pf:
-        for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
-            ids = batch.column("prompt_id").to_pylist()
-            start = 0
-            for i in range(1, len(ids) + 1):
-                if i == len(ids) or ids[i] != ids[start]:
-                    piece = batch.take(pa.array(range(start, i)))  # a copy: compact, pins nothing
-                    if pending and ids[start] != pending[0].column("prompt_id")[0].as_py():
-                        yield _concat(pending)
-                        pending = []
-                    pending.append(piece)
-                    start = i
+    for batch in batches:
+        ids = batch.column("prompt_id").to_pylist()
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[start]:
+                piece = batch.take(pa.array(range(start, i)))  # a copy: compact, pins nothing
+                if pending and ids[start] != pending[0].column("prompt_id")[0].as_py():
+                    yield _concat(pending)
+                    pending = []
+                pending.append(piece)
+                start = i
     if pending:
         yield _concat(pending)
 
@@ -79,8 +77,8 @@ class GroupStream:
         rng.shuffle(order)
         buffer: list[Group] = []
         for name in order:
-            path = shard_path(self.directory, self.manifest, self.entries[name])
-            for group in _groups_of_shard(path, self.columns):
+            batches = read_shard(self.directory, self.manifest, self.entries[name], self.columns, READ_BATCH_ROWS)
+            for group in _groups_of_shard(batches):
                 buffer.append(group)
                 if len(buffer) >= self.buffer_size:
                     i = rng.randrange(len(buffer))

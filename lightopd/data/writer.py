@@ -26,15 +26,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightopd import __version__
-from lightopd.data.lock import LOCK, exclusive
+from lightopd.data.lock import LOCK, exclusive, open_nofollow
 from lightopd.data.store import (
     FORMAT_VERSION,
+    LAYOUT_KEY,
     MANIFEST,
     STORE_ID_KEY,
     check_version,
     read_manifest,
     sha256_file,
     shard_index,
+    shard_layout,
     shard_name,
 )
 from lightopd.errors import InputError
@@ -59,6 +61,16 @@ def _tmp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{_host()}.{os.getpid()}.tmp")
 
 
+def _create_tmp(final: Path):
+    """A new binary file at this process's temporary name for `final`, opened for writing: created
+    exclusively and never through a symbolic link (one planted at the predictable name is removed,
+    not followed)."""
+    tmp = _tmp_path(final)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return tmp, os.fdopen(fd, "wb")
+
+
 def _remove_stale_tmp(directory: Path) -> None:
     """Delete temporary files left by dead processes of this host (a crash mid-write)."""
     host = _host()
@@ -75,19 +87,24 @@ def _remove_stale_tmp(directory: Path) -> None:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = _tmp_path(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`obj` as standard JSON (NaN or inf is an error, never written) at `path`, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    tmp, f = _create_tmp(path)
+    try:
+        with f:
+            f.write(text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    with open(directory / ".lock", "a") as f:
+    with open_nofollow(directory / ".lock") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -127,6 +144,7 @@ class StoreWriter:
         self.format = fmt
         self.num_shards = num_shards
         self.created = False  # this writer made the store: `discard` may remove it
+        self.layout = {LAYOUT_KEY: json.dumps(shard_layout({"format": fmt, **metadata})).encode()}
         manifest_path = self.directory / MANIFEST
         if self.directory.exists() and not self.directory.is_dir():
             raise InputError(f"{self.directory}: exists and is not a directory")
@@ -144,6 +162,7 @@ class StoreWriter:
                 self._check_compatible(manifest, metadata)
                 _remove_stale_tmp(self.directory)
             else:
+                _remove_stale_tmp(self.directory)
                 strays = [p.name for p in self.directory.iterdir() if not p.name.startswith(".")]
                 if strays:
                     raise InputError(
@@ -207,21 +226,26 @@ class StoreWriter:
             raise ValueError(f"shard index {index} outside 0..{self.num_shards - 1}")
         name = shard_name(index)
         final = self.directory / name
-        tmp = _tmp_path(final)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), STORE_ID_KEY: self.store_id.encode()})
-        with pa.OSFile(str(tmp), "wb") as sink:
-            pq.write_table(table, sink, row_group_size=max(1, min(len(table), 4096)), **self.parquet_options)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        entry = {
-            "name": name,
-            "rows": table.num_rows,
-            "tokens": int(tokens),
-            "bytes": tmp.stat().st_size,
-            "sha256": sha256_file(tmp),
-            **extra,
-        }
-        os.replace(tmp, final)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), STORE_ID_KEY: self.store_id.encode(),
+                                               **self.layout})
+        tmp, sink = _create_tmp(final)
+        try:
+            with sink:
+                pq.write_table(table, sink, row_group_size=max(1, min(len(table), 4096)), **self.parquet_options)
+                sink.flush()
+                os.fsync(sink.fileno())
+            entry = {
+                "name": name,
+                "rows": table.num_rows,
+                "tokens": int(tokens),
+                "bytes": tmp.stat().st_size,
+                "sha256": sha256_file(tmp),
+                **extra,
+            }
+            os.replace(tmp, final)
+        except BaseException:  # a full disk or a kill: no temporary file outlives the write that made it
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(self.directory)
 
         def add(manifest: dict) -> None:

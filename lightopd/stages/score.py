@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from lightopd.config import ScoreConfig
 from lightopd.data.batching import pack_by_tokens
-from lightopd.data.reader import iter_batches, shard_path, verify
+from lightopd.data.reader import iter_batches, read_shard, verify
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
     TEACHER_FORMAT,
@@ -183,7 +182,7 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer
         "score-teacher", total=sum(shards[i]["rows"] for i in work.todo)
     ) as bar:
         for index in work.todo:
-            rollouts = pq.read_table(shard_path(cfg.data, rollout_manifest, shards[index]))
+            rollouts = pa.Table.from_batches(list(read_shard(cfg.data, rollout_manifest, shards[index])))
             prompts = rollouts["prompt_ids"].to_pylist()
             completions = rollouts["completion_ids"].to_pylist()
             stats: list[LogprobStats | None] = [None] * len(prompts)
