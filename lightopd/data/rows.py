@@ -99,15 +99,18 @@ class ShardLayout:
                                  + (f" at k = {self.k}" if per > 1 else "") + f", not {expected[i].as_py()}",
                                  first_row + i, name)
         for name in TOKEN_IDS:
-            if name in names and name not in self.empty and len(batch):
-                flat = pc.list_flatten(batch.column(name))
-                if len(flat) and flat.null_count:
-                    raise self.error("holds a null token id", column=name)
-                low, high = pc.min_max(flat).values() if len(flat) else (None, None)
-                low, high = (low.as_py(), high.as_py()) if len(flat) else (0, 0)
-                if low < 0 or (self.vocab is not None and high >= self.vocab):
-                    raise self.error(f"holds token id {low if low < 0 else high}, outside the vocabulary of "
-                                     f"{self.vocab} ids", column=name)
+            if name in names and name not in self.empty:
+                column = batch.column(name)
+                ids = pc.list_flatten(column)
+                bad = pc.less(ids, 0)
+                if self.vocab is not None:
+                    bad = pc.or_(bad, pc.greater_equal(ids, self.vocab))
+                bad = pc.fill_null(bad, True)
+                if len(ids) and pc.any(bad).as_py():
+                    i = pc.index(bad, True).as_py()
+                    row = pc.list_parent_indices(column)[i].as_py()
+                    raise self.error(f"holds token id {ids[i].as_py()}, outside the vocabulary of {self.vocab} ids",
+                                     first_row + row, name)
 
     def _first(self, bad: pa.Array, first_row: int, column: str, what: str) -> None:
         if pc.any(bad).as_py():

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightopd import __version__
-from lightopd.data.lock import LOCK, exclusive, open_nofollow
+from lightopd.data.lock import LOCK, SymlinkRefused, exclusive, open_nofollow
 from lightopd.data.store import (
     FORMAT_VERSION,
     LAYOUT_KEY,
@@ -104,7 +104,11 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    with open_nofollow(directory / ".lock") as f:
+    try:
+        f = open_nofollow(directory / ".lock")
+    except SymlinkRefused as e:
+        raise InputError(f"{directory}: {e.strerror}") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
