@@ -29,9 +29,13 @@ class Located:
     hub_id: str | None = None  # org/name when named by Hub id
     revision: str | None = None  # as asked (a branch, tag or commit; main by default)
     commit: str | None = None  # the commit the cache resolved it to
+    shadows: str | None = None  # a local directory named like a cached Hub id: that id, not used
 
     def record(self) -> dict:
-        """What provenance records of the origin: the Hub id, revision and commit, when there is one."""
+        """What provenance records of the origin: the Hub id, revision and commit, when there is one (and
+        the cached Hub id a local directory of the same name was preferred to)."""
+        if self.shadows is not None:
+            return {"local_directory_over_hub_id": self.shadows}
         return {} if self.hub_id is None else {"hub_id": self.hub_id, "revision": self.revision, "commit": self.commit}
 
 
@@ -68,6 +72,15 @@ def cached(repo: str, revision: str, repo_type: str = "model", patterns: list[st
         return None
 
 
+def _cached_quietly(spec: str) -> bool:
+    """Whether the cache holds a model of Hub id `spec` (never touching the network, never failing)."""
+    repo, _, revision = spec.partition("@")
+    try:
+        return cached(repo, revision or "main", patterns=MODEL_FILES) is not None
+    except Exception:  # an unusable cache is simply not a cached model
+        return False
+
+
 def missing_offline(what: str, spec: str, repo: str, revision: str, repo_type: str = "model") -> InputError:
     return InputError(f"{what} {spec}: not in the Hugging Face cache ({cache_dir()}), and HF_HUB_OFFLINE is set so "
                       f"nothing is downloaded; fetch it with `{fetch_command(repo, revision, repo_type)}` on a "
@@ -75,8 +88,17 @@ def missing_offline(what: str, spec: str, repo: str, revision: str, repo_type: s
 
 
 def locate(spec: str, what: str = "--model") -> Located:
-    """The model `spec` names: a local directory, or a Hub id resolved through the cache."""
+    """The model `spec` names: a local directory, or a Hub id resolved through the cache. A local
+    directory whose name is also a cached Hub id wins, and says so (in the log and, through
+    `record`, in every manifest and provenance that records the model)."""
     if not is_hub_id(spec):
+        if HUB_ID.match(spec) and Path(spec).is_dir() and _cached_quietly(spec):
+            from lightopd.progress import console
+
+            console.print(f"{what} {spec}: using the local directory {Path(spec).resolve()}, not the Hub model "
+                          f"{spec} in the cache (write {Path(spec).resolve()} or ./{spec} to silence this note; "
+                          "move the directory away to use the Hub model)", soft_wrap=True)
+            return Located(Path(spec), shadows=spec)
         return Located(Path(spec))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError

@@ -361,6 +361,8 @@ CASES = [
         e, e.rollout_store, lambda m: m.pop("tokenizer"))), 2, "field 'tokenizer' is missing"),
     Case("manifest listing a shard twice", lambda e: train(e, data=edited(
         e, e.teacher_store, lambda m: m["shards"].append(m["shards"][0]))), 2, "lists shard part-00000.parquet twice"),
+    Case("hub dataset without a name", lambda e: rollout(e, "hf:"), 2, "--prompts hf:: not a Hugging Face dataset id"),
+    Case("hub dataset that is a path", lambda e: rollout(e, "hf:/etc"), 2, "--prompts hf:/etc: not a Hugging Face"),
     # ---- checkers and prompt records ----
     # ---- checkpoints, the final model and LoRA ----
 ]

@@ -56,6 +56,17 @@ def test_a_model_by_hub_id_is_read_from_the_cache(hub, prompts_file, tmp_path, t
         assert model["fingerprint"] == model_fingerprint(tiny_model)
 
 
+def test_a_local_directory_named_like_a_cached_id_wins_and_says_so(hub, prompts_file, tmp_path, plain_model):
+    shutil.copytree(plain_model, tmp_path / "acme" / "tiny")
+    proc = run_cli("rollout", "--model", "acme/tiny", "--prompts", str(prompts_file), "--out", str(tmp_path / "r"),
+                   "--max-new-tokens", "2", "--limit", "1", env=hf_env(hub), cwd=tmp_path)
+    message = " ".join(proc.stderr.split())
+    assert f"--model acme/tiny: using the local directory {tmp_path / 'acme' / 'tiny'}, not the Hub model" in message
+    model = last_json(run_cli("inspect", str(tmp_path / "r")))["model"]
+    assert model["local_directory_over_hub_id"] == "acme/tiny" and "hub_id" not in model
+    assert model["fingerprint"] == model_fingerprint(plain_model)
+
+
 def test_a_missing_model_offline_names_the_id_the_cache_and_the_fix(hub, prompts_file, tmp_path):
     proc = run_cli("rollout", "--model", "acme/absent@v2", "--prompts", str(prompts_file), "--out",
                    str(tmp_path / "r"), env=hf_env(hub), check=False)

@@ -145,6 +145,9 @@ def _dataset_records(source: Source) -> Iterator[tuple[str, dict]]:
 def _load(source: Source):
     """(the dataset split a source names, its fingerprint), offline-first: a Hub snapshot in the cache,
     else what `datasets` cached from an earlier download, else (online only) a download."""
+    if source.is_hub and not hub.HUB_ID.match(source.spec.removeprefix(HF_PREFIX)):
+        raise InputError(f"--prompts {source.spec}: not a Hugging Face dataset id; write hf:org/name (or "
+                         "hf:org/name@revision), or give a local file or save_to_disk directory without hf:")
     datasets = _datasets()
     if not source.is_hub:
         try:
