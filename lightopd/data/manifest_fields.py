@@ -39,7 +39,7 @@ def _one_of(*values: str) -> tuple[Check, str]:
 
 
 def _list_of(check: tuple[Check, str]) -> tuple[Check, str]:
-    return (lambda v: isinstance(v, list) and all(check[0](x) for x in v)), f"a list of {check[1].removeprefix('a ')}s"
+    return (lambda v: isinstance(v, list) and all(check[0](x) for x in v)), f"a list, each item {check[1]}"
 
 
 STRING: tuple[Check, str] = (lambda v: isinstance(v, str), "a string")
