@@ -31,7 +31,7 @@ from lightopd.specs import (
     micro_batch_tokens_option,
     worker_option,
 )
-from lightopd.tasks.verifiers import NAMES, is_checker
+from lightopd.tasks.verifiers import NAMES, is_checker, is_users
 
 TOPK_DTYPES = ("float16", "float32")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -105,6 +105,8 @@ class ScoreConfig(Config):
 
 
 PACKING = ("auto", "on", "off")
+CHECKER_TIMEOUT = 10.0  # seconds: the default of --checker-timeout
+MAX_CHECKER_TIMEOUT = 86400.0  # a day (a pipe's poll cannot wait much past 24 days)
 LOSS_CHUNK_TOKENS = 1024  # completion positions whose logits are reduced at once (train's default, eval's too)
 REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow")
 
@@ -240,6 +242,9 @@ class EvalConfig(Config):
                                "reference, metadata) -> bool. Answers are read from <answer> tags, \\boxed{}, "
                                "'#### x' or 'Answer: x', in the completion and the reference alike (README: "
                                "Checkers).", metavar="NAME")
+    checker_timeout: float = opt(CHECKER_TIMEOUT, "Seconds a checker of your own (MODULE:FUNCTION), which runs in a "
+                                                  "process of its own, may take on one sample (and to import); then "
+                                                  "it is ended, and eval stops naming the sample.", metavar="SECONDS")
     generation_batch_size: int = generation_batch_size_option()
     kv_cache_tokens: int | None = kv_cache_tokens_option()
     micro_batch_tokens: int = micro_batch_tokens_option(4096, " of the teacher-agreement pass")
@@ -252,6 +257,10 @@ class EvalConfig(Config):
         check(self.prompts is not None or self.log_samples is None, "--log-samples", "only with --prompts")
         check(is_checker(self.checker), "--checker",
               f"must be one of {', '.join(NAMES)} or MODULE:FUNCTION, got {self.checker!r}")
+        check(0 < self.checker_timeout <= MAX_CHECKER_TIMEOUT, "--checker-timeout",
+              f"must be > 0 and at most {MAX_CHECKER_TIMEOUT:g} seconds, got {self.checker_timeout:g}")
+        check(is_users(self.checker) or self.checker_timeout == CHECKER_TIMEOUT, "--checker-timeout",
+              f"only with a checker of your own (MODULE:FUNCTION), not --checker {self.checker}")
         check(self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}")
         check(self.generation_batch_size >= 1, "--generation-batch-size",
               f"must be >= 1, got {self.generation_batch_size}")

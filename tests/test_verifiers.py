@@ -4,12 +4,20 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from lightopd.data.prompts import read_prompts
 from lightopd.errors import InputError
-from lightopd.tasks.verifiers import verifier
+from lightopd.tasks.isolated import CheckerProcess
+from lightopd.tasks.verifiers import open_verifier
 from tests.helpers import last_json, run_cli, write_jsonl
 
 CHECKER = '''
@@ -56,13 +64,13 @@ def test_a_user_checker_decides_every_verdict(tiny_model, checker_file, level_pr
 def test_a_checker_by_module_name_is_imported_from_the_working_directory(checker_file, monkeypatch):
     monkeypatch.chdir(checker_file.parent)
     monkeypatch.syspath_prepend(str(checker_file.parent))
-    verify = verifier("my_checks:by_level")
-    assert verify("anything", "x", {"level": 2}, "w1") == (True, None)
-    assert verify("anything", "x", {"level": 1}, "w1") == (False, None)
+    with open_verifier("my_checks:by_level", 10) as verify:
+        assert verify("anything", "x", {"level": 2}, "w1") == (True, None)
+        assert verify("anything", "x", {"level": 1}, "w1") == (False, None)
 
 
 @pytest.mark.parametrize("name,message", [
-    ("broken", r"p.jsonl line 1: --checker .*:broken raised KeyError: 'missing'"),
+    ("broken", r"p.jsonl line 1, sample 0: --checker .*:broken raised KeyError: 'missing'"),
     ("unsure", r"returned 'maybe'; it must return a bool, a number, or a pair"),
     ("absent", r"has no function 'absent'"),
 ])
@@ -70,15 +78,161 @@ def test_a_failing_user_checker_exits_2_naming_it(tiny_model, checker_file, leve
     proc = run_cli("eval", "--model", str(tiny_model), "--prompts", str(level_prompts), "--max-new-tokens", "2",
                    "--checker", f"{checker_file}:{name}", check=False)
     assert proc.returncode == 2, proc.stderr
-    import re
-
     assert re.search(message, " ".join(proc.stderr.split())), proc.stderr
 
 
 def test_an_unimportable_checker_module_is_named(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="--checker no_such_module:f: cannot import no_such_module"):
-        verifier("no_such_module:f")
+        with open_verifier("no_such_module:f", 10):
+            pass
+
+
+UNRULY = '''
+import os, sys, time
+import numpy as np
+
+calls = 0
+
+def exits(completion, reference, metadata):
+    sys.exit(0)
+
+def dies(completion, reference, metadata):
+    os._exit(3)
+
+def hangs(completion, reference, metadata):
+    time.sleep(600)
+
+def fourth_hangs(completion, reference, metadata):
+    """Returns thrice, then writes its process id where the record says and never returns."""
+    global calls
+    calls += 1
+    if calls == 4:
+        with open(metadata["pid_file"], "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(600)
+    return True
+
+def nan(completion, reference, metadata):
+    return float("nan")
+
+def generator(completion, reference, metadata):
+    return (c for c in completion)
+
+def numpy_bool(completion, reference, metadata):
+    return np.bool_(completion == reference), np.int64(7)
+
+def numpy_score(completion, reference, metadata):
+    return np.float32(1.0 if completion == reference else 0.5)
+
+def as_told(completion, reference, metadata):
+    if metadata.get("hang"):
+        time.sleep(600)
+    if metadata.get("exit"):
+        os._exit(1)
+    return completion == reference
+'''
+
+
+@pytest.fixture
+def unruly(tmp_path):
+    path = tmp_path / "unruly.py"
+    path.write_text(UNRULY)
+    return path
+
+
+def gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie left to init counts: it runs no more)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("name,message", [
+    ("exits", "called sys.exit(0); a checker must return its verdict"),
+    ("dies", "ended the checker process (exit code 3) instead of returning a verdict"),
+    ("hangs", "did not return within 1 s; fix it or raise --checker-timeout"),
+    ("nan", "returned nan; a number it returns must be finite"),
+    ("generator", "returned a generator, which lightopd does not take back from a checker"),
+])
+def test_a_user_checker_cannot_take_lightopd_with_it(unruly, name, message):
+    start = time.monotonic()
+    with open_verifier(f"{unruly}:{name}", 1) as verify:
+        with pytest.raises(InputError, match=re.escape(f"--checker {unruly}:{name} {message}")):
+            verify("w1", "w1", {}, "w1")
+    assert time.monotonic() - start < 30
+    assert multiprocessing.active_children() == []  # the worker is reaped
+
+
+def test_numpy_bools_and_numbers_are_verdicts(unruly):
+    with open_verifier(f"{unruly}:numpy_bool", 10) as verify:
+        assert verify("w1", "w1", {}, "w1") == (True, "7") and verify("w1", "w2", {}, "w1") == (False, "7")
+    with open_verifier(f"{unruly}:numpy_score", 10) as verify:
+        assert verify("w1", "w1", {}, "w1") == (True, None) and verify("w1", "w2", {}, "w1") == (False, None)
+
+
+def test_one_worker_serves_every_call_and_a_new_one_follows_a_hang_or_a_crash(unruly):
+    with CheckerProcess(f"{unruly}:as_told", 1) as checker:
+        first = checker._process.pid
+        assert checker("w1", "w1", {}) is True and checker("w1", "w2", {}) is False
+        assert checker._process.pid == first  # one process for the whole run
+        with pytest.raises(InputError, match="did not return within 1 s"):
+            checker("w1", "w1", {"hang": True})
+        assert gone(first) and checker("w1", "w1", {}) is True
+        with pytest.raises(InputError, match=r"ended the checker process \(exit code 1\)"):
+            checker("w1", "w1", {"exit": True})
+        assert checker("w1", "w2", {}) is False
+        last = checker._process.pid
+    assert gone(last) and multiprocessing.active_children() == []
+
+
+def test_a_checker_that_exits_stops_eval_with_exit_2_naming_the_sample(tiny_model, unruly, level_prompts, tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_cli("eval", "--model", str(tiny_model), "--prompts", str(level_prompts), "--max-new-tokens", "2",
+                   "--checker", f"{unruly}:exits", "--out", str(out), check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {level_prompts} line 1, sample 0: --checker "
+                                                    f"{unruly}:exits called sys.exit(0); a checker must return its "
+                                                    "verdict")
+    assert not out.exists()
+
+
+def test_a_hanging_checker_is_ended_after_checker_timeout(tiny_model, unruly, tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "answer": "x", "pid_file": str(pid_file)}
+                                                 for p in ("w1", "w2")])
+    start = time.monotonic()
+    proc = run_cli("eval", "--model", str(tiny_model), "--prompts", str(prompts), "--max-new-tokens", "2", "--n", "2",
+                   "--checker", f"{unruly}:fourth_hangs", "--checker-timeout", "1", check=False)
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"p.jsonl line 2, sample 1: --checker {unruly}:fourth_hangs did not return within 1 s; fix it or raise " \
+           "--checker-timeout" in " ".join(proc.stderr.split())
+    assert gone(int(pid_file.read_text()))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker dies with lightopd through prctl")
+def test_a_killed_eval_leaves_no_checker_behind(tiny_model, unruly, tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w1", "answer": "x", "pid_file": str(pid_file)}])
+    proc = subprocess.Popen([sys.executable, "-m", "lightopd", "eval", "--model", str(tiny_model), "--prompts",
+                             str(prompts), "--max-new-tokens", "2", "--n", "4", "--checker", f"{unruly}:fourth_hangs",
+                             "--checker-timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        assert not gone(worker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while not gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(worker)
 
 
 def test_reasoning_gym_records_and_checker(tmp_path, tiny_model):
@@ -88,12 +242,12 @@ def test_reasoning_gym_records_and_checker(tmp_path, tiny_model):
     assert result["records"] == 6 and result["fields"] == ["answer", "id", "metadata", "question"]
     records = read_prompts(out)  # no flags: question is the prompt, answer the answer, metadata kept
     assert all(r.prompt.startswith("State the final answer") for r in records)
-    verify = verifier("reasoning-gym")
-    for r in records:
-        assert r.metadata["metadata"]["source_dataset"] == "chain_sum"
-        assert verify(f"so <answer>{r.answer}</answer>", r.answer, r.metadata, r.prompt)[0] is True
-        assert verify(f"<answer>{int(r.answer) + 1}</answer>", r.answer, r.metadata, r.prompt)[0] is False
-        assert verify(r.answer, r.answer, r.metadata, r.prompt)[0] is True  # no tag: the whole completion
+    with open_verifier("reasoning-gym", 10) as verify:
+        for r in records:
+            assert r.metadata["metadata"]["source_dataset"] == "chain_sum"
+            assert verify(f"so <answer>{r.answer}</answer>", r.answer, r.metadata, r.prompt)[0] is True
+            assert verify(f"<answer>{int(r.answer) + 1}</answer>", r.answer, r.metadata, r.prompt)[0] is False
+            assert verify(r.answer, r.answer, r.metadata, r.prompt)[0] is True  # no tag: the whole completion
     again = tmp_path / "again.jsonl"
     run_cli("prompts", "reasoning-gym:chain_sum", "--n", "6", "--seed", "3", "--out", str(again))
     assert again.read_text() == out.read_text()  # the seed fixes the records

@@ -51,7 +51,7 @@ from lightopd.provenance import tokenizer_fingerprint
 from lightopd.report import compare_results, render_eval, setting_differences
 from lightopd.specs import load_prompts
 from lightopd.tasks.checkers import reference_answer
-from lightopd.tasks.verifiers import CHECKERS, verifier
+from lightopd.tasks.verifiers import CHECKERS, Verifier, open_verifier
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -115,9 +115,9 @@ def read_checked_prompts(cfg: EvalConfig, tokenizer, info: models.ModelInfo) -> 
     return Prompts(encoded.records, encoded.ids, provenance)
 
 
-def sample_and_check(sampler: Sampler, tokenizer, prompts: Prompts, cfg: EvalConfig) -> Samples:
-    """Sample `cfg.sampling.n` completions of every prompt (rollout's engines) and check each against its answer."""
-    verify = verifier(cfg.checker)  # a checker that cannot be had fails before any sampling
+def sample_and_check(sampler: Sampler, tokenizer, prompts: Prompts, cfg: EvalConfig, verify: Verifier) -> Samples:
+    """Sample `cfg.sampling.n` completions of every prompt (rollout's engines) and check each against its answer
+    with `verify` (a checker's error names the record and the sample)."""
     records = prompts.records
     with StageProgress("eval", total=len(records) * cfg.sampling.n) as bar:
         completions = sampler.sample(prompts.ids, [r.id for r in records], cfg.sampling,
@@ -126,10 +126,13 @@ def sample_and_check(sampler: Sampler, tokenizer, prompts: Prompts, cfg: EvalCon
     results = []
     for record, ts in zip(records, texts, strict=True):
         prompt = record.prompt if record.prompt is not None else record.messages[-1]["content"]
-        try:
-            results.append([verify(t, record.answer, record.metadata, prompt) for t in ts])
-        except InputError as e:
-            raise InputError(f"{record.where}: {e}") from None
+        checked = []
+        for j, text in enumerate(ts):
+            try:
+                checked.append(verify(text, record.answer, record.metadata, prompt))
+            except InputError as e:
+                raise InputError(f"{record.where}, sample {j}: {e}") from None
+        results.append(checked)
     return Samples(completions, texts, results)
 
 
@@ -148,7 +151,7 @@ def log_samples(path: str, tokenizer, prompts: Prompts, samples: Samples, checke
                     "reference_answer": reference_answer(record.answer) if builtin else None,
                     "correct": bool(ok), "finish_reason": c.finish_reason, "completion_tokens": len(c.ids),
                     **({"metadata": record.metadata} if record.metadata else {}),
-                }, ensure_ascii=False, default=str) + "\n")
+                }, ensure_ascii=False, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -228,8 +231,8 @@ def output_lock(flag: str, out: str | None):
 
 
 def run(cfg: EvalConfig) -> dict:
-    with output_lock("--out", cfg.out), output_lock("--log-samples", cfg.log_samples):
-        return _run(cfg)
+    with output_lock("--out", cfg.out), output_lock("--log-samples", cfg.log_samples), contextlib.ExitStack() as opened:
+        return _run(cfg, opened)
 
 
 def settings(cfg: EvalConfig, prompts: Prompts | None, store: dict | None) -> dict:
@@ -247,7 +250,8 @@ def settings(cfg: EvalConfig, prompts: Prompts | None, store: dict | None) -> di
     return out
 
 
-def _run(cfg: EvalConfig) -> dict:
+def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
+    """The evaluation; `opened` holds what it opens for as long as it runs (a user checker's process)."""
     spec, sampling = cfg.model, cfg.sampling
     model_dir = models.check_model_dir(spec.path)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
@@ -255,8 +259,9 @@ def _run(cfg: EvalConfig) -> dict:
     info = engine_context(models.model_info(model_dir, tokenizer, spec.trust_remote_code), cfg.engine)
     check_engine(cfg.engine)
     prompts = None if cfg.prompts is None else read_checked_prompts(cfg, tokenizer, info)
+    verify = None  # a checker that cannot be had fails before the model is loaded
     if prompts is not None:
-        verifier(cfg.checker)  # a checker that cannot be had fails before the model is loaded
+        verify = opened.enter_context(open_verifier(cfg.checker, cfg.checker_timeout))
     store = None
     if cfg.data is not None:
         store = open_store(cfg.data, formats=(TEACHER_FORMAT,))
@@ -265,7 +270,7 @@ def _run(cfg: EvalConfig) -> dict:
     sampler = None if prompts is None else open_sampler(model_dir, spec, cfg.engine, info, cfg.generation_batch_size,
                                                         cfg.kv_cache_tokens, sampling.seed)
     if prompts is not None:
-        samples = sample_and_check(sampler, tokenizer, prompts, cfg)
+        samples = sample_and_check(sampler, tokenizer, prompts, cfg, verify)
         result.update(prompts=str(cfg.prompts.source), n=sampling.n, temperature=sampling.temperature,
                       top_p=sampling.top_p, checker=cfg.checker, prompts_evaluated=len(prompts.records),
                       **samples.metrics(sampling.n))
@@ -282,7 +287,7 @@ def _run(cfg: EvalConfig) -> dict:
     result["settings"] = settings(cfg, prompts, store)
     render_eval(result)
     if cfg.out is not None:
-        Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(cfg.out).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
 

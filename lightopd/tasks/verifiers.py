@@ -8,22 +8,23 @@
   Correct when the score is 1.
 - `MODULE:FUNCTION` or `path/to/file.py:FUNCTION`: a function of your own, called once per sample as
   `FUNCTION(completion: str, reference: str | None, metadata: dict)`, where `metadata` holds the
-  prompt record's other fields. It returns whether the completion is correct (a bool, or a number
-  that counts as correct when it is at least 1), or a pair (that, the answer it read).
-A verdict is (correct, the answer read from the completion).
+  prompt record's other fields. It returns whether the completion is correct (a bool, numpy's
+  included, or a real number, a numpy scalar included, that counts as correct when it is at least
+  1), or a pair (that, the answer it read, kept as text). It runs in a process of its own, allowed
+  a timeout per sample (isolated.py); a NaN or infinite number, or anything else, is refused.
+A verdict is (correct, the answer read from the completion). `open_verifier` gives the checker for
+as long as it is open (a user's function keeps its process that long).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-from collections.abc import Callable
-from pathlib import Path
+import contextlib
+import math
+from collections.abc import Callable, Iterator
 
 from lightopd.errors import InputError
 from lightopd.tasks.checkers import CHECKERS, check, marked
+from lightopd.tasks.isolated import CheckerProcess
 
 Verifier = Callable[[str, "str | None", dict, str], "tuple[bool, str | None]"]  # (text, answer, metadata, prompt)
 REASONING_GYM = "reasoning-gym"
@@ -31,18 +32,47 @@ NAMES = (*CHECKERS, REASONING_GYM)
 
 
 def is_checker(name: str) -> bool:
-    """Whether `name` is a checker's name, by its form (a function is only imported by `verifier`)."""
+    """Whether `name` is a checker's name, by its form (a function is only imported by `open_verifier`)."""
+    return name in NAMES or is_users(name)
+
+
+def is_users(name: str) -> bool:
+    """Whether `name` names a function of the user's (MODULE:FUNCTION or FILE.py:FUNCTION)."""
     module, _, function = name.rpartition(":")
-    return name in NAMES or bool(module and function.isidentifier())
+    return name not in NAMES and bool(module and function.isidentifier())
 
 
-def verifier(name: str) -> Verifier:
-    """The checker named `name`, ready to call; InputError if it cannot be had."""
+@contextlib.contextmanager
+def open_verifier(name: str, timeout: float) -> Iterator[Verifier]:
+    """The checker named `name`, ready to call while open; InputError if it cannot be had. A user's
+    function is imported and called in its own process, which may take `timeout` seconds a call."""
     if name in CHECKERS:
-        return lambda text, answer, metadata, prompt: check(text, answer, name)
-    if name == REASONING_GYM:
-        return _reasoning_gym()
-    return _user_function(name)
+        yield lambda text, answer, metadata, prompt: check(text, answer, name)
+    elif name == REASONING_GYM:
+        yield _reasoning_gym()
+    elif not is_users(name):
+        raise InputError(f"--checker {name}: not a checker ({', '.join(NAMES)}) nor MODULE:FUNCTION")
+    else:
+        with CheckerProcess(name, timeout) as process:
+            yield lambda text, answer, metadata, prompt: verdict(name, process(text, answer, metadata))
+
+
+def verdict(name: str, result) -> tuple[bool, str | None]:
+    """(correct, the answer read) from what the user's checker `name` returned, as plain data (numpy's bools
+    and numbers arrive as Python's); InputError if it is no verdict."""
+    given = None
+    if isinstance(result, tuple) and len(result) == 2:
+        result, given = result
+    given = given if given is None or isinstance(given, str) else str(given)
+    if isinstance(result, bool):
+        return result, given
+    if isinstance(result, (int, float)):
+        if not isinstance(result, int) and not math.isfinite(result):
+            raise InputError(f"--checker {name} returned {result}; a number it returns must be finite (correct when "
+                             "at least 1)")
+        return result >= 1, given
+    raise InputError(f"--checker {name} returned {result!r}; it must return a bool, a number, or a pair "
+                     "(one of those, the answer it read)")
 
 
 def _reasoning_gym() -> Verifier:
@@ -68,45 +98,5 @@ def _reasoning_gym() -> Verifier:
         given = tags if tags is not None else text.strip()
         entry = {"question": prompt, "answer": answer, "metadata": task_metadata}
         return float(scorers[task](given, entry)) >= 1.0, given
-
-    return verify
-
-
-def _user_function(name: str) -> Verifier:
-    where, _, function = name.rpartition(":")
-    if not where or not function.isidentifier():
-        raise InputError(f"--checker {name}: not a checker ({', '.join(NAMES)}) nor MODULE:FUNCTION")
-    try:
-        if where.endswith(".py") or os.sep in where:
-            path = Path(where)
-            if not path.is_file():
-                raise InputError(f"--checker {name}: no such file {where}")
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:  # `lightopd` is a script: make the working directory importable
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(where)
-    except InputError:
-        raise
-    except Exception as e:  # the user's module failed to import: name it and the error
-        raise InputError(f"--checker {name}: cannot import {where} ({type(e).__name__}: {e})") from None
-    fn = getattr(module, function, None)
-    if not callable(fn):
-        raise InputError(f"--checker {name}: {where} has no function {function!r}")
-
-    def verify(text: str, answer: str | None, metadata: dict, prompt: str) -> tuple[bool, str | None]:
-        try:
-            result = fn(text, answer, metadata)
-        except Exception as e:
-            raise InputError(f"--checker {name} raised {type(e).__name__}: {e}") from None
-        given = None
-        if isinstance(result, tuple) and len(result) == 2:
-            result, given = result
-        if isinstance(result, bool) or isinstance(result, (int, float)):
-            return bool(result >= 1) if not isinstance(result, bool) else result, given
-        raise InputError(f"--checker {name} returned {result!r}; it must return a bool, a number, or a pair "
-                         "(one of those, the answer it read)")
 
     return verify
