@@ -118,10 +118,48 @@ def test_sharegpt_conversations_and_chat_columns(tmp_path):
     ([{"conversations": [{"from": "gpt", "value": "w1"}]}], Mapping(), r"holds only assistant turns"),
     ([{"messages": [{"role": "user"}]}], Mapping(), r"field 'messages'\[0\] must be an object"),
     ([[1, 2]], Mapping(), r"line 1: a record must be an object"),
+    ([{"prompt": None, "answer": "3"}], Mapping(), r"line 1: field 'prompt' is null \(empty\) in this record"),
+    ([{"text": None}], Mapping(prompt="text"), r"line 1: field 'text' is null \(empty\)"),
+    ([{"prompt": "w1", "gold": None}], Mapping(answer="gold"), r"line 1: field 'gold' \(--answer-field\) is null"),
+    ([{"prompt": "w1", "answer": float("nan")}], Mapping(), r"field 'answer' \(the answer\) is nan, not an answer"),
+    ([{"messages": [{"role": "system", "content": "w1"}, {"role": "assistant", "content": "w2"}]}], Mapping(),
+     r"field 'messages' holds no user turn \(system\)"),
+    ([{"messages": [{"role": "user", "content": "w1"}, {"role": "Model", "content": "w2"}]}], Mapping(),
+     r"field 'messages'\[1\] has the role 'Model'; the roles are system, user, assistant, tool \(ShareGPT"),
 ])
 def test_bad_mappings_name_the_source_record_and_field(tmp_path, records, mapping, message):
     with pytest.raises(InputError, match=message):
         read_prompts(write_jsonl(tmp_path / "p.jsonl", records), mapping)
+
+
+def test_a_null_field_is_a_missing_one_and_known_roles_pass(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": None, "messages": [{"role": "user", "content": "w1"}], "answer": None, "note": None},
+        {"conversations": [{"from": "system", "value": "w1"}, {"from": "human", "value": "w2"},
+                           {"from": "tool", "value": "w3"}, {"from": "gpt", "value": "w4"}]}])
+    first, second = read_prompts(path)
+    assert (first.prompt, first.messages, first.answer, first.metadata) == (
+        None, ({"role": "user", "content": "w1"},), None, {})
+    assert [m["role"] for m in second.messages] == ["system", "user", "tool"]  # the trailing reply is dropped
+
+
+def test_metadata_that_is_not_finite_is_written_as_null(tmp_path, tiny_model):
+    """A NaN (a float column's missing value, or JSON's non-standard NaN) is null in the store: standard JSON."""
+    from tests.helpers import do_rollout, read_rows
+
+    pq.write_table(pa.table({"prompt": ["w1", "w2"], "score": [float("nan"), 1.5]}), tmp_path / "p.parquet")
+    assert [r.metadata for r in read_prompts(tmp_path / "p.parquet")] == [{"score": None}, {"score": 1.5}]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w1", "extra": {"v": [Infinity, 1], "w": -Infinity}}\n')
+    [record] = read_prompts(tmp_path / "p.jsonl")
+    assert record.metadata == {"extra": {"v": [None, 1], "w": None}}
+    do_rollout(tiny_model, tmp_path / "p.parquet", tmp_path / "r", max_new_tokens=2)
+
+    def strict(constant):
+        raise AssertionError(f"{constant} written into JSON")
+
+    stored = [json.loads(row["metadata"], parse_constant=strict) for row in read_rows(tmp_path / "r")]
+    assert stored == [{"score": None}, {"score": 1.5}]
+    json.loads((tmp_path / "r" / "manifest.json").read_text(), parse_constant=strict)
 
 
 def test_the_mapping_is_part_of_the_prompt_fingerprint(tmp_path, tiny_model):

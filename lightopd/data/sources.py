@@ -4,6 +4,8 @@
 - `.parquet`: read a batch of rows at a time, so a large file is never loaded whole.
 - `.csv`: streamed by pyarrow's CSV reader (an empty cell is a missing value); a cell holding a
   JSON list (a `messages` column) is parsed when that field is used.
+A table (Parquet, CSV) whose header names a column twice is refused, naming the column. A record
+keeps its missing values (null) as None: what a missing field means is fields.py's to say.
 - `hf:org/name` (with `--split`, default train, and `--subset`): a Hugging Face dataset through the
   optional `datasets` package, from the cache when it is there (with HF_HUB_OFFLINE set, only
   from the cache, and a miss names the dataset, the cache and the command that fetches it).
@@ -95,11 +97,14 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _rows(batches, path: Path) -> Iterator[tuple[str, dict]]:
+def _rows(batches, path: Path, names: list[str]) -> Iterator[tuple[str, dict]]:
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:  # a record would keep only one of the two
+        raise InputError(f"{path}: the column {twice!r} appears twice in the header; rename one of them")
     row = 0
     for batch in batches:
         for record in batch.to_pylist():
-            yield f"{path} row {row}", {k: v for k, v in record.items() if v is not None}
+            yield f"{path} row {row}", record
             row += 1
 
 
@@ -111,7 +116,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"{path}: not a readable Parquet file ({e})") from None
-    yield from _rows(pf.iter_batches(batch_size=BATCH), path)
+    yield from _rows(pf.iter_batches(batch_size=BATCH), path, pf.schema_arrow.names)
 
 
 def _csv(path: Path) -> Iterator[tuple[str, dict]]:
@@ -120,7 +125,7 @@ def _csv(path: Path) -> Iterator[tuple[str, dict]]:
 
     try:
         reader = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-        yield from _rows(reader, path)
+        yield from _rows(reader, path, reader.schema.names)
     except pa.ArrowInvalid as e:
         raise InputError(f"{path}: not a readable CSV file ({' '.join(str(e).split())})") from None
 
@@ -139,7 +144,7 @@ def _dataset_records(source: Source) -> Iterator[tuple[str, dict]]:
     dataset, _ = _load(source)
     where = source.spec + (f" ({source.split})" if source.split else "")
     for row, record in enumerate(dataset):
-        yield f"{where} row {row}", {k: v for k, v in record.items() if v is not None}
+        yield f"{where} row {row}", record
 
 
 def _load(source: Source):
