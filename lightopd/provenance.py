@@ -99,7 +99,7 @@ def read_provenance(path: str | Path) -> dict | None:
 
 
 def write_provenance(path: str | Path, record: dict) -> None:
-    (Path(path) / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+    (Path(path) / PROVENANCE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def named(model: dict) -> str:

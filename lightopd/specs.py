@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,8 +196,8 @@ class RenderSpec:
     def template_kwargs(self) -> dict:
         if self.chat_template_kwargs is None:
             return {}
-        try:
-            kwargs = json.loads(self.chat_template_kwargs)
+        try:  # standard JSON only: it is written into the store's manifest
+            kwargs = json.loads(self.chat_template_kwargs, parse_constant=_not_standard, parse_float=_finite_float)
         except json.JSONDecodeError as e:
             raise InputError(f"--chat-template-kwargs: not JSON ({e.msg} at column {e.colno})") from None
         check(isinstance(kwargs, dict), "--chat-template-kwargs",
@@ -205,6 +206,17 @@ class RenderSpec:
 
     def chat_settings(self) -> ChatSettings:
         return ChatSettings(self.chat, self.system_prompt, self.template_kwargs())
+
+
+def _not_standard(constant: str):
+    raise InputError(f"--chat-template-kwargs: {constant} is not standard JSON (JSON numbers are finite)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InputError(f"--chat-template-kwargs: {text} is not a finite number (JSON numbers are finite)")
+    return value
 
 
 def load_prompts(prompts: SourceSpec, render: RenderSpec, limit: int | None, tokenizer, eos_ids: list[int],

@@ -148,6 +148,6 @@ def run(cfg: DemoConfig) -> dict:
         "format_accuracy": {name: results[name]["format_accuracy"] for name in MODELS},
         "seconds": seconds,
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "demo.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 

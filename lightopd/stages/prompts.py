@@ -5,7 +5,8 @@ task's own fields, `question`, `answer` and `metadata` (which names the task, fo
 `eval --checker reasoning-gym`), plus an `id`. Any other source (a file, a Hugging Face dataset)
 is read with its field mapping, and each record is written under the names lightopd recognises
 (`id`, `prompt` or `messages`, `answer`) with its other fields beside them, so the file needs no
-flags later. The file is written whole or not at all, and never over an existing one.
+flags later. The file is written whole or not at all, and never over an existing one, as standard
+JSON: a number that is not finite (NaN, ±inf), in a task's metadata too, is written as null.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 
 from lightopd.config import PromptsConfig
-from lightopd.data.fields import RECOGNISED
+from lightopd.data.fields import RECOGNISED, finite
 from lightopd.data.prompts import read_prompts
 from lightopd.errors import InputError
 
@@ -68,7 +69,7 @@ def run(cfg: PromptsConfig) -> dict:
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w") as f:
         for record in records:
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            f.write(json.dumps(finite(record), ensure_ascii=False, default=str, allow_nan=False) + "\n")
     os.replace(tmp, out)
     return {"command": "prompts", "source": spec, "out": str(out), "records": len(records),
             "fields": sorted({k for r in records for k in r})}

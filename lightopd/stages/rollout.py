@@ -30,8 +30,9 @@ from lightopd.specs import load_prompts
 
 
 def metadata_json(metadata: dict) -> str | None:
-    """A record's other fields as JSON text (values JSON has no type for, such as dates, as text)."""
-    return json.dumps(metadata, ensure_ascii=False, default=str) if metadata else None
+    """A record's other fields as standard JSON text (values JSON has no type for, such as dates, as text;
+    a number that is not finite was made null when the record was read: fields.py)."""
+    return json.dumps(metadata, ensure_ascii=False, default=str, allow_nan=False) if metadata else None
 
 
 def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, int]:
