@@ -364,6 +364,35 @@ CASES = [
     Case("hub dataset without a name", lambda e: rollout(e, "hf:"), 2, "--prompts hf:: not a Hugging Face dataset id"),
     Case("hub dataset that is a path", lambda e: rollout(e, "hf:/etc"), 2, "--prompts hf:/etc: not a Hugging Face"),
     # ---- checkers and prompt records ----
+    Case("checker timeout of zero", lambda e: evaluate(e, "--checker", "c.py:judge", "--checker-timeout", "0"), 2,
+         "--checker-timeout: must be > 0"),
+    Case("checker timeout of nan", lambda e: evaluate(e, "--checker", "c.py:judge", "--checker-timeout", "nan"), 2,
+         "--checker-timeout: must be a finite number"),
+    Case("checker timeout with a built-in checker", lambda e: evaluate(e, "--checker-timeout", "5"), 2,
+         "--checker-timeout: only with a checker of your own"),
+    Case("checker that exits on import", lambda e: evaluate(
+        e, "--checker", _write(e, "import sys\nsys.exit(0)\n", "quits.py") + ":judge"), 2,
+        "quits.py:judge: importing"),
+    Case("checker that hangs on import", lambda e: evaluate(
+        e, "--checker", _write(e, "import time\ntime.sleep(600)\n", "slow.py") + ":judge", "--checker-timeout", "1"), 2,
+        "slow.py:judge did not finish importing within 1 s; fix it or raise --checker-timeout"),
+    Case("csv column twice", lambda e: rollout(e, _write(e, "prompt,answer,prompt\nw1,2,w3\n", "p.csv")), 2,
+         "p.csv: the column 'prompt' appears twice"),
+    Case("null prompt in parquet", lambda e: rollout(e, _parquet(e, {"prompt": ["w1", None], "answer": ["3", "4"]})),
+         2, "p.parquet row 1: field 'prompt' is null (empty) in this record"),
+    Case("unknown chat role", lambda e: rollout(e, e.jsonl([{"messages": [
+        {"role": "user", "content": "w1"}, {"role": "wizard", "content": "w2"}]}])), 2,
+        "line 1: field 'messages'[1] has the role 'wizard'; the roles are system, user, assistant, tool"),
+    Case("unknown sharegpt speaker", lambda e: rollout(e, e.jsonl([{"conversations": [
+        {"from": "alien", "value": "w1"}]}])), 2, "line 1: field 'conversations'[0] is a turn from 'alien'"),
+    Case("empty prompt", lambda e: rollout(e, e.jsonl([{"prompt": "w1"}, {"prompt": ""}])), 2,
+         "line 2: field 'prompt' (the prompt) is empty"),
+    Case("white space prompt", lambda e: rollout(e, e.jsonl([{"question": " \n\t"}])), 2,
+         "line 1: field 'question' (the prompt) is white space only"),
+    Case("system turn only", lambda e: rollout(e, e.jsonl([{"messages": [{"role": "system", "content": "w1"}]}])), 2,
+         "line 1: field 'messages' holds no user turn"),
+    Case("chat template kwargs with NaN", lambda e: rollout(e, e.prompts, "--chat-template-kwargs", '{"x": NaN}'), 2,
+         "--chat-template-kwargs: NaN is not standard JSON"),
     # ---- checkpoints, the final model and LoRA ----
 ]
 
@@ -389,6 +418,14 @@ def _write(e: Env, content: str | bytes, name: str = "p.jsonl") -> str:
     path = e.tmp / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return str(path)
+
+
+def _parquet(e: Env, columns: dict, name: str = "p.parquet") -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), e.tmp / name)
+    return str(e.tmp / name)
 
 
 def _cfg_only(e: Env) -> Path:
