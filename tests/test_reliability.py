@@ -108,6 +108,8 @@ def test_resume_may_raise_steps_and_change_how_often_it_saves(checkpointed, cons
 
 def test_resume_drops_a_metrics_line_cut_short_and_refuses_damage_elsewhere(checkpointed, consistent_student,
                                                                            teacher_store, monkeypatch, capsys):
+    """As if killed while logging step 5 of a longer run: no final model, the step-4 checkpoint lost."""
+    (checkpointed / "lightopd.json").unlink()
     shutil.rmtree(checkpointed / "checkpoints" / "step-4")
     lines = (checkpointed / "metrics.jsonl").read_text().splitlines()
     (checkpointed / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "lo')  # a kill mid-write
@@ -115,6 +117,7 @@ def test_resume_drops_a_metrics_line_cut_short_and_refuses_damage_elsewhere(chec
                                                         "--steps", "4", "--save-every", "1", "--resume"))
     assert code == 0, err
     assert [m["step"] for m in metrics(checkpointed)] == [1, 2, 3, 4]
+    (checkpointed / "lightopd.json").unlink()
     shutil.rmtree(checkpointed / "checkpoints" / "step-4")
     lines = (checkpointed / "metrics.jsonl").read_text().splitlines()
     (checkpointed / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")

@@ -35,6 +35,7 @@ def test_a_resumed_run_logs_each_step_once(consistent_student, teacher_store, tm
     do_train(consistent_student, teacher_store, tmp_path / "out", **kw)
     shutil.rmtree(tmp_path / "out" / "checkpoints" / "step-4")  # as if it died after logging step 4 unsaved
     (tmp_path / "out" / "model.safetensors").unlink()
+    (tmp_path / "out" / "lightopd.json").unlink()  # written last: a killed run has none
     result, _ = do_train(consistent_student, teacher_store, tmp_path / "out", resume=True, **kw)
     assert result["resumed_from"] == "step-2"
     logged = scalars(tmp_path / "out" / "tensorboard")["train/loss"]

@@ -17,10 +17,16 @@ from lightopd.hub import locate
 
 def check_model_dir(path: str | Path, what: str = "--model") -> Path:
     """The model's local directory (a Hub id is resolved through the cache first); InputError unless
-    it holds a config and sound safetensors weights."""
+    it holds a config and sound safetensors weights, or if it is a train run that did not finish."""
+    from lightopd.provenance import PROVENANCE
+
     p = locate(str(path), what).path
     if not p.is_dir():
         raise InputError(f"{what} {path}: no such model directory, and not a Hub id (org/name) either")
+    if unfinished_run(p):
+        raise InputError(f"{what} {path} is a lightopd train run that did not finish (it has no {PROVENANCE}, which a "
+                         f"run writes last, after its model): resume it with `lightopd train … --out {path} --resume` "
+                         "(the run's own command plus --resume), or wait if it is still running")
     if not (p / "config.json").is_file():
         if (p / "adapter_config.json").is_file():
             raise InputError(f"{what} {path}: a LoRA adapter, not a model; train with --merge-lora to write the "
@@ -31,11 +37,43 @@ def check_model_dir(path: str | Path, what: str = "--model") -> Path:
             f"{what} {path}: no *.safetensors weights; lightopd loads weights only from safetensors "
             "(convert pickled .bin checkpoints first)"
         )
-    for f in weight_files(p):
+    problem = weights_problem(p)
+    if problem:
+        raise InputError(f"{what} {path}: {problem}; re-download or re-save the model")
+    return p
+
+
+def weights_problem(path: Path) -> str | None:
+    """What is wrong with a model directory's safetensors files (none; one truncated or not safetensors;
+    a file its index lists missing), read from their headers alone; None if they are sound."""
+    files = weight_files(path)
+    if not files:
+        return "it holds no *.safetensors weights"
+    for f in files:
         problem = safetensors_problem(f)
         if problem:
-            raise InputError(f"{what} {path}: {f.name} is {problem}; re-download or re-save the model")
-    return p
+            return f"{f.name} is {problem}"
+    for index in path.glob("*.safetensors.index.json"):
+        try:
+            listed = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            listed = None
+        if listed is None or not all(isinstance(name, str) for name in listed):
+            return f"{index.name} is not a readable safetensors index"
+        missing = sorted(name for name in listed if not (path / name).is_file())
+        if missing:
+            return f"{missing[0]}, listed in {index.name}, is missing"
+    return None
+
+
+def unfinished_run(path: Path) -> bool:
+    """Whether `path` is the --out of a train run that has not written its final model: it holds the
+    run's metrics or checkpoints but no provenance file, which a run moves into place after every
+    file of its model (training/checkpoints.py: publish_model)."""
+    from lightopd.provenance import PROVENANCE
+
+    ran = (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir()
+    return ran and not (path / PROVENANCE).is_file()
 
 
 def safetensors_problem(path: Path) -> str | None:

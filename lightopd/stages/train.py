@@ -4,10 +4,11 @@ Every check runs before the student is loaded: the store is complete and offers 
 objective requires (its columns, enough samples per prompt, sampled rather than greedy rollouts
 when the objective reads behaviour probabilities), the student's vocabulary is the store's, the
 teacher-consistency gate passes, an on-policy objective trains on the student's own rollouts (a
-warning otherwise), `--out` is new (or `--resume` finds a checkpoint made the same way). The
-student's softmax temperature defaults to the store's sampling temperature and its policy is cut
-to the store's top-p, so before any update lq_y = ℓμ. Then the trainer (training/trainer.py)
-runs the loop (training/loop.py). Under torchrun every rank runs this; rank 0 alone writes.
+warning otherwise), `--out` is new (or `--resume` finds a whole checkpoint made the same way, and
+continues a finished run only to more steps: training/resume.py). The student's softmax
+temperature defaults to the store's sampling temperature and its policy is cut to the store's
+top-p, so before any update lq_y = ℓμ. Then the trainer (training/trainer.py) runs the loop
+(training/loop.py). Under torchrun every rank runs this; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,12 +49,13 @@ from lightopd.provenance import (
     tokenizer_fingerprint,
 )
 from lightopd.training import distributed
-from lightopd.training.checkpoints import check_resumable, latest_checkpoint, load_state, restore, saved_dtype
+from lightopd.training.checkpoints import remove_leftovers, restore, saved_dtype
 from lightopd.training.distributed import World
 from lightopd.training.loop import Run, fit
 from lightopd.training.lora import add_adapters, check_lora
 from lightopd.training.lora import settings as lora_settings
 from lightopd.training.parallel import Source
+from lightopd.training.resume import check_resumable, choose, finished_steps
 from lightopd.training.trackers import check_installed, trackers_of
 from lightopd.training.trainer import TrainData, Trainer
 
@@ -183,9 +186,19 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     if needs.on_policy:
         check_on_policy(cfg, objective.name, manifest, student, parent)
     out = Path(cfg.out)
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
+    if world.main:
+        remove_leftovers(out)  # this run holds --out's lock: the run that left them is dead
+    finished = finished_steps(out) if cfg.resume else None
+    choice = choose(out) if cfg.resume else None
+    resume_from = choice.path if choice is not None else None
+    if cfg.resume and choice is None:
+        if finished is not None:
+            raise InputError(f"--resume: {out} holds a finished run ({finished} steps; its model is {out} itself) and "
+                             "no checkpoint to continue it from; train into a new --out")
         warn(f"--resume: no checkpoint in {out}/checkpoints; starting from the beginning")
+    for skipped, problem in choice.skipped if choice is not None else ():
+        warn(f"--resume: checkpoint {skipped.name} {problem}; resuming from {resume_from.name} instead "
+             f"({skipped.name} is removed when training starts)")
     if not cfg.resume and out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise InputError(f"--out {out}: already holds files; pass --resume to continue its run, "
                          "or choose another --out")
@@ -214,8 +227,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         "lora": lora_settings(cfg) if cfg.lora_rank else None,
     }
     state = None
-    if resume_from is not None:
-        state = load_state(resume_from)
+    if choice is not None:
+        state = choice.state
         other_world = check_resumable(state, resume_from, world, cfg.fsdp and world.active)
         if other_world and world.main:
             warn(other_world)
@@ -225,7 +238,14 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
             raise InputError(f"--resume: {resume_from} was made with other settings ({'; '.join(differences)}). "
                              "Resume with the checkpoint's settings, or train into a new --out; only "
                              f"{', '.join('--' + k.replace('_', '-') for k in MAY_CHANGE_ON_RESUME)} may change")
+        if finished is not None and objective.total_steps <= finished:
+            raise InputError(f"--resume: {out} holds a finished run of {finished} steps (its model is {out} itself); "
+                             f"raise --steps or --epochs past {finished} to continue it from {resume_from.name}, or "
+                             "train into a new --out")
     world.barrier()  # every rank has passed every check before rank 0 writes anything
+    if world.main and choice is not None:
+        for skipped, _ in choice.skipped:  # else pruning could keep them in place of whole checkpoints
+            shutil.rmtree(skipped, ignore_errors=True)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

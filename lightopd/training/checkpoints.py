@@ -1,10 +1,13 @@
-"""Checkpoints: plain Hugging Face model directories plus `trainer_state.pt`, written atomically.
+"""Checkpoints and the final model: plain Hugging Face model directories, written atomically.
 
 `OUT/checkpoints/step-N/` holds the model (safetensors, config, tokenizer, lightopd.json) and the
 state that makes `--resume` reproduce the uninterrupted run: optimizer, scheduler, the objective's
 carried state, the data cursor and every rank's RNG states. A checkpoint is written to a
-temporary directory and renamed into place, so a kill -9 never leaves half of one. The state is
-read back with `torch.load(weights_only=True)`.
+temporary directory and renamed into place, so a kill -9 never leaves half of one; a write that
+fails removes its temporary directory. The final model goes into OUT itself, its lightopd.json
+last (publish_model), so a kill -9 never leaves a model that looks finished. A run that holds
+OUT's lock removes the temporaries a killed run left there (remove_leftovers). resume.py reads
+checkpoints back and decides which one may be trusted.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from pathlib import Path
 import torch
 
 from lightopd.errors import InputError
-from lightopd.provenance import write_provenance
-from lightopd.training.distributed import World
+from lightopd.provenance import PROVENANCE, write_provenance
 
 STATE = "trainer_state.pt"
 SHARDED = "sharded"  # under FSDP: every rank's shards of weights and optimizer (torch.distributed.checkpoint)
 SHARD_SIZE = "5GB"  # safetensors files of the saved models
+MODEL_STAGING = ".model.tmp"  # in OUT: the final model's files before they are moved into place
+RUN_FILES = ("metrics.jsonl",)  # files of OUT that are the run's, not its model's
 
 
 def saved_dtype(model_dir: Path) -> torch.dtype:
@@ -66,12 +70,17 @@ def _tied_names(model) -> set[str]:
     return tied
 
 
+def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
+    """The `step-N` directories of `out`'s checkpoints, oldest first (whole or not)."""
+    found = [(int(p.name[5:]), p) for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit() and p.is_dir()]
+    return sorted(found)
+
+
 def prune_checkpoints(out: Path, keep: int | None) -> None:
     """Deletes all but the newest `keep` checkpoints (None: keeps them all)."""
     if not keep:
         return
-    found = sorted((int(p.name[5:]), p) for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit())
-    for _, path in found[:-keep]:
+    for _, path in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(path)
 
 
@@ -101,21 +110,58 @@ def publish(out: Path, step: int, state: dict) -> Path:
 
 def save_checkpoint(out: Path, step: int, write: Callable[[Path], None], state: dict) -> Path:
     """OUT/checkpoints/step-N: the model files `write(directory)` writes, and the trainer state;
-    written to a temporary directory and renamed: never half a checkpoint."""
-    write(staging(out, step))
-    return publish(out, step, state)
+    written to a temporary directory and renamed: never half a checkpoint. A write that fails (a full
+    disk) removes the temporary directory before the error goes on."""
+    try:
+        write(staging(out, step))
+        return publish(out, step, state)
+    except BaseException:
+        shutil.rmtree(staged(out, step), ignore_errors=True)
+        raise
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    found = []
-    for path in (out / "checkpoints").glob("step-*"):
-        if path.name[5:].isdigit() and (path / STATE).is_file():
-            found.append((int(path.name[5:]), path))
-    return max(found)[1] if found else None
+    """The newest checkpoint directory (for messages; resume.choose picks the newest whole one)."""
+    found = checkpoint_dirs(out)
+    return found[-1][1] if found else None
 
 
-def load_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / STATE, weights_only=True, map_location="cpu")
+def publish_model(out: Path, write: Callable[[Path], None]) -> None:
+    """The final model in OUT, as atomic as a checkpoint although OUT also holds the run's metrics and
+    checkpoints. `write(directory)` writes every file of the model, lightopd.json included, into
+    OUT/.model.tmp; then OUT's lightopd.json goes (OUT is an unfinished run from here on), the model's
+    files are renamed into OUT, files of an earlier final model that the new one lacks are removed,
+    and lightopd.json is renamed in last. So OUT holds lightopd.json only beside a whole model of its
+    own, and a kill at any moment leaves either the earlier state or a run that model loading reports
+    as unfinished (engine.models.unfinished_run), never a model that looks finished. A write that
+    fails removes OUT/.model.tmp before the error goes on."""
+    tmp = out / MODEL_STAGING
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        (out / PROVENANCE).unlink(missing_ok=True)
+        new = {p.name for p in tmp.iterdir()}
+        for path in out.iterdir():
+            if path.is_file() and path.name not in new and path.name not in RUN_FILES and not path.name.startswith("."):
+                path.unlink()  # of an earlier final model (a finished run resumed to more steps, now merged, ...)
+        for name in sorted(new - {PROVENANCE}):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            (tmp / name).replace(out / name)
+        (tmp / PROVENANCE).replace(out / PROVENANCE)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_leftovers(out: Path) -> None:
+    """Removes the temporaries (a staged checkpoint, a staged final model) that a killed run left in
+    `out`. Only a run that holds `out`'s lock calls it: the run that made them is then dead."""
+    shutil.rmtree(out / MODEL_STAGING, ignore_errors=True)
+    for tmp in (out / "checkpoints").glob(".step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def trainer_state(trainer, step: int, cursor: int) -> dict:
@@ -142,32 +188,22 @@ def trainer_state(trainer, step: int, cursor: int) -> dict:
 def restore(trainer, state: dict, checkpoint: Path) -> int:
     """Restores this rank's share of `state` (and, under FSDP, of the checkpoint's shards: weights
     and optimizer) into `trainer`; returns the data cursor. A rank the checkpoint's run did not
-    have takes rank 0's RNG states (see check_resumable)."""
-    if state["optimizer"] is None:
-        trainer.parallel.load_sharded(trainer.optimizer, checkpoint / SHARDED)
-    else:
-        trainer.parallel.load_optimizer_state(trainer.optimizer, state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    ranks = state["ranks"]
-    mine = ranks[trainer.world.rank] if trainer.world.rank < len(ranks) else ranks[0]
-    torch.set_rng_state(mine["torch_rng"])
-    if mine["cuda_rng"]:
-        torch.cuda.set_rng_state_all(mine["cuda_rng"])
-    random.setstate(mine["python_rng"])
-    trainer.objective.load_state_dict(state["objective"])
+    have takes rank 0's RNG states (see resume.check_resumable). A state that does not fit the
+    trainer (another model's optimizer state, a malformed RNG state) is an InputError naming it."""
+    try:
+        if state["optimizer"] is None:
+            trainer.parallel.load_sharded(trainer.optimizer, checkpoint / SHARDED)
+        else:
+            trainer.parallel.load_optimizer_state(trainer.optimizer, state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        ranks = state["ranks"]
+        mine = ranks[trainer.world.rank] if trainer.world.rank < len(ranks) else ranks[0]
+        torch.set_rng_state(mine["torch_rng"])
+        if mine["cuda_rng"]:
+            torch.cuda.set_rng_state_all(mine["cuda_rng"])
+        random.setstate(tuple(mine["python_rng"]))
+        trainer.objective.load_state_dict(state["objective"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise InputError(f"--resume: checkpoint {checkpoint.name} does not fit this run: its {STATE} cannot be "
+                         f"restored ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
     return state["cursor"]
-
-
-def check_resumable(state: dict, checkpoint: Path, world: World, fsdp: bool) -> str | None:
-    """Refuses what cannot resume; returns a warning for what resumes differently (None: nothing)."""
-    if "cursor" not in state:
-        raise InputError(f"--resume: {checkpoint} was written by an earlier lightopd whose data order depended on "
-                         "the world size; resume it with that release, or train into a new --out")
-    if state["fsdp"] != fsdp:
-        raise InputError(f"--resume: {checkpoint} was written {'with' if state['fsdp'] else 'without'} --fsdp; "
-                         "resume it the same way (its optimizer state is laid out for that)")
-    if state["world_size"] != world.size:
-        return (f"--resume: {checkpoint} was written by {state['world_size']} rank(s) and this run has {world.size}; "
-                "the data order continues unchanged, but per-rank random streams cannot (they matter only with "
-                "--dropout), and sums over ranks round differently, so the result is not bit-identical")
-    return None

@@ -4,8 +4,9 @@
 grad_norm, the diagnostics, what the objective reports, tokens_per_s), and the `--report-to`
 trackers (trackers.py) get the same numbers; a resumed run first drops
 the lines of steps after its checkpoint. A step with a non-finite loss or gradient stops the run
-with TrainingError naming the last good checkpoint, and no final model is written. Under torchrun
-every rank runs the loop; rank 0 alone writes.
+with TrainingError naming the last good checkpoint, and no final model is written. The final model
+is moved into OUT with its lightopd.json last (checkpoints.publish_model). Under torchrun every
+rank runs the loop; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lightopd.training.checkpoints import (
     latest_checkpoint,
     prune_checkpoints,
     publish,
+    publish_model,
     save_checkpoint,
     save_model,
     staged,
@@ -160,13 +162,18 @@ def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool
                 staging(run.out, step)
             world.barrier()
             tmp = staged(run.out, step)
-            trainer.parallel.save_sharded(trainer.optimizer, tmp / SHARDED)
-            world.barrier()
-            if world.main:
-                trainer.model.config.save_pretrained(tmp)
-                run.tokenizer.save_pretrained(tmp)
-                write_provenance(tmp, provenance)
-                publish(run.out, step, state)
+            try:
+                trainer.parallel.save_sharded(trainer.optimizer, tmp / SHARDED)
+                world.barrier()
+                if world.main:
+                    trainer.model.config.save_pretrained(tmp)
+                    run.tokenizer.save_pretrained(tmp)
+                    write_provenance(tmp, provenance)
+                    publish(run.out, step, state)
+            except BaseException:
+                if world.main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
         elif world.main:
             save_checkpoint(run.out, step, lambda d: _write_model(trainer, run, None, d, provenance, False), state)
         if world.main:
@@ -174,7 +181,8 @@ def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool
     if final:
         weights = trainer.parallel.model_state()
         if world.main:
-            _write_model(trainer, run, weights, run.out, {**run.provenance, "steps": step}, True)
+            publish_model(run.out, lambda d: _write_model(trainer, run, weights, d, {**run.provenance, "steps": step},
+                                                          True))
 
 
 def _write_model(trainer: Trainer, run: Run, weights: dict | None, directory: Path, provenance: dict,
