@@ -135,3 +135,77 @@ def test_fsdp_trains_the_adapter_of_one_process_resumes_exactly_and_merges(consi
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0)
+
+
+def llama4_student(path):
+    """A tiny Llama 4 text model with the store's vocabulary: every layer an MoE block with a router (a Linear
+    subclass that returns a tuple), 2 routed experts stored stacked, and a shared expert."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from lightopd.tiny import default_words, make_tokenizer
+
+    tokenizer = make_tokenizer(default_words(40))
+    torch.manual_seed(0)
+    config = Llama4TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32,
+                              intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                              interleave_moe_layer_step=1, max_position_embeddings=64, bos_token_id=1,
+                              eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    Llama4ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_lora_on_a_llama4_moe_student_leaves_its_routers_out(teacher_store, tmp_path, capsys):
+    student = llama4_student(tmp_path / "llama4")
+    result, _ = do_train(student, teacher_store, tmp_path / "out", steps=1, lora_rank=4, **KW)
+    assert result["steps"] == 1 and metrics(tmp_path / "out")[0]["loss"] == pytest.approx(result["final_loss"])
+    trained = adapter(tmp_path / "out")
+    assert not any("router" in k for k in trained), "a router returns a tuple: no adapter can wrap it"
+    assert any("shared_expert.gate_proj" in k for k in trained) and any("self_attn.q_proj" in k for k in trained)
+    assert "pattern keys did not match" not in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"--lora-target-modules q_proj,router: model\.layers\.0\.feed_forward\."
+                                         r"router is the router of an MoE block \(Llama4Router\)"):
+        do_train(student, teacher_store, tmp_path / "named", steps=1, lora_rank=4,
+                 lora_target_modules="q_proj,router", **KW)
+
+
+def tiny_moe(kind: str):
+    """A tiny Mixtral or DeepSeek-V3 (stacked routed experts; DeepSeek-V3 with a dense first layer and shared
+    experts, whose linear layers are named as transformers 4's experts were)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    common = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=2, num_experts_per_tok=1))
+    return DeepseekV3ForCausalLM(DeepseekV3Config(
+        **common, n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, first_k_dense_replace=1,
+        n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+        v_head_dim=8))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "deepseek_v3"])
+def test_default_targets_of_moe_models_leave_routers_out_and_peft_notes_stay_quiet(kind, capsys):
+    import warnings
+
+    from lightopd.layering import train_settings
+    from lightopd.training.lora import adapted_modules, add_adapters
+
+    cfg, _ = train_settings({"student": "s", "data": "d", "out": "o", "lora_rank": 4}, None, [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = add_adapters(tiny_moe(kind), cfg)
+    assert not [w for w in caught if "pattern" in str(w.message)], [str(w.message) for w in caught]
+    on = {name: type(module).__name__ for name, module, _ in adapted_modules(model.get_base_model())}
+    assert not any("Router" in kind_ for kind_ in on.values()) and "model.layers.1.mlp.gate" not in on
+    assert "model.layers.1.self_attn.o_proj" in on
+    err = capsys.readouterr().err
+    if kind == "mixtral":  # its experts are stacked weights, not linear layers: attention alone
+        assert all(".self_attn." in name for name in on) and not err
+        return
+    # peft moved the dense and shared-expert MLP layers' adapters onto the routed experts, and says so through us
+    assert "model.layers.0.mlp.gate_proj" not in on and "model.layers.1.mlp.experts" in on
+    assert "peft takes 6 of this deepseek_v3 student's linear layers" in err and "rank 8" in err
+    gate_up = dict(model.get_base_model().named_modules())["model.layers.1.mlp.experts.base_layer"]
+    assert gate_up.lora_A["default"].weight.shape[0] == 2 * 8, "rank 2R for each of the 2 experts: the pattern applied"

@@ -265,7 +265,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         peft_model = add_adapters(model, cfg) if cfg.lora_rank else None  # (a checkpoint's: after sharding)
         if peft_model is not None:
             model = peft_model.get_base_model()
-            full = add_adapters(full, cfg).get_base_model() if full is not None else None
+            full = add_adapters(full, cfg, quiet=True).get_base_model() if full is not None else None
         source = Source(device, full)
     else:
         model = models.load_model(weights_from, device, dtype, spec.trust_remote_code, "--student",
