@@ -7,7 +7,9 @@ extracted answer. Agreement is measured on the store's own rows: tail-bucket rev
 KL over the teacher's top-k, k1 (the sampled estimate of reverse KL) and top-1 agreement, each a
 mean over completion tokens. `--limit N` keeps the first N prompt records, and the rows of the
 store's first N prompts. The result records the settings it was made with (`settings`), which
-`--compare` checks; `--log-samples` writes every sample with its verdict (JSONL).
+`--compare` checks; `--log-samples` writes every sample with its verdict (JSONL). A checker of the
+user's runs in one worker process of its own, started before the model is loaded and ended with
+the run (tasks/isolated.py); its failures name the record and the sample.
 """
 
 from __future__ import annotations

@@ -1,2 +1,3 @@
 """Verifiable tasks: answer checkers (checkers.py), the verifier eval picks by name (verifiers.py),
-and the bundled demo task (addition.py) with its shipped teachers."""
+a user's checker in a worker process of its own (isolated.py), and the bundled demo task
+(addition.py) with its shipped teachers."""

@@ -164,8 +164,11 @@ class CheckerProcess:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:
+            self.close()
+        else:  # the run failed or was interrupted, maybe mid-call: the worker need not finish anything
+            self._kill()
 
     def start(self) -> None:
         """Start the worker and wait until it has imported the function (InputError if it cannot)."""
@@ -175,7 +178,11 @@ class CheckerProcess:
         process.start()
         theirs.close()
         self._process, self._conn = process, ours
-        self._reply(f"did not finish importing within {self.timeout:g} s")
+        try:
+            self._reply(f"did not finish importing within {self.timeout:g} s")
+        except BaseException:  # Ctrl-C while it imports, say: no worker is left behind
+            self._kill()
+            raise
 
     def __call__(self, completion: str, reference: str | None, metadata: dict):
         """What the function returned for one sample; InputError if it did not return (see the module docstring)."""
