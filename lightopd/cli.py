@@ -45,7 +45,10 @@ GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # click's ParameterSource names (typer v
 
 
 def _emit(result: dict) -> None:
-    sys.stdout.write(json.dumps(result) + "\n")
+    """The command's one JSON line: standard JSON, a number that is not finite written as null."""
+    from lightopd.data.fields import finite
+
+    sys.stdout.write(json.dumps(finite(result), allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

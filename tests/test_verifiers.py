@@ -116,6 +116,10 @@ def fourth_hangs(completion, reference, metadata):
 def nan(completion, reference, metadata):
     return float("nan")
 
+def chatty(completion, reference, metadata):
+    print("checking", completion)
+    return True
+
 def generator(completion, reference, metadata):
     return (c for c in completion)
 
@@ -197,6 +201,13 @@ def test_a_checker_that_exits_stops_eval_with_exit_2_naming_the_sample(tiny_mode
                                                     f"{unruly}:exits called sys.exit(0); a checker must return its "
                                                     "verdict")
     assert not out.exists()
+
+
+def test_what_a_checker_prints_goes_to_stderr_and_stdout_keeps_one_json_line(tiny_model, unruly, level_prompts):
+    proc = run_cli("eval", "--model", str(tiny_model), "--prompts", str(level_prompts), "--max-new-tokens", "2",
+                   "--checker", f"{unruly}:chatty")
+    assert len(proc.stdout.splitlines()) == 1 and json.loads(proc.stdout)["command"] == "eval"
+    assert "checking" in proc.stderr
 
 
 def test_a_hanging_checker_is_ended_after_checker_timeout(tiny_model, unruly, tmp_path):

@@ -148,7 +148,7 @@ class StoreWriter:
         self.format = fmt
         self.num_shards = num_shards
         self.created = False  # this writer made the store: `discard` may remove it
-        self.layout = {LAYOUT_KEY: json.dumps(shard_layout({"format": fmt, **metadata})).encode()}
+        self.layout = {LAYOUT_KEY: json.dumps(shard_layout({"format": fmt, **metadata}), allow_nan=False).encode()}
         manifest_path = self.directory / MANIFEST
         if self.directory.exists() and not self.directory.is_dir():
             raise InputError(f"{self.directory}: exists and is not a directory")

@@ -6,7 +6,7 @@ opens it once, before any model is loaded, and rollout can compute rewards throu
 object. Each call sends the worker (completion, reference, metadata) and waits at most `timeout`
 seconds for what the function returned, which comes back as it is (verifiers.py reads the
 verdict). Whatever the function, or its module's import, does, lightopd goes on to say so, as
-InputError naming the checker:
+InputError naming the checker (what it prints goes to stderr, so stdout keeps lightopd's one JSON line):
 - it raises: the exception;
 - it calls sys.exit (SystemExit, whatever the code): a checker must return its verdict;
 - it does not return within `timeout` (nor finish importing): the worker is killed, and the
@@ -93,6 +93,10 @@ def _serve(name: str, parent: int, conn, other_end) -> None:
     the lightopd end of the pipe closes."""
     other_end.close()  # a forked worker's copy of lightopd's end: without it, EOF would never come
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, ValueError):  # what a checker prints is log, never lightopd's JSON on stdout
+        sys.stdout.flush()
+        os.dup2(sys.stderr.fileno(), 1)
+    sys.stdout = sys.stderr
     _die_with(parent)
     with contextlib.suppress(EOFError, OSError):  # lightopd has gone: so does the worker, without a word
         try:
