@@ -94,3 +94,14 @@ def weights(directory) -> dict:
 
 def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+class Exploit:
+    """What an attacker pickles into a file lightopd reads: unpickling it would run a shell command that
+    creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

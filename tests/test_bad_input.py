@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from lightopd.data.store import ROLLOUT_FORMAT
 from lightopd.data.writer import StoreWriter
 from lightopd.tiny import default_words, make_model
-from tests.helpers import cli, do_rollout, do_score, write_jsonl
+from tests.helpers import Exploit, cli, do_rollout, do_score, do_train, write_jsonl
 
 
 @dataclass
@@ -394,6 +394,22 @@ CASES = [
     Case("chat template kwargs with NaN", lambda e: rollout(e, e.prompts, "--chat-template-kwargs", '{"x": NaN}'), 2,
          "--chat-template-kwargs: NaN is not standard JSON"),
     # ---- checkpoints, the final model and LoRA ----
+    Case("checkpoint state a pickle of objects", lambda e: resume(e, _damaged_run(e, _exploit)), 2,
+         "checkpoint step-2 is not a lightopd checkpoint (its trainer_state.pt holds Python objects other than"),
+    Case("checkpoint state missing keys", lambda e: resume(e, _damaged_run(e, lambda c: torch.save(
+        {"step": int(c.name[5:])}, c / "trainer_state.pt"))), 2,
+         "checkpoint step-2 is not a lightopd checkpoint (its trainer_state.pt lacks world_size, cursor"),
+    Case("checkpoint state of wrong types", lambda e: resume(e, _damaged_run(e, _cursor_as_text)), 2,
+         "(its trainer_state.pt holds a str as 'cursor')"),
+    Case("checkpoints without their weights", lambda e: resume(e, _damaged_run(
+        e, lambda c: (c / "model.safetensors").unlink())), 2,
+         "checkpoint step-2 is damaged (it holds no *.safetensors weights) (and the 1 older one cannot"),
+    Case("resume a finished run without checkpoints", lambda e: resume(e, _finished_run(e), steps=3), 2,
+         "holds a finished run of 1 step (its model is"),
+    Case("resume a finished run at its steps", lambda e: resume(e, _finished_run(e, save_every=1), steps=1),
+         2, "holds a finished run of 1 step (its model is"),
+    Case("eval of a train run that did not finish", lambda e: evaluate(e, "--model", str(_unfinished_run(e))), 2,
+         "is a lightopd train run that did not finish"),
 ]
 
 
@@ -479,6 +495,43 @@ def _truncate(store: Path) -> Path:
 def _delete(store: Path) -> Path:
     (store / "part-00000.parquet").unlink()
     return store
+
+
+def resume(e: Env, out: Path, steps: int = 3) -> list[str]:
+    """`train --resume` of a run of `_damaged_run` or `_finished_run` (the same settings), to `steps` steps."""
+    return ["train", "--student", str(e.tiny_model), "--data", str(e.teacher_store), "--out", str(out), "--steps",
+            str(steps), "--batch-size", "4", "--save-every", "1", "--resume"]
+
+
+def _finished_run(e: Env, steps: int = 1, save_every: int = 0) -> Path:
+    """A finished run in e.tmp/out, made with `resume`'s settings."""
+    do_train(e.tiny_model, e.teacher_store, e.tmp / "out", steps=steps, batch_size=4, save_every=save_every)
+    return e.tmp / "out"
+
+
+def _damaged_run(e: Env, damage) -> Path:
+    """A 2-step run with a checkpoint at each step, `damage(checkpoint)` done to both."""
+    out = _finished_run(e, steps=2, save_every=1)
+    for checkpoint in (out / "checkpoints").iterdir():
+        damage(checkpoint)
+    return out
+
+
+def _unfinished_run(e: Env) -> Path:
+    """A run killed before its final model: metrics and checkpoints, no lightopd.json."""
+    out = _finished_run(e, steps=2, save_every=1)
+    (out / "lightopd.json").unlink()
+    return out
+
+
+def _exploit(checkpoint: Path) -> None:
+    state = {"step": int(checkpoint.name[5:]), "payload": Exploit(checkpoint.parent / "ran")}
+    torch.save(state, checkpoint / "trainer_state.pt")
+
+
+def _cursor_as_text(checkpoint: Path) -> None:
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    torch.save({**state, "cursor": str(state["cursor"])}, checkpoint / "trainer_state.pt")
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightopd.data.lock import LOCK, exclusive
-from tests.helpers import cli, last_json, metrics, run_cli, weights
+from lightopd.provenance import read_provenance
+from tests.helpers import Exploit, cli, last_json, metrics, run_cli, weights
 
 
 def train_args(student, store, out, *extra):
@@ -158,3 +159,50 @@ def test_a_failure_before_the_first_step_leaves_out_as_it_was(consistent_student
     proc = run_cli(*train_args(consistent_student, damaged, out, "--steps", "2"), check=False)
     assert proc.returncode == 2 and "missing" in proc.stderr
     assert not out.exists(), "a rerun after fixing the data is not refused as 'already holds files'"
+
+
+def _pickled_exploit(checkpoint):
+    torch.save({"step": 4, "payload": Exploit(checkpoint.parent.parent / "ran")}, checkpoint / "trainer_state.pt")
+
+
+def _truncated_state(checkpoint):
+    data = (checkpoint / "trainer_state.pt").read_bytes()
+    (checkpoint / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage,why", [
+    (_pickled_exploit, "is not a lightopd checkpoint (its trainer_state.pt holds Python objects other than tensors"),
+    (_truncated_state, "is not a lightopd checkpoint (its trainer_state.pt cannot be read: "),
+    (lambda c: (c / "model.safetensors").unlink(), "is damaged (it holds no *.safetensors weights)"),
+    (lambda c: (c / "lightopd.json").unlink(), "is damaged (its lightopd.json is missing)"),
+])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(damage, why, checkpointed, consistent_student,
+                                                            teacher_store, monkeypatch, capsys):
+    """The finished 4-step run goes on to 5 steps from step-3, since step-4 cannot be trusted; nothing in the
+    damaged trainer state runs."""
+    damage(checkpointed / "checkpoints" / "step-4")
+    code, out, err = cli(monkeypatch, capsys, *train_args(consistent_student, teacher_store, checkpointed,
+                                                          "--steps", "5", "--save-every", "1", "--resume"))
+    assert code == 0, err
+    assert f"warning: --resume: checkpoint step-4 {why}" in err and "resuming from step-3 instead" in err, err
+    assert json.loads(out.strip().splitlines()[-1])["resumed_from"] == "step-3"
+    assert [m["step"] for m in metrics(checkpointed)] == [1, 2, 3, 4, 5]
+    assert not (checkpointed / "ran").exists(), "the pickled command did not run"
+    weights(checkpointed / "checkpoints" / "step-4")  # written again, whole
+    assert read_provenance(checkpointed)["steps"] == 5
+
+
+def test_a_pickle_in_the_only_checkpoint_is_exit_2_and_runs_nothing(consistent_student, teacher_store, tmp_path,
+                                                                     monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, _, err = cli(monkeypatch, capsys, *train_args(consistent_student, teacher_store, out, "--steps", "2",
+                                                        "--save-every", "2"))
+    assert code == 0, err
+    (out / "lightopd.json").unlink()  # as if killed before its final model
+    torch.save({"step": 2, "payload": Exploit(tmp_path / "ran")}, out / "checkpoints" / "step-2" / "trainer_state.pt")
+    code, stdout, err = cli(monkeypatch, capsys, *train_args(consistent_student, teacher_store, out, "--steps", "2",
+                                                             "--save-every", "2", "--resume"))
+    assert code == 2 and stdout == "" and "Traceback" not in err
+    assert "error: --resume: checkpoint step-2 is not a lightopd checkpoint (its trainer_state.pt holds" in err
+    assert "unsupported GLOBAL posix.system" in err and not (tmp_path / "ran").exists()
+    assert (out / "checkpoints" / "step-2").is_dir(), "a checkpoint that cannot be resumed is kept when none can"

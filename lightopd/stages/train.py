@@ -55,7 +55,7 @@ from lightopd.training.loop import Run, fit
 from lightopd.training.lora import add_adapters, check_lora
 from lightopd.training.lora import settings as lora_settings
 from lightopd.training.parallel import Source
-from lightopd.training.resume import check_resumable, choose, finished_steps
+from lightopd.training.resume import check_resumable, choose, finished_steps, n_steps
 from lightopd.training.trackers import check_installed, trackers_of
 from lightopd.training.trainer import TrainData, Trainer
 
@@ -193,8 +193,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     resume_from = choice.path if choice is not None else None
     if cfg.resume and choice is None:
         if finished is not None:
-            raise InputError(f"--resume: {out} holds a finished run ({finished} steps; its model is {out} itself) and "
-                             "no checkpoint to continue it from; train into a new --out")
+            raise InputError(f"--resume: {out} holds a finished run of {n_steps(finished)} (its model is {out} itself) "
+                             "and no checkpoint to continue it from; train into a new --out")
         warn(f"--resume: no checkpoint in {out}/checkpoints; starting from the beginning")
     for skipped, problem in choice.skipped if choice is not None else ():
         warn(f"--resume: checkpoint {skipped.name} {problem}; resuming from {resume_from.name} instead "
@@ -239,9 +239,9 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
                              "Resume with the checkpoint's settings, or train into a new --out; only "
                              f"{', '.join('--' + k.replace('_', '-') for k in MAY_CHANGE_ON_RESUME)} may change")
         if finished is not None and objective.total_steps <= finished:
-            raise InputError(f"--resume: {out} holds a finished run of {finished} steps (its model is {out} itself); "
-                             f"raise --steps or --epochs past {finished} to continue it from {resume_from.name}, or "
-                             "train into a new --out")
+            raise InputError(f"--resume: {out} holds a finished run of {n_steps(finished)} (its model is {out} "
+                             f"itself); raise --steps or --epochs past {finished} to continue it from "
+                             f"{resume_from.name}, or train into a new --out")
     world.barrier()  # every rank has passed every check before rank 0 writes anything
     if world.main and choice is not None:
         for skipped, _ in choice.skipped:  # else pruning could keep them in place of whole checkpoints

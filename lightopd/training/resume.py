@@ -54,7 +54,8 @@ def choose(out: Path) -> Choice | None:
     if not skipped:
         return None
     newest, problem = skipped[0]
-    older = f" (nor can the {len(skipped) - 1} older one(s))" if len(skipped) > 1 else ""
+    n = len(skipped) - 1
+    older = f" (and the {n} older one{'s' if n > 1 else ''} cannot be resumed either)" if n else ""
     raise InputError(f"--resume: checkpoint {newest.name} {problem}{older}; no checkpoint in {out}/checkpoints can be "
                      "resumed. Restore it, or train into a new --out")
 
@@ -140,7 +141,12 @@ def _reason(error: Exception) -> str:
     """The line of a torch.load error that says what is wrong (not its advice on weights_only)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     said = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
-    return (said or lines or [type(error).__name__])[0][:200]
+    return (said or lines or [type(error).__name__])[0][:200].rstrip(".")
+
+
+def n_steps(n: int) -> str:
+    """The count in words: 1 step, 4 steps."""
+    return f"{n} step{'' if n == 1 else 's'}"
 
 
 def finished_steps(out: Path) -> int | None:
