@@ -1,7 +1,8 @@
 """Load models and tokenizers from model directories (a local path, or the Hub snapshot hub.py
 resolved; safetensors only), choose device and dtype, and read what the stages need from a
 model's config before loading it (ModelInfo): context length, EOS and pad ids, the tokenizer's
-vocabulary and the output layer's rows."""
+vocabulary and the output layer's rows. A directory is checked before it is read: its weights'
+framing, and whether it is a train run that did not finish (then resuming it is the way out)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ finished run only from a checkpoint and only to more steps than it has.
 
 from __future__ import annotations
 
-import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,11 +100,12 @@ def read_state(checkpoint: Path) -> dict:
         raise NotACheckpoint(f"is damaged (its {STATE} is missing)")
     try:
         state = torch.load(file, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-        raise NotACheckpoint(f"is not a lightopd checkpoint (its {STATE} holds Python objects other than tensors "
-                             f"and plain data, refused unread: {_reason(e)})") from None
-    except Exception as e:  # a truncated or foreign file: torch raises RuntimeError, EOFError, ValueError, ...
-        raise NotACheckpoint(f"is not a lightopd checkpoint (its {STATE} cannot be read: {_reason(e)})") from None
+    except Exception as e:  # weights_only refuses with UnpicklingError; a truncated file is a RuntimeError, ...
+        reason = _reason(e)
+        if "GLOBAL" in reason:
+            raise NotACheckpoint(f"is not a lightopd checkpoint (its {STATE} holds Python objects other than "
+                                 f"tensors and plain data, refused unread: {reason})") from None
+        raise NotACheckpoint(f"is not a lightopd checkpoint (its {STATE} cannot be read: {reason})") from None
     problem = state_problem(state, checkpoint)
     if problem:
         raise NotACheckpoint(f"is not a lightopd checkpoint (its {STATE} {problem})")
@@ -112,7 +113,8 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def state_problem(state, checkpoint: Path) -> str | None:
-    """What keeps `state` from being a lightopd trainer state of `checkpoint` (None: nothing)."""
+    """What keeps `state` from being a lightopd trainer state of `checkpoint` (None: nothing). The state
+    of an earlier release, which no older checkpoint would mend, is an InputError at once."""
     if not isinstance(state, dict):
         return f"holds a {type(state).__name__}, not a trainer state"
     if "cursor" not in state and {"step", "ranks", "scheduler"} <= state.keys():
@@ -138,10 +140,13 @@ def state_problem(state, checkpoint: Path) -> str | None:
 
 
 def _reason(error: Exception) -> str:
-    """The line of a torch.load error that says what is wrong (not its advice on weights_only)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    said = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
-    return (said or lines or [type(error).__name__])[0][:200].rstrip(".")
+    """What a torch.load error says is wrong (the global or operand weights_only refused, else its first
+    line), without its advice on weights_only."""
+    text = str(error)
+    refused = re.search(r"(?:Trying to load )?[Uu]nsupported [^\n]*", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    said = refused.group(0) if refused else (lines or [type(error).__name__])[0]
+    return re.split(r"\.(?:\s|$)", said)[0][:200]  # its first sentence
 
 
 def n_steps(n: int) -> str:
