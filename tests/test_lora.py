@@ -156,14 +156,13 @@ def llama4_student(path):
     return path
 
 
-def test_lora_on_a_llama4_moe_student_leaves_its_routers_out(teacher_store, tmp_path, capsys):
+def test_lora_on_a_llama4_moe_student_leaves_its_routers_out(teacher_store, tmp_path):
     student = llama4_student(tmp_path / "llama4")
     result, _ = do_train(student, teacher_store, tmp_path / "out", steps=1, lora_rank=4, **KW)
     assert result["steps"] == 1 and metrics(tmp_path / "out")[0]["loss"] == pytest.approx(result["final_loss"])
     trained = adapter(tmp_path / "out")
     assert not any("router" in k for k in trained), "a router returns a tuple: no adapter can wrap it"
     assert any("shared_expert.gate_proj" in k for k in trained) and any("self_attn.q_proj" in k for k in trained)
-    assert "pattern keys did not match" not in capsys.readouterr().err
     with pytest.raises(InputError, match=r"--lora-target-modules q_proj,router: model\.layers\.0\.feed_forward\."
                                          r"router is the router of an MoE block \(Llama4Router\)"):
         do_train(student, teacher_store, tmp_path / "named", steps=1, lora_rank=4,
