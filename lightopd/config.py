@@ -164,7 +164,7 @@ class TrainConfig(Config):
                                    "training forward otherwise).", metavar="P")
     lora_target_modules: str | None = opt(None, "The layers that get adapters, names separated by commas "
                                                 "(q_proj,v_proj). [default: all-linear, every linear layer of the "
-                                                "decoder but not the output layer]", metavar="NAMES")
+                                                "decoder but not the output layer nor MoE routers]", metavar="NAMES")
     merge_lora: bool = opt(False, "Write the output with the adapters merged into full weights (a plain transformers "
                                   "model) instead of the adapter alone.")
     fsdp: bool = opt(False, "Under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of a "

@@ -22,12 +22,11 @@ import struct
 from pathlib import Path
 
 from lightopd.data.store import ROLLOUT_FORMAT
-from lightopd.engine.models import check_model_dir, weight_files
+from lightopd.engine.models import PROVENANCE, check_model_dir, weight_files
 from lightopd.errors import InputError
 from lightopd.hub import locate
 from lightopd.progress import warn
 
-PROVENANCE = "lightopd.json"
 WHOLE_FILE_LIMIT = 32 << 20  # hash smaller weight files entirely
 BLOCKS = 64  # evenly spaced blocks per larger file
 BLOCK_SIZE = 256 << 10
@@ -95,6 +94,12 @@ def read_provenance(path: str | Path) -> dict | None:
         raise InputError(f"{p}: unreadable provenance file ({e})") from None
     if not isinstance(record, dict):
         raise InputError(f"{p}: not a provenance record (a JSON object), found a {type(record).__name__}")
+    teacher = record.get("sft_teacher")
+    if teacher is not None and not (isinstance(teacher, dict) and all(
+            isinstance(teacher.get(key), str) for key in ("path", "fingerprint"))):
+        raise InputError(f"{p}: its 'sft_teacher' is {teacher!r}, not a model record (an object with a 'path' and a "
+                         "'fingerprint', as train writes it); the file was edited or damaged: remove the field, or "
+                         "name the teacher with --sft-teacher")
     return record
 
 

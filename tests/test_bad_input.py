@@ -224,6 +224,9 @@ CASES = [
          "its vocabulary (sha256:"),
     Case("teacher shorter than the rows", lambda e: score(e, teacher=make_model(e.tmp / "s", seed=2, context=8)), 2,
          "longer than the teacher's context of 8"),
+    Case("provenance with a damaged SFT teacher", lambda e: train(e, student=model_with(
+        e, "s", lambda m: (m / "lightopd.json").write_text('{"sft_teacher": 5}'))), 2,
+        "its 'sft_teacher' is 5, not a model record"),
     Case("provenance not an object", lambda e: train(e, student=model_with(
         e, "s", lambda m: (m / "lightopd.json").write_text("[1, 2]"))), 2, "not a provenance record"),
     # ---- options ----

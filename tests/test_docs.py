@@ -34,6 +34,13 @@ def test_readme_layout_lists_every_module():
         assert re.search(rf"\b{re.escape(path.stem)}\.py\b", layout), f"README's Layout misses {path}"
 
 
+def test_readme_counts_the_bad_input_table():
+    from tests.test_bad_input import CASES
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"as a table of {len(CASES)} cases" in readme
+
+
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
 def test_every_recipe_loads_and_says_how_to_run_it(name):
     path = shipped_recipes()[name]

@@ -65,9 +65,10 @@ SAMPLING = {
     "seed": _int(-(2 ** 63)),
 }
 BY_FORMAT = {
-    ROLLOUT_FORMAT: {"model": OBJECT, "model.path": STRING,
+    ROLLOUT_FORMAT: {"model": OBJECT, "model.path": STRING, "model.fingerprint": STRING,
                      **{f"sampling.{k}": v for k, v in SAMPLING.items()}},
-    TEACHER_FORMAT: {"teacher": OBJECT, "teacher.path": STRING, "rollouts": OBJECT, "rollouts.model": OBJECT,
+    TEACHER_FORMAT: {"teacher": OBJECT, "teacher.path": STRING, "teacher.fingerprint": STRING, "rollouts": OBJECT,
+                     "rollouts.model": OBJECT, "rollouts.model.path": STRING, "rollouts.model.fingerprint": STRING,
                      **{f"rollouts.sampling.{k}": v for k, v in SAMPLING.items()},
                      "scoring": OBJECT, "scoring.top_k": _int(1), "scoring.temperature": _number(0.0, 1e6, True),
                      "scoring.topk_logprobs_dtype": _one_of("float16", "float32")},

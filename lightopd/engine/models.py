@@ -15,12 +15,11 @@ import torch
 from lightopd.errors import InputError
 from lightopd.hub import locate
 
+PROVENANCE = "lightopd.json"  # a model directory's provenance record (provenance.py reads and writes it)
 
 def check_model_dir(path: str | Path, what: str = "--model") -> Path:
     """The model's local directory (a Hub id is resolved through the cache first); InputError unless
     it holds a config and sound safetensors weights, or if it is a train run that did not finish."""
-    from lightopd.provenance import PROVENANCE
-
     p = locate(str(path), what).path
     if not p.is_dir():
         raise InputError(f"{what} {path}: no such model directory, and not a Hub id (org/name) either")
@@ -71,8 +70,6 @@ def unfinished_run(path: Path) -> bool:
     """Whether `path` is the --out of a train run that has not written its final model: it holds the
     run's metrics or checkpoints but no provenance file, which a run moves into place after every
     file of its model (training/checkpoints.py: publish_model)."""
-    from lightopd.provenance import PROVENANCE
-
     ran = (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir()
     return ran and not (path / PROVENANCE).is_file()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lightopd.data.fields import finite
 from lightopd.data.stream import StepStream
 from lightopd.errors import InputError, TrainingError
 from lightopd.progress import StageProgress
@@ -67,8 +68,10 @@ def open_metrics(run: Run, main: bool) -> Path:
     path = run.out / "metrics.jsonl"
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
-        if run.start_step:
-            path.write_text("".join(line + "\n" for line in kept_metrics(path, run.start_step)))
+        if run.start_step:  # cut back atomically: a kill here leaves the old file or the new, never half
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept_metrics(path, run.start_step)))
+            os.replace(tmp, path)
         else:
             path.unlink(missing_ok=True)
     return path
@@ -137,7 +140,7 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
             seconds = time.perf_counter() - t0
             record.update(trainer.objective.finish_step(step, record["loss"]))
             record = {"step": step, **record, "tokens_per_s": round(record["tokens"] / seconds, 1)}
-            metrics.write(json.dumps(record) + "\n")
+            metrics.write(json.dumps(finite(record), allow_nan=False) + "\n")  # a NaN diagnostic is null
             metrics.flush()
             trackers.log(step, record)
             total_tokens += record["tokens"]
