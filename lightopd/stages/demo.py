@@ -32,6 +32,7 @@ from lightopd.report import render_demo
 from lightopd.stages import rollout, score, train
 from lightopd.stages.evaluate import read_checked_prompts, sample_and_check
 from lightopd.tasks import addition as A
+from lightopd.tasks.verifiers import open_verifier
 
 TEACHER = A.TEACHERS / "two-format"
 MAX_NEW_TOKENS = 12  # the longest solution, 4 reversed digits + "|" + 4 digits, and the end token fit
@@ -52,7 +53,8 @@ def evaluate(model_dir: Path, prompts: Path, device_name: str = "auto", seed: in
     prompts = read_checked_prompts(eval_cfg, tokenizer, info)
     sampler = open_sampler(model_dir, eval_cfg.model, eval_cfg.engine, info, eval_cfg.generation_batch_size,
                            eval_cfg.kv_cache_tokens, seed)
-    samples = sample_and_check(sampler, tokenizer, prompts, eval_cfg)
+    with open_verifier(eval_cfg.checker, eval_cfg.checker_timeout) as verify:
+        samples = sample_and_check(sampler, tokenizer, prompts, eval_cfg, verify)
     formats = Counter()
     correct = Counter()
     for texts, results in zip(samples.texts, samples.results, strict=True):
