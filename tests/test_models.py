@@ -76,7 +76,7 @@ def test_padded_output_rows_and_a_tokenizer_too_large(tmp_path):
 
 def test_provenance_round_trip(tmp_path):
     assert provenance.read_provenance(tmp_path) is None
-    provenance.write_provenance(tmp_path, {"sft_teacher": {"fingerprint": "sha256:x"}})
+    provenance.write_provenance(tmp_path, {"sft_teacher": {"path": "/t", "fingerprint": "sha256:x"}})
     assert provenance.read_provenance(tmp_path)["sft_teacher"]["fingerprint"] == "sha256:x"
 
 
