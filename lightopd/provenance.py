@@ -90,8 +90,8 @@ def read_provenance(path: str | Path) -> dict | None:
         return None
     try:
         record = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{p}: unreadable provenance file ({e})") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past the parser's limit
+        raise InputError(f"{p}: unreadable provenance file ({type(e).__name__}: {e})") from None
     if not isinstance(record, dict):
         raise InputError(f"{p}: not a provenance record (a JSON object), found a {type(record).__name__}")
     teacher = record.get("sft_teacher")

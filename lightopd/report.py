@@ -31,6 +31,32 @@ def flatten_eval(result: dict) -> dict[str, object]:
     return rows
 
 
+def _fraction(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+
+
+def eval_result_problem(result: object) -> str | None:
+    """What keeps `result` from being a saved eval result that the table and chart can read (None:
+    nothing): its command, and each metric they show of the type and range eval writes."""
+    if not isinstance(result, dict):
+        return f"not an eval result (a JSON object), found a {type(result).__name__}"
+    if result.get("command") != "eval":
+        return f"not an eval result (its 'command' is {result.get('command')!r}, not 'eval')"
+    for key in BOUNDED[:3]:
+        if key in result and result[key] is not None and not _fraction(result[key]):
+            return f"its {key!r} is {result[key]!r}, not a fraction in [0, 1]"
+    tokens = result.get("mean_completion_tokens")
+    if tokens is not None and (not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or tokens < 0):
+        return f"its 'mean_completion_tokens' is {tokens!r}, not a number >= 0"
+    for key, checks in (("pass@k", _fraction), ("teacher", lambda v: v is None or isinstance(v, (int, float, str)))):
+        value = result.get(key, {})
+        if not isinstance(value, dict) or not all(checks(v) for v in value.values()):
+            return f"its {key!r} is {value!r}, not an object of {'fractions' if key == 'pass@k' else 'numbers'}"
+    if not isinstance(result.get("settings", {}), dict):
+        return f"its 'settings' is {result['settings']!r}, not an object"
+    return None
+
+
 def render_eval(*results: dict, names: list[str] | None = None) -> None:
     """Eval results as one table, a column each."""
     table = Table(title="lightopd eval", title_justify="left")

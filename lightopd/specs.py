@@ -22,6 +22,8 @@ from lightopd.data.sources import Source
 from lightopd.errors import InputError
 from lightopd.options import MIN_TEMPERATURE, check, flag_of, opt
 
+MAX_SAMPLES = 65536  # samples per prompt: beyond any group a step trains on, and short of filling memory with plans
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -88,7 +90,7 @@ class ModelSpec:
 class SamplingSpec:
     """The distribution sampled from: exactly this, never a model's own generation defaults."""
 
-    n: int = opt(1, "Samples per prompt.", metavar="N")
+    n: int = opt(1, f"Samples per prompt (at most {MAX_SAMPLES:,}).", metavar="N")
     temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding.", metavar="T")
     top_p: float = opt(1.0, "Nucleus sampling: draw from the smallest set of most likely tokens holding this much "
                             "probability; 1 disables it.", metavar="P")
@@ -98,7 +100,7 @@ class SamplingSpec:
                        "whatever the batching.", metavar="S")
 
     def __post_init__(self) -> None:
-        check(self.n >= 1, "--n", f"samples per prompt must be >= 1, got {self.n}")
+        check(1 <= self.n <= MAX_SAMPLES, "--n", f"samples per prompt must be in 1..{MAX_SAMPLES}, got {self.n}")
         check(self.temperature == 0 or self.temperature >= MIN_TEMPERATURE, "--temperature",
               f"must be 0 (greedy decoding) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         check(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}")

@@ -230,7 +230,9 @@ CASES = [
     Case("provenance not an object", lambda e: train(e, student=model_with(
         e, "s", lambda m: (m / "lightopd.json").write_text("[1, 2]"))), 2, "not a provenance record"),
     # ---- options ----
-    Case("n of zero", lambda e: rollout(e, e.prompts, "--n", "0"), 2, "--n: samples per prompt must be >= 1"),
+    Case("n of zero", lambda e: rollout(e, e.prompts, "--n", "0"), 2, "--n: samples per prompt must be in 1..65536"),
+    Case("n beyond memory", lambda e: rollout(e, e.prompts, "--n", "9223372036854775807"), 2,
+         "--n: samples per prompt must be in 1..65536"),
     Case("n not a number", lambda e: rollout(e, e.prompts, "--n", "two"), 2, "--n"),
     Case("negative temperature", lambda e: rollout(e, e.prompts, "--temperature", "-0.5"), 2,
          "--temperature: must be 0 (greedy decoding) or at least"),
@@ -366,6 +368,36 @@ CASES = [
         e, e.teacher_store, lambda m: m["shards"].append(m["shards"][0]))), 2, "lists shard part-00000.parquet twice"),
     Case("hub dataset without a name", lambda e: rollout(e, "hf:"), 2, "--prompts hf:: not a Hugging Face dataset id"),
     Case("hub dataset that is a path", lambda e: rollout(e, "hf:/etc"), 2, "--prompts hf:/etc: not a Hugging Face"),
+    Case("batch larger than the store", lambda e: train(e, "--batch-size", "1000000"), 2,
+         "--batch-size 1000000 is more rows than the store holds (20)"),
+    Case("manifest sampling temperature edited", lambda e: train(e, "--objective", "rkl", data=edited(
+        e, e.teacher_store, lambda m: m["rollouts"]["sampling"].update(temperature=2.0))), 2,
+        "written with temperature 1.0 (the manifest says 2.0)"),
+    Case("manifest eos outside the vocabulary", lambda e: train(e, data=edited(
+        e, e.teacher_store, lambda m: m["tokenizer"].update(pad_token_id=999))), 2,
+        "field 'tokenizer.pad_token_id' holds 999, outside the vocabulary of 50 ids"),
+    Case("manifest shard tokens edited, inspect", lambda e: ["inspect", "--verify", str(edited(
+        e, e.teacher_store, lambda m: m["shards"][0].update(tokens=10 ** 30)))], 2,
+        "the manifest says 1000000000000000000000000000000)"),
+    Case("manifest with fewer shards than it lists", lambda e: train(e, data=edited(
+        e, e.teacher_store, lambda m: m.update(num_shards=1))), 2, "says the store has 1 shards"),
+    Case("manifest nested too deeply", lambda e: ["inspect", _write(e, "[" * 100000 + "]" * 100000,
+                                                                    "deep/manifest.json").rsplit("/", 1)[0]], 2,
+         "unreadable manifest (RecursionError"),
+    Case("prompt line nested too deeply", lambda e: rollout(e, _write(
+        e, '{"prompt": "w1", "x": ' + "[" * 100000 + "]" * 100000 + "}\n")), 2, "line 1: JSON nested too deeply"),
+    Case("prompt line with a key twice", lambda e: rollout(e, _write(e, '{"prompt": "w1", "prompt": "w2"}\n')), 2,
+         "line 1: key 'prompt' appears twice in one object"),
+    Case("prompt with a lone surrogate", lambda e: rollout(e, _write(e, '{"prompt": "w1 \\ud800"}\n')), 2,
+         "line 1: holds a lone surrogate escape"),
+    Case("compare of a result that is not eval's", lambda e: ["eval", "--compare", _write(e, "{}", "r.json")], 2,
+         "not an eval result (its 'command' is None"),
+    Case("compare of a mis-typed metric", lambda e: ["eval", "--compare", _write(
+        e, '{"command": "eval", "accuracy": "high"}', "r.json")], 2, "its 'accuracy' is 'high', not a fraction"),
+    Case("compare of a pass@k list", lambda e: ["eval", "--compare", _write(
+        e, '{"command": "eval", "pass@k": [1, 2]}', "r.json")], 2, "its 'pass@k' is [1, 2]"),
+    Case("compare of NaN", lambda e: ["eval", "--compare", _write(
+        e, '{"command": "eval", "accuracy": NaN}', "r.json")], 2, "NaN is not standard JSON"),
     # ---- checkers and prompt records ----
     Case("checker timeout of zero", lambda e: evaluate(e, "--checker", "c.py:judge", "--checker-timeout", "0"), 2,
          "--checker-timeout: must be > 0"),
@@ -435,6 +467,7 @@ def _saved_dataset(e: Env) -> str:
 
 def _write(e: Env, content: str | bytes, name: str = "p.jsonl") -> str:
     path = e.tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return str(path)
 

@@ -81,6 +81,11 @@ def test_end_to_end_accuracy_against_known_answers(tiny_model, tmp_path):
     assert json.loads(out.read_text()) == result
     compared = last_json(run_cli("eval", "--compare", str(out), str(out)))
     assert compared["compare"]["eval"]["accuracy"] == 0.5
+    (tmp_path / "other").mkdir()
+    other = tmp_path / "other" / "eval.json"
+    other.write_text(json.dumps({**result, "accuracy": 0.25}))
+    compared = last_json(run_cli("eval", "--compare", str(out), str(other)))  # same file name, two columns
+    assert compared["compare"][str(out)]["accuracy"] == 0.5 and compared["compare"][str(other)]["accuracy"] == 0.25
 
 
 def test_compare_writes_a_bar_chart(tmp_path):
@@ -88,7 +93,7 @@ def test_compare_writes_a_bar_chart(tmp_path):
 
     def result(name: str, accuracy: float) -> str:
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"model": name, "accuracy": accuracy, "pass@k": {"1": accuracy},
+        path.write_text(json.dumps({"command": "eval", "model": name, "accuracy": accuracy, "pass@k": {"1": accuracy},
                                     "majority_accuracy": accuracy, "mean_completion_tokens": 7.0}))
         return str(path)
 

@@ -212,3 +212,4 @@ def test_the_final_model_keeps_the_students_dtype(consistent_student, teacher_st
     kept = load_file(tmp_path / "out" / "checkpoints" / "step-2" / "model.safetensors")
     assert {t.dtype for t in kept.values()} == {torch.float32}
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+

@@ -16,14 +16,21 @@ import pytest
 
 from lightopd.data.lock import exclusive
 from lightopd.data.rows import ShardLayout
-from lightopd.data.store import LAYOUT_KEY, ROLLOUT_FORMAT, ROLLOUT_SCHEMA, read_manifest, teacher_schema
+from lightopd.data.store import (
+    LAYOUT_KEY,
+    ROLLOUT_FORMAT,
+    ROLLOUT_SCHEMA,
+    read_manifest,
+    shard_layout,
+    teacher_schema,
+)
 from lightopd.data.writer import StoreWriter, _tmp_path
 from lightopd.errors import InputError
 from tests.helpers import last_json, run_cli
 
 TOKENIZER = {"fingerprint": "sha256:2", "vocab_size": 8, "eos_token_ids": [2]}
 SAMPLING = {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4, "seed": 0}
-META = {"model": {"path": "/m"}, "tokenizer": TOKENIZER, "sampling": SAMPLING}
+META = {"model": {"path": "/m", "fingerprint": "sha256:1"}, "tokenizer": TOKENIZER, "sampling": SAMPLING}
 
 
 def _rollouts(**change) -> pa.Table:
@@ -34,8 +41,8 @@ def _rollouts(**change) -> pa.Table:
 
 
 def _teacher_manifest(k: int) -> dict:
-    return {"format": "lightopd.teacher", "tokenizer": TOKENIZER,
-            "scoring": {"top_k": k, "topk_logprobs_dtype": "float16", "unavailable": []}}
+    return {"format": "lightopd.teacher", "tokenizer": TOKENIZER, "rollouts": {"sampling": SAMPLING},
+            "scoring": {"top_k": k, "temperature": 1.0, "topk_logprobs_dtype": "float16", "unavailable": []}}
 
 
 def _teacher_rows(k: int, topk_per_row: list[int]) -> pa.Table:
@@ -105,11 +112,14 @@ def test_temporaries_of_dead_runs_do_not_outlive_a_later_run(tmp_path):
 # ---- shard layouts and row shapes ----
 
 def test_a_shard_states_its_layout_and_the_manifest_must_agree(tmp_path):
-    schema = teacher_schema().with_metadata({LAYOUT_KEY: json.dumps(
-        {"format": "lightopd.teacher", "top_k": 8, "topk_logprobs_dtype": "float16"}).encode()})
-    ShardLayout(Path("s.parquet"), schema, _teacher_manifest(8))
+    written = _teacher_manifest(8)
+    schema = teacher_schema().with_metadata({LAYOUT_KEY: json.dumps(shard_layout(written)).encode()})
+    ShardLayout(Path("s.parquet"), schema, written)
     with pytest.raises(InputError, match=r"s.parquet: it was written with top_k 8 \(the manifest says 4\)"):
         ShardLayout(Path("s.parquet"), schema, _teacher_manifest(4))
+    hotter = {**written, "rollouts": {"sampling": {**SAMPLING, "temperature": 2.0}}}
+    with pytest.raises(InputError, match=r"written with temperature 1.0 \(the manifest says 2.0\)"):
+        ShardLayout(Path("s.parquet"), schema, hotter)
 
 
 @pytest.mark.parametrize("k, topk_per_row, word", [

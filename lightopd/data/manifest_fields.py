@@ -111,6 +111,14 @@ def check_fields(path: Path, manifest: object, shard_re) -> None:
             raise _refuse(path, f"field {dotted!r} is missing")
         if not check(value):
             raise _refuse(path, f"field {dotted!r} is {value!r}, expected {expected}")
+    vocab = manifest.get("tokenizer", {}).get("vocab_size") if fields else None
+    if vocab is not None:  # the special ids must be ids of the vocabulary
+        tokenizer = manifest["tokenizer"]
+        specials = (("eos_token_ids", tokenizer["eos_token_ids"]), ("pad_token_id", [tokenizer.get("pad_token_id")]))
+        for key, ids in specials:
+            bad = [i for i in ids if i is not None and not (isinstance(i, int) and 0 <= i < vocab)]
+            if bad:
+                raise _refuse(path, f"field 'tokenizer.{key}' holds {bad[0]!r}, outside the vocabulary of {vocab} ids")
     seen: set[str] = set()
     for i, entry in enumerate(manifest["shards"]):
         name = entry.get("name") if isinstance(entry, dict) else None

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lightopd.data.rows import ShardLayout
@@ -100,8 +101,10 @@ def iter_batches(
         yield from read_shard(directory, manifest, entry, columns, batch_size)
 
 
-def _layout_problem(path: Path, manifest: dict) -> str | None:
-    """What read_shard would refuse in a shard: a layout or a row the manifest does not describe."""
+def _layout_problem(path: Path, manifest: dict, entry: dict) -> str | None:
+    """What read_shard would refuse in a shard: a layout or a row the manifest does not describe; and
+    completion tokens other than the manifest entry counts."""
+    tokens = 0
     try:
         with pq.ParquetFile(path) as pf:
             layout = ShardLayout(path, pf.schema_arrow, manifest)
@@ -109,8 +112,11 @@ def _layout_problem(path: Path, manifest: dict) -> str | None:
             for batch in pf.iter_batches(columns=layout.columns_to_read(None, pf.schema_arrow.names)):
                 layout.check(batch, first)
                 first += batch.num_rows
+                tokens += pc.sum(pc.list_value_length(batch.column("completion_ids"))).as_py() or 0
     except InputError as e:
         return "inconsistent with the manifest (" + str(e).removeprefix(f"{path}:").strip() + ")"
+    if tokens != entry["tokens"]:
+        return f"inconsistent with the manifest ({tokens} completion tokens, the manifest says {entry['tokens']})"
     return None
 
 
@@ -127,7 +133,7 @@ def verify(directory: str | Path) -> list[str]:
             if rows != entry["rows"]:
                 problem = f"corrupt ({rows} rows, manifest says {entry['rows']})"
             elif manifest.get("format_version") == FORMAT_VERSION:
-                problem = _layout_problem(directory / entry["name"], manifest)
+                problem = _layout_problem(directory / entry["name"], manifest, entry)
         if problem is not None:
             problems.append(f"{entry['name']}: {problem}")
     for path in sorted(directory.iterdir()):

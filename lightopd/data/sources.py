@@ -91,10 +91,39 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                                  f"{raw[e.start:e.start + 1]!r})") from None
             if not line.strip():
                 continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield where, _json_record(where, line)
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object naming one key twice (json would silently keep the last value)."""
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return record
+
+
+def _json_record(where: str, line: str) -> object:
+    """One JSON line, checked: valid, no key named twice in an object, not nested past Python's limit,
+    and no lone surrogate escape (\\ud800-\\udfff), which decodes to something that is not text."""
+    try:
+        record = json.loads(line, object_pairs_hook=_unique)
+    except _DuplicateKey as e:
+        raise InputError(f"{where}: key {e.args[0]!r} appears twice in one object; JSON readers disagree on "
+                         "which value counts, so give it once") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read") from None
+    if "\\ud" in line.lower():
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not text") from None
+    return record
 
 
 def _rows(batches, path: Path, names: list[str]) -> Iterator[tuple[str, dict]]:

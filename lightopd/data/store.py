@@ -67,12 +67,21 @@ def unavailable(manifest: dict) -> list[str]:
 
 
 def shard_layout(manifest: dict) -> dict:
-    """What decides how a shard's bytes are read: its format and, for a teacher store, k (the top-k
-    values per position). Every shard carries it in its own Parquet metadata (LAYOUT_KEY), and
-    readers take it from there, checking the manifest against it."""
+    """What decides how a shard's bytes are read: its format, the vocabulary its ids index (the
+    tokenizer's fingerprint and size), the temperature and top-p its behaviour log-probs were sampled
+    at and, for a teacher store, k (the top-k values per position), their dtype and the teacher's
+    temperature. Every shard carries it in its own Parquet metadata (LAYOUT_KEY), and readers check
+    the manifest against it: no manifest edit changes what the bytes mean."""
     scoring = manifest.get("scoring") or {}
-    return {"format": manifest["format"], "top_k": scoring.get("top_k"),
-            "topk_logprobs_dtype": scoring.get("topk_logprobs_dtype")}
+    tokenizer = manifest.get("tokenizer") or {}
+    rollouts = manifest.get("rollouts") or {}
+    sampling = manifest.get("sampling") if manifest.get("format") == ROLLOUT_FORMAT else rollouts.get("sampling")
+    sampling = sampling or {}
+    return {"format": manifest["format"], "tokenizer": tokenizer.get("fingerprint"),
+            "vocab_size": tokenizer.get("vocab_size"), "temperature": sampling.get("temperature"),
+            "top_p": sampling.get("top_p"), "top_k": scoring.get("top_k"),
+            "topk_logprobs_dtype": scoring.get("topk_logprobs_dtype"),
+            "teacher_temperature": scoring.get("temperature")}
 
 
 def sampling_of(manifest: dict) -> dict:
@@ -105,8 +114,8 @@ def read_manifest(directory: str | Path) -> dict:
         raise InputError(f"{directory}: not a lightopd store (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: unreadable manifest ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past the parser's limit
+        raise InputError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
     check_fields(path, manifest, SHARD_RE)
     return manifest
 
@@ -132,6 +141,10 @@ def open_store(directory: str | Path, formats: tuple[str, ...] | None = None) ->
     if formats is not None and manifest["format"] not in formats:
         raise InputError(f"{directory}: is a {manifest['format']!r} store; expected {' or '.join(formats)}")
     listed = sorted(shard_index(s["name"]) for s in manifest["shards"])
+    if listed and listed[-1] >= manifest["num_shards"]:
+        raise InputError(f"{directory}: its manifest lists {shard_name(listed[-1])} but says the store has "
+                         f"{manifest['num_shards']} shards; the manifest was edited or damaged: re-run the command "
+                         "that wrote the store")
     if not manifest.get("complete") or listed != list(range(manifest.get("num_shards", -1))):
         raise InputError(
             f"{directory}: store is incomplete ({len(manifest['shards'])} of "

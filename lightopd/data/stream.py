@@ -137,8 +137,12 @@ def share(groups: list[Group], rank: int, world: int) -> list[Group]:
     return [groups[i] for i in sorted(mine)]
 
 
-def check_batch(batch_size: int, samples: int, world_size: int) -> None:
-    """Every rank must get a prompt group in every step (DDP and FSDP synchronise each one)."""
+def check_batch(batch_size: int, samples: int, world_size: int, rows: int | None = None) -> None:
+    """Every rank must get a prompt group in every step (DDP and FSDP synchronise each one), and a
+    step holds no more rows than the store (`rows`): more would repeat rows within one step."""
+    if rows is not None and batch_size > rows:
+        raise InputError(f"--batch-size {batch_size} is more rows than the store holds ({rows}); a step would repeat "
+                         f"rows within itself: use --batch-size {rows} or less")
     if batch_size < world_size * samples:
         raise InputError(f"--batch-size {batch_size} is less than one prompt group ({samples} sample(s)) per "
                          f"rank for {world_size} ranks; use --batch-size {world_size * samples} or more")

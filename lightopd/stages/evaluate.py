@@ -50,7 +50,7 @@ from lightopd.objectives.divergences import ForwardKL, ReverseKL
 from lightopd.objectives.stats import logprob_stats
 from lightopd.progress import StageProgress, warn
 from lightopd.provenance import tokenizer_fingerprint
-from lightopd.report import compare_results, render_eval, setting_differences
+from lightopd.report import compare_results, eval_result_problem, render_eval, setting_differences
 from lightopd.specs import load_prompts
 from lightopd.tasks.checkers import reference_answer
 from lightopd.tasks.verifiers import CHECKERS, Verifier, open_verifier
@@ -288,9 +288,15 @@ def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
         result["teacher"] = teacher_agreement(model, info.vocab, cfg.data, cfg.micro_batch_tokens, cfg.limit)
     result["settings"] = settings(cfg, prompts, store)
     render_eval(result)
-    if cfg.out is not None:
-        Path(cfg.out).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    if cfg.out is not None:  # written beside and renamed: never half a file; a symlink there is replaced, not followed
+        tmp = Path(cfg.out).with_name(f".{Path(cfg.out).name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, cfg.out)
     return result
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not standard JSON")
 
 
 def compare(paths: list[str], plot: str | None = None) -> dict:
@@ -298,13 +304,18 @@ def compare(paths: list[str], plot: str | None = None) -> dict:
     results = []
     for p in paths:
         try:
-            result = json.loads(Path(p).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"--compare {p}: not a readable eval result ({e})") from None
-        if not isinstance(result, dict):
-            raise InputError(f"--compare {p}: not an eval result (a JSON object), found a {type(result).__name__}")
+            result = json.loads(Path(p).read_text(), parse_constant=_not_json)
+        except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InputError(f"--compare {p}: not a readable eval result ({type(e).__name__}: {e})") from None
+        problem = eval_result_problem(result)
+        if problem:
+            raise InputError(f"--compare {p}: {problem}")
         results.append(result)
-    names = [Path(p).stem for p in paths]
+    files: dict[str, set[Path]] = {}
+    for p in paths:
+        files.setdefault(Path(p).stem, set()).add(Path(p).resolve())
+    # a column each file: results in files of the same name are told apart by their paths
+    names = [Path(p).stem if len(files[Path(p).stem]) == 1 else p for p in paths]
     differences = setting_differences(results, names)
     for line in differences:
         warn(line)

@@ -202,7 +202,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     if not cfg.resume and out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise InputError(f"--out {out}: already holds files; pass --resume to continue its run, "
                          "or choose another --out")
-    check_batch(cfg.batch_size, int(sampling.get("n", 1)), world.size)
+    check_batch(cfg.batch_size, int(sampling.get("n", 1)), world.size, manifest["rows"])
     trackers = trackers_of(cfg.report_to)
     check_installed(trackers)  # before the student is loaded
     check_lora(cfg)
