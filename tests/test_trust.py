@@ -194,3 +194,15 @@ def test_a_full_disk_while_scoring_is_one_line_and_leaves_no_temporary(teacher_m
                     "--top-k", "6")
     assert last_json(again)["complete"]
     assert run_cli("inspect", "--verify", str(out), check=False).returncode == 0
+
+
+def test_eval_out_replaces_a_symlink_and_leaves_its_target(tiny_model, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w1", "answer": "w2"}) + "\n")
+    (tmp_path / "r.json").symlink_to(precious)
+    run_cli("eval", "--model", str(tiny_model), "--prompts", str(prompts), "--max-new-tokens", "2", "--out",
+            str(tmp_path / "r.json"))
+    assert precious.read_text() == "keep"
+    assert not (tmp_path / "r.json").is_symlink() and json.loads((tmp_path / "r.json").read_text())["command"] == "eval"
