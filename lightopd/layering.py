@@ -35,6 +35,8 @@ def shipped_recipes() -> dict[str, Path]:
 def load_recipe(spec: str) -> dict:
     """The tables of a recipe given as a file path or as the name of a shipped recipe."""
     path = Path(spec)
+    if path.is_dir():
+        raise InputError(f"--recipe {spec}: is a directory; give a recipe's .toml file or a shipped recipe's name")
     if not path.is_file():
         shipped = shipped_recipes()
         name = path.name.removesuffix(".toml")
@@ -43,11 +45,18 @@ def load_recipe(spec: str) -> dict:
                              f"(shipped: {', '.join(sorted(shipped))})")
         path = shipped[name]
     try:
-        return tomllib.loads(path.read_text())
+        tables = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise InputError(f"--recipe {spec}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"--recipe {spec}: not UTF-8 text (byte {e.start + 1})") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"--recipe {spec}: not valid TOML ({e})") from None
+    misplaced = [key for key in ("train", "objective") if key in tables and not isinstance(tables[key], dict)]
+    if misplaced:
+        raise InputError(f"--recipe {spec}: {misplaced[0]!r} must be a table ([{misplaced[0]}] with keys under it), "
+                         f"not a {type(tables[misplaced[0]]).__name__}")
+    return tables
 
 
 def parse_set(item: str) -> tuple[str, Any]:

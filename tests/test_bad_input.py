@@ -398,6 +398,13 @@ CASES = [
         e, '{"command": "eval", "pass@k": [1, 2]}', "r.json")], 2, "its 'pass@k' is [1, 2]"),
     Case("compare of NaN", lambda e: ["eval", "--compare", _write(
         e, '{"command": "eval", "accuracy": NaN}', "r.json")], 2, "NaN is not standard JSON"),
+    Case("recipe with train as a list", lambda e: train(e, "--recipe", _write(e, "train = [1, 2]\n", "r.toml")), 2,
+         "'train' must be a table"),
+    Case("recipe naming the objective at the top", lambda e: train(e, "--recipe", _write(
+        e, 'objective = "rkl"\n', "r.toml")), 2, "'objective' must be a table"),
+    Case("recipe not UTF-8", lambda e: train(e, "--recipe", _write(e, b"[train]\nlr = \xff\n", "r.toml")), 2,
+         "not UTF-8 text"),
+    Case("recipe that is a directory", lambda e: train(e, "--recipe", str(e.tmp)), 2, "is a directory"),
     # ---- checkers and prompt records ----
     Case("checker timeout of zero", lambda e: evaluate(e, "--checker", "c.py:judge", "--checker-timeout", "0"), 2,
          "--checker-timeout: must be > 0"),

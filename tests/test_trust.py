@@ -206,3 +206,17 @@ def test_eval_out_replaces_a_symlink_and_leaves_its_target(tiny_model, tmp_path)
             str(tmp_path / "r.json"))
     assert precious.read_text() == "keep"
     assert not (tmp_path / "r.json").is_symlink() and json.loads((tmp_path / "r.json").read_text())["command"] == "eval"
+
+
+def test_a_checkpoint_that_is_a_symlink_is_skipped_and_only_the_link_removed(tiny_model, teacher_store, tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "--student", str(tiny_model), "--data", str(teacher_store), "--out", str(out), "--batch-size",
+              "4", "--save-every", "1", "--allow-teacher-mismatch"]
+    run_cli(*common, "--steps", "2")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    (out / "checkpoints" / "step-99").symlink_to(elsewhere)
+    proc = run_cli(*common, "--steps", "3", "--resume")
+    assert "checkpoint step-99" in proc.stderr and "resuming from step-2" in " ".join(proc.stderr.split())
+    assert not (out / "checkpoints" / "step-99").exists() and (elsewhere / "keep.txt").read_text() == "keep"

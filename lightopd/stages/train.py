@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import math
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ from lightopd.provenance import (
     tokenizer_fingerprint,
 )
 from lightopd.training import distributed
-from lightopd.training.checkpoints import remove_leftovers, restore, saved_dtype
+from lightopd.training.checkpoints import remove, remove_leftovers, restore, saved_dtype
 from lightopd.training.distributed import World
 from lightopd.training.loop import Run, fit
 from lightopd.training.lora import add_adapters, check_lora
@@ -245,7 +244,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     world.barrier()  # every rank has passed every check before rank 0 writes anything
     if world.main and choice is not None:
         for skipped, _ in choice.skipped:  # else pruning could keep them in place of whole checkpoints
-            shutil.rmtree(skipped, ignore_errors=True)
+            remove(skipped)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

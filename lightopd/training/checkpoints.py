@@ -76,12 +76,20 @@ def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove(path: Path) -> None:
+    """Removes a checkpoint directory, or only the link when it is a symbolic link (never what it points to)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def prune_checkpoints(out: Path, keep: int | None) -> None:
     """Deletes all but the newest `keep` checkpoints (None: keeps them all)."""
     if not keep:
         return
     for _, path in checkpoint_dirs(out)[:-keep]:
-        shutil.rmtree(path)
+        remove(path)
 
 
 def staged(out: Path, step: int) -> Path:
