@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lightopd.provenance import model_fingerprint, write_provenance
+from lightopd.provenance import model_fingerprint, read_provenance, write_provenance
 from lightopd.tiny import make_model
 from tests.helpers import cli, do_rollout, do_score, do_train, metrics, read_rows, weights, write_jsonl
 from tests.reference import completion_logits, log_softmax64, nucleus_logprobs
@@ -74,9 +74,17 @@ def test_rollout_samples_the_stated_nucleus(broad_model, prompts, tmp_path):
     assert cut > 100, "the nucleus removed tokens: the truncation is exercised"
 
 
-def test_sft_step_loss_is_the_hf_labels_loss(tiny_model, rollout_store, tmp_path):
-    do_train(tiny_model, rollout_store, tmp_path / "sft", objective="sft", steps=1, batch_size=20, lr=1e-3)
-    rows = read_rows(rollout_store)
+@pytest.mark.parametrize("sampled_at, tau", [(1.0, None), (0.6, None), (0.6, 0.6)])
+def test_sft_step_loss_is_the_hf_labels_loss(sampled_at, tau, tiny_model, rollout_store, prompts_file, tmp_path):
+    """sft learns samples as they are: τ = 1 whatever T drew the store (the HF `labels=` loss), unless
+    objective.temperature asks for a tempered one (the same loss of logits / τ)."""
+    store = rollout_store
+    if sampled_at != 1.0:
+        store = tmp_path / "cool"
+        do_rollout(tiny_model, prompts_file, store, n=2, max_new_tokens=12, temperature=sampled_at, top_p=0.95)
+    sets = [] if tau is None else [("objective.temperature", tau)]
+    do_train(tiny_model, store, tmp_path / "sft", sets, objective="sft", steps=1, batch_size=20, lr=1e-3)
+    rows = read_rows(store)
     assert len(rows) == 20, "one step holds the whole store"
     width = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -89,8 +97,14 @@ def test_sft_step_loss_is_the_hf_labels_loss(tiny_model, rollout_store, tmp_path
         mask[i, : len(p) + len(c)] = 1
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        if tau is None:
+            want = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double() / tau
+            want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                     ignore_index=-100).item()
     assert metrics(tmp_path / "sft")[0]["loss"] == pytest.approx(want, rel=1e-5)
+    assert read_provenance(tmp_path / "sft")["objective"]["params"]["temperature"] == (tau or 1.0)
 
 
 def padded_model(path, rows: int, seed: int, hidden: int):

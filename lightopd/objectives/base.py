@@ -36,9 +36,10 @@ TOPK = ("topk_ids", "topk_logprobs", "teacher_log_tail")
 class ObjectiveParams:
     """Shared by every objective."""
 
-    temperature: float | None = opt(None, "τ: the student's log-probs are log_softmax(logits / τ). Default: the "
-                                          "store's sampling temperature (1 for a greedy store), so that the "
-                                          "student that sampled the store has lq_y = ℓμ.")
+    temperature: float | None = opt(None, "τ: the student's log-probs are log_softmax(logits / τ). Default: 1 for "
+                                          "sft, which learns samples as they are (the HF labels= loss); for every "
+                                          "other objective the store's sampling temperature (1 for a greedy store), "
+                                          "so that the student that sampled the store has lq_y = ℓμ.")
 
     def __post_init__(self) -> None:
         check(self.temperature is None or self.temperature >= MIN_TEMPERATURE, "objective.temperature",
@@ -103,6 +104,7 @@ class Objective:
     summary: ClassVar[str]  # one line, for --help
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
     columns: ClassVar[tuple[str, ...]] = ()
+    default_temperature: ClassVar[float | None] = None  # τ when objective.temperature is unset; None: the store's
 
     def __init__(self, params: ObjectiveParams | None = None, total_steps: int = 1):
         self.params = params if params is not None else self.Params()

@@ -96,11 +96,12 @@ def total_steps(cfg: TrainConfig, manifest: dict) -> int:
     return max(1, math.ceil((cfg.epochs or 1.0) * manifest["rows"] / cfg.batch_size))
 
 
-def student_temperature(params: ObjectiveParams, sampling: dict) -> ObjectiveParams:
-    """The parameters with τ resolved: as given, else the store's sampling temperature (1 if greedy)."""
+def student_temperature(params: ObjectiveParams, sampling: dict, default: float | None = None) -> ObjectiveParams:
+    """The parameters with τ resolved: as given, else the objective's own `default` (sft's 1), else
+    the store's sampling temperature (1 if greedy)."""
     if params.temperature is not None:
         return params
-    return dataclasses.replace(params, temperature=float(sampling["temperature"]) or 1.0)
+    return dataclasses.replace(params, temperature=default or float(sampling["temperature"]) or 1.0)
 
 
 def check_on_policy(cfg: TrainConfig, name: str, manifest: dict, student: dict, parent: dict | None) -> None:
@@ -162,7 +163,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     kind = lookup(cfg.objective)
     manifest = check_data(cfg, cfg.objective, kind(params).requirements())
     sampling = sampling_of(manifest)
-    params = student_temperature(params, sampling)
+    params = student_temperature(params, sampling, kind.default_temperature)
     tokenizer = models.load_tokenizer(student_dir, spec.trust_remote_code, "--student")
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
         raise InputError(
