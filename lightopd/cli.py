@@ -126,7 +126,8 @@ def _score(values: dict, given: dict) -> None:
 
 def _objectives_epilog() -> str:
     lines = ["Objectives (--objective NAME). Parameters: --set objective.KEY=VALUE or a recipe's [objective] "
-             "table; every objective also takes temperature (τ, 1.0), the student's softmax temperature."]
+             "table; every objective also takes temperature (τ), the student's softmax temperature: by default "
+             "the store's sampling temperature (1 for a greedy store), and 1 for sft."]
     for name, objective in OBJECTIVES.items():
         block = ["\b", f"{name}: {objective.summary}"]
         for o in options(objective.Params):
