@@ -78,14 +78,20 @@ def read_shard(directory: str | Path, manifest: dict, entry: dict, columns: list
     (shard_path), its layout checked against the manifest and every row against its shape (rows.py)."""
     path = shard_path(directory, manifest, entry)
     with pq.ParquetFile(path) as pf:
-        layout = ShardLayout(path, pf.schema_arrow, manifest)
-        wanted = columns if columns is not None else pf.schema_arrow.names
-        read = layout.columns_to_read(wanted, pf.schema_arrow.names)
-        first = 0
-        for batch in pf.iter_batches(batch_size=batch_size, columns=read):
-            layout.check(batch, first)
-            first += batch.num_rows
-            yield batch if read == list(wanted) else batch.select(wanted)
+        yield from _checked_batches(path, pf, manifest, columns, batch_size)
+
+
+def _checked_batches(path: Path, pf: pq.ParquetFile, manifest: dict, columns: list[str] | None,
+                     batch_size: int) -> Iterator[pa.RecordBatch]:
+    """`pf`'s batches of `columns` (None: all), its layout and every row checked (rows.py)."""
+    layout = ShardLayout(path, pf.schema_arrow, manifest)
+    wanted = columns if columns is not None else pf.schema_arrow.names
+    read = layout.columns_to_read(wanted, pf.schema_arrow.names)
+    first = 0
+    for batch in pf.iter_batches(batch_size=batch_size, columns=read):
+        layout.check(batch, first)
+        first += batch.num_rows
+        yield batch if read == list(wanted) else batch.select(wanted)
 
 
 def iter_batches(
@@ -107,11 +113,7 @@ def _layout_problem(path: Path, manifest: dict, entry: dict) -> str | None:
     tokens = 0
     try:
         with pq.ParquetFile(path) as pf:
-            layout = ShardLayout(path, pf.schema_arrow, manifest)
-            first = 0
-            for batch in pf.iter_batches(columns=layout.columns_to_read(None, pf.schema_arrow.names)):
-                layout.check(batch, first)
-                first += batch.num_rows
+            for batch in _checked_batches(path, pf, manifest, None, 1024):
                 tokens += pc.sum(pc.list_value_length(batch.column("completion_ids"))).as_py() or 0
     except InputError as e:
         return "inconsistent with the manifest (" + str(e).removeprefix(f"{path}:").strip() + ")"

@@ -84,11 +84,9 @@ class ShardLayout:
                         "is empty (a completion needs a prompt)")
         lengths = pc.list_value_length(batch.column("completion_ids")) if "completion_ids" in names else None
         for name in PER_TOKEN + PER_TOP_K:
-            if name not in names or lengths is None:
+            if name not in names or name in self.empty or lengths is None:
                 continue
             values = batch.column(name)
-            if name in self.empty:
-                continue
             per = self.k if name in PER_TOP_K else 1
             expected = pc.multiply(lengths, per)
             got = pc.list_value_length(values)

@@ -22,7 +22,6 @@ __all__ = ["FORMAT_VERSION", "ROLLOUT_FORMAT", "TEACHER_FORMAT"]  # defined with
 
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
-SHARD_KEYS = ("rows", "tokens", "bytes", "sha256")
 STORE_ID_KEY = b"lightopd.store_id"  # the Parquet key-value metadata every shard carries
 LAYOUT_KEY = b"lightopd.layout"  # ... and how its bytes are read (shard_layout), which no manifest edit can change
 

@@ -5,7 +5,7 @@ place; only then is it listed in the manifest (with rows, tokens, bytes and sha2
 never sees a partial shard and a re-run knows exactly which shards are done. The manifest is
 replaced atomically under a file lock, so several processes (`--worker I/N`) may add shards to
 one store. `ShardWork` is the work list those writers share: this worker's shards, the ones still
-to write, and the summary a command prints.
+to write, and the summary a command prints. `write_json_atomic` also writes eval's `--out`.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _remove_stale_tmp(directory: Path) -> None:
             pass
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
+def write_json_atomic(path: Path, obj: dict) -> None:
     """`obj` as standard JSON (NaN or inf is an error, never written) at `path`, atomically."""
     text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
     tmp, f = _create_tmp(path)
@@ -186,7 +186,7 @@ class StoreWriter:
                     "tokens": 0,
                     "shards": [],
                 }
-                _write_json_atomic(manifest_path, manifest)
+                write_json_atomic(manifest_path, manifest)
                 self.created = True
         self.store_id = manifest["store_id"]
 
@@ -266,7 +266,7 @@ class StoreWriter:
         with _locked(self.directory):
             manifest = read_manifest(self.directory)
             change(manifest)
-            _write_json_atomic(self.directory / MANIFEST, manifest)
+            write_json_atomic(self.directory / MANIFEST, manifest)
         return manifest
 
 

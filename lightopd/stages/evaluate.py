@@ -31,6 +31,7 @@ from lightopd.data.batching import TokenBatches
 from lightopd.data.lock import exclusive
 from lightopd.data.reader import iter_batches
 from lightopd.data.store import TEACHER_FORMAT, open_store
+from lightopd.data.writer import write_json_atomic
 from lightopd.engine import models
 from lightopd.engine.chunks import over_chunks
 from lightopd.engine.forward import PositionLogits
@@ -289,9 +290,7 @@ def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
     result["settings"] = settings(cfg, prompts, store)
     render_eval(result)
     if cfg.out is not None:  # written beside and renamed: never half a file; a symlink there is replaced, not followed
-        tmp = Path(cfg.out).with_name(f".{Path(cfg.out).name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, cfg.out)
+        write_json_atomic(Path(cfg.out), result)
     return result
 
 
