@@ -54,11 +54,13 @@ def _emit(result: dict) -> None:
 
 def _parameter(o: Option, required: bool) -> inspect.Parameter:
     kind = o.kind if (not o.optional and (required or o.default is not None)) else Optional[o.kind]
+    if o.repeatable:  # a tuple of strings: the flag is given once per item
+        kind = Optional[list[str]]
     if o.doc.argument:
         info = typer.Argument(help=describe(o), metavar=metavar(o), show_default=False)
     else:
         info = typer.Option(o.flag, help=describe(o), metavar=metavar(o))
-    default = inspect.Parameter.empty if required else (None if o.required else o.default)
+    default = inspect.Parameter.empty if required else (None if o.required or o.repeatable else o.default)
     return inspect.Parameter(o.key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
 
 

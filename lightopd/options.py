@@ -79,6 +79,11 @@ class Option:
     def required(self) -> bool:
         return self.default is MISSING
 
+    @property
+    def repeatable(self) -> bool:
+        """A tuple of strings, given as a repeated flag (or a list in a recipe)."""
+        return typing.get_origin(self.kind) is tuple
+
 
 def _unwrap(annotation: Any) -> tuple[Any, bool]:
     """(type, optional) of an annotation such as `int | None` or `Optional[str]`."""
@@ -193,6 +198,11 @@ def coerce(where: str, value: Any, o: Option) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+    elif o.repeatable:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
     raise InputError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
 
 

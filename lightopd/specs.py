@@ -93,7 +93,20 @@ class SamplingSpec:
     n: int = opt(1, f"Samples per prompt (at most {MAX_SAMPLES:,}).", metavar="N")
     temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding.", metavar="T")
     top_p: float = opt(1.0, "Nucleus sampling: draw from the smallest set of most likely tokens holding this much "
-                            "probability; 1 disables it.", metavar="P")
+                            "probability (of what min-p and top-k left); 1 disables it.", metavar="P")
+    top_k: int = opt(0, "Draw from the K most likely tokens only (ties at the K-th kept); 0 disables it.",
+                     metavar="K")
+    min_p: float = opt(0.0, "Draw only from tokens at least this fraction as likely as the most likely one; 0 "
+                            "disables it.", metavar="P")
+    repetition_penalty: float = opt(1.0, "Divide the positive logits (multiply the negative ones) of every token "
+                                         "already in the prompt or the completion by this; 1 disables it.",
+                                    metavar="R")
+    presence_penalty: float = opt(0.0, "Subtract this from the logit of every token already in the completion.",
+                                  metavar="P")
+    frequency_penalty: float = opt(0.0, "Subtract this times its count in the completion from every token's logit.",
+                                   metavar="F")
+    stop: tuple[str, ...] = opt((), "End a sample at the token that completes this text (repeatable); the "
+                                    "token is kept, and the sample ends with finish reason stop.", metavar="TEXT")
     max_new_tokens: int = opt(256, "Most tokens generated per sample (fewer if the model's context ends first).",
                               metavar="N")
     seed: int = opt(0, "Seed of every sample's random stream: the same seed and inputs give the same samples, "
@@ -104,7 +117,33 @@ class SamplingSpec:
         check(self.temperature == 0 or self.temperature >= MIN_TEMPERATURE, "--temperature",
               f"must be 0 (greedy decoding) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         check(0 < self.top_p <= 1, "--top-p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, "--top-k", f"must be >= 0 (0 disables it), got {self.top_k}")
+        check(0 <= self.min_p < 1, "--min-p", f"must be in [0, 1), got {self.min_p}")
+        check(self.repetition_penalty > 0, "--repetition-penalty", f"must be > 0, got {self.repetition_penalty}")
+        for flag, value in (("--presence-penalty", self.presence_penalty),
+                            ("--frequency-penalty", self.frequency_penalty)):
+            check(-2 <= value <= 2, flag, f"must be in [-2, 2], got {value}")
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        check(all(isinstance(s, str) and s for s in self.stop), "--stop", "must be non-empty text")
         check(self.max_new_tokens >= 1, "--max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def truncates(self) -> bool:
+        """Whether the sampler keeps only part of the vocabulary (top-p, top-k, min-p)."""
+        return self.top_p < 1 or self.top_k > 0 or self.min_p > 0
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether the sampler changes logits by the tokens already seen."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def record(self) -> dict:
+        """What a store records of the sampling (the manifest's `sampling`)."""
+        return {"n": self.n, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "stop": list(self.stop), "max_new_tokens": self.max_new_tokens, "seed": self.seed,
+                "policy_logprobs": True}
 
 
 ENGINES = ("hf", "vllm")

@@ -112,7 +112,8 @@ def flat_column(table: pa.Table, name: str, dtype) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=dtype))  # a writable copy, converted once
 
 
-STORED_COLUMNS = ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail")
+STORED_COLUMNS = ("teacher_logprobs", "behavior_logprobs", "policy_logprobs", "topk_ids", "topk_logprobs",
+                  "teacher_log_tail")
 
 
 def stored_tensors(table: pa.Table, names, k: int | None, device) -> dict[str, torch.Tensor]:

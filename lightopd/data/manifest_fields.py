@@ -73,7 +73,17 @@ BY_FORMAT = {
                      "scoring": OBJECT, "scoring.top_k": _int(1), "scoring.temperature": _number(0.0, 1e6, True),
                      "scoring.topk_logprobs_dtype": _one_of("float16", "float32")},
 }
+SAMPLER = {  # recorded since rows carry policy_logprobs
+    "top_k": _int(0),
+    "min_p": _number(0.0, 1.0),
+    "repetition_penalty": _number(0.0, 1e6, open_low=True),
+    "presence_penalty": _number(-2.0, 2.0),
+    "frequency_penalty": _number(-2.0, 2.0),
+    "stop": _list_of(STRING),
+    "policy_logprobs": BOOL,
+}
 OPTIONAL = {  # checked where present
+    **{f"{where}.{k}": v for where in ("sampling", "rollouts.sampling") for k, v in SAMPLER.items()},
     "scoring.unavailable": _list_of(_one_of("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail",
                                             "teacher_entropy")),
     "scoring.vocab_size": _int(1),

@@ -31,7 +31,8 @@ ROLLOUT_SCHEMA = pa.schema(
         ("sample_index", pa.int32()),
         ("prompt_ids", pa.list_(pa.int32())),
         ("completion_ids", pa.list_(pa.int32())),
-        ("behavior_logprobs", pa.list_(pa.float32())),
+        ("behavior_logprobs", pa.list_(pa.float32())),  # ℓμ: under the distribution sampled from
+        ("policy_logprobs", pa.list_(pa.float32())),  # ℓold: under the model's untruncated softmax at T
         ("finish_reason", pa.string()),
         ("answer", pa.string()),
         ("metadata", pa.string()),  # the prompt record's other fields, a JSON object (null when none)
@@ -61,30 +62,54 @@ def store_columns(manifest: dict) -> tuple[str, ...]:
 
 
 def unavailable(manifest: dict) -> list[str]:
-    """The teacher columns a store's scorer left empty (score-teacher --engine vllm)."""
-    return list(manifest.get("scoring", {}).get("unavailable", []))
+    """The columns a store's rows lack: teacher columns its scorer left empty (score-teacher --engine
+    vllm), and `policy_logprobs` in a store sampled before rollouts recorded it (`policy_recorded`)."""
+    out = list(manifest.get("scoring", {}).get("unavailable", []))
+    return out if policy_recorded(manifest) else [*out, "policy_logprobs"]
+
+
+def policy_recorded(manifest: dict) -> bool:
+    """Whether the store's rollouts carry `policy_logprobs` (stores sampled before they did do not)."""
+    return bool(sampling_of(manifest).get("policy_logprobs"))
+
+
+def policy_is_behavior(manifest: dict) -> bool:
+    """Whether a store without `policy_logprobs` has them all the same in `behavior_logprobs`: it was
+    sampled at a temperature > 0 with the whole vocabulary kept (top-p 1; such stores had no top-k,
+    min-p or penalties), so the distribution sampled from was the model's own softmax at T."""
+    sampling = sampling_of(manifest)
+    return not policy_recorded(manifest) and sampling["temperature"] > 0 and sampling["top_p"] >= 1.0
 
 
 def shard_layout(manifest: dict) -> dict:
     """What decides how a shard's bytes are read: its format, the vocabulary its ids index (the
-    tokenizer's fingerprint and size), the temperature and top-p its behaviour log-probs were sampled
-    at and, for a teacher store, k (the top-k values per position), their dtype and the teacher's
-    temperature. Every shard carries it in its own Parquet metadata (LAYOUT_KEY), and readers check
-    the manifest against it: no manifest edit changes what the bytes mean."""
+    tokenizer's fingerprint and size), the sampler its behaviour log-probs were drawn from
+    (temperature, top-p and, since rows carry policy_logprobs, top-k, min-p and penalties) and, for
+    a teacher store, k (the top-k values per position), their dtype and the teacher's temperature.
+    Every shard carries it in its own Parquet metadata (LAYOUT_KEY), and readers check the manifest
+    against it: no manifest edit changes what the bytes mean."""
     scoring = manifest.get("scoring") or {}
     tokenizer = manifest.get("tokenizer") or {}
     rollouts = manifest.get("rollouts") or {}
     sampling = manifest.get("sampling") if manifest.get("format") == ROLLOUT_FORMAT else rollouts.get("sampling")
     sampling = sampling or {}
-    return {"format": manifest["format"], "tokenizer": tokenizer.get("fingerprint"),
-            "vocab_size": tokenizer.get("vocab_size"), "temperature": sampling.get("temperature"),
-            "top_p": sampling.get("top_p"), "top_k": scoring.get("top_k"),
-            "topk_logprobs_dtype": scoring.get("topk_logprobs_dtype"),
-            "teacher_temperature": scoring.get("temperature")}
+    layout = {"format": manifest["format"], "tokenizer": tokenizer.get("fingerprint"),
+              "vocab_size": tokenizer.get("vocab_size"), "temperature": sampling.get("temperature"),
+              "top_p": sampling.get("top_p"), "top_k": scoring.get("top_k"),
+              "topk_logprobs_dtype": scoring.get("topk_logprobs_dtype"),
+              "teacher_temperature": scoring.get("temperature")}
+    if sampling.get("policy_logprobs"):  # stores from before these settings existed declare none of them
+        layout |= {"sampling": {key: sampling.get(key) for key in SAMPLER_KEYS}}
+    return layout
+
+
+# the sampling settings that shape behavior_logprobs, beyond temperature and top-p
+SAMPLER_KEYS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def sampling_of(manifest: dict) -> dict:
-    """The sampling settings of the rollouts in a store (n, temperature, top_p, max_new_tokens, seed)."""
+    """The sampling settings of the rollouts in a store (n, temperature, top_p, top_k, min_p, penalties,
+    stop texts, max_new_tokens, seed; stores sampled before top-k and the rest lack those keys)."""
     return manifest["sampling"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["sampling"]
 
 

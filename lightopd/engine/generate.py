@@ -23,15 +23,17 @@ import torch
 from lightopd.config import SamplingSpec
 from lightopd.data.batching import plan_generation
 from lightopd.engine.models import ModelInfo
-from lightopd.engine.sampling import choose, row_key, uniforms
+from lightopd.engine.sampling import choose, penalized, row_key, uniforms
+from lightopd.engine.stops import StopTexts
 from lightopd.errors import NonFiniteLogits
 
 
 @dataclass
 class Completion:
     ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" (an EOS token was sampled) or "length"
+    logprobs: list[float]  # ℓμ: under the distribution sampled from (penalties, temperature, truncation)
+    finish_reason: str  # "stop" (an EOS token was sampled, or a stop text completed) or "length"
+    policy_logprobs: list[float] | None = None  # ℓold: under the model's untruncated softmax at the temperature
 
 
 def _selectable(cache) -> bool:
@@ -82,11 +84,13 @@ def generate(
     info: ModelInfo,
     max_new: Sequence[int],
     on_step: Callable[[int, int], None] | None = None,
+    stops: StopTexts | None = None,
 ) -> list[list[Completion]]:
     """Sample `len(keys[i])` completions of at most `max_new[i]` tokens for each prompt i.
 
     `keys[i][j]` names the random stream of prompt i's j-th sample (see sampling.row_key).
     Tokens are drawn from the tokenizer's ids only (`info.vocab`; padded output rows never).
+    A row also ends at the token that completes one of `stops`' texts.
     `on_step(new_tokens, finished_rows)` is called after every decoding step.
     Returns completions in the same nesting as `keys`.
     """
@@ -129,6 +133,17 @@ def generate(
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     tokens_out = torch.full((n_rows, int(max(max_new))), pad_id, dtype=torch.long, device=device)
     logprobs_out = torch.zeros(tokens_out.shape, dtype=torch.float32, device=device)
+    policy_out = torch.zeros(tokens_out.shape, dtype=torch.float32, device=device)
+    # penalties: which tokens each row has seen (prompt or completion) and its completion's counts
+    seen = counts = None
+    if sampling.penalizes:
+        counts = torch.zeros((n_rows, vocab), dtype=torch.float32, device=device)
+        if sampling.repetition_penalty != 1:
+            seen = torch.zeros((len(prompts), vocab), dtype=torch.bool, device=device)
+            for i, p in enumerate(prompts):
+                ids_i = torch.tensor(list(p), dtype=torch.long, device=device)
+                seen[i, ids_i[ids_i < vocab]] = True
+            seen = seen[expand]
     lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
     stopped = torch.zeros(n_rows, dtype=torch.bool, device=device)
 
@@ -137,13 +152,23 @@ def generate(
             raise NonFiniteLogits(f"the model's logits are not finite (NaN or inf) at decoding step {step}: its "
                                   "weights hold NaN or inf, or it overflows in this dtype")
         u = torch.from_numpy(uniforms(row_keys[rows.cpu().numpy()], step))
-        tok, lp = choose(logits, sampling.temperature, sampling.top_p, u)
+        shaped = logits if counts is None else penalized(
+            logits, None if seen is None else seen[rows], counts[rows], sampling.repetition_penalty,
+            sampling.presence_penalty, sampling.frequency_penalty)
+        tok, lp, policy = choose(shaped, sampling, u, raw=logits)
         live = ~finished[rows]
         live_rows = rows[live]
         tokens_out[live_rows, step] = tok[live]
         logprobs_out[live_rows, step] = lp[live]
+        policy_out[live_rows, step] = policy[live]
         lengths[live_rows] += 1
+        if counts is not None:
+            counts[live_rows, tok[live]] += 1
+            if seen is not None:
+                seen[live_rows, tok[live]] = True
         hit_eos = torch.isin(tok, eos) & live
+        if stops is not None:
+            hit_eos |= stops.hit(tokens_out, rows, lengths) & live
         stopped[rows[hit_eos]] = True
         done_now = live & (hit_eos | (lengths[rows] >= row_limit[rows]))
         finished[rows[done_now]] = True
@@ -162,14 +187,14 @@ def generate(
                     use_cache=True, **cache_kw)
         logits = out.logits[:, -1, :vocab]
 
-    tokens_cpu, logprobs_cpu = tokens_out.cpu(), logprobs_out.cpu()
+    tokens_cpu, logprobs_cpu, policy_cpu = tokens_out.cpu(), logprobs_out.cpu(), policy_out.cpu()
     lengths_cpu, stopped_cpu = lengths.cpu().tolist(), stopped.cpu().tolist()
     result: list[list[Completion]] = [[] for _ in prompts]
     for r in range(n_rows):
         n = lengths_cpu[r]
         result[prompt_of_row[r]].append(Completion(
-            tokens_cpu[r, :n].tolist(), logprobs_cpu[r, :n].tolist(), "stop" if stopped_cpu[r] else "length"
-        ))
+            tokens_cpu[r, :n].tolist(), logprobs_cpu[r, :n].tolist(), "stop" if stopped_cpu[r] else "length",
+            policy_cpu[r, :n].tolist()))
     return result
 
 
@@ -182,6 +207,7 @@ def sample_prompts(
     info: ModelInfo,
     on_step: Callable[[int, int], None] | None = None,
     kv_tokens: int | None = None,
+    stops: StopTexts | None = None,
 ) -> list[list[Completion]]:
     """`sampling.n` completions of each prompt, batched by length within `batch_size` rows and
     `kv_tokens` KV-cache tokens (None: see kv_token_budget); sample j of prompt `name` always draws
@@ -194,7 +220,7 @@ def sample_prompts(
         keys = [[row_key(sampling.seed, prompt_names[i], j) for j in js] for i, js in batch]
         limits = [sampling.max_new_tokens if info.context is None
                   else min(sampling.max_new_tokens, info.context - len(p)) for p in prompts]
-        out = generate(model, prompts, keys, sampling, info, limits, on_step=on_step)
+        out = generate(model, prompts, keys, sampling, info, limits, on_step=on_step, stops=stops)
         for (i, js), samples in zip(batch, out, strict=True):
             for j, c in zip(js, samples, strict=True):
                 completions[i][j] = c

@@ -3,8 +3,9 @@
 (engine/vllm_engine.py, an optional extra).
 
 `sampler.sample(prompt_ids, names, sampling, on_step)` returns, for every prompt, `sampling.n`
-Completions (token ids, their log-probs under the sampling distribution after temperature and
-top-p, finish reason); sample j of prompt `name` is drawn from a random stream keyed by
+Completions (token ids, their log-probs under the sampling distribution (ℓμ: penalties,
+temperature, min-p, top-k, top-p) and under the model's untruncated softmax at the temperature
+(ℓold), finish reason); sample j of prompt `name` is drawn from a random stream keyed by
 (seed, name, j) in either engine, so a rerun or a resumed run writes the same rows.
 `engine_record(engine)` is what a store records of the engine.
 """
@@ -19,6 +20,7 @@ from typing import Protocol
 from lightopd.config import SamplingSpec
 from lightopd.engine import models
 from lightopd.engine.generate import Completion, sample_prompts
+from lightopd.engine.stops import StopTexts
 from lightopd.specs import EngineSpec, ModelSpec
 
 OnStep = Callable[[int, int], None]  # (new tokens, finished rows), for progress
@@ -33,14 +35,16 @@ class Sampler(Protocol):
 
 class HFSampler:
     """A transformers model, decoded by engine.generate in batches of at most `batch_size` rows and
-    `kv_tokens` KV-cache tokens."""
+    `kv_tokens` KV-cache tokens; `tokenizer` decodes rows for stop texts."""
 
-    def __init__(self, model, info: models.ModelInfo, batch_size: int, kv_tokens: int | None):
+    def __init__(self, model, info: models.ModelInfo, batch_size: int, kv_tokens: int | None, tokenizer=None):
         self.model, self.info, self.batch_size, self.kv_tokens = model, info, batch_size, kv_tokens
+        self.tokenizer = tokenizer
 
     def sample(self, prompt_ids, names, sampling, on_step=None):
+        stops = StopTexts(self.tokenizer, sampling.stop) if sampling.stop else None
         return sample_prompts(self.model, prompt_ids, names, sampling, self.batch_size, self.info,
-                              on_step=on_step, kv_tokens=self.kv_tokens)
+                              on_step=on_step, kv_tokens=self.kv_tokens, stops=stops)
 
     def close(self) -> None:
         self.model = None
@@ -53,7 +57,8 @@ def open_sampler(model_dir: Path, spec: ModelSpec, engine: EngineSpec, info: mod
         from lightopd.engine.vllm_engine import VllmSampler
 
         return VllmSampler(model_dir, spec, engine, info, seed)
-    return HFSampler(hf_model(model_dir, spec), info, batch_size, kv_tokens)
+    return HFSampler(hf_model(model_dir, spec), info, batch_size, kv_tokens,
+                     models.load_tokenizer(model_dir, spec.trust_remote_code))
 
 
 def hf_model(model_dir: Path, spec: ModelSpec):

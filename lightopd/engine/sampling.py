@@ -1,9 +1,12 @@
-"""The sampling distribution (temperature, top-p) and batch-independent random draws; pure math.
+"""The sampling distribution (penalties, temperature, min-p, top-k, top-p, in vLLM's order) and
+batch-independent random draws; pure math.
 
 Each sample row draws its uniforms from a counter-based generator keyed by (seed, prompt id,
 sample index), so a row's tokens do not depend on which other rows share its batch, on the batch
 size, or on whether the run was interrupted and resumed. Tokens are drawn by inverting the CDF
-of the exact distribution whose log-probs are recorded as `behavior_logprobs`.
+of the exact distribution whose log-probs are recorded as `behavior_logprobs` (ℓμ); each token's
+log-prob under the model's untruncated, unpenalised softmax at the temperature is recorded beside
+it as `policy_logprobs` (ℓold), the policy the trainer differentiates.
 """
 
 from __future__ import annotations
@@ -23,19 +26,54 @@ _M2 = np.uint64(0x94D049BB133111EB)
 BLOCK = 256  # inverse-CDF sampling goes through block sums, then one block
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Float32 log-probs [B, V] of softmax(logits / temperature) restricted to the top-p nucleus.
+def kept(lp: torch.Tensor, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> torch.Tensor | None:
+    """[B, V] bool: the tokens the sampler keeps from log-probs `lp` [B, V] (after temperature), or
+    None when it keeps all. In vLLM's order: min-p keeps tokens with p ≥ min_p · max p; top-k the k
+    most likely (ties at the k-th kept); top-p, over what is left renormalised, the smallest set of
+    most likely tokens whose mass reaches top_p (a token is kept when the mass ranked before it is
+    below top_p, so the top token always is)."""
+    keep = None
+    if min_p > 0:
+        probs = lp.exp()
+        keep = probs >= min_p * probs.amax(dim=-1, keepdim=True)
+    if 0 < top_k < lp.shape[-1]:
+        kth = lp.topk(top_k, dim=-1).values[:, -1:]
+        keep = lp >= kth if keep is None else keep & (lp >= kth)
+    if top_p < 1.0:
+        rest = lp if keep is None else torch.log_softmax(lp.masked_fill(~keep, float("-inf")), dim=-1)
+        order, keep_ranked = nucleus(rest, top_p)
+        inside = torch.zeros_like(lp, dtype=torch.bool).scatter_(-1, order, keep_ranked)
+        keep = inside if keep is None else keep & inside
+    return keep
 
-    The nucleus is the smallest set of most likely tokens whose mass reaches `top_p`: a token is
-    kept when the mass of the tokens ranked before it is below `top_p` (so the top token always
-    is). Tokens outside it get -inf; the rest are renormalised. `temperature` must be > 0.
-    """
-    lp = torch.log_softmax(logits.float() / temperature if temperature != 1 else logits.float(), dim=-1)
-    if top_p >= 1.0:
-        return lp
-    order, keep_ranked = nucleus(lp, top_p)  # the same choice the trainer makes for the student's policy
-    keep = torch.zeros_like(lp, dtype=torch.bool).scatter_(-1, order, keep_ranked)
-    return torch.log_softmax(lp.masked_fill(~keep, float("-inf")), dim=-1)
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                      min_p: float = 0.0) -> torch.Tensor:
+    """Float32 log-probs [B, V] of softmax(logits / temperature) cut to the tokens the sampler keeps
+    (`kept`) and renormalised; the others get -inf. `temperature` must be > 0."""
+    lp = tempered(logits, temperature)
+    keep = kept(lp, top_p, top_k, min_p)
+    return lp if keep is None else torch.log_softmax(lp.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) in at least float32: the model's untruncated policy."""
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.log_softmax(z / temperature if temperature != 1 else z, dim=-1)
+
+
+def penalized(logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None, repetition: float,
+              presence: float, frequency: float) -> torch.Tensor:
+    """`logits` [B, V] after the penalties, as vLLM applies them: the repetition penalty divides the
+    positive logits (multiplies the negative ones) of tokens `seen` [B, V] in the prompt or the
+    completion; then frequency × the token's count in the completion (`counts` [B, V]) and presence
+    × (count > 0) are subtracted."""
+    out = logits.float()
+    if repetition != 1 and seen is not None:
+        out = torch.where(seen, torch.where(out > 0, out / repetition, out * repetition), out)
+    if counts is not None and (frequency or presence):
+        out = out - frequency * counts - presence * (counts > 0).to(out.dtype)
+    return out
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -74,17 +112,23 @@ def uniforms(keys: np.ndarray, step: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def choose(
-    logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row of `logits` [B, V] with uniforms `u` [B].
+def choose(logits: torch.Tensor, sampling, u: torch.Tensor, raw: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row of `logits` [B, V] (after any penalties) with uniforms `u` [B] from the
+    distribution `sampling` (a SamplingSpec) describes.
 
-    Returns (tokens [B] int64, their log-probs [B] float32 under the sampling distribution).
-    Temperature 0 is greedy decoding, whose distribution is a point mass (log-prob 0).
+    Returns (tokens [B] int64, their log-probs under that distribution [B] (ℓμ), their log-probs
+    under the model's untruncated, unpenalised policy [B] (ℓold): softmax(raw / T) with `raw` the
+    logits before penalties (default `logits`)). Temperature 0 is greedy decoding, a point mass
+    (ℓμ = 0), whose policy log-prob is taken at temperature 1 (the τ a greedy store trains at).
     """
-    if temperature == 0:
+    raw = logits if raw is None else raw
+    if sampling.temperature == 0:
         tokens = logits.argmax(dim=-1)
-        return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
-    lp = sampling_logprobs(logits, temperature, top_p)
+        policy = tempered(raw, 1.0).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device), policy.float()
+    lp = sampling_logprobs(logits, sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)
     tokens = _inverse_cdf(lp.exp(), u)
-    return tokens, lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    behavior = lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    full = lp if raw is logits and not sampling.truncates else tempered(raw, sampling.temperature)
+    return tokens, behavior, full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()

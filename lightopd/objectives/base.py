@@ -46,6 +46,26 @@ class ObjectiveParams:
               f"must be at least {MIN_TEMPERATURE}, got {self.temperature}")
 
 
+BEHAVIORS = ("policy", "sampler")
+REFERENCE = {"policy": "policy_logprobs", "sampler": "behavior_logprobs"}  # the stored column of each
+
+
+@dataclass(frozen=True, kw_only=True)
+class RatioParams(ObjectiveParams):
+    """Shared by the objectives that take a ratio or a reward against the rollout model."""
+
+    behavior: str = opt("policy", "What ratios and rewards are taken against. policy: ℓold, the rollout model's "
+                                  "untruncated softmax at its temperature (ratio 1 before any update; the "
+                                  "sampler's truncation is a known behaviour mismatch, left uncorrected); "
+                                  "sampler: ℓμ, the distribution the tokens were drawn from (after top-p, top-k, "
+                                  "min-p, penalties), which corrects for the truncation by importance weighting.",
+                        choices=BEHAVIORS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.behavior in BEHAVIORS, "objective.behavior", f"must be policy or sampler, got {self.behavior!r}")
+
+
 @dataclass(frozen=True)
 class Requirements:
     """What a store must offer for an objective to train on it."""
@@ -68,7 +88,8 @@ class Inputs:
 
     student: LogprobStats  # the student's log-probs (with gradient), entropy and argmax
     teacher_logprobs: Tensor | None = None  # ℓT [N]
-    behavior_logprobs: Tensor | None = None  # ℓμ [N]
+    behavior_logprobs: Tensor | None = None  # ℓμ [N]: under the distribution sampled from
+    policy_logprobs: Tensor | None = None  # ℓold [N]: under the rollout model's untruncated softmax at its T
     topk_ids: Tensor | None = None  # I [N, k]
     topk_logprobs: Tensor | None = None  # LT [N, k]
     teacher_log_tail: Tensor | None = None  # log of the teacher's mass outside its top-k [N]
@@ -76,10 +97,14 @@ class Inputs:
 
     @property
     def lq_y(self) -> Tensor:
-        """The student's log-prob of each sampled token under its sampling policy (τ, and the
-        store's top-p nucleus), with gradient [N]: the policy that sampled the rollouts, so with the
-        student equal to the rollout model lq_y = ℓμ."""
-        return self.student.policy
+        """The student's log-prob of each sampled token under its full softmax at τ, with gradient
+        [N]: never cut to a nucleus, so every position has a gradient; with the student equal to the
+        rollout model and τ its temperature, lq_y = ℓold."""
+        return self.student.sampled
+
+    def reference(self, behavior: str) -> Tensor:
+        """ℓold (`behavior` policy) or ℓμ (sampler) [N]: what ratios and rewards are taken against."""
+        return self.policy_logprobs if behavior == "policy" else self.behavior_logprobs
 
     @property
     def lq_topk(self) -> Tensor | None:

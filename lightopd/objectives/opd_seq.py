@@ -1,12 +1,14 @@
 """opd-seq: sequence-level reverse KL as a policy gradient, with a group baseline and PPO clipping.
 
-Each token is credited with the discounted sum of the teacher-vs-rollout log-ratios r = ℓT − ℓμ
+Each token is credited with the discounted sum of the teacher-vs-rollout log-ratios r = ℓT − ℓref
 of everything from it to the end of its sample (the return G). The baseline B is, per position,
 the mean return of the prompt's other samples (leave-one-out, so a store needs n ≥ 2 samples per
 prompt); advantages A = G − B are divided by their standard deviation over the whole optimizer
 step. The returns need the whole step, so they are computed in `prepare`, before any forward.
 The ratio to the rollout policy is PPO-clipped (anchor "rollout"), or the gradient is the
 current student's with a truncated importance weight to the rollout policy (anchor "current").
+ℓref is ℓold, the rollout model's untruncated log-prob (`behavior = policy`, the default), or ℓμ,
+the truncated distribution's (`behavior = sampler`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lightopd.objectives.base import EPS, Inputs, Objective, ObjectiveParams, Requirements, StepRows
+from lightopd.objectives.base import EPS, REFERENCE, Inputs, Objective, RatioParams, Requirements, StepRows
 from lightopd.objectives.policy_gradient import PG_COLUMNS
 from lightopd.options import check, opt
 
@@ -29,15 +31,15 @@ ANCHORS = ("rollout", "current")
 
 
 @dataclass(frozen=True, kw_only=True)
-class OPDSeqParams(ObjectiveParams):
+class OPDSeqParams(RatioParams):
     discount: float = opt(1.0, "γ: a token's return sums the rewards after it discounted by γ per token; 0 "
                                "is per-token.")
     baseline: str = opt("loo", "loo: subtract the mean return of the prompt's other samples (needs n ≥ 2 "
                                "samples per prompt); none.", choices=BASELINES)
     normalize: bool = opt(True, "Divide advantages by their standard deviation over the optimizer step.")
-    anchor: str = opt("rollout", "What the ratio is taken against. rollout: ρ = exp(lq_y − ℓμ), PPO-clipped, for "
-                                 "the whole run; current: the current student (ρ = exp(lq_y − sg(lq_y)), an "
-                                 "on-policy gradient) weighted by min(exp(sg(lq_y) − ℓμ), is_cap), truncated "
+    anchor: str = opt("rollout", "What the ratio is taken against. rollout: ρ = exp(lq_y − ℓref), PPO-clipped, "
+                                 "for the whole run; current: the current student (ρ = exp(lq_y − sg(lq_y)), an "
+                                 "on-policy gradient) weighted by min(exp(sg(lq_y) − ℓref), is_cap), truncated "
                                  "importance sampling to the rollout policy.", choices=ANCHORS)
     clip_eps: float = opt(0.2, "ε of the PPO clip of the ratio to [1 − ε, 1 + ε] (anchor rollout).")
     is_cap: float = opt(2.0, "Cap of the truncated importance weight (anchor current).")
@@ -98,28 +100,30 @@ def advantages(teacher: Tensor, behavior: Tensor, mask: Tensor, groups: Tensor, 
 
 class OPDSeq(Objective):
     name = "opd-seq"
-    summary = "discounted sequence-level returns of ℓT − ℓμ, leave-one-out group baseline, PPO clipping"
+    summary = "discounted sequence-level returns of ℓT − ℓref, leave-one-out group baseline, PPO clipping"
     Params = OPDSeqParams
     columns = PG_COLUMNS
 
     def requirements(self) -> Requirements:
+        columns = (*self.columns, REFERENCE[self.params.behavior])
         if self.params.baseline == "loo":
-            return Requirements(self.columns, min_samples=2, behavior_probability=True, on_policy=True,
+            return Requirements(columns, min_samples=2, behavior_probability=True, on_policy=True,
                                 why="its loo baseline is the mean over the prompt's other samples "
                                     "(or set objective.baseline=none)")
-        return Requirements(self.columns, behavior_probability=True, on_policy=True)
+        return Requirements(columns, behavior_probability=True, on_policy=True)
 
     def prepare(self, rows: StepRows) -> dict[str, Tensor]:
-        teacher, behavior = rows.column("teacher_logprobs"), rows.column("behavior_logprobs")
-        return {"advantages": advantages(teacher, behavior, rows.mask, rows.groups, self.params, rows.reduce)}
+        teacher, reference = rows.column("teacher_logprobs"), rows.column(REFERENCE[self.params.behavior])
+        return {"advantages": advantages(teacher, reference, rows.mask, rows.groups, self.params, rows.reduce)}
 
     def loss(self, inputs: Inputs) -> Tensor:
         a = inputs.prepared["advantages"]
+        reference = inputs.reference(self.params.behavior)
         if self.params.anchor == "current":
             lq_y = inputs.lq_y
-            weight = (lq_y.detach() - inputs.behavior_logprobs).exp().clamp(max=self.params.is_cap)
+            weight = (lq_y.detach() - reference).exp().clamp(max=self.params.is_cap)
             return -weight * a * (lq_y - lq_y.detach()).exp()
-        ratio = (inputs.lq_y - inputs.behavior_logprobs).exp()
+        ratio = (inputs.lq_y - reference).exp()
         clipped = ratio.clamp(1 - self.params.clip_eps, 1 + self.params.clip_eps)
         return -(ratio * a).minimum(clipped * a)
 
@@ -127,7 +131,7 @@ class OPDSeq(Objective):
         """clip_fraction: positions whose gradient the PPO clip removed (ratio beyond 1 ± ε on the
         side the advantage pushes it); 0 when anchored to the current student."""
         a = inputs.prepared["advantages"]
-        ratio = (inputs.lq_y.detach() - inputs.behavior_logprobs).exp()
+        ratio = (inputs.lq_y.detach() - inputs.reference(self.params.behavior)).exp()
         if self.params.anchor == "current":
             return {"clip_fraction": ratio * 0}
         eps = self.params.clip_eps

@@ -2,8 +2,10 @@
 lightning-opd, opd-is, vopd, g-opd.
 
 They read `teacher_logprobs`, which is exact whether or not the sampled token is in the top-k.
-`lq_y` is the student's log-prob of the sampled token, `ℓT` the teacher's, `ℓμ` the rollout
-policy's (the behaviour log-prob stored at sampling).
+`lq_y` is the student's log-prob of the sampled token (full softmax at τ), `ℓT` the teacher's.
+Ratios and rewards against the rollout model use ℓref: ℓold, its untruncated log-prob stored at
+rollout (`behavior = policy`, the default: ratio 1 before any update), or ℓμ, the log-prob under
+the truncated distribution actually sampled from (`behavior = sampler`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lightopd.objectives.base import TOPK, Inputs, Objective, ObjectiveParams, Requirements
+from lightopd.objectives.base import REFERENCE, TOPK, Inputs, Objective, RatioParams, Requirements
 from lightopd.objectives.support import kl, supports
 from lightopd.options import check, opt
 
@@ -19,13 +21,14 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 IMPORTANCE = ("none", "tis")
-PG_COLUMNS = ("teacher_logprobs", "behavior_logprobs")
+PG_COLUMNS = ("teacher_logprobs",)
 
 
 @dataclass(frozen=True, kw_only=True)
-class PolicyGradientParams(ObjectiveParams):
-    importance: str = opt("none", "none, or tis: weight each token by min(exp(lq_y − ℓμ), is_cap), truncated "
-                                  "importance sampling against the rollout policy.", choices=IMPORTANCE)
+class PolicyGradientParams(RatioParams):
+    importance: str = opt("none", "none, or tis: weight each token by min(exp(lq_y − ℓref), is_cap), truncated "
+                                  "importance sampling against the rollout model (ℓref: see behavior).",
+                          choices=IMPORTANCE)
     is_cap: float = opt(2.0, "Cap of the importance weight.")
 
     def __post_init__(self) -> None:
@@ -36,8 +39,8 @@ class PolicyGradientParams(ObjectiveParams):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ImportanceSamplingParams(ObjectiveParams):
-    is_cap: float = opt(2.0, "Cap of the importance ratio exp(lq_y − ℓμ).")
+class ImportanceSamplingParams(RatioParams):
+    is_cap: float = opt(2.0, "Cap of the importance ratio exp(lq_y − ℓref).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,12 +57,15 @@ class PolicyGradient(Objective):
     columns = PG_COLUMNS
 
     def requirements(self) -> Requirements:
-        return Requirements(self.columns, behavior_probability=self.params.importance == "tis", on_policy=True)
+        tis = self.params.importance == "tis"
+        columns = (*self.columns, REFERENCE[self.params.behavior]) if tis else self.columns
+        return Requirements(columns, behavior_probability=tis, on_policy=True)
 
     def weight(self, inputs: Inputs) -> Tensor | float:
         """The truncated importance weight of each position (1 without `importance = tis`)."""
         if self.params.importance == "tis":
-            return (inputs.lq_y.detach() - inputs.behavior_logprobs).exp().clamp(max=self.params.is_cap)
+            reference = inputs.reference(self.params.behavior)
+            return (inputs.lq_y.detach() - reference).exp().clamp(max=self.params.is_cap)
         return 1.0
 
 
@@ -88,28 +94,30 @@ class VOPD(PolicyGradient):
 
 class GOPD(PolicyGradient):
     name = "g-opd"
-    summary = "reward extrapolation A = λ(ℓT − ℓμ) − (lq_y − ℓμ) (G-OPD / ExOPD)"
+    summary = "reward extrapolation A = λ(ℓT − ℓref) − (lq_y − ℓref) (G-OPD / ExOPD)"
     Params = GOPDParams
 
     def requirements(self) -> Requirements:
-        return Requirements(self.columns, behavior_probability=True, on_policy=True)
+        return Requirements((*self.columns, REFERENCE[self.params.behavior]), behavior_probability=True,
+                            on_policy=True)
 
     def loss(self, inputs: Inputs) -> Tensor:
-        lq_y, mu = inputs.lq_y, inputs.behavior_logprobs
+        lq_y, mu = inputs.lq_y, inputs.reference(self.params.behavior)
         advantage = self.params.lambda_ * (inputs.teacher_logprobs - mu) - (lq_y.detach() - mu)
         return -self.weight(inputs) * advantage * lq_y
 
 
 class OPDImportanceSampling(Objective):
     name = "opd-is"
-    summary = "A = ℓT − ℓμ with a capped importance ratio exp(lq_y − ℓμ)"
+    summary = "A = ℓT − ℓref with a capped importance ratio exp(lq_y − ℓref)"
     Params = ImportanceSamplingParams
     columns = PG_COLUMNS
 
     def requirements(self) -> Requirements:
-        return Requirements(self.columns, behavior_probability=True)
+        return Requirements((*self.columns, REFERENCE[self.params.behavior]), behavior_probability=True)
 
     def loss(self, inputs: Inputs) -> Tensor:
-        advantage = inputs.teacher_logprobs - inputs.behavior_logprobs
-        ratio = (inputs.lq_y - inputs.behavior_logprobs).exp().clamp(max=self.params.is_cap)
+        reference = inputs.reference(self.params.behavior)
+        advantage = inputs.teacher_logprobs - reference
+        ratio = (inputs.lq_y - reference).exp().clamp(max=self.params.is_cap)
         return -ratio * advantage

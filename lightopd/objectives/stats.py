@@ -3,17 +3,16 @@
 
 One function serves both sides: the teacher's scoring (the sampled token's log-prob, its top-k,
 the log-mass outside the top-k, its entropy, under inference mode) and the student's view in
-training (the sampled token's log-prob under the full softmax and under the sampling policy,
-its log-probs at the teacher's top-k ids and the log-mass outside them, with gradient; entropy
-and argmax as diagnostics). Everything is gathered from a single float32 [N × V] log-softmax:
-no second [N × V] copy is kept for backward, the entropy is a batched dot product, and the
-log-mass outside a set of ids is a log-sum-exp over the excluded ids (never 1 − Σ p, which
-cancels to nothing for a confident model) with a backward that reuses the log-softmax.
+training (the sampled token's log-prob under the full softmax, its log-probs at the teacher's
+top-k ids and the log-mass outside them, with gradient; entropy and argmax as diagnostics).
+Everything is gathered from a single float32 [N × V] log-softmax: no second
+[N × V] copy is kept for backward, the entropy is a batched dot product, and the log-mass
+outside a set of ids is a log-sum-exp over the excluded ids (never 1 − Σ p, which cancels
+to nothing for a confident model) with a backward that reuses the log-softmax.
 
-The sampling policy is the distribution rollout samples from: softmax(logits / τ) cut to its
-top-p nucleus and renormalised. Its log-prob of the sampled token renormalises over the nucleus
-of the model's current distribution, chosen exactly as the sampler chooses it (`nucleus`); a
-sampled token that is no longer in it is counted in, so the log-prob stays finite.
+The student's policy is its full softmax at τ, never cut to a nucleus: the sampler's truncation
+(`nucleus`, used by rollout) is a property of how rows were drawn, stored with them, not of the
+policy trained, so every position has a gradient.
 """
 
 from __future__ import annotations
@@ -82,16 +81,6 @@ def log_mass_outside(lq: Tensor, ids: Tensor) -> Tensor:
     return _LogMassOutside.apply(lq, ids)
 
 
-def nucleus_logprob(lq: Tensor, targets: Tensor, top_p: float) -> Tensor:
-    """log-prob of `targets` under lq [N, V] cut to its top-p nucleus and renormalised (the target
-    counted in the nucleus when it fell out of it), with gradient."""
-    order, keep = nucleus(lq, top_p)
-    sampled = lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    log_z = lq.gather(-1, order).masked_fill(~keep, float("-inf")).logsumexp(-1)
-    inside = (keep & (order == targets.unsqueeze(-1))).any(-1)
-    return sampled - torch.where(inside, log_z, log_z.logaddexp(sampled))
-
-
 @dataclass
 class LogprobStats:
     """Statistics of N positions of log_softmax(logits / temperature)."""
@@ -99,7 +88,6 @@ class LogprobStats:
     sampled: Tensor  # [N] log-prob of each target token under the full softmax (with gradient)
     entropy: Tensor  # [N] full-vocabulary entropy, no gradient
     argmax: Tensor  # [N] the most likely token
-    policy: Tensor | None = None  # [N] log-prob of each target under the sampling policy (top-p); = sampled at 1
     at: Tensor | None = None  # [N, m] log-probs at the ids asked for (`at=`), with gradient
     topk_logprobs: Tensor | None = None  # [N, k] the k largest log-probs, descending (`k=`)
     topk_ids: Tensor | None = None  # [N, k] their ids
@@ -107,10 +95,6 @@ class LogprobStats:
     at_ids: Tensor | None = field(default=None, repr=False)  # the ids of `at`
     lq: Tensor | None = field(default=None, repr=False)  # [N, V] the log-softmax, kept for `at_rest`
     _at_rest: Tensor | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.policy is None:
-            self.policy = self.sampled
 
     def at_rest(self) -> Tensor:
         """[N] log-mass outside the `at` ids, with gradient (computed on first use)."""
@@ -124,14 +108,14 @@ class LogprobStats:
         return [LogprobStats(**{name: parts[i] for name, parts in pieces.items()}) for i in range(len(lengths))]
 
 
-SPLIT = ("sampled", "entropy", "argmax", "policy", "at", "topk_logprobs", "topk_ids", "topk_rest")
+SPLIT = ("sampled", "entropy", "argmax", "at", "topk_logprobs", "topk_ids", "topk_rest")
 
 
 def logprob_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, at: Tensor | None = None,
-                  k: int | None = None, top_p: float = 1.0) -> LogprobStats:
+                  k: int | None = None) -> LogprobStats:
     """Statistics of softmax(logits / temperature) over the full vocabulary, for logits [N, V]:
     at `at` ids [N, m] (and the mass outside them, on demand), the top `k` (and the mass outside
-    them), and the targets' log-probs under the full softmax and under its top-p nucleus."""
+    them), and the targets' log-probs."""
     z = logits if logits.dtype == torch.float64 else logits.float()  # at least float32
     lq = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
     del z
@@ -151,7 +135,6 @@ def logprob_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, 
         sampled=sampled,
         entropy=entropy,
         argmax=argmax,
-        policy=nucleus_logprob(lq, targets, top_p) if top_p < 1.0 else sampled,
         at=None if at is None else lq.gather(-1, at),
         topk_logprobs=top_lp,
         topk_ids=top_ids,

@@ -46,6 +46,7 @@ def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, 
             columns["prompt_ids"].append(ids)
             columns["completion_ids"].append(c.ids)
             columns["behavior_logprobs"].append(c.logprobs)
+            columns["policy_logprobs"].append(c.policy_logprobs)
             columns["finish_reason"].append(c.finish_reason)
             columns["answer"].append(record.answer)
             columns["metadata"].append(metadata_json(record.metadata))
@@ -79,13 +80,7 @@ def run(cfg: RolloutConfig) -> dict:
             "eos_token_ids": info.eos_ids,
             "pad_token_id": info.pad_id,
         },
-        "sampling": {
-            "n": sampling.n,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "max_new_tokens": sampling.max_new_tokens,
-            "seed": sampling.seed,
-        },
+        "sampling": sampling.record(),
         "prompts": prompts_record,
         "prompts_per_shard": cfg.prompts_per_shard,
         "engine": engine_record(cfg.engine),

@@ -55,6 +55,7 @@ PARQUET_OPTIONS = {
         "teacher_log_tail": "BYTE_STREAM_SPLIT",
         "teacher_entropy": "BYTE_STREAM_SPLIT",
         "behavior_logprobs": "BYTE_STREAM_SPLIT",
+        "policy_logprobs": "BYTE_STREAM_SPLIT",
     },
 }
 
@@ -87,7 +88,8 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType
 def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str,
                   unavailable: tuple[str, ...] = ()) -> pa.Table:
     """The rollout rows with the teacher columns appended (top-k flattened row-major by position);
-    `unavailable` columns are null in every row."""
+    `unavailable` columns, and rollout columns the rows lack (policy_logprobs of an older store), are
+    null in every row."""
     schema = teacher_schema(topk_dtype)
     lengths = np.array([len(s.sampled) for s in stats], dtype=np.int64)
     k = stats[0].topk_ids.shape[1] if stats else 0
@@ -103,10 +105,9 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
     }
     for name in unavailable:
         columns[name] = pa.nulls(len(stats), type=schema.field(name).type)
-    table = rollouts.select(list(rollouts.schema.names))
-    for name, array in columns.items():
-        table = table.append_column(schema.field(name), array)
-    return table.cast(schema)
+    arrays = [rollouts.column(f.name) if f.name in rollouts.schema.names
+              else columns.get(f.name, pa.nulls(len(stats), type=f.type)) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def run(cfg: ScoreConfig) -> dict:

@@ -29,6 +29,7 @@ from lightopd.data.store import (
     TEACHER_FORMAT,
     manifest_fingerprint,
     open_store,
+    policy_is_behavior,
     sampling_of,
     store_columns,
     unavailable,
@@ -62,7 +63,17 @@ from lightopd.training.trainer import TrainData, Trainer
 def check_data(cfg: TrainConfig, name: str, needs: Requirements) -> dict:
     """The store's manifest, after checking it offers what the objective requires."""
     manifest = open_store(cfg.data, formats=(ROLLOUT_FORMAT, TEACHER_FORMAT))
-    missing = [c for c in needs.columns if c not in store_columns(manifest)]
+    missing = [c for c in needs.columns if c not in store_columns(manifest)
+               and not (c == "policy_logprobs" and policy_is_behavior(manifest))]
+    if "policy_logprobs" in missing:
+        sampling = sampling_of(manifest)
+        how = ("greedily (temperature 0)" if sampling["temperature"] == 0
+               else f"with top-p {sampling['top_p']}, whose truncation it cannot be rebuilt from")
+        raise InputError(
+            f"--data {cfg.data}: its rollouts were sampled before lightopd stored each token's log-prob under "
+            f"the rollout model's untruncated softmax (policy_logprobs), and {how}; --objective {name} takes its "
+            "ratios and rewards against it. Sample the store again with `lightopd rollout` (then score-teacher), "
+            "or take them against the truncated distribution sampled from: --set objective.behavior=sampler")
     empty = [c for c in missing if c in unavailable(manifest)]
     if empty:
         raise InputError(
@@ -208,10 +219,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     check_lora(cfg)
     if cfg.fsdp and not world.active:
         warn("--fsdp shards the student over torchrun's ranks; in a single process it does nothing")
-    greedy = sampling["temperature"] == 0  # behaviour log-probs are all 0: no ratio diagnostics either
-    columns = tuple(c for c in store_columns(manifest) if not (greedy and c == "behavior_logprobs"))
     top_k = manifest.get("scoring", {}).get("top_k")
-    data = TrainData(columns, top_k, 1.0 if greedy else float(sampling["top_p"]), info.vocab)
+    data = TrainData(store_columns(manifest), top_k, info.vocab, policy_is_behavior(manifest))
     provenance = {
         "lightopd_version": __version__,
         "parent": {**student, "sft_teacher": (parent or {}).get("sft_teacher")},
@@ -219,8 +228,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         "data": {"path": str(Path(cfg.data).resolve()), "format": manifest["format"],
                  "fingerprint": manifest_fingerprint(cfg.data), "teacher": manifest.get("teacher"),
                  "sampling": sampling},
-        "objective": {"name": objective.name, "params": dataclasses.asdict(params),
-                      "student_top_p": data.top_p},
+        "objective": {"name": objective.name, "params": dataclasses.asdict(params)},
         "train": {**{k: v for k, v in flatten(cfg).items() if k not in ("student", "data", "out", "resume")},
                   "compute_dtype": str(compute_dtype).removeprefix("torch.")},
         "parallel": {"world_size": world.size, "fsdp": cfg.fsdp and world.active},
@@ -275,7 +283,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
             model = peft_model.get_base_model()  # the student, its linear layers carrying the adapters
     trainer = Trainer(cfg, objective, model, data, objective.total_steps, world, source)
     source = full = None  # rank 0's full copy is in the shards now
-    stream = StepStream(cfg.data, manifest, list(trainer.columns), cfg.seed,
+    stream = StepStream(cfg.data, manifest, list(trainer.read_columns), cfg.seed,
                         cfg.shuffle_buffer, world.rank, world.size)
     start_step = 0
     if state is not None:

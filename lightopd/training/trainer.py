@@ -35,7 +35,8 @@ from lightopd.training.distributed import World
 from lightopd.training.parallel import Parallel, Source
 from lightopd.training.schedule import lr_factor, optimizer_for
 
-STORED = ("teacher_logprobs", "behavior_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail")
+STORED = ("teacher_logprobs", "behavior_logprobs", "policy_logprobs", "topk_ids", "topk_logprobs",
+          "teacher_log_tail")
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class TrainData:
 
     columns: tuple[str, ...]  # the stored columns to offer the objective and the diagnostics (what they use is read)
     k: int | None  # its teacher top-k
-    top_p: float  # the nucleus its rollouts were sampled from (1: none); the student's policy is cut the same way
     vocab: int  # the tokenizer's ids
+    policy_from_behavior: bool = False  # an older store, sampled untruncated: ℓold is its behavior_logprobs
 
 
 def checkpointing(model) -> None:
@@ -67,14 +68,14 @@ def asks_packing(packing: str, model) -> bool:
     return packing == "on" or (packing == "auto" and variable_length)
 
 
-def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor], top_p: float):
+def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor]):
     """The function of one chunk of a micro-batch's completion positions (their logits, lo, hi) that
     returns their per-position loss (with gradient) and diagnostics (without), for engine.chunks."""
     def loss(logits: torch.Tensor, lo: int, hi: int):
         with torch.autocast(logits.device.type, enabled=False):  # statistics in float32
             stored = {name: values[lo:hi] for name, values in mb.stored.items()}
             student = logprob_stats(logits, mb.targets[lo:hi], objective.params.temperature,
-                                    at=stored.get("topk_ids"), top_p=top_p)
+                                    at=stored.get("topk_ids"))
             inputs = Inputs(student, **stored, prepared={name: v[lo:hi] for name, v in prepared.items()})
             per_token = objective.loss(inputs)
             with torch.no_grad():
@@ -91,7 +92,9 @@ class Trainer:
                  world: World = distributed.SINGLE, source: Source | None = None):
         """`source`: where a `model` built on the meta device gets its weights (under --fsdp)."""
         self.cfg, self.objective, self.model, self.data, self.world = cfg, objective, model, data, world
-        self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in data.columns)
+        offered = (*data.columns, "policy_logprobs") if data.policy_from_behavior else data.columns
+        self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in offered)
+        self.read_columns = tuple(c for c in self.columns if c in data.columns)  # from the shards
         self.device = source.device if source is not None else next(model.parameters()).device
         self.amp_dtype = models.resolve_dtype(cfg.student.dtype, self.device)
         if not cfg.dropout:
@@ -121,6 +124,8 @@ class Trainer:
 
     def step(self, groups: list[Group]) -> dict:
         table = pa.Table.from_batches(groups)
+        if self.data.policy_from_behavior and "behavior_logprobs" in table.column_names:
+            table = table.append_column("policy_logprobs", table["behavior_logprobs"])
         batches = TokenBatches(table, self.cfg.micro_batch_tokens, self.packed)
         totals = self.world.sum(torch.tensor([batches.tokens, table.num_rows], dtype=torch.float64,
                                              device=self.device))
@@ -142,8 +147,7 @@ class Trainer:
                 mb = batches.tensors(micro, self.columns, self.data.k, self.device)
                 mine = {name: values[micro][mask[micro]].float() for name, (values, mask) in prepared.items()}
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-                    total, chunks = self.completion_chunks(mb.layout, chunk_loss(self.objective, mb, mine,
-                                                                                 self.data.top_p),
+                    total, chunks = self.completion_chunks(mb.layout, chunk_loss(self.objective, mb, mine),
                                                            self.cfg.loss_chunk_tokens)
                 (total * (scale * weight)).backward()
             if not weight:
