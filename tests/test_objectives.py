@@ -40,7 +40,8 @@ def inputs_for(student, targets, top_lp, top_ids, teacher_lp, behavior, temperat
     if teacher is not None:
         lp = torch.log_softmax(teacher, -1)
         tail = lp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
-    return O.Inputs(view, teacher_logprobs=teacher_lp, behavior_logprobs=behavior, topk_ids=top_ids,
+    return O.Inputs(view, teacher_logprobs=teacher_lp, behavior_logprobs=behavior, policy_logprobs=behavior,
+                    topk_ids=top_ids,
                     topk_logprobs=top_lp, teacher_log_tail=tail, **extra)
 
 
@@ -169,7 +170,7 @@ def test_opd_seq_returns_baselines_and_clipping_by_hand():
     advantage = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
     view = LogprobStats(lq_y, torch.zeros(4), torch.zeros(4, dtype=torch.long))
     clipped = loss("opd-seq", OPDSeqParams(),
-                   O.Inputs(view, behavior_logprobs=behavior, prepared={"advantages": advantage}))
+                   O.Inputs(view, policy_logprobs=behavior, prepared={"advantages": advantage}))
     torch.testing.assert_close(clipped.detach(), torch.tensor([-1.2, 1.5, -0.5, 0.8], dtype=torch.float64))
     (grad,) = torch.autograd.grad(clipped.sum(), lq_y)
     torch.testing.assert_close(grad, torch.tensor([0.0, 1.5, -0.5, 0.0], dtype=torch.float64))

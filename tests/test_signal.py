@@ -133,14 +133,21 @@ def hand_grad_lq_y(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return (onehot - q) / temperature
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_opd_is_against_its_formula(temperature):
+def reference_inputs(inputs, behavior: str, reference: np.ndarray) -> None:
+    """ℓref in the column `behavior` names, and something else in the other (which must not be read)."""
+    chosen, other = ("policy_logprobs", "behavior_logprobs")[:: 1 if behavior == "policy" else -1]
+    setattr(inputs, chosen, torch.tensor(reference))
+    setattr(inputs, other, torch.tensor(reference - 3.0))
+
+
+@pytest.mark.parametrize("temperature,behavior", [(1.0, "policy"), (0.6, "policy"), (0.6, "sampler")])
+def test_opd_is_against_its_formula(temperature, behavior):
     student, teacher, targets = confident_case(seed=4)
     inputs = stored_inputs(student, teacher, targets, temperature=temperature)
     lq_y = log_softmax64(student.detach().numpy() / temperature)[np.arange(N), targets.numpy()]
     mu = lq_y - np.linspace(-1.5, 1.5, N)  # ratios e^-1.5 .. e^1.5, some above the cap
-    inputs.behavior_logprobs = torch.tensor(mu)
-    params = ImportanceSamplingParams(is_cap=2.0)
+    reference_inputs(inputs, behavior, mu)
+    params = ImportanceSamplingParams(is_cap=2.0, behavior=behavior)
     got = O.OBJECTIVES["opd-is"](params).loss(inputs)
     (grad,) = torch.autograd.grad(got.sum(), student)
     ratio, advantage = np.exp(lq_y - mu), inputs.teacher_logprobs.numpy() - mu
@@ -151,13 +158,14 @@ def test_opd_is_against_its_formula(temperature):
     assert (ratio > 2.0).any() and (ratio < 2.0).any()
 
 
-def test_g_opd_with_lambda_not_one_against_its_formula():
+@pytest.mark.parametrize("behavior", ["policy", "sampler"])
+def test_g_opd_with_lambda_not_one_against_its_formula(behavior):
     student, teacher, targets = confident_case(seed=5)
     inputs = stored_inputs(student, teacher, targets)
     lq_y = log_softmax64(student.detach().numpy())[np.arange(N), targets.numpy()]
     mu = lq_y - 0.3
-    inputs.behavior_logprobs = torch.tensor(mu)
-    got = O.OBJECTIVES["g-opd"](GOPDParams(lambda_=1.5)).loss(inputs)
+    reference_inputs(inputs, behavior, mu)
+    got = O.OBJECTIVES["g-opd"](GOPDParams(lambda_=1.5, behavior=behavior)).loss(inputs)
     (grad,) = torch.autograd.grad(got.sum(), student)
     advantage = 1.5 * (inputs.teacher_logprobs.numpy() - mu) - (lq_y - mu)
     np.testing.assert_allclose(got.detach().numpy(), -advantage * lq_y, rtol=1e-6)
@@ -165,28 +173,16 @@ def test_g_opd_with_lambda_not_one_against_its_formula():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 1.0), (1.0, 0.95), (0.6, 0.95), (0.7, 0.5)])
-def test_the_students_policy_is_the_sampling_distribution(temperature, top_p):
-    """lq_y is the log-prob under softmax(s / τ) cut to its top-p nucleus: rollout's distribution."""
-    g = torch.Generator().manual_seed(6)
-    logits = torch.randn(N, V, generator=g) * 2
-    targets = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g).squeeze(-1)
-    want = np.array([nucleus_logprobs(logits[i].numpy(), temperature, top_p)[y] for i, y in enumerate(targets)])
-    stats = logprob_stats(logits, targets, temperature, top_p=top_p)
-    finite = np.isfinite(want)
-    np.testing.assert_allclose(stats.policy.numpy()[finite], want[finite], atol=1e-5)
-    if top_p < 1:
-        assert (stats.policy > stats.sampled + 1e-4).any(), "the nucleus renormalisation shows"
-
-
-@pytest.mark.parametrize("candidates", [2, 1024], ids=["beyond-the-candidates", "among-them"])
-def test_a_token_outside_the_current_nucleus_is_counted_in(candidates, monkeypatch):
-    from lightopd.objectives import stats as S
-
-    monkeypatch.setattr(S, "NUCLEUS_CANDIDATES", candidates)
-    logits = torch.tensor([[5.0, 4.0, -3.0, -4.0]], requires_grad=True)
-    stats = logprob_stats(logits, torch.tensor([3]), top_p=0.5)  # the nucleus is {0}; token 3 falls outside
-    p = torch.softmax(logits.detach(), -1)[0]
-    assert stats.policy.item() == pytest.approx(float(torch.log(p[3] / (p[0] + p[3]))), abs=1e-6)
-    stats.policy.sum().backward()
-    assert torch.isfinite(logits.grad).all()
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_the_students_policy_is_its_full_softmax(temperature):
+    """lq_y is the log-prob under softmax(s / τ) over the whole vocabulary, never cut to a nucleus: at a
+    position where top-p 0.95 keeps one token, lightning-opd still has the teacher's gradient."""
+    logits = torch.tensor([[9.0, 1.0, 0.0, -1.0], [0.5, 0.4, 0.3, 0.2]], dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 2])
+    want = [log_softmax64(logits[i].detach().numpy() / temperature)[y] for i, y in enumerate(targets.tolist())]
+    assert np.isfinite(nucleus_logprobs(logits[0].detach().numpy(), temperature, 0.95)).sum() == 1, "one token kept"
+    stats = logprob_stats(logits, targets, temperature)
+    inputs = O.Inputs(stats, teacher_logprobs=torch.tensor([-5.0, -1.0], dtype=torch.float64))
+    np.testing.assert_allclose(inputs.lq_y.detach().numpy(), want, atol=1e-12)
+    O.OBJECTIVES["lightning-opd"]().loss(inputs).sum().backward()
+    assert (logits.grad.abs().sum(-1) > 1e-6).all(), "every position has a gradient"

@@ -1,5 +1,5 @@
 """`train` on stores sampled the way users sample: step-1 ratios are exactly 1 whatever the
-temperature and top-p, the SFT loss is the HF `labels=` loss, padded vocabularies of different
+temperature, top-p, top-k and min-p, the SFT loss is the HF `labels=` loss, padded vocabularies of different
 sizes work together, and the store is checked against what each objective assumes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from lightopd.provenance import model_fingerprint, read_provenance, write_provenance
 from lightopd.tiny import make_model
 from tests.helpers import cli, do_rollout, do_score, do_train, metrics, read_rows, weights, write_jsonl
-from tests.reference import completion_logits, log_softmax64, nucleus_logprobs
+from tests.reference import completion_logits, log_softmax64, sampler_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -36,42 +36,60 @@ def scored_store(tmp_path, student, teacher, prompts, **sampling):
     return tmp_path / "r", tmp_path / "t"
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 1.0), (1.0, 0.95), (0.6, 0.95)])
-def test_step_one_ratios_are_one_at_any_temperature_and_top_p(broad_model, teacher_model, prompts, tmp_path,
-                                                             temperature, top_p):
-    rollouts, store = scored_store(tmp_path, broad_model, teacher_model, prompts, temperature=temperature,
-                                   top_p=top_p)
+SAMPLERS = [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.0, top_p=0.95),
+            dict(temperature=0.6, top_p=0.95), dict(temperature=0.6, top_k=20), dict(temperature=0.6, min_p=0.1),
+            dict(temperature=0.6, top_p=0.95, top_k=20)]
+
+
+def sampler_id(settings: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in settings.items())
+
+
+@pytest.mark.parametrize("sampling", SAMPLERS, ids=sampler_id)
+def test_step_one_ratios_are_one_under_any_sampler(broad_model, teacher_model, prompts, tmp_path, sampling):
+    rollouts, store = scored_store(tmp_path, broad_model, teacher_model, prompts, **sampling)
     for name in ("opd-is", "opd-seq"):
         do_train(broad_model, store, tmp_path / name, objective=name, steps=1, batch_size=16, lr=1e-3)
         first = metrics(tmp_path / name)[0]
         assert first["is_ratio_mean"] == pytest.approx(1.0, abs=1e-5), name
         assert first["is_ratio_max"] == pytest.approx(1.0, abs=1e-4), name
-    # what makes it 1: τ = the store's temperature (the default), and the student's policy cut to the
-    # store's nucleus; without the nucleus the ratios of the same tokens are not 1
+    # what makes it 1: the stored ℓold is the float64 model's untruncated log-prob at T; the behaviour
+    # log-probs (ℓμ) are not, wherever the sampler truncated
+    temperature, truncates = sampling["temperature"], len(sampling) > 1
     model = AutoModelForCausalLM.from_pretrained(broad_model, dtype=torch.float64).eval()
     naive = []
     for row in read_rows(rollouts):
         lq = log_softmax64(completion_logits(model, row["prompt_ids"], row["completion_ids"]) / temperature)
-        naive += list(np.exp(lq[np.arange(len(row["completion_ids"])), row["completion_ids"]]
-                             - np.array(row["behavior_logprobs"])))
-    assert (abs(np.mean(naive) - 1.0) > 1e-3) == (top_p < 1)
+        lq_y = lq[np.arange(len(row["completion_ids"])), row["completion_ids"]]
+        np.testing.assert_allclose(row["policy_logprobs"], lq_y, atol=1e-4)
+        naive += list(np.exp(lq_y - np.array(row["behavior_logprobs"])))
+    assert (abs(np.mean(naive) - 1.0) > 1e-3) == truncates
     if temperature != 1.0:
         do_train(broad_model, store, tmp_path / "tau1", [("objective.temperature", 1.0)], objective="opd-is",
                  steps=1, batch_size=16, lr=1e-3)
         assert abs(metrics(tmp_path / "tau1")[0]["is_ratio_mean"] - 1.0) > 1e-3
+    if truncates:  # behavior=sampler: ratios against the truncated distribution, the kept mass at step 1
+        do_train(broad_model, store, tmp_path / "sampler", [("objective.behavior", "sampler")], objective="opd-is",
+                 steps=1, batch_size=16, lr=1e-3)
+        first = metrics(tmp_path / "sampler")[0]
+        assert first["sampler_kept_mass"] < 0.999
+        assert first["is_ratio_mean"] == pytest.approx(1.0, abs=1e-5), "is_ratio is always against ℓold"
 
 
-def test_rollout_samples_the_stated_nucleus(broad_model, prompts, tmp_path):
-    rollouts, _ = scored_store(tmp_path, broad_model, broad_model, prompts, temperature=0.6, top_p=0.95)
+@pytest.mark.parametrize("sampling", SAMPLERS[3:], ids=sampler_id)
+def test_rollout_samples_the_stated_distribution(broad_model, prompts, tmp_path, sampling):
+    rollouts = tmp_path / "r"
+    do_rollout(broad_model, prompts, rollouts, n=2, max_new_tokens=10, prompts_per_shard=4, **sampling)
     model = AutoModelForCausalLM.from_pretrained(broad_model, dtype=torch.float32).eval()
+    args = (sampling["temperature"], sampling.get("top_p", 1.0), sampling.get("top_k", 0), sampling.get("min_p", 0.0))
     cut = 0
     for row in read_rows(rollouts):
         logits = completion_logits(model, row["prompt_ids"], row["completion_ids"])
         for t, (y, lp) in enumerate(zip(row["completion_ids"], row["behavior_logprobs"], strict=True)):
-            want = nucleus_logprobs(logits[t], 0.6, 0.95)
+            want = sampler_logprobs(logits[t], *args)
             assert lp == pytest.approx(want[y], abs=1e-4)
             cut += int(np.isinf(want).sum())
-    assert cut > 100, "the nucleus removed tokens: the truncation is exercised"
+    assert cut > 100, "the sampler removed tokens: the truncation is exercised"
 
 
 @pytest.mark.parametrize("sampled_at, tau", [(1.0, None), (0.6, None), (0.6, 0.6)])

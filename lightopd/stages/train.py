@@ -306,4 +306,5 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         "seconds": round(done["seconds"], 3),
         "tokens_per_s": round(done["tokens"] / done["seconds"], 1) if done["tokens"] else None,
         "metrics": done["metrics"],
+        "zero_gradient_steps": done["zero_gradient_steps"],
     }

@@ -24,7 +24,7 @@ import torch
 from lightopd.data.fields import finite
 from lightopd.data.stream import StepStream
 from lightopd.errors import InputError, TrainingError
-from lightopd.progress import StageProgress
+from lightopd.progress import StageProgress, warn
 from lightopd.provenance import write_provenance
 from lightopd.training import lora
 from lightopd.training.checkpoints import (
@@ -124,7 +124,7 @@ def _fit(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path) -> 
 def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, trackers: Trackers,
            started: float) -> dict:
     world = trainer.world
-    total_tokens, last = 0, None
+    total_tokens, last, zero = 0, None, 0
     with StageProgress("train", total=run.total_steps, completed=run.start_step, disable=not world.main) as bar, \
             open(metrics_path if world.main else os.devnull, "a") as metrics:
         for step in range(run.start_step + 1, run.total_steps + 1):
@@ -145,12 +145,25 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
             trackers.log(step, record)
             total_tokens += record["tokens"]
             last = record
+            if record["grad_norm"] == 0:
+                zero += 1
+                if zero == 1 and world.main:
+                    warn(zero_gradient(step, record))
             bar.advance(items=1, tokens=record["tokens"], status=f"loss {record['loss']:.4f}")
             if run.save_every and step % run.save_every == 0 and step < run.total_steps:
                 _save(trainer, stream, run, step, final=False)
     _save(trainer, stream, run, run.total_steps, final=True)
+    if zero > 1 and world.main:
+        warn(f"{zero} of {run.total_steps - run.start_step} steps had a zero gradient (grad_norm in {metrics_path})")
     return {"tokens": total_tokens, "last": last, "seconds": time.perf_counter() - started,
-            "metrics": str(metrics_path)}
+            "metrics": str(metrics_path), "zero_gradient_steps": zero}
+
+
+def zero_gradient(step: int, record: dict) -> str:
+    """The warning for a step whose gradient is zero at every position."""
+    return (f"step {step}: the gradient is zero (loss {record['loss']:.4g}): this step changed nothing. No position "
+            "carried a learning signal: the teacher store may have been scored by the student itself, or every "
+            "advantage cancelled (see k1 and top1_agree in the metrics)")
 
 
 def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool) -> None:
