@@ -44,7 +44,7 @@ def test_help_shows_every_option_with_its_default_and_doc(command):
         shown = o.key.upper() if o.doc.argument else o.flag
         assert shown in text or (o.doc.metavar and o.doc.metavar in text), (command, o.key)
         assert " ".join(o.doc.help.split())[:40] in text, (command, o.key)
-        if not o.required and o.default not in (None, False):
+        if not o.required and o.default not in (None, False, ()):
             assert f"[default: {o.default}]" in text, (command, o.key)
 
 

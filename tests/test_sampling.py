@@ -6,7 +6,6 @@ import torch
 
 from lightopd.engine import sampling
 from lightopd.engine.sampling import choose, penalized, row_key, sampling_logprobs, uniforms
-from lightopd.objectives import stats
 from lightopd.specs import SamplingSpec
 from tests.reference import log_softmax64, nucleus_logprobs, penalized_logits, sampler_logprobs
 
@@ -14,7 +13,7 @@ from tests.reference import log_softmax64, nucleus_logprobs, penalized_logits, s
 @pytest.mark.parametrize("candidates", [4, 1024], ids=["sort-fallback", "top-k-candidates"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (2.0, 1.0), (1.0, 0.7), (0.8, 0.3)])
 def test_sampling_logprobs_match_reference(temperature, top_p, candidates, monkeypatch):
-    monkeypatch.setattr(stats, "NUCLEUS_CANDIDATES", candidates)
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
     torch.manual_seed(0)
     logits = torch.randn(5, 50) * 3
     got = sampling_logprobs(logits, temperature, top_p).double().numpy()

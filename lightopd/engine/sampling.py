@@ -16,14 +16,28 @@ import hashlib
 import numpy as np
 import torch
 
-from lightopd.objectives.stats import nucleus
-
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
 BLOCK = 256  # inverse-CDF sampling goes through block sums, then one block
+NUCLEUS_CANDIDATES = 1024  # the nucleus is looked for among this many tokens before sorting all
+
+
+def nucleus(lp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, m] in descending probability, keep [B, m] bool): the smallest set of most likely
+    tokens whose mass reaches `top_p` (a token is kept when the mass ranked before it is below
+    top_p, so the top token always is). `lp` [B, V] log-probs; no gradient."""
+    lp = lp.detach()
+    k = min(lp.shape[-1], NUCLEUS_CANDIDATES)
+    ranked, order = lp.topk(k, dim=-1)  # cheap, and holds the nucleus whenever it holds top_p mass
+    if k < lp.shape[-1] and bool((ranked.exp().sum(-1) < top_p).any()):
+        ranked, order = lp.sort(dim=-1, descending=True)
+    probs = ranked.exp()
+    keep = (probs.cumsum(dim=-1) - probs) < top_p
+    keep[:, 0] = True
+    return order, keep
 
 
 def kept(lp: torch.Tensor, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> torch.Tensor | None:

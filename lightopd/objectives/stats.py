@@ -11,8 +11,8 @@ outside a set of ids is a log-sum-exp over the excluded ids (never 1 − Σ p, w
 to nothing for a confident model) with a backward that reuses the log-softmax.
 
 The student's policy is its full softmax at τ, never cut to a nucleus: the sampler's truncation
-(`nucleus`, used by rollout) is a property of how rows were drawn, stored with them, not of the
-policy trained, so every position has a gradient.
+(engine/sampling.py) is a property of how rows were drawn, stored with them, not of the policy
+trained, so every position has a gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-NUCLEUS_CANDIDATES = 1024  # the nucleus is looked for among this many tokens before sorting all
 ROWS = 1024  # positions per temporary [rows × V] block (entropy, the log-mass outside a set)
 TINY = math.log(1e-30)  # below this log-mass, float32 probabilities no longer sum to it accurately
 
@@ -31,21 +30,6 @@ TINY = math.log(1e-30)  # below this log-mass, float32 probabilities no longer s
 def _by_rows(fn, *tensors: Tensor) -> Tensor:
     """fn over blocks of ROWS positions, concatenated: the temporaries fn makes stay [ROWS × V]."""
     return torch.cat([fn(*parts) for parts in zip(*(t.split(ROWS) for t in tensors), strict=True)])
-
-
-def nucleus(lp: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
-    """(ids [B, m] in descending probability, keep [B, m] bool): the smallest set of most likely
-    tokens whose mass reaches `top_p` (a token is kept when the mass ranked before it is below
-    top_p, so the top token always is). `lp` [B, V] log-probs; no gradient."""
-    lp = lp.detach()
-    k = min(lp.shape[-1], NUCLEUS_CANDIDATES)
-    ranked, order = lp.topk(k, dim=-1)  # cheap, and holds the nucleus whenever it holds top_p mass
-    if k < lp.shape[-1] and bool((ranked.exp().sum(-1) < top_p).any()):
-        ranked, order = lp.sort(dim=-1, descending=True)
-    probs = ranked.exp()
-    keep = (probs.cumsum(dim=-1) - probs) < top_p
-    keep[:, 0] = True
-    return order, keep
 
 
 def _rest(probs: Tensor, lq: Tensor, ids: Tensor) -> Tensor:
