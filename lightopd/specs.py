@@ -143,7 +143,13 @@ class SamplingSpec:
                 "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
                 "stop": list(self.stop), "max_new_tokens": self.max_new_tokens, "seed": self.seed,
-                "policy_logprobs": True}
+                "policy_logprobs": self.policy_differs}
+
+    @property
+    def policy_differs(self) -> bool:
+        """Whether a token's log-prob under the model's untruncated softmax at T (ℓold) can differ from
+        its log-prob under the sampler (ℓμ): rows store ℓold only then (greedy: ℓold is at T = 1)."""
+        return self.temperature == 0 or self.truncates or self.penalizes
 
 
 ENGINES = ("hf", "vllm")

@@ -77,7 +77,9 @@ def test_store_rows_are_complete_and_well_formed(tiny_model, prompts_file, tmp_p
     assert {r["finish_reason"] for r in rows} == {"stop", "length"}, "fixture should exercise both"
     assert manifest["tokens"] == sum(len(r["completion_ids"]) for r in rows)
     assert manifest["model"]["fingerprint"].startswith("sha256:")
-    assert manifest["sampling"] == {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 10, "seed": 0}
+    assert manifest["sampling"] == {"n": 2, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                                    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                                    "stop": [], "max_new_tokens": 10, "seed": 0, "policy_logprobs": False}
 
 
 def test_same_seed_same_rollouts_whatever_the_batching(tiny_model, prompts_file, tmp_path):

@@ -63,28 +63,34 @@ def store_columns(manifest: dict) -> tuple[str, ...]:
 
 def unavailable(manifest: dict) -> list[str]:
     """The columns a store's rows lack: teacher columns its scorer left empty (score-teacher --engine
-    vllm), and `policy_logprobs` in a store sampled before rollouts recorded it (`policy_recorded`)."""
+    vllm), and `policy_logprobs` where rows do not carry them (`policy_recorded`)."""
     out = list(manifest.get("scoring", {}).get("unavailable", []))
     return out if policy_recorded(manifest) else [*out, "policy_logprobs"]
 
 
 def policy_recorded(manifest: dict) -> bool:
-    """Whether the store's rollouts carry `policy_logprobs` (stores sampled before they did do not)."""
-    return bool(sampling_of(manifest).get("policy_logprobs"))
+    """Whether the store's rows carry `policy_logprobs`: rows sampled with truncation, penalties or
+    greedily do; others, and stores sampled before rows carried them, do not."""
+    rollouts = manifest if manifest.get("format") == ROLLOUT_FORMAT else manifest.get("rollouts") or {}
+    return bool((rollouts.get("sampling") or {}).get("policy_logprobs"))
 
 
 def policy_is_behavior(manifest: dict) -> bool:
     """Whether a store without `policy_logprobs` has them all the same in `behavior_logprobs`: it was
-    sampled at a temperature > 0 with the whole vocabulary kept (top-p 1; such stores had no top-k,
-    min-p or penalties), so the distribution sampled from was the model's own softmax at T."""
+    sampled at a temperature > 0 with the whole vocabulary kept and no penalty (a store sampled
+    before these settings existed had none but top-p), so the distribution sampled from was the
+    model's own softmax at T."""
     sampling = sampling_of(manifest)
-    return not policy_recorded(manifest) and sampling["temperature"] > 0 and sampling["top_p"] >= 1.0
+    untouched = (sampling["top_p"] >= 1.0 and not sampling.get("top_k") and not sampling.get("min_p")
+                 and sampling.get("repetition_penalty", 1.0) == 1.0 and not sampling.get("presence_penalty")
+                 and not sampling.get("frequency_penalty"))
+    return not policy_recorded(manifest) and sampling["temperature"] > 0 and untouched
 
 
 def shard_layout(manifest: dict) -> dict:
     """What decides how a shard's bytes are read: its format, the vocabulary its ids index (the
     tokenizer's fingerprint and size), the sampler its behaviour log-probs were drawn from
-    (temperature, top-p and, since rows carry policy_logprobs, top-k, min-p and penalties) and, for
+    (temperature, top-p and, where the store records them, top-k, min-p and penalties) and, for
     a teacher store, k (the top-k values per position), their dtype and the teacher's temperature.
     Every shard carries it in its own Parquet metadata (LAYOUT_KEY), and readers check the manifest
     against it: no manifest edit changes what the bytes mean."""
@@ -98,7 +104,7 @@ def shard_layout(manifest: dict) -> dict:
               "top_p": sampling.get("top_p"), "top_k": scoring.get("top_k"),
               "topk_logprobs_dtype": scoring.get("topk_logprobs_dtype"),
               "teacher_temperature": scoring.get("temperature")}
-    if sampling.get("policy_logprobs"):  # stores from before these settings existed declare none of them
+    if "top_k" in sampling:  # stores from before these settings existed declare none of them
         layout |= {"sampling": {key: sampling.get(key) for key in SAMPLER_KEYS}}
     return layout
 

@@ -35,7 +35,8 @@ def metadata_json(metadata: dict) -> str | None:
     return json.dumps(metadata, ensure_ascii=False, default=str, allow_nan=False) if metadata else None
 
 
-def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, int]:
+def _shard_table(records, encoded, completions, keys_n: int, policy: bool) -> tuple[pa.Table, int]:
+    """The shard's rows; `policy_logprobs` are null unless `policy` (where they equal behavior_logprobs)."""
     columns = {name: [] for name in ROLLOUT_SCHEMA.names}
     tokens = 0
     for record, ids, samples in zip(records, encoded, completions, strict=True):
@@ -46,7 +47,7 @@ def _shard_table(records, encoded, completions, keys_n: int) -> tuple[pa.Table, 
             columns["prompt_ids"].append(ids)
             columns["completion_ids"].append(c.ids)
             columns["behavior_logprobs"].append(c.logprobs)
-            columns["policy_logprobs"].append(c.policy_logprobs)
+            columns["policy_logprobs"].append(c.policy_logprobs if policy else None)
             columns["finish_reason"].append(c.finish_reason)
             columns["answer"].append(record.answer)
             columns["metadata"].append(metadata_json(record.metadata))
@@ -101,7 +102,8 @@ def run(cfg: RolloutConfig) -> dict:
                                                      on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
                     except NonFiniteLogits as e:
                         raise NonFiniteLogits(f"--model {spec.path}: {e}") from None
-                    table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n)
+                    table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n,
+                                                 sampling.policy_differs)
                     work.writer.write_shard(shard, table, tokens,
                                             prompt_tokens=sum(len(x) for x in shard_ids) * sampling.n)
                     work.new_tokens += tokens
