@@ -18,7 +18,8 @@ def _table(prompt: str, rows: int) -> pa.Table:
     return pa.Table.from_pydict({
         "prompt_id": [f"{prompt}-{i}" for i in range(rows)], "sample_index": [0] * rows,
         "prompt_ids": [[1, 2]] * rows, "completion_ids": [[3, 4, 2]] * rows,
-        "behavior_logprobs": [[-0.5, -0.25, -1.0]] * rows, "policy_logprobs": [None] * rows, "finish_reason": ["stop"] * rows,
+        "behavior_logprobs": [[-0.5, -0.25, -1.0]] * rows, "policy_logprobs": [None] * rows,
+        "finish_reason": ["stop"] * rows,
         "answer": [None] * rows, "metadata": [None] * rows,
     }, schema=ROLLOUT_SCHEMA)
 
