@@ -4,9 +4,12 @@ sizes work together, and the store is checked against what each objective assume
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -238,3 +241,45 @@ def test_opd_seq_reports_its_clip_fraction(tiny_model, teacher_store, tmp_path):
              steps=4, batch_size=8, lr=3e-2, allow_teacher_mismatch=True)
     assert all(m["clip_fraction"] == 0.0 for m in metrics(tmp_path / "current"))
     assert weights(tmp_path / "current")["lm_head.weight"].ne(weights(tiny_model)["lm_head.weight"]).any()
+
+
+def as_older_release(store) -> None:
+    """Rewrite a teacher store as lightopd wrote it before rows carried policy_logprobs: no such
+    column, and neither the shards' layout nor the manifest's sampling record the newer settings."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    sampling = manifest["rollouts"]["sampling"]
+    for key in ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
+                "policy_logprobs"):
+        sampling.pop(key)
+    for entry in manifest["shards"]:
+        path = store / entry["name"]
+        table = pq.read_table(path).drop_columns(["policy_logprobs"])
+        metadata = dict(table.schema.metadata)
+        layout = json.loads(metadata[b"lightopd.layout"])
+        layout.pop("sampling")
+        metadata[b"lightopd.layout"] = json.dumps(layout).encode()
+        pq.write_table(table.replace_schema_metadata(metadata), path)
+        entry["sha256"], entry["bytes"] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.95])
+def test_a_store_from_before_policy_logprobs(broad_model, teacher_model, prompts, tmp_path, monkeypatch, capsys,
+                                             top_p):
+    """Untruncated, it trains as before (ℓold is ℓμ); truncated, the objectives that need ℓold say
+    so (exit 2) and offer behavior=sampler, and the others train."""
+    _, store = scored_store(tmp_path, broad_model, teacher_model, prompts, temperature=0.6, top_p=top_p)
+    as_older_release(store)
+    base = ["train", "--student", str(broad_model), "--data", str(store), "--steps", "1", "--batch-size", "16",
+            "--allow-teacher-mismatch"]
+    code, _, err = cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "is"), "--objective", "opd-is")
+    if top_p == 1.0:
+        assert code == 0 and metrics(tmp_path / "is")[0]["is_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        return
+    assert code == 2 and "policy_logprobs" in err and "objective.behavior=sampler" in err, err
+    code, _, _ = cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "sampler"), "--objective", "opd-is",
+                     "--set", "objective.behavior=sampler")
+    assert code == 0 and metrics(tmp_path / "sampler")[0]["grad_norm"] > 0
+    code, _, _ = cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "lopd"), "--objective", "lightning-opd")
+    first = metrics(tmp_path / "lopd")[0]
+    assert code == 0 and "is_ratio_mean" not in first and first["sampler_single_token"] >= 0
