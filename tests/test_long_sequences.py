@@ -53,7 +53,7 @@ def rows(seed=0, count=5):
     return prompts, completions, stored
 
 
-def loss_and_grads(model, objective, prompts, completions, stored, *, packed=False, chunk=None, top_p=0.95):
+def loss_and_grads(model, objective, prompts, completions, stored, *, packed=False, chunk=None):
     """The token-mean loss of one micro-batch (as a training step takes it) and its gradients: chunked
     (engine.chunks, each chunk differentiated on its own) when `chunk` is given, else from the model's
     own full logits."""
@@ -61,7 +61,7 @@ def loss_and_grads(model, objective, prompts, completions, stored, *, packed=Fal
     dtype = next(model.parameters()).dtype
     mb = MicroBatch(list(range(len(prompts))), layout,
                     {k: v if k == "topk_ids" else v.to(dtype) for k, v in stored.items()})
-    per_chunk = chunk_loss(objective, mb, {}, top_p)
+    per_chunk = chunk_loss(objective, mb, {})
     if chunk is None:
         full = model(**layout.inputs, use_cache=False).logits[layout.rows, layout.cols, :V]
         loss = per_chunk(full, 0, len(layout.targets))[0].mean()

@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lightopd.errors import InputError
 from lightopd.hub import locate
+
+if TYPE_CHECKING:
+    from lightopd.specs import ModelSpec
 
 PROVENANCE = "lightopd.json"  # a model directory's provenance record (provenance.py reads and writes it)
 
@@ -266,3 +270,10 @@ def model_info(path: str | Path, tokenizer, trust_remote_code: bool = False, wha
         raise InputError(f"{what} {path}: its tokenizer has {len(tokenizer)} ids but its output layer only {rows} "
                          "rows; the tokenizer does not belong to this model")
     return ModelInfo(context_length(config), eos_ids, pad_id, len(tokenizer), rows)
+
+
+def hf_model(model_dir: Path, spec: ModelSpec):
+    """The transformers model as `spec` asks for it (device, dtype, attention kernel)."""
+    device = resolve_device(spec.device)
+    return load_model(model_dir, device, resolve_dtype(spec.dtype, device), spec.trust_remote_code,
+                      attn_implementation=spec.attn_implementation)

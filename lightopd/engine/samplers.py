@@ -57,15 +57,8 @@ def open_sampler(model_dir: Path, spec: ModelSpec, engine: EngineSpec, info: mod
         from lightopd.engine.vllm_engine import VllmSampler
 
         return VllmSampler(model_dir, spec, engine, info, seed)
-    return HFSampler(hf_model(model_dir, spec), info, batch_size, kv_tokens,
+    return HFSampler(models.hf_model(model_dir, spec), info, batch_size, kv_tokens,
                      models.load_tokenizer(model_dir, spec.trust_remote_code))
-
-
-def hf_model(model_dir: Path, spec: ModelSpec):
-    """The transformers model as `spec` asks for it (device, dtype, attention kernel)."""
-    device = models.resolve_device(spec.device)
-    return models.load_model(model_dir, device, models.resolve_dtype(spec.dtype, device), spec.trust_remote_code,
-                             attn_implementation=spec.attn_implementation)
 
 
 def check_engine(engine: EngineSpec) -> None:

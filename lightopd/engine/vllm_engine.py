@@ -176,12 +176,11 @@ class VllmSampler:
     def fill_policy_logprobs(self, prompt_ids, completions: list[list[Completion]], temperature: float) -> None:
         """Set each completion's ℓold from a teacher-forced forward of the transformers copy of the
         model over prompt + completion, at `temperature`, a batch of at most SCORE_TOKENS tokens at a time."""
-        from lightopd.engine.samplers import hf_model  # samplers imports this module
 
         rows = [(ids, c) for ids, cs in zip(prompt_ids, completions, strict=True) for c in cs]
         try:
             if self.hf is None:
-                self.hf = hf_model(self.model_dir, self.spec)
+                self.hf = models.hf_model(self.model_dir, self.spec)
             if temperature not in self.scorers:
                 self.scorers[temperature] = Scorer(self.hf, self.info.vocab, None, temperature, CHUNK_ELEMENTS)
             for batch in pack_by_tokens([len(ids) + len(c.ids) for ids, c in rows], SCORE_TOKENS):

@@ -41,7 +41,6 @@ from lightopd.engine.samplers import (
     check_engine,
     engine_context,
     engine_record,
-    hf_model,
     open_sampler,
 )
 from lightopd.errors import InputError
@@ -245,9 +244,8 @@ def settings(cfg: EvalConfig, prompts: Prompts | None, store: dict | None) -> di
         p = prompts.provenance
         out["prompts"] = {k: p[k] for k in ("path", "split", "subset", "fingerprint", "rendering", "count",
                                             "max_prompt_tokens", "long_prompts", "skipped", "truncated")}
-        out.update(checker=cfg.checker, **{k: getattr(cfg.sampling, k) for k in ("n", "temperature", "top_p",
-                                                                                   "max_new_tokens", "seed")},
-                   engine=engine_record(cfg.engine))
+        sampling = {k: v for k, v in cfg.sampling.record().items() if k != "policy_logprobs"}
+        out.update(checker=cfg.checker, **sampling, engine=engine_record(cfg.engine))
     if store is not None:
         out["data"] = {"path": str(cfg.data), "store_id": store["store_id"]}
     return out
@@ -275,7 +273,8 @@ def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
     if prompts is not None:
         samples = sample_and_check(sampler, tokenizer, prompts, cfg, verify)
         result.update(prompts=str(cfg.prompts.source), n=sampling.n, temperature=sampling.temperature,
-                      top_p=sampling.top_p, checker=cfg.checker, prompts_evaluated=len(prompts.records),
+                      top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
+                      checker=cfg.checker, prompts_evaluated=len(prompts.records),
                       **samples.metrics(sampling.n))
         if cfg.log_samples is not None:
             log_samples(cfg.log_samples, tokenizer, prompts, samples, cfg.checker)
@@ -285,7 +284,7 @@ def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
         if sampler is not None:
             sampler.close()
         if model is None:
-            model = hf_model(model_dir, spec)
+            model = models.hf_model(model_dir, spec)
         result["teacher"] = teacher_agreement(model, info.vocab, cfg.data, cfg.micro_batch_tokens, cfg.limit)
     result["settings"] = settings(cfg, prompts, store)
     render_eval(result)
