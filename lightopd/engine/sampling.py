@@ -65,7 +65,12 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1
                       min_p: float = 0.0) -> torch.Tensor:
     """Float32 log-probs [B, V] of softmax(logits / temperature) cut to the tokens the sampler keeps
     (`kept`) and renormalised; the others get -inf. `temperature` must be > 0."""
-    lp = tempered(logits, temperature)
+    return truncated(tempered(logits, temperature), top_p, top_k, min_p)
+
+
+def truncated(lp: torch.Tensor, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """Log-probs `lp` [B, V] cut to the tokens the sampler keeps and renormalised (`lp` itself when
+    it keeps all)."""
     keep = kept(lp, top_p, top_k, min_p)
     return lp if keep is None else torch.log_softmax(lp.masked_fill(~keep, float("-inf")), dim=-1)
 
@@ -141,8 +146,10 @@ def choose(logits: torch.Tensor, sampling, u: torch.Tensor, raw: torch.Tensor | 
         tokens = logits.argmax(dim=-1)
         policy = tempered(raw, 1.0).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device), policy.float()
-    lp = sampling_logprobs(logits, sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)
+    full = tempered(logits, sampling.temperature)
+    lp = truncated(full, sampling.top_p, sampling.top_k, sampling.min_p)
     tokens = _inverse_cdf(lp.exp(), u)
-    behavior = lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    full = lp if raw is logits and not sampling.truncates else tempered(raw, sampling.temperature)
-    return tokens, behavior, full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+    if raw is not logits:  # penalised: the policy is the model's own logits at T
+        full = tempered(raw, sampling.temperature)
+    pick = tokens.unsqueeze(-1)
+    return tokens, lp.gather(-1, pick).squeeze(-1), full.gather(-1, pick).squeeze(-1).float()

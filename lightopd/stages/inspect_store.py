@@ -12,7 +12,7 @@ from lightopd.errors import InputError
 from lightopd.progress import console, warn
 from lightopd.report import render_rows, render_store
 
-LOGPROB_COLUMNS = ("behavior_logprobs", "teacher_logprobs", "teacher_entropy")
+LOGPROB_COLUMNS = ("behavior_logprobs", "policy_logprobs", "teacher_logprobs", "teacher_entropy")
 
 
 def run(cfg: InspectConfig) -> tuple[dict, bool]:
