@@ -5,6 +5,9 @@ model with the same settings, in one process, so the ratio is meaningful on a no
 The naive side is what a first script would do: `model.generate` for one sample at a time.
 `--engine vllm` times the vLLM engine instead of the transformers loop, and `--engine both`
 times both and reports vllm_over_hf (the figure that matters on a GPU; needs vLLM installed).
+The first engine also samples at Qwen3's card settings (T 0.6, top-p 0.95, top-k 20, whose
+truncation also stores each token's untruncated log-prob): card_over_plain is its tokens/s over
+the plain sampler's (T 1, the whole vocabulary).
 """
 
 from __future__ import annotations
@@ -50,13 +53,15 @@ def main() -> None:
         ))
 
         timed = {}
-        for engine in engines:
+        card = dict(temperature=0.6, top_p=0.95, top_k=20)
+        for engine, settings in [*((e, {}) for e in engines), (f"{engines[0]}-card", card)]:
             cfg = RolloutConfig.of(model=str(model_dir), prompts=str(prompts), out=str(tmp / engine), n=args.n,
                                    max_new_tokens=args.max_new_tokens, generation_batch_size=args.batch_size,
-                                   device="cpu", engine=engine)
+                                   device="cpu", engine=engine.removesuffix("-card"), **settings)
             start = time.perf_counter()
             result = rollout.run(cfg)  # its "seconds": sampling, without loading the model
             timed[engine] = (result["tokens"], result["seconds"], time.perf_counter() - start)
+        card_tokens, card_seconds, _ = timed.pop(f"{engines[0]}-card")
         rows = [r for b in iter_batches(tmp / engines[0], columns=["prompt_ids"]) for r in b.to_pylist()]
 
         from transformers import AutoModelForCausalLM
@@ -87,6 +92,10 @@ def main() -> None:
         report["lightopd" if engine == "hf" else "lightopd_vllm"] = {
             "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "seconds_with_model_load": round(wall, 2), "speedup_over_naive": round(tokens / seconds / naive_tps, 2)}
+    plain_tokens, plain_seconds, _ = timed[engines[0]]
+    report["card"] = {"settings": card, "tokens": card_tokens, "seconds": round(card_seconds, 2),
+                      "tokens_per_s": round(card_tokens / card_seconds, 1),
+                      "card_over_plain": round((card_tokens / card_seconds) / (plain_tokens / plain_seconds), 2)}
     if len(timed) == 2:
         (ht, hs, _), (vt, vs, _) = timed["hf"], timed["vllm"]
         report["vllm_over_hf"] = round((vt / vs) / (ht / hs), 2)
