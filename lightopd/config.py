@@ -18,6 +18,7 @@ from typing import Any
 from lightopd.objectives import OBJECTIVES
 from lightopd.options import MIN_TEMPERATURE, build, check, opt, parse_worker
 from lightopd.specs import (
+    CheckerSpec,
     EngineSpec,
     ModelSpec,
     RenderSpec,
@@ -31,7 +32,6 @@ from lightopd.specs import (
     micro_batch_tokens_option,
     worker_option,
 )
-from lightopd.tasks.verifiers import NAMES, is_checker, is_users
 
 TOPK_DTYPES = ("float16", "float32")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -59,6 +59,7 @@ class RolloutConfig(Config):
                    metavar="DIR")
     sampling: SamplingSpec = opt(SamplingSpec())
     engine: EngineSpec = opt(EngineSpec())
+    checking: CheckerSpec = opt(CheckerSpec())  # each row's reward
     limit: int | None = limit_option()
     generation_batch_size: int = generation_batch_size_option()
     kv_cache_tokens: int | None = kv_cache_tokens_option()
@@ -105,8 +106,6 @@ class ScoreConfig(Config):
 
 
 PACKING = ("auto", "on", "off")
-CHECKER_TIMEOUT = 10.0  # seconds: the default of --checker-timeout
-MAX_CHECKER_TIMEOUT = 86400.0  # a day (a pipe's poll cannot wait much past 24 days)
 LOSS_CHUNK_TOKENS = 1024  # completion positions whose logits are reduced at once (train's default, eval's too)
 REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow")
 
@@ -236,15 +235,7 @@ class EvalConfig(Config):
     engine: EngineSpec = opt(EngineSpec())
     limit: int | None = opt(None, "Use only the first N prompt records, and the rows of --data's first N prompts.",
                             metavar="N")
-    checker: str = opt("auto", "How answers are compared: auto (math when the reference's answer is a number or "
-                               "either side has \\boxed{}, else exact), exact, math, reasoning-gym (the task's own "
-                               "scoring), or MODULE:FUNCTION / FILE.py:FUNCTION, your own function(completion, "
-                               "reference, metadata) -> bool. Answers are read from <answer> tags, \\boxed{}, "
-                               "'#### x' or 'Answer: x', in the completion and the reference alike (README: "
-                               "Checkers).", metavar="NAME")
-    checker_timeout: float = opt(CHECKER_TIMEOUT, "Seconds a checker of your own (MODULE:FUNCTION), which runs in a "
-                                                  "process of its own, may take on one sample (and to import); then "
-                                                  "it is ended, and eval stops naming the sample.", metavar="SECONDS")
+    checking: CheckerSpec = opt(CheckerSpec())
     generation_batch_size: int = generation_batch_size_option()
     kv_cache_tokens: int | None = kv_cache_tokens_option()
     micro_batch_tokens: int = micro_batch_tokens_option(4096, " of the teacher-agreement pass")
@@ -255,12 +246,6 @@ class EvalConfig(Config):
         check(self.prompts is not None or self.render == RenderSpec(), "--chat/--system-prompt/...",
               "only with --prompts (they say how prompts are rendered)")
         check(self.prompts is not None or self.log_samples is None, "--log-samples", "only with --prompts")
-        check(is_checker(self.checker), "--checker",
-              f"must be one of {', '.join(NAMES)} or MODULE:FUNCTION, got {self.checker!r}")
-        check(0 < self.checker_timeout <= MAX_CHECKER_TIMEOUT, "--checker-timeout",
-              f"must be > 0 and at most {MAX_CHECKER_TIMEOUT:g} seconds, got {self.checker_timeout:g}")
-        check(is_users(self.checker) or self.checker_timeout == CHECKER_TIMEOUT, "--checker-timeout",
-              f"only with a checker of your own (MODULE:FUNCTION), not --checker {self.checker}")
         check(self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}")
         check(self.generation_batch_size >= 1, "--generation-batch-size",
               f"must be >= 1, got {self.generation_batch_size}")

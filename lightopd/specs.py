@@ -21,6 +21,7 @@ from lightopd.data.prompts import LONG_PROMPTS, Encoded, encode_all, provenance,
 from lightopd.data.sources import Source
 from lightopd.errors import InputError
 from lightopd.options import MIN_TEMPERATURE, check, flag_of, opt
+from lightopd.tasks.verifiers import NAMES, is_checker, is_users
 
 MAX_SAMPLES = 65536  # samples per prompt: beyond any group a step trains on, and short of filling memory with plans
 
@@ -150,6 +151,34 @@ class SamplingSpec:
         """Whether a token's log-prob under the model's untruncated softmax at T (ℓold) can differ from
         its log-prob under the sampler (ℓμ): rows store ℓold only then (greedy: ℓold is at T = 1)."""
         return self.temperature == 0 or self.truncates or self.penalizes
+
+
+CHECKER_TIMEOUT = 10.0  # seconds: the default of --checker-timeout
+MAX_CHECKER_TIMEOUT = 86400.0  # a day (a pipe's poll cannot wait much past 24 days)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckerSpec:
+    """How a completion is scored against its record's reference answer: eval's verdicts, rollout's rewards."""
+
+    checker: str = opt("auto", "How answers are compared: auto (math when the reference's answer is a number or "
+                               "either side has \\boxed{}, else exact), exact, math, reasoning-gym (the task's own "
+                               "scoring), or MODULE:FUNCTION / FILE.py:FUNCTION, your own function(completion, "
+                               "reference, metadata) -> bool or a score (correct when at least 1). Answers are read "
+                               "from <answer> tags, \\boxed{}, '#### x' or 'Answer: x', in the completion and the "
+                               "reference alike (README: Checkers).", metavar="NAME")
+    checker_timeout: float = opt(CHECKER_TIMEOUT, "Seconds a checker of your own (MODULE:FUNCTION), which runs in a "
+                                                  "process of its own, may take on one sample (and to import); then "
+                                                  "it is ended, and the command stops naming the sample.",
+                                 metavar="SECONDS")
+
+    def __post_init__(self) -> None:
+        check(is_checker(self.checker), "--checker",
+              f"must be one of {', '.join(NAMES)} or MODULE:FUNCTION, got {self.checker!r}")
+        check(0 < self.checker_timeout <= MAX_CHECKER_TIMEOUT, "--checker-timeout",
+              f"must be > 0 and at most {MAX_CHECKER_TIMEOUT:g} seconds, got {self.checker_timeout:g}")
+        check(is_users(self.checker) or self.checker_timeout == CHECKER_TIMEOUT, "--checker-timeout",
+              f"only with a checker of your own (MODULE:FUNCTION), not --checker {self.checker}")
 
 
 ENGINES = ("hf", "vllm")

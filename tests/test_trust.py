@@ -37,7 +37,7 @@ def _rollouts(**change) -> pa.Table:
     columns = {"prompt_id": ["a", "b"], "sample_index": [0, 0], "prompt_ids": [[1, 2], [1]],
                "completion_ids": [[3, 4, 2], [5]], "behavior_logprobs": [[-0.5, -0.25, -1.0], [-0.1]],
                "policy_logprobs": [None, None], "finish_reason": ["stop", "length"], "answer": [None, None],
-               "metadata": [None, None]}
+               "metadata": [None, None], "reward": [None, None]}
     return pa.Table.from_pydict({**columns, **change}, schema=ROLLOUT_SCHEMA)
 
 

@@ -47,6 +47,11 @@ class PromptRecord:
     metadata: dict
     where: str  # "FILE line N" or "FILE row N", for error messages
 
+    @property
+    def question(self) -> str:
+        """The text a checker sees as the prompt: the prompt, or the last message of a chat."""
+        return self.prompt if self.prompt is not None else self.messages[-1]["content"]
+
 
 @dataclass
 class Mapping:

@@ -83,6 +83,8 @@ SAMPLER = {  # recorded since rows carry policy_logprobs
     "policy_logprobs": BOOL,
 }
 OPTIONAL = {  # checked where present
+    "reward.checker": STRING,
+    "rollouts.reward.checker": STRING,
     **{f"{where}.{k}": v for where in ("sampling", "rollouts.sampling") for k, v in SAMPLER.items()},
     "scoring.unavailable": _list_of(_one_of("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail",
                                             "teacher_entropy")),

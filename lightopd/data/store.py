@@ -36,6 +36,7 @@ ROLLOUT_SCHEMA = pa.schema(
         ("finish_reason", pa.string()),
         ("answer", pa.string()),
         ("metadata", pa.string()),  # the prompt record's other fields, a JSON object (null when none)
+        ("reward", pa.float32()),  # the checker's score of the completion (null where the record has no answer)
     ]
 )
 
@@ -63,16 +64,30 @@ def store_columns(manifest: dict) -> tuple[str, ...]:
 
 def unavailable(manifest: dict) -> list[str]:
     """The columns a store's rows lack: teacher columns its scorer left empty (score-teacher --engine
-    vllm), and `policy_logprobs` where rows do not carry them (`policy_recorded`)."""
+    vllm), `policy_logprobs` where rows do not carry them (`policy_recorded`), and `reward` in a store
+    sampled before rows carried one."""
     out = list(manifest.get("scoring", {}).get("unavailable", []))
-    return out if policy_recorded(manifest) else [*out, "policy_logprobs"]
+    out += [] if policy_recorded(manifest) else ["policy_logprobs"]
+    return out if "reward" in rollouts_of(manifest) else [*out, "reward"]
 
 
 def policy_recorded(manifest: dict) -> bool:
     """Whether the store's rows carry `policy_logprobs`: rows sampled with truncation, penalties or
     greedily do; others, and stores sampled before rows carried them, do not."""
-    rollouts = manifest if manifest.get("format") == ROLLOUT_FORMAT else manifest.get("rollouts") or {}
-    return bool((rollouts.get("sampling") or {}).get("policy_logprobs"))
+    return bool((rollouts_of(manifest).get("sampling") or {}).get("policy_logprobs"))
+
+
+def rollouts_of(manifest: dict) -> dict:
+    """The part of a manifest that describes the rollouts: the manifest itself for a rollout store, its
+    `rollouts` record for a teacher store (empty where missing)."""
+    return manifest if manifest.get("format") == ROLLOUT_FORMAT else manifest.get("rollouts") or {}
+
+
+def reward_checker(manifest: dict) -> str | None:
+    """The checker that scored the store's rewards; None where no row has one (no reference answers,
+    or a store sampled before rows carried rewards)."""
+    record = rollouts_of(manifest).get("reward")
+    return record.get("checker") if isinstance(record, dict) else None
 
 
 def policy_is_behavior(manifest: dict) -> bool:

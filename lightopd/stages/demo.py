@@ -53,7 +53,7 @@ def evaluate(model_dir: Path, prompts: Path, device_name: str = "auto", seed: in
     prompts = read_checked_prompts(eval_cfg, tokenizer, info)
     sampler = open_sampler(model_dir, eval_cfg.model, eval_cfg.engine, info, eval_cfg.generation_batch_size,
                            eval_cfg.kv_cache_tokens, seed)
-    with open_verifier(eval_cfg.checker, eval_cfg.checker_timeout) as verify:
+    with open_verifier(eval_cfg.checking.checker, eval_cfg.checking.checker_timeout) as verify:
         samples = sample_and_check(sampler, tokenizer, prompts, eval_cfg, verify)
     formats = Counter()
     correct = Counter()

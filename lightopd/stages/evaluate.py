@@ -127,11 +127,10 @@ def sample_and_check(sampler: Sampler, tokenizer, prompts: Prompts, cfg: EvalCon
     texts = [[tokenizer.decode(c.ids, skip_special_tokens=True) for c in cs] for cs in completions]
     results = []
     for record, ts in zip(records, texts, strict=True):
-        prompt = record.prompt if record.prompt is not None else record.messages[-1]["content"]
         checked = []
         for j, text in enumerate(ts):
             try:
-                checked.append(verify(text, record.answer, record.metadata, prompt))
+                checked.append(verify(text, record.answer, record.metadata, record.question))
             except InputError as e:
                 raise InputError(f"{record.where}, sample {j}: {e}") from None
         results.append(checked)
@@ -245,7 +244,7 @@ def settings(cfg: EvalConfig, prompts: Prompts | None, store: dict | None) -> di
         out["prompts"] = {k: p[k] for k in ("path", "split", "subset", "fingerprint", "rendering", "count",
                                             "max_prompt_tokens", "long_prompts", "skipped", "truncated")}
         sampling = {k: v for k, v in cfg.sampling.record().items() if k != "policy_logprobs"}
-        out.update(checker=cfg.checker, **sampling, engine=engine_record(cfg.engine))
+        out.update(checker=cfg.checking.checker, **sampling, engine=engine_record(cfg.engine))
     if store is not None:
         out["data"] = {"path": str(cfg.data), "store_id": store["store_id"]}
     return out
@@ -262,7 +261,7 @@ def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
     prompts = None if cfg.prompts is None else read_checked_prompts(cfg, tokenizer, info)
     verify = None  # a checker that cannot be had fails before the model is loaded
     if prompts is not None:
-        verify = opened.enter_context(open_verifier(cfg.checker, cfg.checker_timeout))
+        verify = opened.enter_context(open_verifier(cfg.checking.checker, cfg.checking.checker_timeout))
     store = None
     if cfg.data is not None:
         store = open_store(cfg.data, formats=(TEACHER_FORMAT,))
@@ -274,10 +273,10 @@ def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
         samples = sample_and_check(sampler, tokenizer, prompts, cfg, verify)
         result.update(prompts=str(cfg.prompts.source), n=sampling.n, temperature=sampling.temperature,
                       top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
-                      checker=cfg.checker, prompts_evaluated=len(prompts.records),
+                      checker=cfg.checking.checker, prompts_evaluated=len(prompts.records),
                       **samples.metrics(sampling.n))
         if cfg.log_samples is not None:
-            log_samples(cfg.log_samples, tokenizer, prompts, samples, cfg.checker)
+            log_samples(cfg.log_samples, tokenizer, prompts, samples, cfg.checking.checker)
             result["log_samples"] = str(cfg.log_samples)
     if cfg.data is not None:  # a forward pass: the transformers model, whichever engine sampled
         model = sampler.model if isinstance(sampler, HFSampler) else None

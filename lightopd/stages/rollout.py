@@ -7,11 +7,14 @@ source order,
 all samples of a prompt together. Every row's random stream is keyed by (seed, prompt id,
 sample index), so an interrupted run resumed later, a run with another batch size, or N worker
 processes (`--worker I/N` writes shards i with i % N == I into one shared store) write the same
-rows; a re-run skips the shards the manifest lists as complete.
+rows; a re-run skips the shards the manifest lists as complete. Each row's `reward` is the
+checker's score of its decoded completion against the record's answer, exactly as `eval` checks
+it (null where the record has none); the manifest names the checker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -22,11 +25,12 @@ from lightopd.data.store import ROLLOUT_FORMAT, ROLLOUT_SCHEMA
 from lightopd.data.writer import shard_work
 from lightopd.engine import models
 from lightopd.engine.samplers import check_engine, engine_context, engine_record, open_sampler
-from lightopd.errors import NonFiniteLogits
+from lightopd.errors import InputError, NonFiniteLogits
 from lightopd.hub import locate
 from lightopd.progress import StageProgress
 from lightopd.provenance import model_fingerprint, read_provenance, tokenizer_fingerprint
 from lightopd.specs import load_prompts
+from lightopd.tasks.verifiers import Scorer, open_scorer
 
 
 def metadata_json(metadata: dict) -> str | None:
@@ -35,11 +39,31 @@ def metadata_json(metadata: dict) -> str | None:
     return json.dumps(metadata, ensure_ascii=False, default=str, allow_nan=False) if metadata else None
 
 
-def _shard_table(records, encoded, completions, keys_n: int, policy: bool) -> tuple[pa.Table, int]:
+def rewards(records, completions, tokenizer, scored: Scorer | None) -> list[list[float | None]]:
+    """Each sample's score against its record's answer (None without an answer), on the text eval checks:
+    the completion decoded without special tokens. A checker's error names the record and the sample."""
+    out = []
+    for record, samples in zip(records, completions, strict=True):
+        if record.answer is None or scored is None:
+            out.append([None] * len(samples))
+            continue
+        row = []
+        for j, c in enumerate(samples):
+            text = tokenizer.decode(c.ids, skip_special_tokens=True)
+            try:
+                row.append(scored(text, record.answer, record.metadata, record.question)[0])
+            except InputError as e:
+                raise InputError(f"{record.where}, sample {j}: {e}") from None
+        out.append(row)
+    return out
+
+
+def _shard_table(records, encoded, completions, keys_n: int, policy: bool,
+                 scores: list[list[float | None]]) -> tuple[pa.Table, int]:
     """The shard's rows; `policy_logprobs` are null unless `policy` (where they equal behavior_logprobs)."""
     columns = {name: [] for name in ROLLOUT_SCHEMA.names}
     tokens = 0
-    for record, ids, samples in zip(records, encoded, completions, strict=True):
+    for record, ids, samples, rewarded in zip(records, encoded, completions, scores, strict=True):
         for j in range(keys_n):
             c = samples[j]
             columns["prompt_id"].append(record.id)
@@ -51,12 +75,18 @@ def _shard_table(records, encoded, completions, keys_n: int, policy: bool) -> tu
             columns["finish_reason"].append(c.finish_reason)
             columns["answer"].append(record.answer)
             columns["metadata"].append(metadata_json(record.metadata))
+            columns["reward"].append(rewarded[j])
             tokens += len(c.ids)
     return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA), tokens
 
 
 def run(cfg: RolloutConfig) -> dict:
     """Write (or finish) the rollout store `cfg.out`; return the JSON summary."""
+    with contextlib.ExitStack() as opened:
+        return _run(cfg, opened)
+
+
+def _run(cfg: RolloutConfig, opened: contextlib.ExitStack) -> dict:
     spec, sampling = cfg.model, cfg.sampling
     model_dir = models.check_model_dir(spec.path)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
@@ -64,6 +94,10 @@ def run(cfg: RolloutConfig) -> dict:
     check_engine(cfg.engine)
     prompts, prompts_record = load_prompts(cfg.prompts, cfg.render, cfg.limit, tokenizer, info.eos_ids, info.context)
     records, encoded = prompts.records, prompts.ids
+    answered = any(r.answer is not None for r in records)
+    checker = cfg.checking.checker
+    # a checker that cannot be had fails before the model is loaded
+    scored = opened.enter_context(open_scorer(checker, cfg.checking.checker_timeout)) if answered else None
     device = models.resolve_device(spec.device)
     dtype = models.resolve_dtype(spec.dtype, device)
 
@@ -83,6 +117,7 @@ def run(cfg: RolloutConfig) -> dict:
         },
         "sampling": sampling.record(),
         "prompts": prompts_record,
+        "reward": {"checker": checker} if answered else None,
         "prompts_per_shard": cfg.prompts_per_shard,
         "engine": engine_record(cfg.engine),
     }
@@ -103,7 +138,8 @@ def run(cfg: RolloutConfig) -> dict:
                     except NonFiniteLogits as e:
                         raise NonFiniteLogits(f"--model {spec.path}: {e}") from None
                     table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n,
-                                                 sampling.policy_differs)
+                                                 sampling.policy_differs,
+                                                 rewards(shard_records, completions, tokenizer, scored))
                     work.writer.write_shard(shard, table, tokens,
                                             prompt_tokens=sum(len(x) for x in shard_ids) * sampling.n)
                     work.new_tokens += tokens

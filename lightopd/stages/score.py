@@ -154,6 +154,7 @@ def run(cfg: ScoreConfig) -> dict:
             "model": rollout_manifest["model"],
             "sampling": rollout_manifest["sampling"],
             "prompts": rollout_manifest["prompts"],
+            **({"reward": rollout_manifest["reward"]} if "reward" in rollout_manifest else {}),
         },
         "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
                     "vocab_size": info.vocab, "engine": engine_record(cfg.engine),

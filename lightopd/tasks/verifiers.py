@@ -12,8 +12,10 @@
   included, or a real number, a numpy scalar included, that counts as correct when it is at least
   1), or a pair (that, the answer it read, kept as text). It runs in a process of its own, allowed
   a timeout per sample (isolated.py); a NaN or infinite number, or anything else, is refused.
-A verdict is (correct, the answer read from the completion). `open_verifier` gives the checker for
-as long as it is open (a user's function keeps its process that long).
+A score is (a number, the answer read from the completion): 1 or 0 for a bool, the number as given
+otherwise (reasoning-gym's score, a user's number); a verdict is (correct, the answer read), correct
+when the score is at least 1. `open_scorer` gives the scores (rollout's rewards) and `open_verifier`
+the verdicts (eval), for as long as it is open (a user's function keeps its process that long).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lightopd.tasks.checkers import CHECKERS, check, marked
 from lightopd.tasks.isolated import CheckerProcess
 
 Verifier = Callable[[str, "str | None", dict, str], "tuple[bool, str | None]"]  # (text, answer, metadata, prompt)
+Scorer = Callable[[str, "str | None", dict, str], "tuple[float, str | None]"]
 REASONING_GYM = "reasoning-gym"
 NAMES = (*CHECKERS, REASONING_GYM)
 
@@ -43,34 +46,47 @@ def is_users(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def open_verifier(name: str, timeout: float) -> Iterator[Verifier]:
-    """The checker named `name`, ready to call while open; InputError if it cannot be had. A user's
-    function is imported and called in its own process, which may take `timeout` seconds a call."""
+def open_scorer(name: str, timeout: float) -> Iterator[Scorer]:
+    """The checker named `name` as a scorer, ready to call while open; InputError if it cannot be had. A
+    user's function is imported and called in its own process, which may take `timeout` seconds a call."""
     if name in CHECKERS:
-        yield lambda text, answer, metadata, prompt: check(text, answer, name)
+        def builtin(text, answer, metadata, prompt):
+            correct, given = check(text, answer, name)
+            return float(correct), given
+        yield builtin
     elif name == REASONING_GYM:
         yield _reasoning_gym()
     elif not is_users(name):
         raise InputError(f"--checker {name}: not a checker ({', '.join(NAMES)}) nor MODULE:FUNCTION")
     else:
         with CheckerProcess(name, timeout) as process:
-            yield lambda text, answer, metadata, prompt: verdict(name, process(text, answer, metadata))
+            yield lambda text, answer, metadata, prompt: score(name, process(text, answer, metadata))
 
 
-def verdict(name: str, result) -> tuple[bool, str | None]:
-    """(correct, the answer read) from what the user's checker `name` returned, as plain data (numpy's bools
-    and numbers arrive as Python's); InputError if it is no verdict."""
+@contextlib.contextmanager
+def open_verifier(name: str, timeout: float) -> Iterator[Verifier]:
+    """The checker named `name` giving verdicts: correct when its score is at least 1 (see open_scorer)."""
+    with open_scorer(name, timeout) as scored:
+        def verify(text, answer, metadata, prompt):
+            value, given = scored(text, answer, metadata, prompt)
+            return value >= 1.0, given
+        yield verify
+
+
+def score(name: str, result) -> tuple[float, str | None]:
+    """(score, the answer read) from what the user's checker `name` returned, as plain data (numpy's bools
+    and numbers arrive as Python's); InputError if it is neither."""
     given = None
     if isinstance(result, tuple) and len(result) == 2:
         result, given = result
     given = given if given is None or isinstance(given, str) else str(given)
     if isinstance(result, bool):
-        return result, given
+        return float(result), given
     if isinstance(result, (int, float)):
         if not isinstance(result, int) and not math.isfinite(result):
             raise InputError(f"--checker {name} returned {result}; a number it returns must be finite (correct when "
                              "at least 1)")
-        return result >= 1, given
+        return float(result), given
     raise InputError(f"--checker {name} returned {result!r}; it must return a bool, a number, or a pair "
                      "(one of those, the answer it read)")
 
@@ -83,7 +99,7 @@ def _reasoning_gym() -> Verifier:
                          "pip install 'lightopd[reasoning-gym]'") from None
     scorers: dict[str, Callable] = {}
 
-    def verify(text: str, answer: str | None, metadata: dict, prompt: str) -> tuple[bool, str | None]:
+    def scored(text: str, answer: str | None, metadata: dict, prompt: str) -> tuple[float, str | None]:
         task_metadata = metadata.get("metadata")
         task = task_metadata.get("source_dataset") if isinstance(task_metadata, dict) else None
         if task is None:
@@ -97,6 +113,6 @@ def _reasoning_gym() -> Verifier:
         tags = marked(text) if "<answer>" in text.lower() else None
         given = tags if tags is not None else text.strip()
         entry = {"question": prompt, "answer": answer, "metadata": task_metadata}
-        return float(scorers[task](given, entry)) >= 1.0, given
+        return float(scorers[task](given, entry)), given
 
-    return verify
+    return scored

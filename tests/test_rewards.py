@@ -1,0 +1,66 @@
+"""Rewards in the store: each row's `reward` is the checker's score of its completion, exactly as
+`eval` checks the same sample (same engine, seed and sampling: the same tokens), a score that is not
+0/1 kept as given, null where the record has no answer; score-teacher carries the column."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from lightopd.tasks.checkers import check
+from tests.helpers import do_rollout, do_score, read_rows, run_cli, write_jsonl
+
+CHECKER = '''
+def by_words(completion, reference, metadata):
+    """A graded score: a quarter per word, so most are neither 0 nor 1."""
+    return len(completion.split()) / 4
+'''
+
+
+@pytest.fixture
+def answered(tmp_path):
+    words = [f"w{i}" for i in range(40)]
+    records = [{"id": f"p{i}", "prompt": " ".join(words[i: i + 3]), "answer": words[i + 3]} for i in range(6)]
+    records.append({"id": "free", "prompt": "w1 w2"})  # no answer: no reward
+    return write_jsonl(tmp_path / "p.jsonl", records)
+
+
+def test_rewards_are_the_builtin_checkers_verdicts(tiny_model, answered, tmp_path):
+    do_rollout(tiny_model, answered, tmp_path / "r", n=3, max_new_tokens=4, temperature=1.0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["reward"] == {"checker": "auto"}
+    rows = read_rows(tmp_path / "r")
+    answers = {r["prompt_id"]: json.loads(line).get("answer")
+               for line, r in zip(answered.read_text().splitlines(), rows[::3], strict=False)}
+    for row in rows:
+        answer = answers.get(row["prompt_id"])
+        if row["prompt_id"] == "free":
+            assert row["reward"] is None
+            continue
+        text = tokenizer.decode(row["completion_ids"], skip_special_tokens=True)
+        assert row["reward"] == float(check(text, answer, "auto")[0])
+    do_score(tiny_model, tmp_path / "r", tmp_path / "t", top_k=4)
+    assert [r["reward"] for r in read_rows(tmp_path / "t")] == [r["reward"] for r in rows]
+
+
+def test_a_graded_score_is_kept_and_eval_agrees(tiny_model, answered, tmp_path, monkeypatch):
+    (tmp_path / "graded.py").write_text(CHECKER)
+    monkeypatch.chdir(tmp_path)
+    settings = ["--n", "2", "--max-new-tokens", "6", "--temperature", "1.0", "--seed", "3",
+                "--checker", "graded.py:by_words"]
+    run_cli("rollout", "--model", str(tiny_model), "--prompts", str(answered), "--out", "r", *settings)
+    run_cli("eval", "--model", str(tiny_model), "--prompts", str(answered), "--log-samples", "samples.jsonl",
+            "--limit", "6", *settings)  # the answered records: a row's samples are keyed by its prompt id
+    rows = {(r["prompt_id"], r["sample_index"]): r for r in read_rows(tmp_path / "r")}
+    logged = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(logged) == 12  # eval checks the answered records only
+    graded = 0
+    for sample in logged:
+        row = rows[(sample["prompt_id"], sample["sample_index"])]
+        assert row["reward"] == pytest.approx(len(sample["completion"].split()) / 4)
+        assert sample["correct"] == (row["reward"] >= 1.0)
+        graded += row["reward"] not in (0.0, 1.0)
+    assert graded, "scores that are not 0/1 are kept as given"
