@@ -24,6 +24,7 @@ from lightopd.config import (
     EvalConfig,
     InspectConfig,
     PromptsConfig,
+    RewardConfig,
     RolloutConfig,
     ScoreConfig,
     TrainConfig,
@@ -219,6 +220,17 @@ def _prompts(values: dict, given: dict) -> None:
     from lightopd.stages import prompts
 
     _emit(prompts.run(build(PromptsConfig, values)))
+
+
+@command("reward", RewardConfig, """Score a store's completions again with another checker, into a new store.
+
+Same rows, a new reward column: each completion decoded (special tokens left out) and scored by
+--checker against its row's answer and metadata, exactly as rollout scores it; rows without an
+answer keep a null reward. For a checker changed after sampling, without sampling again.""")
+def _reward(values: dict, given: dict) -> None:
+    from lightopd.stages import reward
+
+    _emit(reward.run(build(RewardConfig, values)))
 
 
 @command("inspect", InspectConfig, "Describe a store: format, fingerprints, parameters, shards, rows, tokens, "

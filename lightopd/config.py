@@ -271,6 +271,21 @@ class PromptsConfig(Config):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RewardConfig(Config):
+    """`lightopd reward`: a store's rewards recomputed with another checker, into a new store."""
+
+    data: str = opt(help="A rollout or teacher store.", metavar="STORE", argument=True)
+    out: str = opt(help="Directory of the new store (or of one to finish).", metavar="DIR")
+    checking: CheckerSpec = opt(CheckerSpec())
+    tokenizer: str | None = opt(None, "Decode completions with this model's tokenizer (a directory or Hub id) "
+                                      "[default: the model that sampled the store]", metavar="DIR|ID")
+    worker: str = worker_option()
+
+    def __post_init__(self) -> None:
+        parse_worker(self.worker)
+
+
+@dataclass(frozen=True, kw_only=True)
 class InspectConfig(Config):
     """`lightopd inspect`: describe a store, and verify it."""
 

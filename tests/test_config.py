@@ -12,6 +12,7 @@ from lightopd.config import (
     EvalConfig,
     InspectConfig,
     PromptsConfig,
+    RewardConfig,
     RolloutConfig,
     ScoreConfig,
     TrainConfig,
@@ -23,7 +24,7 @@ from tests.helpers import do_rollout, do_score, last_json, metrics, run_cli
 
 BASE = {"student": "s", "data": "d", "out": "o"}
 COMMANDS = {"rollout": RolloutConfig, "score-teacher": ScoreConfig, "train": TrainConfig, "eval": EvalConfig,
-            "inspect": InspectConfig, "demo": DemoConfig, "prompts": PromptsConfig}
+            "inspect": InspectConfig, "demo": DemoConfig, "prompts": PromptsConfig, "reward": RewardConfig}
 
 
 def help_text(command: str) -> str:

@@ -9,6 +9,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from lightopd.data.groups import reward_summary
 from lightopd.tasks.checkers import check
 from tests.helpers import do_rollout, do_score, read_rows, run_cli, write_jsonl
 
@@ -64,3 +65,34 @@ def test_a_graded_score_is_kept_and_eval_agrees(tiny_model, answered, tmp_path, 
         assert sample["correct"] == (row["reward"] >= 1.0)
         graded += row["reward"] not in (0.0, 1.0)
     assert graded, "scores that are not 0/1 are kept as given"
+
+
+def test_the_reward_command_rescores_a_store_without_sampling(tiny_model, answered, tmp_path, monkeypatch):
+    """Same rows, rewards of the new checker; rollout and teacher stores alike; the result verifies."""
+    (tmp_path / "graded.py").write_text(CHECKER)
+    monkeypatch.chdir(tmp_path)
+    do_rollout(tiny_model, answered, tmp_path / "r", n=2, max_new_tokens=5, temperature=1.0)
+    do_score(tiny_model, tmp_path / "r", tmp_path / "t", top_k=4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for store in ("r", "t"):
+        run_cli("reward", store, "--out", f"{store}2", "--checker", "graded.py:by_words")
+        before, after = read_rows(tmp_path / store), read_rows(tmp_path / f"{store}2")
+        assert [{**r, "reward": None} for r in before] == [{**r, "reward": None} for r in after]
+        for row in after:
+            text = tokenizer.decode(row["completion_ids"], skip_special_tokens=True)
+            want = None if row["prompt_id"] == "free" else pytest.approx(len(text.split()) / 4)
+            assert row["reward"] == want
+        manifest = json.loads((tmp_path / f"{store}2" / "manifest.json").read_text())
+        record = manifest["reward"] if store == "r" else manifest["rollouts"]["reward"]
+        assert record["checker"] == "graded.py:by_words" and record["recomputed_from"]["path"].endswith(store)
+        assert run_cli("inspect", f"{store}2", "--verify").returncode == 0
+    refused = run_cli("reward", "r", "--out", "r", "--checker", "exact", check=False)
+    assert refused.returncode == 2 and "the store being read" in refused.stderr
+
+
+def test_reward_summary_of_a_hand_built_store():
+    groups = {"a": [1.0, 0.0, 1.0, 1.0], "b": [0.0, 0.0], "c": [1.0, 1.0], "d": [0.5, 0.25]}
+    got = reward_summary(groups)
+    assert got == {"rows": 10, "mean": 0.575, "pass_rate": 0.5, "prompts": 4,
+                   "pass_rate_per_prompt": {"mean": 0.4375, "median": 0.375, "min": 0.0, "max": 1.0},
+                   "prompts_all_pass": 1, "prompts_none_pass": 2, "prompts_all_equal_share": 0.5}

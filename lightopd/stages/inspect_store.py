@@ -1,4 +1,5 @@
-"""Stage `inspect`: describe a store; with --verify, check every shard; with --show N, print rows decoded."""
+"""Stage `inspect`: describe a store (with its rewards by prompt group, where it has rewards); with
+--verify, check every shard; with --show N, print rows decoded."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 from pathlib import Path
 
 from lightopd.config import InspectConfig
+from lightopd.data.groups import reward_summary, rewards_by_prompt
 from lightopd.data.reader import iter_batches, verify
-from lightopd.data.store import ROLLOUT_FORMAT, check_version, describe, read_manifest
+from lightopd.data.store import ROLLOUT_FORMAT, check_version, describe, read_manifest, reward_checker
 from lightopd.errors import InputError
 from lightopd.progress import console, warn
 from lightopd.report import render_rows, render_store
@@ -19,13 +21,15 @@ def run(cfg: InspectConfig) -> tuple[dict, bool]:
     """The store's summary (with `verified` and `problems` under --verify, `show` under --show), and
     whether it passed."""
     summary = describe(cfg.data)
+    problems = verify(cfg.data) if cfg.verify else []
+    manifest = read_manifest(cfg.data)
+    if reward_checker(manifest) is not None and not problems:  # rows are read only from a sound store
+        summary["rewards"] = reward_summary(rewards_by_prompt(cfg.data, manifest))
     render_store(summary)
-    ok = True
+    ok = not problems
     if cfg.verify:
-        problems = verify(cfg.data)
-        summary["verified"] = not problems
+        summary["verified"] = ok
         summary["problems"] = problems
-        ok = not problems
         for p in problems:
             console.print(f"[red]problem:[/] {p}", highlight=False)
         if ok:
