@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from lightopd.data.groups import reward_summary
 from lightopd.tasks.checkers import check
-from tests.helpers import do_rollout, do_score, read_rows, run_cli, write_jsonl
+from tests.helpers import cli, do_rollout, do_score, metrics, read_rows, run_cli, write_jsonl
 
 CHECKER = '''
 def by_words(completion, reference, metadata):
@@ -96,3 +96,27 @@ def test_reward_summary_of_a_hand_built_store():
     assert got == {"rows": 10, "mean": 0.575, "pass_rate": 0.5, "prompts": 4,
                    "pass_rate_per_prompt": {"mean": 0.4375, "median": 0.375, "min": 0.0, "max": 1.0},
                    "prompts_all_pass": 1, "prompts_none_pass": 2, "prompts_all_equal_share": 0.5}
+
+
+def test_grpo_and_kdrl_train_on_rewards_and_refuse_a_store_without(tiny_model, answered, tmp_path, monkeypatch,
+                                                                   capsys):
+    (tmp_path / "graded.py").write_text(CHECKER)
+    monkeypatch.chdir(tmp_path)
+    unanswered = write_jsonl(tmp_path / "bare.jsonl", [{"id": f"q{i}", "prompt": f"w{i} w{i + 1}"} for i in range(4)])
+    run_cli("rollout", "--model", str(tiny_model), "--prompts", str(answered), "--out", "r", "--n", "2",
+            "--max-new-tokens", "6", "--limit", "6", "--checker", "graded.py:by_words")
+    do_score(tiny_model, tmp_path / "r", tmp_path / "t", top_k=4)
+    for name in ("grpo", "kdrl"):
+        code, out, err = cli(monkeypatch, capsys, "train", "--student", str(tiny_model), "--data", "t", "--out", name,
+                             "--objective", name, "--steps", "1", "--batch-size", "12", "--allow-teacher-mismatch")
+        assert code == 0, err
+        first = metrics(tmp_path / name)[0]
+        assert first["grad_norm"] > 0 and "clip_fraction" in first
+    do_rollout(tiny_model, unanswered, tmp_path / "bare", n=2, max_new_tokens=4)
+    code, _, err = cli(monkeypatch, capsys, "train", "--student", str(tiny_model), "--data", "bare", "--out", "o",
+                       "--objective", "grpo", "--steps", "1", "--batch-size", "4")
+    assert code == 2 and "no rewards" in err and "lightopd reward" in err
+    run_cli("reward", "r", "--out", "r-exact", "--checker", "exact")  # the tiny model never says the answer: all 0
+    code, _, err = cli(monkeypatch, capsys, "train", "--student", str(tiny_model), "--data", "r-exact", "--out", "z",
+                       "--objective", "grpo", "--steps", "1", "--batch-size", "12")
+    assert code == 0 and "every group-relative advantage is 0" in err

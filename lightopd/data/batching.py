@@ -142,6 +142,12 @@ def padded_column(table: pa.Table, name: str, device) -> torch.Tensor:
     return values.to(device)
 
 
+def row_column(table: pa.Table, name: str, device) -> torch.Tensor:
+    """A per-row number column (a reward) as float64 [rows], NaN where null."""
+    values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+    return torch.from_numpy(values).to(device)
+
+
 @dataclass
 class MicroBatch:
     """One forward's worth of rows as tensors (see pack_rows), with their stored columns."""

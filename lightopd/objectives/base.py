@@ -74,6 +74,7 @@ class Requirements:
     min_samples: int = 1  # samples per prompt (rollout --n)
     why: str = ""  # the reason for min_samples, for the error message
     behavior_probability: bool = False  # reads ℓμ as a probability, so a greedy store (ℓμ ≡ 0) will not do
+    rewards: bool = False  # reads each row's reward (rollout --checker), grouped by prompt
     on_policy: bool = False  # assumes the rollouts were sampled by the student (or the model it came from)
 
     @property
@@ -120,6 +121,7 @@ class StepRows:
     mask: Tensor  # [R, T] float64: 1 at real positions
     groups: Tensor  # [R] int64: the prompt group of each row (a prompt's samples share one)
     reduce: Callable[[Tensor], Tensor]  # sums a tensor over the ranks that share the step
+    row: Callable[[str], Tensor] | None = None  # a stored per-row column (reward) as float64 [R], NaN for null
 
 
 class Objective:

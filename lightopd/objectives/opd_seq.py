@@ -31,12 +31,9 @@ ANCHORS = ("rollout", "current")
 
 
 @dataclass(frozen=True, kw_only=True)
-class OPDSeqParams(RatioParams):
-    discount: float = opt(1.0, "γ: a token's return sums the rewards after it discounted by γ per token; 0 "
-                               "is per-token.")
-    baseline: str = opt("loo", "loo: subtract the mean return of the prompt's other samples (needs n ≥ 2 "
-                               "samples per prompt); none.", choices=BASELINES)
-    normalize: bool = opt(True, "Divide advantages by their standard deviation over the optimizer step.")
+class SurrogateParams(RatioParams):
+    """The policy-gradient surrogate shared by opd-seq, grpo and kdrl: how the ratio is anchored."""
+
     anchor: str = opt("rollout", "What the ratio is taken against. rollout: ρ = exp(lq_y − ℓref), PPO-clipped, "
                                  "for the whole run; current: the current student (ρ = exp(lq_y − sg(lq_y)), an "
                                  "on-policy gradient) weighted by min(exp(sg(lq_y) − ℓref), is_cap), truncated "
@@ -46,11 +43,23 @@ class OPDSeqParams(RatioParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(0 <= self.discount <= 1, "objective.discount", f"must be in [0, 1], got {self.discount}")
-        check(self.baseline in BASELINES, "objective.baseline", f"must be loo or none, got {self.baseline!r}")
         check(self.anchor in ANCHORS, "objective.anchor", f"must be rollout or current, got {self.anchor!r}")
         check(0 < self.clip_eps < 1, "objective.clip_eps", f"must be in (0, 1), got {self.clip_eps}")
         check(self.is_cap > 0, "objective.is_cap", f"must be > 0, got {self.is_cap}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OPDSeqParams(SurrogateParams):
+    discount: float = opt(1.0, "γ: a token's return sums the rewards after it discounted by γ per token; 0 "
+                               "is per-token.")
+    baseline: str = opt("loo", "loo: subtract the mean return of the prompt's other samples (needs n ≥ 2 "
+                               "samples per prompt); none.", choices=BASELINES)
+    normalize: bool = opt(True, "Divide advantages by their standard deviation over the optimizer step.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 <= self.discount <= 1, "objective.discount", f"must be in [0, 1], got {self.discount}")
+        check(self.baseline in BASELINES, "objective.baseline", f"must be loo or none, got {self.baseline!r}")
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, discount: float) -> Tensor:
@@ -117,22 +126,31 @@ class OPDSeq(Objective):
         return {"advantages": advantages(teacher, reference, rows.mask, rows.groups, self.params, rows.reduce)}
 
     def loss(self, inputs: Inputs) -> Tensor:
-        a = inputs.prepared["advantages"]
-        reference = inputs.reference(self.params.behavior)
-        if self.params.anchor == "current":
-            lq_y = inputs.lq_y
-            weight = (lq_y.detach() - reference).exp().clamp(max=self.params.is_cap)
-            return -weight * a * (lq_y - lq_y.detach()).exp()
-        ratio = (inputs.lq_y - reference).exp()
-        clipped = ratio.clamp(1 - self.params.clip_eps, 1 + self.params.clip_eps)
-        return -(ratio * a).minimum(clipped * a)
+        return surrogate(inputs, inputs.prepared["advantages"], self.params)
 
     def diagnostics(self, inputs: Inputs) -> dict[str, Tensor]:
-        """clip_fraction: positions whose gradient the PPO clip removed (ratio beyond 1 ± ε on the
-        side the advantage pushes it); 0 when anchored to the current student."""
-        a = inputs.prepared["advantages"]
-        ratio = (inputs.lq_y.detach() - inputs.reference(self.params.behavior)).exp()
-        if self.params.anchor == "current":
-            return {"clip_fraction": ratio * 0}
-        eps = self.params.clip_eps
-        return {"clip_fraction": (((ratio > 1 + eps) & (a > 0)) | ((ratio < 1 - eps) & (a < 0))).float()}
+        return {"clip_fraction": clip_fraction(inputs, inputs.prepared["advantages"], self.params)}
+
+
+def surrogate(inputs: Inputs, a: Tensor, params: SurrogateParams) -> Tensor:
+    """The per-position policy-gradient loss for advantages `a` [N]: PPO's clipped surrogate of the ratio
+    to the rollout model (anchor rollout), or the current student's gradient with a truncated importance
+    weight to it (anchor current)."""
+    reference = inputs.reference(params.behavior)
+    if params.anchor == "current":
+        lq_y = inputs.lq_y
+        weight = (lq_y.detach() - reference).exp().clamp(max=params.is_cap)
+        return -weight * a * (lq_y - lq_y.detach()).exp()
+    ratio = (inputs.lq_y - reference).exp()
+    clipped = ratio.clamp(1 - params.clip_eps, 1 + params.clip_eps)
+    return -(ratio * a).minimum(clipped * a)
+
+
+def clip_fraction(inputs: Inputs, a: Tensor, params: SurrogateParams) -> Tensor:
+    """Per position, 1 where the PPO clip removed the gradient (ratio beyond 1 ± ε on the side the
+    advantage pushes it); 0 when anchored to the current student."""
+    ratio = (inputs.lq_y.detach() - inputs.reference(params.behavior)).exp()
+    if params.anchor == "current":
+        return ratio * 0
+    eps = params.clip_eps
+    return (((ratio > 1 + eps) & (a > 0)) | ((ratio < 1 - eps) & (a < 0))).float()

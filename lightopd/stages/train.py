@@ -23,6 +23,7 @@ import torch
 
 from lightopd import __version__
 from lightopd.config import TrainConfig
+from lightopd.data.groups import reward_summary, rewards_by_prompt
 from lightopd.data.lock import LOCK, exclusive
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
@@ -30,6 +31,7 @@ from lightopd.data.store import (
     manifest_fingerprint,
     open_store,
     policy_is_behavior,
+    reward_checker,
     sampling_of,
     store_columns,
     unavailable,
@@ -98,7 +100,24 @@ def check_data(cfg: TrainConfig, name: str, needs: Requirements) -> dict:
                          "(lightning-opd, vopd, the top-k divergences, sft)")
     if manifest["rows"] == 0:
         raise InputError(f"--data {cfg.data}: the store holds no rows")
+    if needs.rewards:
+        check_rewards(cfg.data, manifest, name)
     return manifest
+
+
+def check_rewards(data: str, manifest: dict, name: str) -> None:
+    """Exit 2 unless every row has a reward; a warning when every prompt's samples scored alike."""
+    how = ("sample prompts that have reference answers (rollout scores them with --checker), or add rewards to "
+           f"this store's rows with `lightopd reward {data} --out NEW --checker NAME`")
+    if reward_checker(manifest) is None:
+        raise InputError(f"--data {data}: its rows have no rewards, and --objective {name} learns from them; {how}")
+    summary = reward_summary(rewards_by_prompt(data, manifest))
+    if summary["rows"] < manifest["rows"]:
+        raise InputError(f"--data {data}: {manifest['rows'] - summary['rows']} of its {manifest['rows']} rows have "
+                         f"no reward (their records have no answer), and --objective {name} needs one in every row")
+    if summary["prompts_all_equal_share"] == 1.0:
+        warn(f"--data {data}: every prompt's samples have equal rewards, so every group-relative advantage is 0: "
+             f"--objective {name} gets no signal from the rewards")
 
 
 def total_steps(cfg: TrainConfig, manifest: dict) -> int:
@@ -175,6 +194,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     manifest = check_data(cfg, cfg.objective, kind(params).requirements())
     sampling = sampling_of(manifest)
     params = student_temperature(params, sampling, kind.default_temperature)
+    if getattr(params, "max_length", 0) is None:  # a fixed length not given: the store's longest completion
+        params = dataclasses.replace(params, max_length=int(sampling["max_new_tokens"]))
     tokenizer = models.load_tokenizer(student_dir, spec.trust_remote_code, "--student")
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
         raise InputError(

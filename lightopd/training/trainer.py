@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from lightopd.config import TrainConfig
-from lightopd.data.batching import TokenBatches, list_mask, padded_column
+from lightopd.data.batching import TokenBatches, list_mask, padded_column, row_column
 from lightopd.data.stream import Group
 from lightopd.engine import models
 from lightopd.engine.forward import CompletionChunks
@@ -94,7 +94,8 @@ class Trainer:
         self.cfg, self.objective, self.model, self.data, self.world = cfg, objective, model, data, world
         offered = (*data.columns, "policy_logprobs") if data.policy_from_behavior else data.columns
         self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in offered)
-        self.read_columns = tuple(c for c in self.columns if c in data.columns)  # from the shards
+        rewards = ("reward",) if objective.requirements().rewards else ()  # per row: read, never batched
+        self.read_columns = tuple(c for c in (*self.columns, *rewards) if c in data.columns)  # from the shards
         self.device = source.device if source is not None else next(model.parameters()).device
         self.amp_dtype = models.resolve_dtype(cfg.student.dtype, self.device)
         if not cfg.dropout:
@@ -119,7 +120,8 @@ class Trainer:
         """The objective's per-position inputs for the whole step, [R, T] each."""
         group_of = torch.tensor([i for i, g in enumerate(groups) for _ in range(g.num_rows)], device=self.device)
         mask = list_mask(table, "completion_ids").to(self.device)
-        rows = StepRows(lambda name: padded_column(table, name, self.device), mask.double(), group_of, self.world.sum)
+        rows = StepRows(lambda name: padded_column(table, name, self.device), mask.double(), group_of, self.world.sum,
+                        lambda name: row_column(table, name, self.device))
         return {name: (values, mask) for name, values in self.objective.prepare(rows).items()}
 
     def step(self, groups: list[Group]) -> dict:
