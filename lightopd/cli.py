@@ -31,6 +31,7 @@ from lightopd.config import (
 )
 from lightopd.errors import InputError, TrainingError, full_disk
 from lightopd.objectives import OBJECTIVES
+from lightopd.objectives.base import SHARED
 from lightopd.options import Option, build, describe, flag_of, metavar, options
 from lightopd.progress import console
 
@@ -130,11 +131,15 @@ def _score(values: dict, given: dict) -> None:
 def _objectives_epilog() -> str:
     lines = ["Objectives (--objective NAME). Parameters: --set objective.KEY=VALUE or a recipe's [objective] "
              "table; every objective also takes temperature (τ), the student's softmax temperature: by default "
-             "the store's sampling temperature (1 for a greedy store), and 1 for sft."]
+             "the store's sampling temperature (1 for a greedy store), and 1 for sft; and the row weights from "
+             "outcome rewards, composable with any objective: row_weight none/paced (paced: each row weighted by "
+             "p^paced_alpha (1 − p)^paced_beta, p its prompt's pass rate: PACED, arXiv 2603.11178; paced_alpha "
+             "1, paced_beta 1) and reward_gate (the objective's signal only on rows whose reward is at least this: "
+             "KEPO's quality gate, arXiv 2602.00400)."]
     for name, objective in OBJECTIVES.items():
         block = ["\b", f"{name}: {objective.summary}"]
         for o in options(objective.Params):
-            if o.key == "temperature":
+            if o.key in SHARED:
                 continue
             text = f"{o.key.rstrip('_')} ({o.default}): {describe(o)}"
             block += textwrap.wrap(text, 100, initial_indent="    ", subsequent_indent="      ")

@@ -19,6 +19,7 @@ from lightopd.config import (
 )
 from lightopd.errors import InputError
 from lightopd.layering import load_recipe, shipped_recipes, train_settings
+from lightopd.objectives.base import SHARED
 from lightopd.options import flatten, options
 from tests.helpers import do_rollout, do_score, last_json, metrics, run_cli
 
@@ -54,8 +55,11 @@ def test_train_help_lists_every_objective_and_parameter():
     for name, objective in O.OBJECTIVES.items():
         assert f"{name}: {objective.summary}" in text
         for o in options(objective.Params):
-            if o.key != "temperature":
+            if o.key not in SHARED:
                 assert f"{o.key.rstrip('_')} ({o.default})" in text, (name, o.key)
+    flat = " ".join(text.split())
+    for key in SHARED:  # described once, for every objective
+        assert key in flat, key
     for recipe in shipped_recipes():
         assert recipe in text
 

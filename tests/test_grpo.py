@@ -117,3 +117,19 @@ def test_kdrl_against_its_formula(estimator, kd_mask):
     on = np.repeat(on_row, LENGTHS)
     np.testing.assert_allclose(loss, c * (rl + beta * on * value), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(grad, c * (rl_grad + beta * on * slope), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("settings, want", [
+    ({"row_weight": "paced"}, [0.25] * 4 + [0.0] * 2),  # group 0 passes 2 of 4: p(1 − p); group 1 never
+    ({"row_weight": "paced", "paced_alpha": 2.0}, [0.125] * 4 + [0.0] * 2),
+    ({"reward_gate": 0.5}, [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]),
+    ({"row_weight": "paced", "reward_gate": 1.0}, [0.25, 0.0, 0.25, 0.0, 0.0, 0.0]),
+])
+def test_row_weights_by_hand(settings, want):
+    rows, *_ = step()
+    objective = O.OBJECTIVES["lightning-opd"](O.OBJECTIVES["lightning-opd"].Params(**settings))
+    got = objective.row_weights(rows)
+    np.testing.assert_allclose(got.numpy(), np.array(want)[:, None] * rows.mask.numpy())
+    needs = objective.needs()
+    assert needs.rewards and needs.min_samples == (2 if "row_weight" in settings else 1)
+    assert O.OBJECTIVES["lightning-opd"]().row_weights(rows) is None

@@ -120,3 +120,20 @@ def test_grpo_and_kdrl_train_on_rewards_and_refuse_a_store_without(tiny_model, a
     code, _, err = cli(monkeypatch, capsys, "train", "--student", str(tiny_model), "--data", "r-exact", "--out", "z",
                        "--objective", "grpo", "--steps", "1", "--batch-size", "12")
     assert code == 0 and "every group-relative advantage is 0" in err
+
+
+def test_row_weights_reach_the_loss(tiny_model, teacher_model, answered, tmp_path, monkeypatch, capsys):
+    (tmp_path / "graded.py").write_text(CHECKER)
+    monkeypatch.chdir(tmp_path)
+    run_cli("rollout", "--model", str(tiny_model), "--prompts", str(answered), "--out", "r", "--n", "2",
+            "--max-new-tokens", "6", "--limit", "6", "--checker", "graded.py:by_words")
+    do_score(teacher_model, tmp_path / "r", tmp_path / "t", top_k=4)
+    base = ["train", "--student", str(tiny_model), "--data", "t", "--steps", "1", "--batch-size", "12",
+            "--allow-teacher-mismatch", "--objective", "lightning-opd"]
+    code, _, err = cli(monkeypatch, capsys, *base, "--out", "paced", "--set", "objective.row_weight=paced")
+    assert code == 0, err
+    first = metrics(tmp_path / "paced")[0]
+    rewards = [r["reward"] for r in read_rows(tmp_path / "t")]
+    assert 0 <= first["row_weight"] <= 0.25 and (first["grad_norm"] > 0) == (first["row_weight"] > 0), rewards
+    code, _, err = cli(monkeypatch, capsys, *base, "--out", "gated", "--set", "objective.reward_gate=100")
+    assert code == 0 and metrics(tmp_path / "gated")[0]["grad_norm"] == 0.0 and "gradient is zero" in err

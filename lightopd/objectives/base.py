@@ -14,11 +14,13 @@ objectives in a fraction of a second).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from lightopd.objectives.weights import gate, paced
 from lightopd.options import MIN_TEMPERATURE, check, opt
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ EPS = 1e-8  # floors probabilities inside logs (the tail buckets)
 LOG_EPS = math.log(EPS)
 TEACHER_COLUMNS = ("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail")
 TOPK = ("topk_ids", "topk_logprobs", "teacher_log_tail")
+ROW_WEIGHTS = ("none", "paced")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,11 +42,29 @@ class ObjectiveParams:
     temperature: float | None = opt(None, "τ: the student's log-probs are log_softmax(logits / τ). Default: 1 for "
                                           "sft, which learns samples as they are (the HF labels= loss); for every "
                                           "other objective the store's sampling temperature (1 for a greedy store), "
-                                          "so that the student that sampled the store has lq_y = ℓμ.")
+                                          "so that the student that sampled the store has lq_y = ℓold.")
+    row_weight: str = opt("none", "none, or paced: weight each row by p^paced_alpha (1 − p)^paced_beta, p its "
+                                  "prompt's pass rate (PACED). Needs rewards and n ≥ 2.", choices=ROW_WEIGHTS)
+    paced_alpha: float = opt(1.0, "α of the paced weight.")
+    paced_beta: float = opt(1.0, "β of the paced weight.")
+    reward_gate: float | None = opt(None, "Keep the objective's signal only on rows whose reward is at least this "
+                                          "(KEPO's quality gate); others weigh 0. Needs rewards.")
 
     def __post_init__(self) -> None:
         check(self.temperature is None or self.temperature >= MIN_TEMPERATURE, "objective.temperature",
               f"must be at least {MIN_TEMPERATURE}, got {self.temperature}")
+        check(self.row_weight in ROW_WEIGHTS, "objective.row_weight",
+              f"must be one of {', '.join(ROW_WEIGHTS)}, got {self.row_weight!r}")
+        check(self.paced_alpha >= 0 and self.paced_beta >= 0, "objective.paced_alpha/paced_beta",
+              f"must be >= 0, got {self.paced_alpha}, {self.paced_beta}")
+
+    @property
+    def weighs_rows(self) -> bool:
+        """Whether rows are weighted by their rewards (row_weight, reward_gate)."""
+        return self.row_weight != "none" or self.reward_gate is not None
+
+
+SHARED = ("temperature", "row_weight", "paced_alpha", "paced_beta", "reward_gate")  # every objective's parameters
 
 
 BEHAVIORS = ("policy", "sampler")
@@ -139,6 +160,29 @@ class Objective:
 
     def requirements(self) -> Requirements:
         return Requirements(self.columns)
+
+    def needs(self) -> Requirements:
+        """`requirements()` with what the shared row weights add (rewards; n ≥ 2 for a pass rate)."""
+        own, params = self.requirements(), self.params
+        if not params.weighs_rows:
+            return own
+        paced = params.row_weight == "paced"
+        return dataclasses.replace(
+            own, rewards=True, min_samples=max(own.min_samples, 2 if paced else 1),
+            why=own.why or ("the paced weight is the pass rate of the prompt's samples" if paced else ""))
+
+    def row_weights(self, rows: StepRows) -> Tensor | None:
+        """[R, T] the shared row weights of the step (None without any): paced × reward gate."""
+        params = self.params
+        if not params.weighs_rows:
+            return None
+        rewards = rows.row("reward")
+        weight = rewards.new_ones(rewards.shape)
+        if params.row_weight == "paced":
+            weight = weight * paced(rewards, rows.groups, params.paced_alpha, params.paced_beta)
+        if params.reward_gate is not None:
+            weight = weight * gate(rewards, params.reward_gate)
+        return weight.unsqueeze(-1) * rows.mask
 
     def prepare(self, rows: StepRows) -> dict[str, Tensor]:
         """Per-position inputs computed from the whole step before any forward, each [R, T]."""

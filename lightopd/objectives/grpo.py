@@ -125,10 +125,10 @@ class GRPO(Objective):
     def prepare(self, rows: StepRows) -> dict[str, Tensor]:
         a = group_advantages(rewards_of(rows), rows.groups, self.params.normalize)
         c = row_weights(rows.mask, self.params, rows.reduce)
-        return {"advantages": a.unsqueeze(-1) * rows.mask, "row_weight": c.unsqueeze(-1) * rows.mask}
+        return {"advantages": a.unsqueeze(-1) * rows.mask, "length_weight": c.unsqueeze(-1) * rows.mask}
 
     def loss(self, inputs: Inputs) -> Tensor:
-        return inputs.prepared["row_weight"] * surrogate(inputs, inputs.prepared["advantages"], self.params)
+        return inputs.prepared["length_weight"] * surrogate(inputs, inputs.prepared["advantages"], self.params)
 
     def diagnostics(self, inputs: Inputs) -> dict[str, Tensor]:
         return {"clip_fraction": clip_fraction(inputs, inputs.prepared["advantages"], self.params)}
@@ -158,7 +158,7 @@ class KDRL(GRPO):
 
     def loss(self, inputs: Inputs) -> Tensor:
         rl = surrogate(inputs, inputs.prepared["advantages"], self.params)
-        return inputs.prepared["row_weight"] * (rl + self.params.beta * inputs.prepared["kd_on"] * self.kl(inputs))
+        return inputs.prepared["length_weight"] * (rl + self.params.beta * inputs.prepared["kd_on"] * self.kl(inputs))
 
     def kl(self, inputs: Inputs) -> Tensor:
         """The per-position estimate of KL(π_θ ‖ π_T) that `estimator` names."""

@@ -191,7 +191,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     spec = cfg.student
     student_dir = models.check_model_dir(spec.path, "--student")
     kind = lookup(cfg.objective)
-    manifest = check_data(cfg, cfg.objective, kind(params).requirements())
+    manifest = check_data(cfg, cfg.objective, kind(params).needs())
     sampling = sampling_of(manifest)
     params = student_temperature(params, sampling, kind.default_temperature)
     if getattr(params, "max_length", 0) is None:  # a fixed length not given: the store's longest completion
@@ -210,7 +210,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     compute_dtype = models.resolve_dtype(spec.dtype, device)
     parent = read_provenance(student_dir)
     objective: Objective = kind(params, total_steps(cfg, manifest))
-    needs = objective.requirements()
+    needs = objective.needs()
     student = {"path": str(student_dir.resolve()), **locate(spec.path).record(),
                "fingerprint": model_fingerprint(student_dir)}
     sft_teacher = sft_teacher_of(manifest, needs.teacher, spec.path, cfg.sft_teacher, parent,

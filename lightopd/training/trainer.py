@@ -35,6 +35,7 @@ from lightopd.training.distributed import World
 from lightopd.training.parallel import Parallel, Source
 from lightopd.training.schedule import lr_factor, optimizer_for
 
+ROW_WEIGHT = "row_weight"  # the shared row weights' key among the prepared inputs, and its diagnostic
 STORED = ("teacher_logprobs", "behavior_logprobs", "policy_logprobs", "topk_ids", "topk_logprobs",
           "teacher_log_tail")
 
@@ -76,10 +77,15 @@ def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor]):
             stored = {name: values[lo:hi] for name, values in mb.stored.items()}
             student = logprob_stats(logits, mb.targets[lo:hi], objective.params.temperature,
                                     at=stored.get("topk_ids"))
-            inputs = Inputs(student, **stored, prepared={name: v[lo:hi] for name, v in prepared.items()})
+            inputs = Inputs(student, **stored, prepared={name: v[lo:hi] for name, v in prepared.items()
+                                                         if name != ROW_WEIGHT})
             per_token = objective.loss(inputs)
             with torch.no_grad():
                 diagnosed = {**diagnostics(inputs), **objective.diagnostics(inputs)}
+            if ROW_WEIGHT in prepared:  # the shared reward-based row weights, on any objective's loss
+                weight = prepared[ROW_WEIGHT][lo:hi]
+                per_token = per_token * weight
+                diagnosed[ROW_WEIGHT] = weight
         return per_token, {name: values.detach() for name, values in diagnosed.items()}
 
     return loss
@@ -94,7 +100,7 @@ class Trainer:
         self.cfg, self.objective, self.model, self.data, self.world = cfg, objective, model, data, world
         offered = (*data.columns, "policy_logprobs") if data.policy_from_behavior else data.columns
         self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in offered)
-        rewards = ("reward",) if objective.requirements().rewards else ()  # per row: read, never batched
+        rewards = ("reward",) if objective.needs().rewards else ()  # per row: read, never batched
         self.read_columns = tuple(c for c in (*self.columns, *rewards) if c in data.columns)  # from the shards
         self.device = source.device if source is not None else next(model.parameters()).device
         self.amp_dtype = models.resolve_dtype(cfg.student.dtype, self.device)
@@ -122,7 +128,11 @@ class Trainer:
         mask = list_mask(table, "completion_ids").to(self.device)
         rows = StepRows(lambda name: padded_column(table, name, self.device), mask.double(), group_of, self.world.sum,
                         lambda name: row_column(table, name, self.device))
-        return {name: (values, mask) for name, values in self.objective.prepare(rows).items()}
+        prepared = self.objective.prepare(rows)
+        weights = self.objective.row_weights(rows)
+        if weights is not None:
+            prepared[ROW_WEIGHT] = weights
+        return {name: (values, mask) for name, values in prepared.items()}
 
     def step(self, groups: list[Group]) -> dict:
         table = pa.Table.from_batches(groups)
