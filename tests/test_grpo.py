@@ -133,3 +133,22 @@ def test_row_weights_by_hand(settings, want):
     needs = objective.needs()
     assert needs.rewards and needs.min_samples == (2 if "row_weight" in settings else 1)
     assert O.OBJECTIVES["lightning-opd"]().row_weights(rows) is None
+
+
+@pytest.mark.parametrize("alpha", [0.8, 0.0])
+def test_redi_against_its_formula(alpha):
+    """−mean over positive rows of their length-normalised log-likelihood + α × the same over negatives."""
+    rows, lq_y, *_ = step()
+    objective = O.OBJECTIVES["redi"](O.OBJECTIVES["redi"].Params(alpha=alpha))
+    prepared = {k: v[rows.mask.bool()] for k, v in objective.prepare(rows).items()}
+    view = LogprobStats(lq_y, torch.zeros(len(lq_y)), torch.zeros(len(lq_y), dtype=torch.long))
+    step_loss = objective.loss(O.Inputs(view, prepared=prepared)).sum() / len(lq_y)  # the trainer's token mean
+    (grad,) = torch.autograd.grad(step_loss, lq_y)
+    per_row = np.split(lq_y.detach().numpy(), np.cumsum(LENGTHS)[:-1])
+    positive = [r >= 1.0 for r in REWARDS]  # rows 0, 2
+    pos = [row.mean() for row, p in zip(per_row, positive, strict=True) if p]
+    neg = [row.mean() for row, p in zip(per_row, positive, strict=True) if not p]
+    assert step_loss.item() == pytest.approx(-np.mean(pos) + alpha * np.mean(neg), rel=1e-12)
+    want = np.concatenate([np.full(n, (-1 / 2 if p else alpha / 4) / n)
+                           for n, p in zip(LENGTHS, positive, strict=True)])
+    np.testing.assert_allclose(grad.numpy(), want, rtol=1e-12)
