@@ -152,3 +152,80 @@ def test_redi_against_its_formula(alpha):
     want = np.concatenate([np.full(n, (-1 / 2 if p else alpha / 4) / n)
                            for n, p in zip(LENGTHS, positive, strict=True)])
     np.testing.assert_allclose(grad.numpy(), want, rtol=1e-12)
+
+
+def stored_step(columns: dict[str, np.ndarray]):
+    """StepRows whose per-token columns are the given flat arrays, padded [R, T]."""
+    rows, *_ = step()
+    mask = rows.mask
+
+    def column(name):
+        out = torch.zeros_like(mask)
+        out[mask.bool()] = torch.tensor(columns[name])
+        return out
+    return O.StepRows(column, mask, rows.groups, rows.reduce, rows.row)
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_scope_against_its_formula():
+    _, lq_y, old, teacher = step()
+    rows = stored_step({"policy_logprobs": old.numpy(), "teacher_logprobs": teacher.numpy()})
+    objective = O.OBJECTIVES["scope"]()
+    prepared = {k: v[rows.mask.bool()] for k, v in objective.prepare(rows).items()}
+    view = LogprobStats(lq_y, torch.zeros(len(lq_y)), torch.zeros(len(lq_y), dtype=torch.long))
+    loss = objective.loss(O.Inputs(view, teacher_logprobs=teacher, policy_logprobs=old, prepared=prepared))
+    (grad,) = torch.autograd.grad(loss.sum(), lq_y)
+    split = lambda x: np.split(x, np.cumsum(LENGTHS)[:-1])  # noqa: E731
+    mean_old, mean_t = [r.mean() for r in split(old.numpy())], [r.mean() for r in split(teacher.numpy())]
+    w = np.zeros(6)
+    for members, scores in (([0, 2], [-mean_old[i] for i in (0, 2)]), ([1, 3], [mean_t[i] for i in (1, 3)]),
+                            ([4, 5], [mean_t[i] for i in (4, 5)])):
+        w[members] = softmax(np.array(scores))  # PPL_S^(1/T) among the correct, PPL_T^(−1/T) among the wrong
+    scale = sum(LENGTHS) / 2  # N / P: the mean over the two prompts of each group's token sums
+    x, t, o = lq_y.detach().numpy(), teacher.numpy(), old.numpy()
+    rho = np.exp(x - o)
+    correct = np.repeat([True, False, True, False, False, False], LENGTHS)
+    weight = scale * np.repeat(w, LENGTHS)
+    np.testing.assert_allclose(loss.detach().numpy(), weight * np.where(correct, -rho, rho * (x - t)), rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), weight * np.where(correct, -rho, rho * (x - t)), rtol=1e-12)
+
+
+def test_srpo_routes_and_weights_by_hand():
+    """Failed rows of a group with a correct row (rows 1 and 3) are distilled with exp(−H_T) weights of
+    mean 1 over their tokens; every other row takes grpo's surrogate."""
+    from lightopd.objectives.stats import logprob_stats
+
+    _, _, old, _ = step()
+    n, vocab, k = sum(LENGTHS), 6, 3
+    g = np.random.default_rng(1)
+    student_logits = torch.tensor(g.normal(0, 2, (n, vocab)), requires_grad=True)
+    teacher_lp = torch.log_softmax(torch.tensor(g.normal(0, 2, (n, vocab))), -1)
+    targets = torch.tensor(g.integers(0, vocab, n))
+    top_lp, top_ids = teacher_lp.topk(k, -1)
+    tail = teacher_lp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
+    entropy = -(teacher_lp.exp() * teacher_lp).sum(-1)
+    view = logprob_stats(student_logits, targets, at=top_ids)
+    rows = stored_step({"policy_logprobs": old.numpy(), "teacher_entropy": entropy.numpy()})
+    objective = O.OBJECTIVES["srpo"]()
+    prepared = {key: v[rows.mask.bool()] for key, v in objective.prepare(rows).items()}
+    inputs = O.Inputs(view, policy_logprobs=old, topk_ids=top_ids, topk_logprobs=top_lp, teacher_log_tail=tail,
+                      prepared=prepared)
+    loss = objective.loss(inputs).detach().numpy()
+    distilled = np.repeat([False, True, False, True, False, False], LENGTHS)
+    raw = np.exp(-entropy.numpy())
+    weight = raw / raw[distilled].mean()
+    q = torch.softmax(student_logits.detach(), -1).numpy()
+    p = teacher_lp.exp().numpy()
+    ids = top_ids.numpy()
+    jsd = np.zeros(n)
+    for i in range(n):
+        ph = np.append(p[i, ids[i]], 1 - p[i, ids[i]].sum())
+        qh = np.append(q[i, ids[i]], 1 - q[i, ids[i]].sum())
+        m = 0.5 * ph + 0.5 * qh
+        jsd[i] = 0.5 * (ph * np.log(ph / m)).sum() + 0.5 * (qh * np.log(qh / m)).sum()
+    rl, _ = hand_surrogate(view.sampled.detach().numpy(), old.numpy(), hand_advantages(REWARDS, "std"))
+    np.testing.assert_allclose(loss, np.where(distilled, weight * jsd, rl), rtol=1e-6, atol=1e-9)

@@ -14,12 +14,13 @@ from lightopd.objectives.grpo import GRPO, KDRL
 from lightopd.objectives.opd_seq import OPDSeq
 from lightopd.objectives.policy_gradient import GOPD, VOPD, LightningOPD, OPDImportanceSampling
 from lightopd.objectives.redi import REDI
+from lightopd.objectives.routed import SCOPE, SRPO
 from lightopd.objectives.sft import SFT
 from lightopd.objectives.taid import TAID
 
 OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (
     LightningOPD, OPDImportanceSampling, VOPD, GOPD, OPDSeq,
-    ReverseKL, ForwardKL, JSD, SkewForwardKL, SkewReverseKL, TAID, SFT, GRPO, KDRL, REDI,
+    ReverseKL, ForwardKL, JSD, SkewForwardKL, SkewReverseKL, TAID, SFT, GRPO, KDRL, REDI, SCOPE, SRPO,
 )}
 ALIASES = {"lambda": "lambda_"}  # parameter keys a recipe or --set spells differently from Python
 
