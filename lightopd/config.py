@@ -338,10 +338,10 @@ class DemoConfig(Config):
                      "top_k", "heldout_prompts", "student_hidden", "student_layers", "student_heads"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(self, name)}")
         check(self.sft_lr > 0 and self.opd_lr > 0, "--sft-lr/--opd-lr", "must be > 0")
-        opd = [name for name, o in OBJECTIVES.items() if o().requirements().teacher]
-        check(self.objective in opd, "--objective",
-              f"must be an objective that learns from the teacher ({', '.join(opd)}), got {self.objective!r}")
-        needs = OBJECTIVES[self.objective]().requirements()
+        step5 = [name for name in OBJECTIVES if name != "sft"]  # sft is the SFT-more control already
+        check(self.objective in step5, "--objective",
+              f"must be one of {', '.join(step5)} (sft is the SFT-more control), got {self.objective!r}")
+        needs = OBJECTIVES[self.objective]().needs()
         check(self.opd_samples >= needs.min_samples, "--opd-samples",
               f"must be >= {needs.min_samples} for {self.objective} ({needs.why}), got {self.opd_samples}")
         check(self.student_hidden % self.student_heads == 0, "--student-heads", "must divide --student-hidden")

@@ -1,0 +1,84 @@
+"""Which rollouts get the teacher, and how much: the reward-aware objectives on the demo's task.
+
+For each seed this runs the demo's SFT, the SFT student's rollouts (with rewards: exact match of
+the sum, the auto checker) and the teacher's scoring once; then, from the same SFT student with
+the demo's OPD budget (steps, batch, learning rate), each method below; and reports held-out
+accuracy (one sample per prompt, T = 1). `redi` trains on the teacher's own samples with their
+rewards (the SFT data), the paper's setting; every other method on the student's rollouts.
+
+    python experiments/rewards.py --out runs/rewards [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from lightopd.config import DemoConfig
+from lightopd.memory import release_freed_memory
+from lightopd.stages import demo
+from lightopd.tasks import addition as A
+
+D = DemoConfig  # the demo's sizes and learning rates
+METHODS = {  # name: (objective, --set pairs, the store it trains on)
+    "lightning-opd": ("lightning-opd", (), "teacher-store"),
+    "opd-seq": ("opd-seq", (), "teacher-store"),
+    "grpo": ("grpo", (), "teacher-store"),
+    "kdrl": ("kdrl", (), "teacher-store"),
+    "scope": ("scope", (), "teacher-store"),
+    "srpo": ("srpo", (), "teacher-store"),
+    "lightning-opd + paced": ("lightning-opd", (("objective.row_weight", "paced"),), "teacher-store"),
+    "redi (teacher samples)": ("redi", (), "sft-data"),
+}
+
+
+def run_seed(seed: int, out: Path, heldout: Path, device: str) -> dict:
+    work = out / f"seed{seed}"
+    work.mkdir(parents=True)
+    sft_prompts = A.write_prompts(work / "prompts-sft.jsonl", D.sft_prompts, "train", seed)
+    opd_prompts = A.write_prompts(work / "prompts-opd.jsonl", D.opd_prompts, "train", seed + 10_000)
+    A.make_model(work / "base", D.student_hidden, D.student_layers, D.student_heads, seed, D.student_arch)
+    data = demo.sample(demo.TEACHER, sft_prompts, work / "sft-data", 1, seed, device)
+    demo.train_student(work / "base", data, work / "sft", "sft", D.sft_steps, D.sft_lr, D.sft_batch_size, seed,
+                       device, dropout=D.student_dropout)
+    rollouts = demo.sample(work / "sft", opd_prompts, work / "rollouts", D.opd_samples, seed, device)
+    demo.score_once(rollouts, work / "teacher-store", D.top_k, device)
+    result = {"seed": seed, "sft": demo.evaluate(work / "sft", heldout, device, seed)["accuracy"]}
+    for i, (name, (objective, sets, store)) in enumerate(METHODS.items()):
+        demo.train_student(work / "sft", work / store, work / f"m{i}", objective, D.opd_steps, D.opd_lr,
+                           D.opd_batch_size, seed, device, sets=sets, dropout=D.student_dropout)
+        result[name] = demo.evaluate(work / f"m{i}", heldout, device, seed)["accuracy"]
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/rewards"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    if args.out.exists() and any(args.out.iterdir()):
+        ap.error(f"--out {args.out}: already holds files")
+    release_freed_memory()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = []
+    for seed in args.seeds:
+        heldout = A.write_prompts(args.out / f"prompts-heldout-{seed}.jsonl", D.heldout_prompts, "heldout", seed)
+        rows.append(run_seed(seed, args.out, heldout, args.device))
+    names = ["sft", *METHODS]
+    print("| method | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | mean |")
+    print("|---|" + "---|" * (len(rows) + 1))
+    for name in names:
+        values = [r[name] for r in rows]
+        print(f"| {name} | " + " | ".join(f"{v:.1%}" for v in values) + f" | {statistics.mean(values):.1%} |")
+    print(json.dumps({"experiment": "rewards", "seeds": args.seeds, "rows": rows,
+                      "mean_accuracy": {n: statistics.mean(r[n] for r in rows) for n in names},
+                      "seconds": round(time.perf_counter() - started, 1)}))
+
+
+if __name__ == "__main__":
+    main()
