@@ -18,26 +18,17 @@ import statistics
 import time
 from pathlib import Path
 
-from lightopd.config import DemoConfig
-from lightopd.memory import release_freed_memory
+from common import D, demo_until_opd, fresh_out
+
 from lightopd.stages import demo
 from lightopd.tasks import addition as A
 
-D = DemoConfig  # the demo's sizes and learning rates
 ANCHORS = ("rollout", "current")
 
 
 def run_seed(seed: int, out: Path, heldout: Path, device: str, dropout: bool) -> dict:
     work = out / f"seed{seed}"
-    work.mkdir(parents=True)
-    sft_prompts = A.write_prompts(work / "prompts-sft.jsonl", D.sft_prompts, "train", seed)
-    opd_prompts = A.write_prompts(work / "prompts-opd.jsonl", D.opd_prompts, "train", seed + 10_000)
-    A.make_model(work / "base", D.student_hidden, D.student_layers, D.student_heads, seed, D.student_arch)
-    data = demo.sample(demo.TEACHER, sft_prompts, work / "sft-data", 1, seed, device)
-    demo.train_student(work / "base", data, work / "sft", "sft", D.sft_steps, D.sft_lr, D.sft_batch_size, seed,
-                       device, dropout=dropout)
-    rollouts = demo.sample(work / "sft", opd_prompts, work / "rollouts", D.opd_samples, seed, device)
-    store = demo.score_once(rollouts, work / "teacher-store", D.top_k, device)
+    store = demo_until_opd(work, seed, device, dropout)["teacher-store"]
     result = {"seed": seed, "sft": demo.evaluate(work / "sft", heldout, device, seed)["accuracy"]}
     for anchor in ANCHORS:
         demo.train_student(work / "sft", store, work / f"opd-{anchor}", D.objective, D.opd_steps, D.opd_lr,
@@ -57,10 +48,7 @@ def main() -> None:
     ap.add_argument("--dropout", choices=("on", "off"), default="on" if D.student_dropout else "off",
                     help="the student's dropout in SFT and OPD (the demo's default: on)")
     args = ap.parse_args()
-    if args.out.exists() and any(args.out.iterdir()):
-        ap.error(f"--out {args.out}: already holds files")
-    release_freed_memory()
-    args.out.mkdir(parents=True, exist_ok=True)
+    fresh_out(ap, args.out)
     started = time.perf_counter()
     rows = []
     for seed in args.seeds:

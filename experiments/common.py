@@ -1,0 +1,36 @@
+"""What the demo-task experiments share: a fresh output directory, and one seed's demo pipeline up
+to the OPD step (task prompts, the SFT student, its rollouts with rewards, the teacher's scores)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lightopd.config import DemoConfig
+from lightopd.memory import release_freed_memory
+from lightopd.stages import demo
+from lightopd.tasks import addition as A
+
+D = DemoConfig  # the demo's sizes and learning rates
+
+
+def fresh_out(ap: argparse.ArgumentParser, out: Path) -> None:
+    """Refuse an `out` that holds files; create it."""
+    if out.exists() and any(out.iterdir()):
+        ap.error(f"--out {out}: already holds files")
+    release_freed_memory()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def demo_until_opd(work: Path, seed: int, device: str, dropout: bool) -> dict[str, Path]:
+    """The demo's steps 1–4 for `seed` under `work`: {"sft-data", "sft", "rollouts", "teacher-store"}."""
+    work.mkdir(parents=True)
+    sft_prompts = A.write_prompts(work / "prompts-sft.jsonl", D.sft_prompts, "train", seed)
+    opd_prompts = A.write_prompts(work / "prompts-opd.jsonl", D.opd_prompts, "train", seed + 10_000)
+    A.make_model(work / "base", D.student_hidden, D.student_layers, D.student_heads, seed, D.student_arch)
+    data = demo.sample(demo.TEACHER, sft_prompts, work / "sft-data", 1, seed, device)
+    demo.train_student(work / "base", data, work / "sft", "sft", D.sft_steps, D.sft_lr, D.sft_batch_size, seed,
+                       device, dropout=dropout)
+    rollouts = demo.sample(work / "sft", opd_prompts, work / "rollouts", D.opd_samples, seed, device)
+    store = demo.score_once(rollouts, work / "teacher-store", D.top_k, device)
+    return {"sft-data": data, "sft": work / "sft", "rollouts": rollouts, "teacher-store": store}
