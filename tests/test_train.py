@@ -15,13 +15,29 @@ from lightopd import objectives as O
 from lightopd.errors import InputError, TrainingError
 from lightopd.layering import train_settings
 from lightopd.provenance import model_fingerprint, read_provenance, write_provenance
-from tests.helpers import do_rollout, do_score, metrics, weights
+from tests.helpers import do_rollout, do_score, metrics, weights, write_jsonl
 from tests.helpers import do_train as train_run
 
 
+@pytest.fixture(scope="module")
+def rewarded_store(tiny_model, teacher_model, tmp_path_factory):
+    """A teacher store whose rows have graded rewards (a quarter per word): groups of mixed outcomes."""
+    tmp = tmp_path_factory.mktemp("rewarded")
+    (tmp / "graded.py").write_text("def by_words(completion, reference, metadata):\n"
+                                   "    return len(completion.split()) / 4\n")
+    words = [f"w{i}" for i in range(40)]
+    prompts = write_jsonl(tmp / "p.jsonl", [{"id": f"p{i}", "prompt": " ".join(words[i: i + 3]), "answer": "x"}
+                                            for i in range(8)])
+    do_rollout(tiny_model, prompts, tmp / "r", n=2, max_new_tokens=10, checker=f"{tmp / 'graded.py'}:by_words")
+    do_score(teacher_model, tmp / "r", tmp / "t", top_k=6)
+    return tmp / "t"
+
+
 @pytest.mark.parametrize("name", list(O.OBJECTIVES))
-def test_every_objective_trains_and_logs_its_diagnostics(name, consistent_student, teacher_store, tmp_path):
-    result, _ = train_run(consistent_student, teacher_store, tmp_path / "out", objective=name, steps=2, batch_size=4,
+def test_every_objective_trains_and_logs_its_diagnostics(name, consistent_student, teacher_store, rewarded_store,
+                                                         tmp_path):
+    store = rewarded_store if O.OBJECTIVES[name]().needs().rewards else teacher_store
+    result, _ = train_run(consistent_student, store, tmp_path / "out", objective=name, steps=2, batch_size=4,
                           lr=1e-4)
     assert result["steps"] == 2
     lines = metrics(tmp_path / "out")
