@@ -132,8 +132,10 @@ def test_objective_requirements_reach_the_demo_config():
     with pytest.raises(InputError, match="--opd-samples: must be >= 2 for opd-seq .its loo baseline"):
         DemoConfig.of(opd_samples=1)
     assert DemoConfig.of(objective="lightning-opd", opd_samples=1).opd_samples == 1
-    with pytest.raises(InputError, match="must be an objective that learns from the teacher"):
+    with pytest.raises(InputError, match=r"sft is the SFT-more control"):
         DemoConfig.of(objective="sft")
+    with pytest.raises(InputError, match="--opd-samples: must be >= 2 for grpo"):
+        DemoConfig.of(objective="grpo", opd_samples=1)
 
 
 def test_cli_recipe_with_a_steps_flag_runs(tiny_model, rollout_store, tmp_path):

@@ -229,3 +229,49 @@ def test_srpo_routes_and_weights_by_hand():
         jsd[i] = 0.5 * (ph * np.log(ph / m)).sum() + 0.5 * (qh * np.log(qh / m)).sum()
     rl, _ = hand_surrogate(view.sampled.detach().numpy(), old.numpy(), hand_advantages(REWARDS, "std"))
     np.testing.assert_allclose(loss, np.where(distilled, weight * jsd, rl), rtol=1e-6, atol=1e-9)
+
+
+def test_uni_opd_margin_calibration_by_hand():
+    """Group 0's correct rows (0, 2) must beat its wrong rows (1, 3) by δ in mean teacher advantage;
+    group 1 has no correct row and is left alone."""
+    _, lq_y, old, teacher = step()
+    rows = stored_step({"policy_logprobs": old.numpy(), "teacher_logprobs": teacher.numpy()})
+    delta = 5.0  # wide enough that group 0 is shifted whatever its advantages
+    objective = O.OBJECTIVES["uni-opd"](O.OBJECTIVES["uni-opd"].Params(margin=delta, clip_eps=EPS))
+    prepared = {k: v[rows.mask.bool()] for k, v in objective.prepare(rows).items()}
+    view = LogprobStats(lq_y, torch.zeros(len(lq_y)), torch.zeros(len(lq_y), dtype=torch.long))
+    loss = objective.loss(O.Inputs(view, teacher_logprobs=teacher, policy_logprobs=old, prepared=prepared))
+    a = teacher.numpy() - old.numpy()
+    s = [r.mean() for r in np.split(a, np.cumsum(LENGTHS)[:-1])]
+    shift = (np.mean([s[1], s[3]]) - np.mean([s[0], s[2]])) + delta
+    a = a + np.repeat([shift / 2, -shift / 2, shift / 2, -shift / 2, 0, 0], LENGTHS)
+    want, _ = hand_surrogate(lq_y.detach().numpy(), old.numpy(), a)
+    np.testing.assert_allclose(loss.detach().numpy(), hand_row_weights("sequence") * want, rtol=1e-12)
+    after = [r.mean() for r in np.split(a, np.cumsum(LENGTHS)[:-1])]
+    assert np.mean([after[0], after[2]]) - np.mean([after[1], after[3]]) == pytest.approx(delta)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_rlad_against_its_formula(alpha):
+    _, lq_y, old, teacher = step()
+    rows = stored_step({})
+    objective = O.OBJECTIVES["rlad"](O.OBJECTIVES["rlad"].Params(alpha=alpha, clip_eps=EPS))
+    prepared = {k: v[rows.mask.bool()] for k, v in objective.prepare(rows).items()}
+    view = LogprobStats(lq_y, torch.zeros(len(lq_y)), torch.zeros(len(lq_y), dtype=torch.long))
+    loss = objective.loss(O.Inputs(view, teacher_logprobs=teacher, policy_logprobs=old, prepared=prepared))
+    (grad,) = torch.autograd.grad(loss.sum(), lq_y)
+    r, groups = np.array(REWARDS), np.array(GROUPS)
+    a = np.zeros(6)
+    for g in (0, 1):  # the population std, as the paper writes it
+        member = groups == g
+        a[member] = (r[member] - r[member].mean()) / (r[member].std(ddof=0) + STD_EPS)
+    a = np.repeat(a, LENGTHS)
+    x, o, t = lq_y.detach().numpy(), old.numpy(), teacher.numpy()
+    log_r = alpha * (x - o) + (1 - alpha) * np.clip(x - t, -1, 1)
+    rho = np.exp(log_r)
+    clipped = np.clip(rho, 1 - EPS, 1 + EPS)
+    c = hand_row_weights("sequence")
+    np.testing.assert_allclose(loss.detach().numpy(), c * -np.minimum(rho * a, clipped * a), rtol=1e-12, atol=1e-15)
+    live = (rho * a <= clipped * a) | ((rho >= 1 - EPS) & (rho <= 1 + EPS))
+    slope = alpha + (1 - alpha) * (np.abs(x - t) < 1)
+    np.testing.assert_allclose(grad.numpy(), np.where(live, c * -a * rho * slope, 0.0), rtol=1e-12, atol=1e-15)

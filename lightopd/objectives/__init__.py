@@ -11,6 +11,7 @@ from lightopd.errors import InputError
 from lightopd.objectives.base import Inputs, Objective, ObjectiveParams, Requirements, StepRows
 from lightopd.objectives.divergences import JSD, ForwardKL, ReverseKL, SkewForwardKL, SkewReverseKL
 from lightopd.objectives.grpo import GRPO, KDRL
+from lightopd.objectives.mixed import RLAD, UniOPD
 from lightopd.objectives.opd_seq import OPDSeq
 from lightopd.objectives.policy_gradient import GOPD, VOPD, LightningOPD, OPDImportanceSampling
 from lightopd.objectives.redi import REDI
@@ -20,7 +21,7 @@ from lightopd.objectives.taid import TAID
 
 OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (
     LightningOPD, OPDImportanceSampling, VOPD, GOPD, OPDSeq,
-    ReverseKL, ForwardKL, JSD, SkewForwardKL, SkewReverseKL, TAID, SFT, GRPO, KDRL, REDI, SCOPE, SRPO,
+    ReverseKL, ForwardKL, JSD, SkewForwardKL, SkewReverseKL, TAID, SFT, GRPO, KDRL, REDI, SCOPE, SRPO, UniOPD, RLAD,
 )}
 ALIASES = {"lambda": "lambda_"}  # parameter keys a recipe or --set spells differently from Python
 

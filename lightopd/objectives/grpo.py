@@ -38,9 +38,9 @@ STD_EPS = 1e-6  # added to a group's std: a group whose rewards are all equal ge
 
 
 @dataclass(frozen=True, kw_only=True)
-class GRPOParams(SurrogateParams):
-    normalize: str = opt("std", "std: divide each advantage by its group's standard deviation (GRPO); none: "
-                                "the group mean alone (Dr. GRPO).", choices=NORMALIZE)
+class LengthParams(SurrogateParams):
+    """The surrogate, and how a row's token losses are averaged."""
+
     length_norm: str = opt("sequence", "sequence: each row's token mean, then the mean over rows (GRPO); "
                                        "constant: each row's token sum over max_length (Dr. GRPO); token: the "
                                        "step's token mean.", choices=LENGTH_NORM)
@@ -49,11 +49,20 @@ class GRPOParams(SurrogateParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.normalize in NORMALIZE, "objective.normalize", f"must be std or none, got {self.normalize!r}")
         check(self.length_norm in LENGTH_NORM, "objective.length_norm",
               f"must be one of {', '.join(LENGTH_NORM)}, got {self.length_norm!r}")
         check(self.max_length is None or self.max_length >= 1, "objective.max_length",
               f"must be >= 1, got {self.max_length}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GRPOParams(LengthParams):
+    normalize: str = opt("std", "std: divide each advantage by its group's standard deviation (GRPO); none: "
+                                "the group mean alone (Dr. GRPO).", choices=NORMALIZE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.normalize in NORMALIZE, "objective.normalize", f"must be std or none, got {self.normalize!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,9 +85,9 @@ class KDRLParams(GRPOParams):
               f"must be one of {', '.join(KD_MASKS)}, got {self.kd_mask!r}")
 
 
-def group_advantages(rewards: Tensor, groups: Tensor, normalize: str) -> Tensor:
-    """[R] A_i = r_i − mean of its group's rewards, over the group's sample std (+ STD_EPS) with
-    `normalize` std. A group of one row gets 0."""
+def group_advantages(rewards: Tensor, groups: Tensor, normalize: str, ddof: int = 1) -> Tensor:
+    """[R] A_i = r_i − mean of its group's rewards, over the group's std (+ STD_EPS; `ddof` 1: the
+    sample std, 0: the population std) with `normalize` std. A group of one row gets 0."""
     n_groups = int(groups.max()) + 1
     count = rewards.new_zeros(n_groups).index_add_(0, groups, rewards.new_ones(rewards.shape))
     mean = rewards.new_zeros(n_groups).index_add_(0, groups, rewards) / count
@@ -86,11 +95,11 @@ def group_advantages(rewards: Tensor, groups: Tensor, normalize: str) -> Tensor:
     if normalize == "none":
         return centred
     squares = rewards.new_zeros(n_groups).index_add_(0, groups, centred.square())
-    std = (squares / (count - 1).clamp(min=1)).sqrt()
+    std = (squares / (count - ddof).clamp(min=1)).sqrt()
     return centred / (std[groups] + STD_EPS)
 
 
-def row_weights(mask: Tensor, params: GRPOParams, reduce) -> Tensor:
+def row_weights(mask: Tensor, params: LengthParams, reduce) -> Tensor:
     """[R] the weight c_i of row i's token losses that turns the step's token mean (the trainer's)
     into `length_norm`'s average: N / (B·|y_i|), N / (B·max_length) or 1, with N the step's completion
     tokens and B its rows over all ranks."""
