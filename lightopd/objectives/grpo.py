@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from lightopd.objectives.base import REFERENCE, TOPK, Inputs, Objective, Requirements, StepRows
 from lightopd.objectives.opd_seq import SurrogateParams, clip_fraction, surrogate
 from lightopd.objectives.support import kl, supports
+from lightopd.objectives.weights import group_sum
 from lightopd.options import check, opt
 
 if TYPE_CHECKING:
@@ -88,13 +89,11 @@ class KDRLParams(GRPOParams):
 def group_advantages(rewards: Tensor, groups: Tensor, normalize: str, ddof: int = 1) -> Tensor:
     """[R] A_i = r_i − mean of its group's rewards, over the group's std (+ STD_EPS; `ddof` 1: the
     sample std, 0: the population std) with `normalize` std. A group of one row gets 0."""
-    n_groups = int(groups.max()) + 1
-    count = rewards.new_zeros(n_groups).index_add_(0, groups, rewards.new_ones(rewards.shape))
-    mean = rewards.new_zeros(n_groups).index_add_(0, groups, rewards) / count
-    centred = rewards - mean[groups]
+    count = group_sum(rewards.new_ones(rewards.shape), groups)
+    centred = rewards - (group_sum(rewards, groups) / count)[groups]
     if normalize == "none":
         return centred
-    squares = rewards.new_zeros(n_groups).index_add_(0, groups, centred.square())
+    squares = group_sum(centred.square(), groups)
     std = (squares / (count - ddof).clamp(min=1)).sqrt()
     return centred / (std[groups] + STD_EPS)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from lightopd.objectives.base import REFERENCE, Inputs, Objective, Requirements, StepRows
 from lightopd.objectives.grpo import GRPOParams, LengthParams, group_advantages, rewards_of, row_weights
 from lightopd.objectives.opd_seq import surrogate
+from lightopd.objectives.weights import group_sum
 from lightopd.options import check, opt
 
 if TYPE_CHECKING:
@@ -44,12 +45,10 @@ class UniOPDParams(LengthParams):
 def margin_shift(advantages: Tensor, mask: Tensor, correct: Tensor, groups: Tensor, margin: float) -> Tensor:
     """[R] the shift each row's token advantages get (see the module doc); 0 where none is needed."""
     s = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    n_groups = int(groups.max()) + 1
     c, w = correct.to(s.dtype), (~correct).to(s.dtype)
-    n_c = s.new_zeros(n_groups).index_add_(0, groups, c)
-    n_w = s.new_zeros(n_groups).index_add_(0, groups, w)
-    mean_c = s.new_zeros(n_groups).index_add_(0, groups, s * c) / n_c.clamp(min=1)
-    mean_w = s.new_zeros(n_groups).index_add_(0, groups, s * w) / n_w.clamp(min=1)
+    n_c, n_w = group_sum(c, groups), group_sum(w, groups)
+    mean_c = group_sum(s * c, groups) / n_c.clamp(min=1)
+    mean_w = group_sum(s * w, groups) / n_w.clamp(min=1)
     shift = ((mean_w - mean_c) + margin).where((mean_c - mean_w < margin) & (n_c > 0) & (n_w > 0), 0.0)
     return (c - w) * shift[groups] / 2
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from lightopd.objectives.base import EPS, REFERENCE, Inputs, Objective, RatioParams, Requirements, StepRows
 from lightopd.objectives.policy_gradient import PG_COLUMNS
+from lightopd.objectives.weights import group_sum
 from lightopd.options import check, opt
 
 if TYPE_CHECKING:
@@ -78,11 +79,7 @@ def discounted_returns(rewards: Tensor, mask: Tensor, discount: float) -> Tensor
 def leave_one_out(values: Tensor, mask: Tensor, groups: Tensor) -> Tensor:
     """Per row and position: the mean of `values` over the other rows of its group that reach
     that position (0 where none does)."""
-    n_groups = int(groups.max()) + 1
-    sums = values.new_zeros((n_groups, values.shape[1]))
-    counts = values.new_zeros((n_groups, values.shape[1]))
-    sums.index_add_(0, groups, values * mask)
-    counts.index_add_(0, groups, mask.to(values.dtype))
+    sums, counts = group_sum(values * mask, groups), group_sum(mask.to(values.dtype), groups)
     others = counts[groups] - mask
     return ((sums[groups] - values * mask) / others.clamp(min=1)).where(others > 0, 0.0)
 

@@ -26,6 +26,7 @@ from lightopd.objectives.base import REFERENCE, TOPK, Inputs, Objective, Require
 from lightopd.objectives.divergences import JSD, JSDParams
 from lightopd.objectives.grpo import NORMALIZE, group_advantages, rewards_of
 from lightopd.objectives.opd_seq import SurrogateParams, surrogate
+from lightopd.objectives.weights import group_sum
 from lightopd.options import check, opt
 
 if TYPE_CHECKING:
@@ -48,8 +49,7 @@ def subgroup_softmax(scores: Tensor, groups: Tensor, member: Tensor) -> Tensor:
     masked = scores.masked_fill(~member, float("-inf"))
     top = masked.new_full((n_groups,), float("-inf")).scatter_reduce_(0, groups, masked, "amax")
     e = (masked - top[groups].clamp(min=-1e300)).exp().where(member, 0.0)
-    total = e.new_zeros(n_groups).index_add_(0, groups, e)
-    return e / total[groups].clamp(min=1e-300)
+    return e / group_sum(e, groups)[groups].clamp(min=1e-300)
 
 
 class SCOPE(Objective):
@@ -112,7 +112,7 @@ class SRPO(Objective):
     def prepare(self, rows: StepRows) -> dict[str, Tensor]:
         mask, groups, rewards = rows.mask, rows.groups, rewards_of(rows)
         correct = (rewards >= 1.0).to(mask.dtype)
-        n_correct = correct.new_zeros(int(groups.max()) + 1).index_add_(0, groups, correct)
+        n_correct = group_sum(correct, groups)
         distilled = ((1 - correct) * (n_correct[groups] > 0)).unsqueeze(-1) * mask
         raw = (-self.params.entropy_beta * rows.column("teacher_entropy")).exp() * distilled
         totals = rows.reduce(mask.new_tensor([raw.sum(), distilled.sum()]))

@@ -1,4 +1,5 @@
-"""Row weights from outcome rewards, composable with any objective (tensor methods only).
+"""Row weights from outcome rewards, composable with any objective, and the per-prompt-group sums
+they and the reward objectives are built from (tensor methods only).
 
 - PACED ("PACED: Distillation and On-Policy Self-Distillation at the Frontier of Student
   Competence", arXiv 2603.11178): each row weighted by w(p) = p^α (1 − p)^β, p the pass rate of
@@ -18,12 +19,15 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
+def group_sum(values: Tensor, groups: Tensor) -> Tensor:
+    """[G, ...] the sum of `values` [R, ...] over the rows of each prompt group (`groups` [R], 0..G−1)."""
+    return values.new_zeros((int(groups.max()) + 1, *values.shape[1:])).index_add_(0, groups, values)
+
+
 def pass_rates(rewards: Tensor, groups: Tensor) -> Tensor:
     """[R] the share of each row's prompt group whose reward is at least 1."""
-    n_groups = int(groups.max()) + 1
-    passed = rewards.new_zeros(n_groups).index_add_(0, groups, (rewards >= 1.0).to(rewards.dtype))
-    count = rewards.new_zeros(n_groups).index_add_(0, groups, rewards.new_ones(rewards.shape))
-    return (passed / count)[groups]
+    passed = group_sum((rewards >= 1.0).to(rewards.dtype), groups)
+    return (passed / group_sum(rewards.new_ones(rewards.shape), groups))[groups]
 
 
 def paced(rewards: Tensor, groups: Tensor, alpha: float, beta: float) -> Tensor:
