@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from lightopd.objectives.base import REFERENCE, Inputs, Objective, Requirements, StepRows
 from lightopd.objectives.grpo import GRPOParams, LengthParams, group_advantages, rewards_of, row_weights
-from lightopd.objectives.opd_seq import surrogate
+from lightopd.objectives.opd_seq import ppo_clip, surrogate
 from lightopd.objectives.weights import group_sum
 from lightopd.options import check, opt
 
@@ -104,6 +104,4 @@ class RLAD(Objective):
         lq_y, a, alpha = inputs.lq_y, inputs.prepared["advantages"], self.params.alpha
         log_ratio = alpha * (lq_y - inputs.reference(self.params.behavior)) + (1 - alpha) * (
             lq_y - inputs.teacher_logprobs).clamp(-1.0, 1.0)
-        ratio = log_ratio.exp()
-        eps = self.params.clip_eps
-        return inputs.prepared["length_weight"] * -(ratio * a).minimum(ratio.clamp(1 - eps, 1 + eps) * a)
+        return inputs.prepared["length_weight"] * ppo_clip(log_ratio.exp(), a, self.params.clip_eps)

@@ -138,9 +138,12 @@ def surrogate(inputs: Inputs, a: Tensor, params: SurrogateParams) -> Tensor:
         lq_y = inputs.lq_y
         weight = (lq_y.detach() - reference).exp().clamp(max=params.is_cap)
         return -weight * a * (lq_y - lq_y.detach()).exp()
-    ratio = (inputs.lq_y - reference).exp()
-    clipped = ratio.clamp(1 - params.clip_eps, 1 + params.clip_eps)
-    return -(ratio * a).minimum(clipped * a)
+    return ppo_clip((inputs.lq_y - reference).exp(), a, params.clip_eps)
+
+
+def ppo_clip(ratio: Tensor, a: Tensor, eps: float) -> Tensor:
+    """PPO's clipped surrogate loss −min(ρA, clip(ρ, 1 − ε, 1 + ε)A), per position."""
+    return -(ratio * a).minimum(ratio.clamp(1 - eps, 1 + eps) * a)
 
 
 def clip_fraction(inputs: Inputs, a: Tensor, params: SurrogateParams) -> Tensor:
