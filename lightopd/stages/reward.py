@@ -32,6 +32,7 @@ from lightopd.errors import InputError
 from lightopd.hub import locate
 from lightopd.progress import StageProgress
 from lightopd.provenance import tokenizer_fingerprint
+from lightopd.stages.rollout import reward_of
 from lightopd.stages.score import PARQUET_OPTIONS
 from lightopd.tasks.verifiers import Scorer, open_scorer
 
@@ -54,18 +55,12 @@ def _tokenizer(cfg: RewardConfig, manifest: dict):
 
 def rescored(table: pa.Table, tokenizer, scored: Scorer, where: str) -> pa.Table:
     """`table` with its `reward` column recomputed (null where a row has no answer)."""
-    rewards = []
-    for i, row in enumerate(table.select(["prompt_ids", "completion_ids", "answer", "metadata"]).to_pylist()):
-        if row["answer"] is None:
-            rewards.append(None)
-            continue
-        text = tokenizer.decode(row["completion_ids"], skip_special_tokens=True)
-        question = tokenizer.decode(row["prompt_ids"], skip_special_tokens=True)
-        metadata = json.loads(row["metadata"]) if row["metadata"] else {}
-        try:
-            rewards.append(scored(text, row["answer"], metadata, question)[0])
-        except InputError as e:
-            raise InputError(f"{where} row {i}: {e}") from None
+    rows = table.select(["prompt_ids", "completion_ids", "answer", "metadata"]).to_pylist()
+    rewards = [reward_of(scored, tokenizer, row["completion_ids"], row["answer"],
+                         json.loads(row["metadata"]) if row["metadata"] else {},
+                         tokenizer.decode(row["prompt_ids"], skip_special_tokens=True) if row["answer"] else "",
+                         f"{where} row {i}")
+               for i, row in enumerate(rows)]
     column = table.schema.get_field_index("reward")
     return table.set_column(column, table.schema.field(column), pa.array(rewards, type=pa.float32()))
 

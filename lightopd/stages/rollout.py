@@ -39,23 +39,24 @@ def metadata_json(metadata: dict) -> str | None:
     return json.dumps(metadata, ensure_ascii=False, default=str, allow_nan=False) if metadata else None
 
 
+def reward_of(scored: Scorer | None, tokenizer, completion_ids, answer: str | None, metadata: dict, question: str,
+              where: str) -> float | None:
+    """A completion's score against its answer (None without one), on the text eval checks: the
+    completion decoded without special tokens. A checker's error is an InputError naming `where`."""
+    if answer is None or scored is None:
+        return None
+    text = tokenizer.decode(completion_ids, skip_special_tokens=True)
+    try:
+        return scored(text, answer, metadata, question)[0]
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
 def rewards(records, completions, tokenizer, scored: Scorer | None) -> list[list[float | None]]:
-    """Each sample's score against its record's answer (None without an answer), on the text eval checks:
-    the completion decoded without special tokens. A checker's error names the record and the sample."""
-    out = []
-    for record, samples in zip(records, completions, strict=True):
-        if record.answer is None or scored is None:
-            out.append([None] * len(samples))
-            continue
-        row = []
-        for j, c in enumerate(samples):
-            text = tokenizer.decode(c.ids, skip_special_tokens=True)
-            try:
-                row.append(scored(text, record.answer, record.metadata, record.question)[0])
-            except InputError as e:
-                raise InputError(f"{record.where}, sample {j}: {e}") from None
-        out.append(row)
-    return out
+    """Each sample's reward (reward_of), by record and sample."""
+    return [[reward_of(scored, tokenizer, c.ids, record.answer, record.metadata, record.question,
+                       f"{record.where}, sample {j}") for j, c in enumerate(samples)]
+            for record, samples in zip(records, completions, strict=True)]
 
 
 def _shard_table(records, encoded, completions, keys_n: int, policy: bool,
