@@ -58,7 +58,7 @@ def rescored(table: pa.Table, tokenizer, scored: Scorer, where: str) -> pa.Table
     rows = table.select(["prompt_ids", "completion_ids", "answer", "metadata"]).to_pylist()
     rewards = [reward_of(scored, tokenizer, row["completion_ids"], row["answer"],
                          json.loads(row["metadata"]) if row["metadata"] else {},
-                         tokenizer.decode(row["prompt_ids"], skip_special_tokens=True) if row["answer"] else "",
+                         tokenizer.decode(row["prompt_ids"], skip_special_tokens=True) if row["answer"] is not None else "",
                          f"{where} row {i}")
                for i, row in enumerate(rows)]
     column = table.schema.get_field_index("reward")
