@@ -56,10 +56,10 @@ def _tokenizer(cfg: RewardConfig, manifest: dict):
 def rescored(table: pa.Table, tokenizer, scored: Scorer, where: str) -> pa.Table:
     """`table` with its `reward` column recomputed (null where a row has no answer)."""
     rows = table.select(["prompt_ids", "completion_ids", "answer", "metadata"]).to_pylist()
+    question = lambda row: tokenizer.decode(row["prompt_ids"], skip_special_tokens=True)  # noqa: E731
     rewards = [reward_of(scored, tokenizer, row["completion_ids"], row["answer"],
                          json.loads(row["metadata"]) if row["metadata"] else {},
-                         tokenizer.decode(row["prompt_ids"], skip_special_tokens=True) if row["answer"] is not None else "",
-                         f"{where} row {i}")
+                         question(row) if row["answer"] is not None else "", f"{where} row {i}")
                for i, row in enumerate(rows)]
     column = table.schema.get_field_index("reward")
     return table.set_column(column, table.schema.field(column), pa.array(rewards, type=pa.float32()))
