@@ -111,9 +111,7 @@ def shard_layout(manifest: dict) -> dict:
     against it: no manifest edit changes what the bytes mean."""
     scoring = manifest.get("scoring") or {}
     tokenizer = manifest.get("tokenizer") or {}
-    rollouts = manifest.get("rollouts") or {}
-    sampling = manifest.get("sampling") if manifest.get("format") == ROLLOUT_FORMAT else rollouts.get("sampling")
-    sampling = sampling or {}
+    sampling = rollouts_of(manifest).get("sampling") or {}
     layout = {"format": manifest["format"], "tokenizer": tokenizer.get("fingerprint"),
               "vocab_size": tokenizer.get("vocab_size"), "temperature": sampling.get("temperature"),
               "top_p": sampling.get("top_p"), "top_k": scoring.get("top_k"),
@@ -131,7 +129,7 @@ SAMPLER_KEYS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "fre
 def sampling_of(manifest: dict) -> dict:
     """The sampling settings of the rollouts in a store (n, temperature, top_p, top_k, min_p, penalties,
     stop texts, max_new_tokens, seed; stores sampled before top-k and the rest lack those keys)."""
-    return manifest["sampling"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["sampling"]
+    return rollouts_of(manifest)["sampling"]
 
 
 def shard_name(index: int) -> str:

@@ -13,6 +13,7 @@ temperature, min-p, top-k, top-p) and under the model's untruncated softmax at t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -35,14 +36,16 @@ class Sampler(Protocol):
 
 class HFSampler:
     """A transformers model, decoded by engine.generate in batches of at most `batch_size` rows and
-    `kv_tokens` KV-cache tokens; `tokenizer` decodes rows for stop texts."""
+    `kv_tokens` KV-cache tokens; `tokenizer()` gives the tokenizer that decodes rows for stop texts
+    (loaded only when a sampling has some)."""
 
-    def __init__(self, model, info: models.ModelInfo, batch_size: int, kv_tokens: int | None, tokenizer=None):
+    def __init__(self, model, info: models.ModelInfo, batch_size: int, kv_tokens: int | None,
+                 tokenizer: Callable[[], object] | None = None):
         self.model, self.info, self.batch_size, self.kv_tokens = model, info, batch_size, kv_tokens
         self.tokenizer = tokenizer
 
     def sample(self, prompt_ids, names, sampling, on_step=None):
-        stops = StopTexts(self.tokenizer, sampling.stop) if sampling.stop else None
+        stops = StopTexts(self.tokenizer(), sampling.stop) if sampling.stop else None
         return sample_prompts(self.model, prompt_ids, names, sampling, self.batch_size, self.info,
                               on_step=on_step, kv_tokens=self.kv_tokens, stops=stops)
 
@@ -58,7 +61,7 @@ def open_sampler(model_dir: Path, spec: ModelSpec, engine: EngineSpec, info: mod
 
         return VllmSampler(model_dir, spec, engine, info, seed)
     return HFSampler(models.hf_model(model_dir, spec), info, batch_size, kv_tokens,
-                     models.load_tokenizer(model_dir, spec.trust_remote_code))
+                     functools.cache(lambda: models.load_tokenizer(model_dir, spec.trust_remote_code)))
 
 
 def check_engine(engine: EngineSpec) -> None:
