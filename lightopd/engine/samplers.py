@@ -2,10 +2,11 @@
 (lightopd's own batched transformers loop, engine/generate.py) and `--engine vllm`
 (engine/vllm_engine.py, an optional extra).
 
-`sampler.sample(prompt_ids, names, sampling, on_step)` returns, for every prompt, `sampling.n`
-Completions (token ids, their log-probs under the sampling distribution (ℓμ: penalties,
-temperature, min-p, top-k, top-p) and under the model's untruncated softmax at the temperature
-(ℓold), finish reason); sample j of prompt `name` is drawn from a random stream keyed by
+`sampler.sample(prompt_ids, names, sampling, on_step, policy)` returns, for every prompt,
+`sampling.n` Completions (token ids, their log-probs under the sampling distribution (ℓμ:
+penalties, temperature, min-p, top-k, top-p) and, when `policy` asks for them, under the model's
+untruncated softmax at the temperature (ℓold; an engine that would need extra work for them
+skips it otherwise), finish reason); sample j of prompt `name` is drawn from a random stream keyed by
 (seed, name, j) in either engine, so a rerun or a resumed run writes the same rows.
 `engine_record(engine)` is what a store records of the engine.
 """
@@ -29,7 +30,7 @@ OnStep = Callable[[int, int], None]  # (new tokens, finished rows), for progress
 
 class Sampler(Protocol):
     def sample(self, prompt_ids: Sequence[Sequence[int]], names: Sequence[str], sampling: SamplingSpec,
-               on_step: OnStep | None = None) -> list[list[Completion]]: ...
+               on_step: OnStep | None = None, policy: bool = True) -> list[list[Completion]]: ...
 
     def close(self) -> None: ...
 
@@ -44,7 +45,7 @@ class HFSampler:
         self.model, self.info, self.batch_size, self.kv_tokens = model, info, batch_size, kv_tokens
         self.tokenizer = tokenizer
 
-    def sample(self, prompt_ids, names, sampling, on_step=None):
+    def sample(self, prompt_ids, names, sampling, on_step=None, policy=True):  # ℓold costs the loop nothing
         stops = StopTexts(self.tokenizer(), sampling.stop) if sampling.stop else None
         return sample_prompts(self.model, prompt_ids, names, sampling, self.batch_size, self.info,
                               on_step=on_step, kv_tokens=self.kv_tokens, stops=stops)

@@ -141,7 +141,7 @@ class VllmSampler:
             stop_token_ids=list(self.info.eos_ids), allowed_token_ids=list(range(vocab)) if rows > vocab else None,
             stop=stop, detokenize=stop is not None, include_stop_str_in_output=True, skip_special_tokens=False)
 
-    def sample(self, prompt_ids, names, sampling, on_step=None) -> list[list[Completion]]:
+    def sample(self, prompt_ids, names, sampling, on_step=None, policy=True) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
 
         greedy = sampling.temperature == 0
@@ -167,7 +167,7 @@ class VllmSampler:
                                           "stop" if out.finish_reason == "stop" else "length",
                                           processed if copies else None))
             completions.append(samples)
-        if not copies:
+        if policy and not copies:  # only for a caller that keeps them (rollout, not eval)
             self.fill_policy_logprobs(prompt_ids, completions, sampling.temperature or 1.0)
         if on_step is not None:
             on_step(sum(len(c.ids) for cs in completions for c in cs), len(requests))

@@ -123,7 +123,7 @@ def sample_and_check(sampler: Sampler, tokenizer, prompts: Prompts, cfg: EvalCon
     records = prompts.records
     with StageProgress("eval", total=len(records) * cfg.sampling.n) as bar:
         completions = sampler.sample(prompts.ids, [r.id for r in records], cfg.sampling,
-                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks), policy=False)
     texts = [[tokenizer.decode(c.ids, skip_special_tokens=True) for c in cs] for cs in completions]
     results = []
     for record, ts in zip(records, texts, strict=True):

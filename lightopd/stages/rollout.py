@@ -135,7 +135,8 @@ def _run(cfg: RolloutConfig, opened: contextlib.ExitStack) -> dict:
                     shard_records, shard_ids = records[lo:hi], encoded[lo:hi]
                     try:
                         completions = sampler.sample(shard_ids, [r.id for r in shard_records], sampling,
-                                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks))
+                                                     on_step=lambda toks, fin: bar.advance(items=fin, tokens=toks),
+                                                     policy=sampling.policy_differs)
                     except NonFiniteLogits as e:
                         raise NonFiniteLogits(f"--model {spec.path}: {e}") from None
                     table, tokens = _shard_table(shard_records, shard_ids, completions, sampling.n,
