@@ -194,21 +194,48 @@ def test_scope_against_its_formula():
     np.testing.assert_allclose(grad.numpy(), weight * np.where(correct, -rho, rho * (x - t)), rtol=1e-12)
 
 
-def test_srpo_routes_and_weights_by_hand():
-    """Failed rows of a group with a correct row (rows 1 and 3) are distilled with exp(−H_T) weights of
-    mean 1 over their tokens; every other row takes grpo's surrogate."""
+def top_k_world(k=3, vocab=6):
+    """Student logits and a teacher over a small vocabulary, the teacher's top-k (k < V) with its tail,
+    and the hand-built tail buckets p̂ = [p_I, 1 − P], q̂ = [q_I, 1 − Q] per position."""
     from lightopd.objectives.stats import logprob_stats
 
-    _, _, old, _ = step()
-    n, vocab, k = sum(LENGTHS), 6, 3
+    n = sum(LENGTHS)
     g = np.random.default_rng(1)
     student_logits = torch.tensor(g.normal(0, 2, (n, vocab)), requires_grad=True)
     teacher_lp = torch.log_softmax(torch.tensor(g.normal(0, 2, (n, vocab))), -1)
     targets = torch.tensor(g.integers(0, vocab, n))
     top_lp, top_ids = teacher_lp.topk(k, -1)
     tail = teacher_lp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
-    entropy = -(teacher_lp.exp() * teacher_lp).sum(-1)
     view = logprob_stats(student_logits, targets, at=top_ids)
+    q, p, ids = torch.softmax(student_logits.detach(), -1).numpy(), teacher_lp.exp().numpy(), top_ids.numpy()
+    buckets = [(np.append(p[i, ids[i]], 1 - p[i, ids[i]].sum()), np.append(q[i, ids[i]], 1 - q[i, ids[i]].sum()))
+               for i in range(n)]
+    return view, teacher_lp, top_lp, top_ids, tail, buckets
+
+
+def test_kdrl_topk_estimator_is_the_tail_bucket_kl():
+    _, _, old, _ = step()
+    view, teacher_lp, top_lp, top_ids, tail, buckets = top_k_world()
+    rows = stored_step({})
+    beta = 0.3
+    objective = O.OBJECTIVES["kdrl"](KDRLParams(beta=beta, estimator="topk", clip_eps=EPS))
+    prepared = {key: v[rows.mask.bool()] for key, v in objective.prepare(rows).items()}
+    teacher = teacher_lp.gather(-1, view.argmax.unsqueeze(-1)).squeeze(-1)  # unused by topk
+    inputs = O.Inputs(view, teacher_logprobs=teacher, policy_logprobs=old, topk_ids=top_ids, topk_logprobs=top_lp,
+                      teacher_log_tail=tail, prepared=prepared)
+    loss = objective.loss(inputs).detach().numpy()
+    kl = np.array([(qh * np.log(qh / ph)).sum() for ph, qh in buckets])
+    rl, _ = hand_surrogate(view.sampled.detach().numpy(), old.numpy(), hand_advantages(REWARDS, "std"))
+    np.testing.assert_allclose(loss, hand_row_weights("sequence") * (rl + beta * kl), rtol=1e-6, atol=1e-9)
+
+
+def test_srpo_routes_and_weights_by_hand():
+    """Failed rows of a group with a correct row (rows 1 and 3) are distilled with exp(−H_T) weights of
+    mean 1 over their tokens; every other row takes grpo's surrogate."""
+    _, _, old, _ = step()
+    n = sum(LENGTHS)
+    view, teacher_lp, top_lp, top_ids, tail, buckets = top_k_world()
+    entropy = -(teacher_lp.exp() * teacher_lp).sum(-1)
     rows = stored_step({"policy_logprobs": old.numpy(), "teacher_entropy": entropy.numpy()})
     objective = O.OBJECTIVES["srpo"]()
     prepared = {key: v[rows.mask.bool()] for key, v in objective.prepare(rows).items()}
@@ -218,13 +245,8 @@ def test_srpo_routes_and_weights_by_hand():
     distilled = np.repeat([False, True, False, True, False, False], LENGTHS)
     raw = np.exp(-entropy.numpy())
     weight = raw / raw[distilled].mean()
-    q = torch.softmax(student_logits.detach(), -1).numpy()
-    p = teacher_lp.exp().numpy()
-    ids = top_ids.numpy()
     jsd = np.zeros(n)
-    for i in range(n):
-        ph = np.append(p[i, ids[i]], 1 - p[i, ids[i]].sum())
-        qh = np.append(q[i, ids[i]], 1 - q[i, ids[i]].sum())
+    for i, (ph, qh) in enumerate(buckets):
         m = 0.5 * ph + 0.5 * qh
         jsd[i] = 0.5 * (ph * np.log(ph / m)).sum() + 0.5 * (qh * np.log(qh / m)).sum()
     rl, _ = hand_surrogate(view.sampled.detach().numpy(), old.numpy(), hand_advantages(REWARDS, "std"))
