@@ -27,6 +27,8 @@ METHODS = {  # name: (objective, --set pairs, the store it trains on)
     "opd-seq": ("opd-seq", (), "teacher-store"),
     "grpo": ("grpo", (), "teacher-store"),
     "kdrl": ("kdrl", (), "teacher-store"),
+    "uni-opd": ("uni-opd", (), "teacher-store"),
+    "rlad": ("rlad", (), "teacher-store"),
     "scope": ("scope", (), "teacher-store"),
     "srpo": ("srpo", (), "teacher-store"),
     "lightning-opd + paced": ("lightning-opd", (("objective.row_weight", "paced"),), "teacher-store"),

@@ -63,12 +63,13 @@ def hand_row_weights(length_norm, max_length=8):
     return np.repeat(per_row, LENGTHS)
 
 
-def hand_surrogate(lq_y, old, a):
-    """−min(ρA, clip(ρ)A) and its derivative in lq_y (ρA's where the min takes it, else 0)."""
+def hand_surrogate(lq_y, old, a, high=EPS, low=EPS):
+    """−min(ρA, clip(ρ, 1 − ε, 1 + ε_high)A) and its derivative in lq_y (ρA's where the min takes it,
+    else 0)."""
     rho = np.exp(lq_y - old)
-    clipped = np.clip(rho, 1 - EPS, 1 + EPS)
+    clipped = np.clip(rho, 1 - low, 1 + high)
     loss = -np.minimum(rho * a, clipped * a)
-    live = (rho * a <= clipped * a) | ((rho >= 1 - EPS) & (rho <= 1 + EPS))
+    live = (rho * a <= clipped * a) | ((rho >= 1 - low) & (rho <= 1 + high))
     return loss, np.where(live, -rho * a, 0.0)
 
 
@@ -84,6 +85,19 @@ def test_grpo_against_its_formula(normalize, length_norm):
     assert (want_grad == 0).any() and (want_grad != 0).any(), "the clip is exercised"
 
 
+def test_grpo_clip_higher_against_its_formula():
+    """DAPO's clip-higher: the ratio clipped to [1 − ε, 1 + ε_high], ε_high 0.12 > ε 0.05; ratios in
+    (1.05, 1.12] with a positive advantage keep their gradient only under the higher clip."""
+    params = GRPOParams(clip_eps=0.05, clip_eps_high=0.12)
+    loss, grad, lq_y, old, _ = loss_and_grad("grpo", params)
+    a, c = hand_advantages(REWARDS, "std"), hand_row_weights("sequence")
+    want, want_grad = hand_surrogate(lq_y, old, a, high=0.12, low=0.05)
+    np.testing.assert_allclose(loss, c * want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(grad, c * want_grad, rtol=1e-12, atol=1e-15)
+    _, symmetric_grad = hand_surrogate(lq_y, old, a, high=0.05, low=0.05)
+    assert (want_grad != symmetric_grad).any(), "some ratio lies between the two upper clips"
+
+
 def test_equal_rewards_within_every_group_give_zero_advantage():
     rewards = [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     for normalize in ("std", "none"):
@@ -97,6 +111,25 @@ def test_kdrl_with_beta_zero_is_grpo_exactly():
         want = loss_and_grad("grpo", GRPOParams(**settings))
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_kdrl_beta_anneals_linearly_and_resumes():
+    """β falls from beta at the first step to beta_end at the last, linearly; the step count is saved
+    in a checkpoint; β = 0 stays 0 whatever beta_end is (so kdrl at β = 0 is grpo at every step)."""
+    kdrl = O.OBJECTIVES["kdrl"]
+    objective = kdrl(KDRLParams(beta=0.005, beta_end=0.001), total_steps=5)
+    used = [objective.finish_step(step, 1.0)["kd_beta"] for step in range(1, 6)]
+    np.testing.assert_allclose(used, [0.005, 0.004, 0.003, 0.002, 0.001], rtol=1e-12)
+    resumed = kdrl(KDRLParams(beta=0.005, beta_end=0.001), total_steps=5)
+    partial = kdrl(KDRLParams(beta=0.005, beta_end=0.001), total_steps=5)
+    for step in (1, 2):
+        partial.finish_step(step, 1.0)
+    resumed.load_state_dict(partial.state_dict())
+    assert resumed.beta == pytest.approx(0.003, rel=1e-12)
+    zero = kdrl(KDRLParams(beta=0.0), total_steps=5)
+    assert [zero.finish_step(step, 1.0)["kd_beta"] for step in range(1, 6)] == [0.0] * 5
+    constant = kdrl(KDRLParams(beta=0.005, beta_end=0.005), total_steps=5)
+    assert {constant.finish_step(step, 1.0)["kd_beta"] for step in range(1, 6)} == {0.005}
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -249,7 +282,7 @@ def test_srpo_routes_and_weights_by_hand():
     for i, (ph, qh) in enumerate(buckets):
         m = 0.5 * ph + 0.5 * qh
         jsd[i] = 0.5 * (ph * np.log(ph / m)).sum() + 0.5 * (qh * np.log(qh / m)).sum()
-    rl, _ = hand_surrogate(view.sampled.detach().numpy(), old.numpy(), hand_advantages(REWARDS, "std"))
+    rl, _ = hand_surrogate(view.sampled.detach().numpy(), old.numpy(), hand_advantages(REWARDS, "std"), high=0.28)
     np.testing.assert_allclose(loss, np.where(distilled, weight * jsd, rl), rtol=1e-6, atol=1e-9)
 
 
@@ -259,7 +292,7 @@ def test_uni_opd_margin_calibration_by_hand():
     _, lq_y, old, teacher = step()
     rows = stored_step({"policy_logprobs": old.numpy(), "teacher_logprobs": teacher.numpy()})
     delta = 5.0  # wide enough that group 0 is shifted whatever its advantages
-    objective = O.OBJECTIVES["uni-opd"](O.OBJECTIVES["uni-opd"].Params(margin=delta, clip_eps=EPS))
+    objective = O.OBJECTIVES["uni-opd"](O.OBJECTIVES["uni-opd"].Params(margin=delta, clip_eps=EPS, max_gap=None))
     prepared = {k: v[rows.mask.bool()] for k, v in objective.prepare(rows).items()}
     view = LogprobStats(lq_y, torch.zeros(len(lq_y)), torch.zeros(len(lq_y), dtype=torch.long))
     loss = objective.loss(O.Inputs(view, teacher_logprobs=teacher, policy_logprobs=old, prepared=prepared))
@@ -267,10 +300,35 @@ def test_uni_opd_margin_calibration_by_hand():
     s = [r.mean() for r in np.split(a, np.cumsum(LENGTHS)[:-1])]
     shift = (np.mean([s[1], s[3]]) - np.mean([s[0], s[2]])) + delta
     a = a + np.repeat([shift / 2, -shift / 2, shift / 2, -shift / 2, 0, 0], LENGTHS)
-    want, _ = hand_surrogate(lq_y.detach().numpy(), old.numpy(), a)
+    want, _ = hand_surrogate(lq_y.detach().numpy(), old.numpy(), a, high=0.28)
     np.testing.assert_allclose(loss.detach().numpy(), hand_row_weights("sequence") * want, rtol=1e-12)
     after = [r.mean() for r in np.split(a, np.cumsum(LENGTHS)[:-1])]
     assert np.mean([after[0], after[2]]) - np.mean([after[1], after[3]]) == pytest.approx(delta)
+
+
+def test_uni_opd_drops_far_tokens_and_clips_higher_by_hand():
+    """At its defaults but a gap small enough to bite: tokens with |ℓref − ℓT| ≥ max_gap leave the
+    loss, the rows' means and the rows' token counts; the clip is [1 − ε, 1 + 0.28]."""
+    _, lq_y, old, teacher = step()
+    rows = stored_step({"policy_logprobs": old.numpy(), "teacher_logprobs": teacher.numpy()})
+    gap, delta = 1.2, 0.4
+    objective = O.OBJECTIVES["uni-opd"](O.OBJECTIVES["uni-opd"].Params(clip_eps=EPS, max_gap=gap))
+    assert objective.params.margin == delta and objective.params.clip_eps_high == 0.28
+    prepared = {k: v[rows.mask.bool()] for k, v in objective.prepare(rows).items()}
+    view = LogprobStats(lq_y, torch.zeros(len(lq_y)), torch.zeros(len(lq_y), dtype=torch.long))
+    loss = objective.loss(O.Inputs(view, teacher_logprobs=teacher, policy_logprobs=old, prepared=prepared))
+    a = teacher.numpy() - old.numpy()
+    kept = np.abs(a) < gap
+    assert 0 < kept.sum() < len(a), "the gap drops some tokens and keeps others"
+    split = lambda x: np.split(x, np.cumsum(LENGTHS)[:-1])  # noqa: E731
+    s = [r[k].mean() if k.any() else 0.0 for r, k in zip(split(a), split(kept), strict=True)]
+    mean_c, mean_w = np.mean([s[0], s[2]]), np.mean([s[1], s[3]])
+    shift = (mean_w - mean_c) + delta if mean_c - mean_w < delta else 0.0
+    a = (a + np.repeat([shift / 2, -shift / 2, shift / 2, -shift / 2, 0, 0], LENGTHS)) * kept
+    want, _ = hand_surrogate(lq_y.detach().numpy(), old.numpy(), a, high=0.28)
+    counts = np.array([k.sum() for k in split(kept)])
+    c = np.repeat(sum(LENGTHS) / (len(LENGTHS) * np.maximum(counts, 1)), LENGTHS)  # the row means over kept tokens
+    np.testing.assert_allclose(loss.detach().numpy(), c * want * kept, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])

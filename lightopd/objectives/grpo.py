@@ -13,7 +13,8 @@ are averaged is `length_norm`: `sequence` (GRPO: each row's token mean, then the
 `kdrl`: "KDRL: Post-Training Reasoning LLMs via Unified Knowledge Distillation and Reinforcement
 Learning" (arXiv 2506.02208): grpo's loss plus β × an estimate of KL(π_θ ‖ π_T) per token, averaged
 like grpo's, on every row or (reward-guided) only on rows whose reward is below a threshold, or
-only in groups where no row reaches it. β = 0 is grpo exactly.
+only in groups where no row reaches it. β anneals linearly from `beta` to `beta_end` over the run
+(the step count is state, saved in checkpoints). β = 0 is grpo exactly.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class GRPOParams(LengthParams):
 
 @dataclass(frozen=True, kw_only=True)
 class KDRLParams(GRPOParams):
-    beta: float = opt(0.005, "β: the weight of the KL term (0 is grpo).")
+    beta: float = opt(0.005, "β: the weight of the KL term at the first step (0 is grpo).")
+    beta_end: float = opt(0.001, "β at the last step: β falls linearly from beta to this over the run (KDRL's "
+                                 "annealing, 5e-3 to 1e-3); set it to beta for a constant β. Never above beta.")
     estimator: str = opt("k2", "The per-token KL(π ‖ π_T) estimate, with R = ℓT − lq_y: k1 (as a reward, "
                                 "−R·lq_y with R held constant), k2 (½R²), k3 (exp(R) − R − 1), or topk (the "
                                 "exact KL on the teacher's top-k plus a tail bucket).", choices=ESTIMATORS)
@@ -80,6 +83,7 @@ class KDRLParams(GRPOParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.beta >= 0, "objective.beta", f"must be >= 0, got {self.beta}")
+        check(self.beta_end >= 0, "objective.beta_end", f"must be >= 0, got {self.beta_end}")
         check(self.estimator in ESTIMATORS, "objective.estimator",
               f"must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         check(self.kd_mask in KD_MASKS, "objective.kd_mask",
@@ -98,15 +102,17 @@ def group_advantages(rewards: Tensor, groups: Tensor, normalize: str, ddof: int 
     return centred / (std[groups] + STD_EPS)
 
 
-def row_weights(mask: Tensor, params: LengthParams, reduce) -> Tensor:
-    """[R] the weight c_i of row i's token losses that turns the step's token mean (the trainer's)
-    into `length_norm`'s average: N / (B·|y_i|), N / (B·max_length) or 1, with N the step's completion
-    tokens and B its rows over all ranks."""
-    lengths = mask.sum(-1)
+def row_weights(mask: Tensor, params: LengthParams, reduce, counted: Tensor | None = None) -> Tensor:
+    """[R] the weight c_i of row i's token losses that turns the step's token mean (the trainer's, over
+    N = all of `mask`'s tokens, all ranks, B rows) into `length_norm`'s average over the `counted`
+    tokens (default: all): N / (B·|y_i|), N / (B·max_length) or N / N_counted, |y_i| row i's counted
+    tokens."""
+    counted = mask if counted is None else counted
+    lengths = counted.sum(-1)
+    totals = reduce(lengths.new_tensor([mask.sum(), counted.sum(), float(len(lengths))]))
+    tokens, kept, rows = float(totals[0]), float(totals[1]), float(totals[2])
     if params.length_norm == "token":
-        return lengths.new_ones(lengths.shape)
-    totals = reduce(lengths.new_tensor([lengths.sum(), float(len(lengths))]))
-    tokens, rows = float(totals[0]), float(totals[1])
+        return lengths.new_full(lengths.shape, tokens / max(kept, 1.0))
     if params.length_norm == "constant":
         return lengths.new_full(lengths.shape, tokens / (rows * params.max_length))
     return tokens / (rows * lengths.clamp(min=1))
@@ -147,6 +153,16 @@ class KDRL(GRPO):
     summary = "grpo plus β·KL(π ‖ π_T) to the teacher, optionally only on failed rows (KDRL)"
     Params = KDRLParams
 
+    def __init__(self, params: KDRLParams | None = None, total_steps: int = 1):
+        super().__init__(params, total_steps)
+        self.done = 0  # optimizer steps finished: the schedule's clock, saved in checkpoints
+
+    @property
+    def beta(self) -> float:
+        """β of the next step: linear from `beta` at the first step to min(beta_end, beta) at the last."""
+        start, end = self.params.beta, min(self.params.beta_end, self.params.beta)
+        return start + (end - start) * min(1.0, self.done / max(1, self.total_steps - 1))
+
     @property
     def columns(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("teacher_logprobs", *(TOPK if self.params.estimator == "topk" else ()))
@@ -166,7 +182,7 @@ class KDRL(GRPO):
 
     def loss(self, inputs: Inputs) -> Tensor:
         rl = surrogate(inputs, inputs.prepared["advantages"], self.params)
-        return inputs.prepared["length_weight"] * (rl + self.params.beta * inputs.prepared["kd_on"] * self.kl(inputs))
+        return inputs.prepared["length_weight"] * (rl + self.beta * inputs.prepared["kd_on"] * self.kl(inputs))
 
     def kl(self, inputs: Inputs) -> Tensor:
         """The per-position estimate of KL(π_θ ‖ π_T) that `estimator` names."""
@@ -183,3 +199,14 @@ class KDRL(GRPO):
 
     def diagnostics(self, inputs: Inputs) -> dict[str, Tensor]:
         return {**super().diagnostics(inputs), "kd_fraction": inputs.prepared["kd_on"]}
+
+    def finish_step(self, step: int, loss: float) -> dict[str, float]:
+        used = self.beta
+        self.done = step
+        return {"kd_beta": used}
+
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = state.get("done", self.done)

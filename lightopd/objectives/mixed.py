@@ -6,8 +6,10 @@ with the settings of its released scripts: per prompt group, by the mean, shifte
 per-token advantage is the teacher's reward A_t = ℓT − ℓref; with s_i the mean of row i's A_t, a
 group whose correct rows' mean s does not exceed its wrong rows' mean s by the margin δ gets the
 difference made up: shift = (s̄_wrong − s̄_correct) + δ, +shift/2 on every token of its correct
-rows and −shift/2 on its wrong rows'. Groups without both outcomes are left as they are. The loss
-is the PPO surrogate of opd-seq, averaged per row then over rows (length_norm sequence).
+rows and −shift/2 on its wrong rows'. Groups without both outcomes are left as they are. Tokens
+where |ℓref − ℓT| ≥ `max_gap` (10) are dropped, from the means and the loss alike, as the authors'
+trainer masks them. The loss is the PPO surrogate of opd-seq with its clip-higher (ε_high 0.28),
+averaged per row then over rows (length_norm sequence).
 
 `rlad`: RLAD's trust-region ratio distillation (TRRD), "Reinforcement-aware Knowledge Distillation
 for LLM Reasoning" (arXiv 2602.22495): GRPO's advantage (the group's population std, as the paper
@@ -36,10 +38,14 @@ if TYPE_CHECKING:
 class UniOPDParams(LengthParams):
     margin: float = opt(0.4, "δ: how far a group's correct rows' mean teacher advantage must exceed its wrong "
                              "rows' (0.4, the authors' scripts).")
+    max_gap: float | None = opt(10.0, "Drop tokens where |ℓref − ℓT| ≥ this from the loss and from their row's "
+                                      "token count (10, the authors' trainer); none keeps every token.")
+    clip_eps_high: float | None = opt(0.28, "ε_high, the clip's upper side (0.28, the authors' scripts).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.margin >= 0, "objective.margin", f"must be >= 0, got {self.margin}")
+        check(self.max_gap is None or self.max_gap > 0, "objective.max_gap", f"must be > 0, got {self.max_gap}")
 
 
 def margin_shift(advantages: Tensor, mask: Tensor, correct: Tensor, groups: Tensor, margin: float) -> Tensor:
@@ -64,11 +70,16 @@ class UniOPD(Objective):
                             on_policy=True, rewards=True)
 
     def prepare(self, rows: StepRows) -> dict[str, Tensor]:
-        mask = rows.mask
-        advantages = (rows.column("teacher_logprobs") - rows.column(REFERENCE[self.params.behavior])) * mask
-        shift = margin_shift(advantages, mask, rewards_of(rows) >= 1.0, rows.groups, self.params.margin)
-        c = row_weights(mask, self.params, rows.reduce)
-        return {"advantages": (advantages + shift.unsqueeze(-1)) * mask, "length_weight": c.unsqueeze(-1) * mask}
+        mask, params = rows.mask, self.params
+        advantages = (rows.column("teacher_logprobs") - rows.column(REFERENCE[params.behavior])) * mask
+        kept = mask if params.max_gap is None else mask * (advantages.abs() < params.max_gap)
+        shift = margin_shift(advantages, kept, rewards_of(rows) >= 1.0, rows.groups, params.margin)
+        c = row_weights(mask, params, rows.reduce, counted=kept)
+        return {"advantages": (advantages + shift.unsqueeze(-1)) * kept, "length_weight": c.unsqueeze(-1) * kept,
+                "kept": kept}
+
+    def diagnostics(self, inputs: Inputs) -> dict[str, Tensor]:
+        return {"gap_kept_fraction": inputs.prepared["kept"]}
 
     def loss(self, inputs: Inputs) -> Tensor:
         return inputs.prepared["length_weight"] * surrogate(inputs, inputs.prepared["advantages"], self.params)
@@ -104,4 +115,4 @@ class RLAD(Objective):
         lq_y, a, alpha = inputs.lq_y, inputs.prepared["advantages"], self.params.alpha
         log_ratio = alpha * (lq_y - inputs.reference(self.params.behavior)) + (1 - alpha) * (
             lq_y - inputs.teacher_logprobs).clamp(-1.0, 1.0)
-        return inputs.prepared["length_weight"] * ppo_clip(log_ratio.exp(), a, self.params.clip_eps)
+        return inputs.prepared["length_weight"] * ppo_clip(log_ratio.exp(), a, self.params.clip)

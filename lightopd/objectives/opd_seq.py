@@ -39,14 +39,24 @@ class SurrogateParams(RatioParams):
                                  "for the whole run; current: the current student (ρ = exp(lq_y − sg(lq_y)), an "
                                  "on-policy gradient) weighted by min(exp(sg(lq_y) − ℓref), is_cap), truncated "
                                  "importance sampling to the rollout policy.", choices=ANCHORS)
-    clip_eps: float = opt(0.2, "ε of the PPO clip of the ratio to [1 − ε, 1 + ε] (anchor rollout).")
+    clip_eps: float = opt(0.2, "ε of the PPO clip of the ratio to [1 − ε, 1 + ε_high] (anchor rollout).")
+    clip_eps_high: float | None = opt(None, "ε_high, the clip's upper side (DAPO's clip-higher). [default: "
+                                            "clip_eps, a symmetric clip]")
     is_cap: float = opt(2.0, "Cap of the truncated importance weight (anchor current).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.anchor in ANCHORS, "objective.anchor", f"must be rollout or current, got {self.anchor!r}")
         check(0 < self.clip_eps < 1, "objective.clip_eps", f"must be in (0, 1), got {self.clip_eps}")
+        check(self.clip_eps_high is None or self.clip_eps_high > 0, "objective.clip_eps_high",
+              f"must be > 0, got {self.clip_eps_high}")
         check(self.is_cap > 0, "objective.is_cap", f"must be > 0, got {self.is_cap}")
+
+    @property
+    def clip(self) -> tuple[float, float]:
+        """The ratio's clip interval [1 − ε, 1 + ε_high]."""
+        high = self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+        return 1 - self.clip_eps, 1 + high
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,19 +148,20 @@ def surrogate(inputs: Inputs, a: Tensor, params: SurrogateParams) -> Tensor:
         lq_y = inputs.lq_y
         weight = (lq_y.detach() - reference).exp().clamp(max=params.is_cap)
         return -weight * a * (lq_y - lq_y.detach()).exp()
-    return ppo_clip((inputs.lq_y - reference).exp(), a, params.clip_eps)
+    return ppo_clip((inputs.lq_y - reference).exp(), a, params.clip)
 
 
-def ppo_clip(ratio: Tensor, a: Tensor, eps: float) -> Tensor:
-    """PPO's clipped surrogate loss −min(ρA, clip(ρ, 1 − ε, 1 + ε)A), per position."""
-    return -(ratio * a).minimum(ratio.clamp(1 - eps, 1 + eps) * a)
+def ppo_clip(ratio: Tensor, a: Tensor, clip: tuple[float, float]) -> Tensor:
+    """PPO's clipped surrogate loss −min(ρA, clip(ρ, lo, hi)A), per position; `clip` is
+    [1 − ε, 1 + ε_high]."""
+    return -(ratio * a).minimum(ratio.clamp(*clip) * a)
 
 
 def clip_fraction(inputs: Inputs, a: Tensor, params: SurrogateParams) -> Tensor:
-    """Per position, 1 where the PPO clip removed the gradient (ratio beyond 1 ± ε on the side the
-    advantage pushes it); 0 when anchored to the current student."""
+    """Per position, 1 where the PPO clip removed the gradient (ratio beyond 1 − ε or 1 + ε_high on the
+    side the advantage pushes it); 0 when anchored to the current student."""
     ratio = (inputs.lq_y.detach() - inputs.reference(params.behavior)).exp()
     if params.anchor == "current":
         return ratio * 0
-    eps = params.clip_eps
-    return (((ratio > 1 + eps) & (a > 0)) | ((ratio < 1 - eps) & (a < 0))).float()
+    low, high = params.clip
+    return (((ratio > high) & (a > 0)) | ((ratio < low) & (a < 0))).float()

@@ -86,6 +86,7 @@ class SRPOParams(SurrogateParams):
     normalize: str = opt("std", "The grpo branch's advantage: std (the paper's formula) or none.", choices=NORMALIZE)
     entropy_beta: float = opt(1.0, "β_H of the distilled tokens' weight exp(−β_H · H_T) (the paper's β, 1).")
     jsd_beta: float = opt(0.5, "β of the distillation's Jensen-Shannon divergence (0.5).")
+    clip_eps_high: float | None = opt(0.28, "ε_high, the grpo branch's upper clip (0.28, the paper's).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
