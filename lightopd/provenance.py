@@ -21,11 +21,11 @@ import json
 import struct
 from pathlib import Path
 
-from lightopd.data.store import ROLLOUT_FORMAT
+from lightopd.data.store import ROLLOUT_FORMAT, teacher_context
 from lightopd.engine.models import PROVENANCE, check_model_dir, weight_files
 from lightopd.errors import InputError
 from lightopd.hub import locate
-from lightopd.progress import warn
+from lightopd.progress import console, warn
 
 WHOLE_FILE_LIMIT = 32 << 20  # hash smaller weight files entirely
 BLOCKS = 64  # evenly spaced blocks per larger file
@@ -36,6 +36,8 @@ CONSISTENCY = (
     "scored these rollouts must be the teacher whose outputs the student was SFT-trained on. Otherwise the "
     "student is pulled between two teachers and the stored signal no longer points at one target."
 )
+SELF_TEACHER = ("Self-distillation needs a teacher that sees more than the student: give it a context with "
+                "score-teacher --teacher-prompt (a reference solution, a hint, a rule, a system line).")
 
 
 def _hash_file_sampled(h: hashlib._Hash, path: Path) -> None:
@@ -115,16 +117,21 @@ def named(model: dict) -> str:
 
 
 def sft_teacher_of(manifest: dict, learns_from_teacher: bool, student: str, declared_path: str | None,
-                   parent: dict | None, allow_mismatch: bool) -> dict | None:
+                   parent: dict | None, allow_mismatch: bool, own: tuple[str, ...] = ()) -> dict | None:
     """The SFT teacher to record in a trained model's provenance, after the consistency gate.
 
-    Training on samples without a teacher (SFT) records the model that wrote them. Otherwise the
+    Training on samples without a teacher (SFT) records the model that wrote them. A teacher that is
+    the student itself or its parent (fingerprints `own`) is self-distillation: consistent by
+    construction when the teacher saw a recorded context of its own, refused (unless
+    `allow_mismatch`) when it saw the student's prompts, which gives no signal. Otherwise the
     student's SFT teacher (`--sft-teacher`, else its lightopd.json) must be the teacher that scored
     the store: a mismatch is an InputError unless `allow_mismatch`, and no record is a warning.
     """
     if not learns_from_teacher:
         writer = manifest["model"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["model"]
         return {"path": writer["path"], "fingerprint": writer["fingerprint"]}
+    if manifest["teacher"]["fingerprint"] in own:
+        return _self_teacher(manifest, student, parent, allow_mismatch)
     if declared_path is not None:
         path = check_model_dir(declared_path, "--sft-teacher")
         declared = {"path": str(path.resolve()), **locate(declared_path).record(),
@@ -143,3 +150,20 @@ def sft_teacher_of(manifest: dict, learns_from_teacher: bool, student: str, decl
             raise InputError(message + " Pass --allow-teacher-mismatch to train anyway.")
         warn(message)
     return declared
+
+
+def _self_teacher(manifest: dict, student: str, parent: dict | None, allow_mismatch: bool) -> dict | None:
+    """The gate for a store scored by the student itself (or its parent): see `sft_teacher_of`."""
+    teacher, context = manifest["teacher"], teacher_context(manifest)
+    if context is None:
+        message = (f"the teacher that scored --data ({named(teacher)}) is --student {student} itself (or its parent), "
+                   "and it saw the student's own prompts: its log-probs are the student's, so every objective's "
+                   "signal is zero. " + SELF_TEACHER)
+        if not allow_mismatch:
+            raise InputError(message + " Pass --allow-teacher-mismatch to train anyway.")
+        warn(message)
+    else:
+        console.print(f"self-distillation: --data was scored by --student {student} itself (or its parent), seeing "
+                      f"the context {context['template']!r} ({context['fingerprint']}) that the student does not; "
+                      "teacher consistency holds by construction", highlight=False, soft_wrap=True)
+    return (parent or {}).get("sft_teacher")

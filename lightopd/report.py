@@ -208,8 +208,10 @@ def render_rows(rows: list[dict]) -> None:
 
     for row in rows:
         body = Text()
-        for key in ("prompt", "completion"):
-            body.append(f"{key}: ", style="bold").append(f"{row[key]}\n")
-        rest = {k: v for k, v in row.items() if k not in ("prompt", "completion", "prompt_id", "sample_index")}
+        for key in ("prompt", "teacher_prompt", "completion"):
+            if key in row:
+                body.append(f"{key}: ", style="bold").append(f"{row[key]}\n")
+        rest = {k: v for k, v in row.items()
+                if k not in ("prompt", "teacher_prompt", "completion", "prompt_id", "sample_index")}
         body.append("  ".join(f"{k}={v}" for k, v in rest.items() if v is not None), style="dim")
         console.print(Panel(body, title=f"{row['prompt_id']} #{row['sample_index']}", title_align="left"))

@@ -270,28 +270,71 @@ class RenderSpec:
         self.template_kwargs()
 
     def template_kwargs(self) -> dict:
-        if self.chat_template_kwargs is None:
-            return {}
-        try:  # standard JSON only: it is written into the store's manifest
-            kwargs = json.loads(self.chat_template_kwargs, parse_constant=_not_standard, parse_float=_finite_float)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--chat-template-kwargs: not JSON ({e.msg} at column {e.colno})") from None
-        check(isinstance(kwargs, dict), "--chat-template-kwargs",
-              f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {self.chat_template_kwargs}")
-        return kwargs
+        return template_kwargs(self.chat_template_kwargs, "--chat-template-kwargs")
 
     def chat_settings(self) -> ChatSettings:
         return ChatSettings(self.chat, self.system_prompt, self.template_kwargs())
 
 
-def _not_standard(constant: str):
-    raise InputError(f"--chat-template-kwargs: {constant} is not standard JSON (JSON numbers are finite)")
+@dataclass(frozen=True, kw_only=True)
+class ContextSpec:
+    """The teacher's own prompt, built from each row's record (data/context.py)."""
+
+    teacher_prompt: str | None = opt(None, "Template of the teacher's prompt, so the teacher sees more than the "
+                                           "student: {prompt} (the student's prompt text), {answer}, and metadata "
+                                           "fields by name, e.g. 'Solution: {solution} Problem: {prompt}'. "
+                                           "Rendered with the teacher's chat template by --chat's rules; the "
+                                           "teacher scores the student's completion after it. [default: the "
+                                           "student's prompt ids]", metavar="TEMPLATE")
+    teacher_system_prompt: str | None = opt(None, "A system turn first in the teacher's chat.", metavar="TEXT")
+    teacher_chat: str = opt("auto", "--chat for the teacher's prompt.", choices=CHAT_MODES)
+    teacher_chat_template_kwargs: str | None = opt(None, "--chat-template-kwargs for the teacher's prompt.",
+                                                   metavar="JSON")
+    teacher_long_prompts: str = opt("error", "A teacher prompt that leaves no room in the teacher's context for its "
+                                             "prompt's longest completion: error, skip (leave the prompt's rows "
+                                             "out), truncate (keep its last tokens).", choices=LONG_PROMPTS)
+
+    def __post_init__(self) -> None:
+        check(self.teacher_chat in CHAT_MODES, "--teacher-chat",
+              f"must be one of {', '.join(CHAT_MODES)}, got {self.teacher_chat!r}")
+        check(self.teacher_long_prompts in LONG_PROMPTS, "--teacher-long-prompts",
+              f"must be one of {', '.join(LONG_PROMPTS)}, got {self.teacher_long_prompts!r}")
+        if self.teacher_prompt is None:
+            changed = [flag for flag, on in (("--teacher-system-prompt", self.teacher_system_prompt is not None),
+                                             ("--teacher-chat-template-kwargs", self.teacher_chat_template_kwargs),
+                                             ("--teacher-chat", self.teacher_chat != "auto"),
+                                             ("--teacher-long-prompts", self.teacher_long_prompts != "error")) if on]
+            check(not changed, changed[0] if changed else "", "only with --teacher-prompt (the teacher otherwise "
+                                                               "scores the student's own prompt ids)")
+        self.chat_settings()
+
+    def chat_settings(self) -> ChatSettings:
+        return ChatSettings(self.teacher_chat, self.teacher_system_prompt,
+                            template_kwargs(self.teacher_chat_template_kwargs, "--teacher-chat-template-kwargs"))
 
 
-def _finite_float(text: str) -> float:
+def template_kwargs(text: str | None, flag: str) -> dict:
+    """The chat template's keyword arguments from a JSON object (standard JSON only: it is written into
+    the store's manifest)."""
+    if text is None:
+        return {}
+    try:
+        kwargs = json.loads(text, parse_constant=lambda c: _not_standard(c, flag),
+                            parse_float=lambda f: _finite_float(f, flag))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{flag}: not JSON ({e.msg} at column {e.colno})") from None
+    check(isinstance(kwargs, dict), flag, f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {text}")
+    return kwargs
+
+
+def _not_standard(constant: str, flag: str):
+    raise InputError(f"{flag}: {constant} is not standard JSON (JSON numbers are finite)")
+
+
+def _finite_float(text: str, flag: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise InputError(f"--chat-template-kwargs: {text} is not a finite number (JSON numbers are finite)")
+        raise InputError(f"{flag}: {text} is not a finite number (JSON numbers are finite)")
     return value
 
 

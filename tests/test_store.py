@@ -20,7 +20,7 @@ def _table(prompt: str, rows: int) -> pa.Table:
         "prompt_ids": [[1, 2]] * rows, "completion_ids": [[3, 4, 2]] * rows,
         "behavior_logprobs": [[-0.5, -0.25, -1.0]] * rows, "policy_logprobs": [None] * rows,
         "finish_reason": ["stop"] * rows,
-        "answer": [None] * rows, "metadata": [None] * rows, "reward": [None] * rows,
+        "answer": [None] * rows, "metadata": [None] * rows, "reward": [None] * rows, "prompt": ["p"] * rows,
     }, schema=ROLLOUT_SCHEMA)
 
 

@@ -37,7 +37,7 @@ def _rollouts(**change) -> pa.Table:
     columns = {"prompt_id": ["a", "b"], "sample_index": [0, 0], "prompt_ids": [[1, 2], [1]],
                "completion_ids": [[3, 4, 2], [5]], "behavior_logprobs": [[-0.5, -0.25, -1.0], [-0.1]],
                "policy_logprobs": [None, None], "finish_reason": ["stop", "length"], "answer": [None, None],
-               "metadata": [None, None], "reward": [None, None]}
+               "metadata": [None, None], "reward": [None, None], "prompt": ["p a", "p b"]}
     return pa.Table.from_pydict({**columns, **change}, schema=ROLLOUT_SCHEMA)
 
 
@@ -55,6 +55,7 @@ def _teacher_rows(k: int, topk_per_row: list[int]) -> pa.Table:
         "topk_logprobs": pa.array([[-1.0] * m for m in topk_per_row], pa.list_(pa.float16())),
         "teacher_log_tail": pa.array([[-5.0] * n for n in lengths], pa.list_(pa.float32())),
         "teacher_entropy": pa.array([[0.5] * n for n in lengths], pa.list_(pa.float32())),
+        "teacher_prompt_ids": pa.nulls(2, pa.list_(pa.int32())),
     }
     return pa.Table.from_arrays([*rollouts.columns, *extra.values()], schema=teacher_schema())
 

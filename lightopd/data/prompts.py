@@ -94,13 +94,14 @@ def encode_all(renderer: Renderer, records: list[PromptRecord], context: int | N
 def provenance(source: Source, mapping: Mapping, renderer: Renderer, encoded: Encoded, limit: int | None,
                max_prompt_tokens: int | None, long_prompts: str) -> dict:
     """What a store records of its prompts: the source, a fingerprint of its content and of the field
-    mapping together, the rendering, and how many records were used."""
+    mapping together, the rendering, the column that keeps each prompt's text, and how many records
+    were used."""
     identity = source.identity()
     fields = mapping.flags()
     key = json.dumps({"content": identity["fingerprint"], "split": source.split, "subset": source.subset,
                       "fields": fields}, sort_keys=True)
     return {**identity, "content_fingerprint": identity["fingerprint"],
             "fingerprint": "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:32], "fields": fields,
-            "rendering": renderer.describe(), "count": len(encoded.records), "limit": limit,
+            "rendering": renderer.describe(), "text": "prompt", "count": len(encoded.records), "limit": limit,
             "max_prompt_tokens": max_prompt_tokens, "long_prompts": long_prompts, "skipped": encoded.skipped,
             "truncated": encoded.truncated}

@@ -37,6 +37,7 @@ ROLLOUT_SCHEMA = pa.schema(
         ("answer", pa.string()),
         ("metadata", pa.string()),  # the prompt record's other fields, a JSON object (null when none)
         ("reward", pa.float32()),  # the checker's score of the completion (null where the record has no answer)
+        ("prompt", pa.string()),  # the prompt text a checker and a teacher template see (a chat's last message)
     ]
 )
 
@@ -53,6 +54,7 @@ def teacher_schema(topk_dtype: str = "float16") -> pa.Schema:
         ("topk_logprobs", pa.list_(values)),
         ("teacher_log_tail", pa.list_(pa.float32())),
         ("teacher_entropy", pa.list_(pa.float32())),
+        ("teacher_prompt_ids", pa.list_(pa.int32())),  # what the teacher saw before the completion (null: prompt_ids)
     ])
 
 
@@ -64,11 +66,21 @@ def store_columns(manifest: dict) -> tuple[str, ...]:
 
 def unavailable(manifest: dict) -> list[str]:
     """The columns a store's rows lack: teacher columns its scorer left empty (score-teacher --engine
-    vllm), `policy_logprobs` where rows do not carry them (`policy_recorded`), and `reward` in a store
-    sampled before rows carried one."""
+    vllm), `policy_logprobs` where rows do not carry them (`policy_recorded`), and what stores written
+    before rows carried them lack: `reward`, `prompt` (the text) and `teacher_prompt_ids`."""
     out = list(manifest.get("scoring", {}).get("unavailable", []))
     out += [] if policy_recorded(manifest) else ["policy_logprobs"]
-    return out if "reward" in rollouts_of(manifest) else [*out, "reward"]
+    rollouts = rollouts_of(manifest)
+    out += [] if "reward" in rollouts else ["reward"]
+    out += [] if (rollouts.get("prompts") or {}).get("text") else ["prompt"]
+    scoring = manifest.get("scoring")
+    return out + (["teacher_prompt_ids"] if scoring is not None and "context" not in scoring else [])
+
+
+def teacher_context(manifest: dict) -> dict | None:
+    """The teacher's context of a teacher store (score-teacher --teacher-prompt): its template,
+    rendering and fingerprint; None where the teacher saw the student's own prompt."""
+    return (manifest.get("scoring") or {}).get("context")
 
 
 def policy_recorded(manifest: dict) -> bool:

@@ -30,7 +30,7 @@ from lightopd.config import LOSS_CHUNK_TOKENS, EvalConfig
 from lightopd.data.batching import TokenBatches
 from lightopd.data.lock import exclusive
 from lightopd.data.reader import iter_batches
-from lightopd.data.store import TEACHER_FORMAT, open_store
+from lightopd.data.store import TEACHER_FORMAT, open_store, teacher_context
 from lightopd.data.writer import write_json_atomic
 from lightopd.engine import models
 from lightopd.engine.chunks import over_chunks
@@ -48,7 +48,7 @@ from lightopd.objectives import Inputs
 from lightopd.objectives.diagnostics import diagnostics
 from lightopd.objectives.divergences import ForwardKL, ReverseKL
 from lightopd.objectives.stats import logprob_stats
-from lightopd.progress import StageProgress, warn
+from lightopd.progress import StageProgress, console, warn
 from lightopd.provenance import tokenizer_fingerprint
 from lightopd.report import compare_results, eval_result_problem, render_eval, setting_differences
 from lightopd.specs import load_prompts
@@ -195,7 +195,8 @@ def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int, li
                 tokens += len(mb.targets)
             bar.advance(items=batch.num_rows, tokens=batches.tokens)
     return {**{name: total / tokens for name, total in sums.items()}, "tokens": tokens, "rows": rows,
-            "prompts": first.count, "store": str(store), "teacher": manifest["teacher"]["path"], "top_k": k}
+            "prompts": first.count, "store": str(store), "teacher": manifest["teacher"]["path"], "top_k": k,
+            "teacher_context": teacher_context(manifest)}
 
 
 class FirstPrompts:
@@ -285,6 +286,11 @@ def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
         if model is None:
             model = models.hf_model(model_dir, spec)
         result["teacher"] = teacher_agreement(model, info.vocab, cfg.data, cfg.micro_batch_tokens, cfg.limit)
+        context = result["teacher"]["teacher_context"]
+        if context is not None:
+            console.print(f"teacher agreement: against the teacher conditioned on its context {context['template']!r} "
+                          "(score-teacher --teacher-prompt), which the model evaluated here does not see",
+                          highlight=False, soft_wrap=True)
     result["settings"] = settings(cfg, prompts, store)
     render_eval(result)
     if cfg.out is not None:  # written beside and renamed: never half a file; a symlink there is replaced, not followed

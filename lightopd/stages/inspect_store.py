@@ -1,5 +1,6 @@
 """Stage `inspect`: describe a store (with its rewards by prompt group, where it has rewards); with
---verify, check every shard; with --show N, print rows decoded."""
+--verify, check every shard; with --show N, print rows decoded (with the teacher's own prompt beside
+the student's, where score-teacher gave the teacher a context)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def show(directory: str, n: int) -> list[dict]:
                      "prompt": decode(row["prompt_ids"]), "completion": decode(row["completion_ids"]),
                      "completion_tokens": len(row["completion_ids"]), "finish_reason": row["finish_reason"],
                      "answer": row["answer"], "metadata": json.loads(row["metadata"]) if row["metadata"] else None}
+            if row.get("teacher_prompt_ids") is not None:  # the teacher saw its own context (--teacher-prompt)
+                shown["teacher_prompt"] = decode(row["teacher_prompt_ids"])
             for column in LOGPROB_COLUMNS:
                 values = row.get(column)
                 if values:

@@ -3,10 +3,10 @@
 It writes a new store of the same format with the same rows, shard by shard, each row's `reward`
 recomputed by `--checker` on its completion decoded as rollout decodes it (special tokens left
 out), against the row's answer and metadata; rows without an answer keep a null reward. The
-checker's prompt is the row's prompt tokens decoded, since a store keeps token ids, not the
-record's text. The new manifest names the checker and the store it was recomputed from; every
-shard is read through the same checks as any store's, and the result verifies like any store.
-Resumable and splittable by `--worker`, as rollout is.
+checker's prompt is the row's stored prompt text, as rollout gave it (the prompt tokens decoded in
+a store written before rows kept the text). The new manifest names the checker and the store it was
+recomputed from; every shard is read through the same checks as any store's, and the result
+verifies like any store. Resumable and splittable by `--worker`, as rollout is.
 """
 
 from __future__ import annotations
@@ -55,8 +55,11 @@ def _tokenizer(cfg: RewardConfig, manifest: dict):
 
 def rescored(table: pa.Table, tokenizer, scored: Scorer, where: str) -> pa.Table:
     """`table` with its `reward` column recomputed (null where a row has no answer)."""
-    rows = table.select(["prompt_ids", "completion_ids", "answer", "metadata"]).to_pylist()
-    question = lambda row: tokenizer.decode(row["prompt_ids"], skip_special_tokens=True)  # noqa: E731
+    names = ["prompt_ids", "completion_ids", "answer", "metadata"] + (["prompt"] if "prompt" in table.column_names
+                                                                       else [])
+    rows = table.select(names).to_pylist()
+    # the prompt text rollout gave the checker; a store written before rows kept it: the decoded prompt
+    question = lambda row: row.get("prompt") or tokenizer.decode(row["prompt_ids"], skip_special_tokens=True)  # noqa: E731
     rewards = [reward_of(scored, tokenizer, row["completion_ids"], row["answer"],
                          json.loads(row["metadata"]) if row["metadata"] else {},
                          question(row) if row["answer"] is not None else "", f"{where} row {i}")

@@ -77,6 +77,7 @@ def _shard_table(records, encoded, completions, keys_n: int, policy: bool,
             columns["answer"].append(record.answer)
             columns["metadata"].append(metadata_json(record.metadata))
             columns["reward"].append(rewarded[j])
+            columns["prompt"].append(record.question)
             tokens += len(c.ids)
     return pa.Table.from_pydict(columns, schema=ROLLOUT_SCHEMA), tokens
 

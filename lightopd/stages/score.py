@@ -1,13 +1,16 @@
 """Stage `score-teacher`: run the teacher once over a rollout store, into a teacher store.
 
 Teacher shard i is computed from rollout shard i and carries every rollout column plus, per
-completion token, the teacher's log-prob of the sampled token, its top-k ids and log-probs, the
-log of its probability mass outside the top-k (from the full distribution, float32) and its
-entropy. Workers started with `--worker I/N` take the shards with i % N == I and add them
-to the same store; whichever finishes last completes the manifest. A re-run skips shards the
-manifest already lists. Everything that can be wrong with the input (a damaged rollout store,
-a teacher with another vocabulary, a k larger than the vocabulary, rows longer than the
-teacher's context) is reported before the teacher is loaded.
+completion token, the teacher's log-prob of the sampled token, its top-k ids and log-probs, the log
+of its probability mass outside the top-k (from the full distribution, float32) and its entropy.
+With `--teacher-prompt` the teacher sees its own prompt, built from each row's record
+(data/context.py), before the student's completion; each row keeps it in `teacher_prompt_ids`. A
+teacher that is the rollout model itself with no context of its own would score every token as the
+student does (a zero signal): a warning here, a refusal in train. Workers started with `--worker I/N` take the shards
+with i % N == I and add them to the same store; whichever finishes last completes the manifest. A
+re-run skips shards the manifest already lists. Everything that can be wrong with the input (a
+damaged rollout store, a teacher with another vocabulary, a k larger than the vocabulary, rows
+longer than the teacher's context) is reported before the teacher is loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from lightopd.config import ScoreConfig
 from lightopd.data.batching import pack_by_tokens
+from lightopd.data.context import Plan, TeacherContext, template_fields
 from lightopd.data.reader import iter_batches, read_shard, verify
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
@@ -30,6 +34,7 @@ from lightopd.data.store import (
     open_store,
     shard_index,
     teacher_schema,
+    unavailable,
 )
 from lightopd.data.writer import ShardWork, shard_work
 from lightopd.engine import models
@@ -40,7 +45,7 @@ from lightopd.errors import InputError, NonFiniteLogits
 from lightopd.hub import locate
 from lightopd.objectives.stats import LogprobStats
 from lightopd.progress import StageProgress, warn
-from lightopd.provenance import eos_mismatch, model_fingerprint, tokenizer_fingerprint
+from lightopd.provenance import SELF_TEACHER, eos_mismatch, model_fingerprint, tokenizer_fingerprint
 
 # Chosen by measurement on a 32k-vocabulary teacher at k = 32 (bytes per completion token, whole
 # shard): zstd-3 defaults 108.8; byte-stream-split floats 95.9; and zstd level 6 90.3, which
@@ -86,10 +91,10 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType
 
 
 def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str,
-                  unavailable: tuple[str, ...] = ()) -> pa.Table:
+                  unavailable: tuple[str, ...] = (), teacher_prompts: list[list[int]] | None = None) -> pa.Table:
     """The rollout rows with the teacher columns appended (top-k flattened row-major by position);
     `unavailable` columns, and rollout columns the rows lack (policy_logprobs of an older store), are
-    null in every row."""
+    null in every row, as is `teacher_prompt_ids` without `teacher_prompts`."""
     schema = teacher_schema(topk_dtype)
     lengths = np.array([len(s.sampled) for s in stats], dtype=np.int64)
     k = stats[0].topk_ids.shape[1] if stats else 0
@@ -103,6 +108,8 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
         "teacher_log_tail": _list_array(cat["topk_rest"].astype(np.float32), lengths, pa.float32()),
         "teacher_entropy": _list_array(cat["entropy"].astype(np.float32), lengths, pa.float32()),
     }
+    if teacher_prompts is not None:
+        columns["teacher_prompt_ids"] = pa.array(teacher_prompts, type=pa.list_(pa.int32()))
     for name in unavailable:
         columns[name] = pa.nulls(len(stats), type=schema.field(name).type)
     arrays = [rollouts.column(f.name) if f.name in rollouts.schema.names
@@ -135,18 +142,20 @@ def run(cfg: ScoreConfig) -> dict:
         warn(mismatch)
     if cfg.top_k > info.vocab:
         raise InputError(f"--top-k {cfg.top_k}: larger than the teacher's vocabulary ({info.vocab})")
-    longest, which = _longest_row(cfg.data, rollout_manifest)
-    if info.context is not None and longest > info.context:
-        raise InputError(f"--data {cfg.data}: prompt {which!r} with its completion is {longest} tokens, "
-                         f"longer than the teacher's context of {info.context}"
-                         + (" (--max-model-len)" if cfg.engine.max_model_len == info.context else ""))
+    fingerprint = model_fingerprint(teacher_dir)
+    context, plan = _context(cfg, rollout_manifest, tokenizer, info, fingerprint)
+    if context is None:
+        longest, which = _longest_row(cfg.data, rollout_manifest)
+        if info.context is not None and longest > info.context:
+            raise InputError(f"--data {cfg.data}: prompt {which!r} with its completion is {longest} tokens, "
+                             f"longer than the teacher's context of {info.context}"
+                             + (" (--max-model-len)" if cfg.engine.max_model_len == info.context else ""))
     device = models.resolve_device(spec.device)
     dtype = models.resolve_dtype(spec.dtype, device)
 
     metadata = {
         "teacher": {"path": str(teacher_dir.resolve()), **locate(spec.path).record(),
-                    "fingerprint": model_fingerprint(teacher_dir),
-                    "dtype": str(dtype).removeprefix("torch.")},
+                    "fingerprint": fingerprint, "dtype": str(dtype).removeprefix("torch.")},
         "tokenizer": rollout_manifest["tokenizer"],
         "rollouts": {
             "path": str(Path(cfg.data).resolve()),
@@ -158,7 +167,8 @@ def run(cfg: ScoreConfig) -> dict:
         },
         "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
                     "vocab_size": info.vocab, "engine": engine_record(cfg.engine),
-                    "unavailable": list(UNAVAILABLE) if vllm else []},
+                    "unavailable": list(UNAVAILABLE) if vllm else [],
+                    "context": None if context is None else context.describe(plan)},
     }
     with shard_work(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], cfg.worker,
                     PARQUET_OPTIONS) as work:
@@ -170,13 +180,47 @@ def run(cfg: ScoreConfig) -> dict:
                                           spec.attn_implementation)
                 scorer = Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements)
             try:
-                _score_shards(cfg, work, scorer, rollout_manifest)
+                _score_shards(cfg, work, scorer, rollout_manifest, context)
             except NonFiniteLogits as e:
                 raise NonFiniteLogits(f"--teacher {spec.path}: {e}") from None
         return work.summary("score-teacher")
 
 
-def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer, rollout_manifest: dict) -> None:
+def _context(cfg: ScoreConfig, rollout_manifest: dict, tokenizer, info, fingerprint: str
+             ) -> tuple[TeacherContext | None, Plan]:
+    """The teacher's context (None without --teacher-prompt), its prompts rendered over the whole
+    store once, so that a bad template, a missing field or a prompt too long fails before the teacher
+    loads; warns of a teacher that is the rollout model itself with nothing of its own to see."""
+    spec, plan = cfg.context, Plan()
+    if spec.teacher_prompt is None:
+        sampled_at = rollout_manifest["sampling"]["temperature"]
+        if fingerprint == rollout_manifest["model"]["fingerprint"] and cfg.temperature == (sampled_at or 1.0):
+            warn(f"--teacher {cfg.teacher.path}: is the model that sampled --data {cfg.data}, and it sees the same "
+                 "prompt at the same temperature, so its log-probs equal the rollout model's: a student that starts "
+                 f"from that model gets no signal (train refuses it). {SELF_TEACHER}")
+        return None, plan
+    if "prompt" in template_fields(spec.teacher_prompt) and "prompt" in unavailable(rollout_manifest):
+        raise InputError(f"--data {cfg.data}: its rows do not keep their prompt text (sampled by an older "
+                         "lightopd), so --teacher-prompt cannot use {prompt}; re-run rollout")
+    context = TeacherContext(spec.teacher_prompt, spec.chat_settings(), tokenizer, info.eos_ids, info.context,
+                             spec.teacher_long_prompts)
+    for entry in rollout_manifest["shards"]:
+        rows = pa.Table.from_batches(list(read_shard(cfg.data, rollout_manifest, entry, columns=[
+            "prompt_id", "completion_ids", "answer", "metadata", *(["prompt"] if "prompt" not in unavailable(
+                rollout_manifest) else [])])))
+        plan.add(context.shard(_with_prompt(rows), str(Path(cfg.data) / entry["name"]))[2])
+    if plan.skipped == rollout_manifest["prompts"]["count"]:
+        raise InputError("--teacher-long-prompts skip: every teacher prompt is too long for the teacher's context")
+    return context, plan
+
+
+def _with_prompt(rows: pa.Table) -> pa.Table:
+    """A store written before rows kept their prompt text: a null `prompt` column."""
+    return rows if "prompt" in rows.column_names else rows.append_column("prompt", pa.nulls(len(rows), pa.string()))
+
+
+def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer, rollout_manifest: dict,
+                  context: TeacherContext | None) -> None:
     """Score this worker's remaining shards; writing a shard overlaps scoring the next."""
     shards = {shard_index(s["name"]): s for s in rollout_manifest["shards"]}
     pending: Future | None = None
@@ -185,7 +229,11 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer
     ) as bar:
         for index in work.todo:
             rollouts = pa.Table.from_batches(list(read_shard(cfg.data, rollout_manifest, shards[index])))
-            prompts = rollouts["prompt_ids"].to_pylist()
+            teacher_prompts = None
+            if context is not None:
+                kept, teacher_prompts, _ = context.shard(_with_prompt(rollouts), shards[index]["name"])
+                rollouts = rollouts.take(kept)
+            prompts = teacher_prompts if teacher_prompts is not None else rollouts["prompt_ids"].to_pylist()
             completions = rollouts["completion_ids"].to_pylist()
             stats: list[LogprobStats | None] = [None] * len(prompts)
             lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
@@ -194,11 +242,13 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer
                 for i, s in zip(batch, scored, strict=True):
                     stats[i] = s
                 bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
-            table = teacher_table(rollouts, stats, cfg.topk_dtype, scorer.unavailable)
+            table = (teacher_table(rollouts, stats, cfg.topk_dtype, scorer.unavailable, teacher_prompts) if stats
+                     else teacher_schema(cfg.topk_dtype).empty_table())  # every prompt of the shard skipped
             if pending is not None:
                 pending.result()  # at most one shard waits to be written while the next is scored
-            pending = io.submit(work.writer.write_shard, index, table, shards[index]["tokens"])
-            work.new_tokens += shards[index]["tokens"]
+            tokens = sum(len(c) for c in completions)
+            pending = io.submit(work.writer.write_shard, index, table, tokens)
+            work.new_tokens += tokens
         if pending is not None:
             pending.result()
         work.work_seconds = bar.seconds

@@ -213,8 +213,9 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     needs = objective.needs()
     student = {"path": str(student_dir.resolve()), **locate(spec.path).record(),
                "fingerprint": model_fingerprint(student_dir)}
+    own = (student["fingerprint"], ((parent or {}).get("parent") or {}).get("fingerprint"))
     sft_teacher = sft_teacher_of(manifest, needs.teacher, spec.path, cfg.sft_teacher, parent,
-                                 cfg.allow_teacher_mismatch)
+                                 cfg.allow_teacher_mismatch, own)
     if needs.on_policy:
         check_on_policy(cfg, objective.name, manifest, student, parent)
     out = Path(cfg.out)
