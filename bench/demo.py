@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from lightopd.config import DemoConfig  # noqa: E402
+from lightopd.demo_config import DemoConfig  # noqa: E402
 from lightopd.memory import release_freed_memory  # noqa: E402
 from lightopd.stages import demo  # noqa: E402
 

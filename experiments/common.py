@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lightopd.config import DemoConfig
+from lightopd.demo_config import DemoConfig
 from lightopd.memory import release_freed_memory
 from lightopd.stages import demo
 from lightopd.tasks import addition as A

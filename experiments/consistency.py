@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from lightopd.config import DemoConfig
+from lightopd.demo_config import DemoConfig
 from lightopd.memory import release_freed_memory
 from lightopd.stages import demo
 from lightopd.tasks import addition as A

@@ -20,7 +20,6 @@ import typer
 
 from lightopd import __version__
 from lightopd.config import (
-    DemoConfig,
     EvalConfig,
     InspectConfig,
     PromptsConfig,
@@ -29,6 +28,7 @@ from lightopd.config import (
     ScoreConfig,
     TrainConfig,
 )
+from lightopd.demo_config import DemoConfig
 from lightopd.errors import InputError, TrainingError, full_disk
 from lightopd.objectives import OBJECTIVES
 from lightopd.objectives.base import SHARED

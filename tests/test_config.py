@@ -8,7 +8,6 @@ import pytest
 from lightopd import objectives as O
 from lightopd.cli import command_line
 from lightopd.config import (
-    DemoConfig,
     EvalConfig,
     InspectConfig,
     PromptsConfig,
@@ -17,6 +16,7 @@ from lightopd.config import (
     ScoreConfig,
     TrainConfig,
 )
+from lightopd.demo_config import DemoConfig
 from lightopd.errors import InputError
 from lightopd.layering import load_recipe, shipped_recipes, train_settings
 from lightopd.objectives.base import SHARED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightopd.data.reader import verify
@@ -12,7 +13,7 @@ from lightopd.data.store import open_store
 from lightopd.provenance import read_provenance
 from lightopd.stages import demo
 from lightopd.tasks import addition as A
-from tests.helpers import last_json, run_cli
+from tests.helpers import last_json, read_rows, run_cli
 
 
 def test_task_formats_answers_and_splits():
@@ -33,7 +34,8 @@ def test_task_formats_answers_and_splits():
     assert len(ids) == 9 and tokenizer.decode(ids, skip_special_tokens=True) == "123+456="
 
 
-@pytest.mark.parametrize("name,formats", [("two-format", ["worked", "direct"]), ("plain", ["plain"])])
+@pytest.mark.parametrize("name,formats", [("two-format", ["worked", "direct"]), ("plain", ["plain"]),
+                                          ("tagged", ["worked", "direct"])])
 def test_bundled_teachers_solve_held_out_pairs(name, formats):
     """The shipped teachers, as their training script recorded them and as they answer now."""
     path = demo.TEACHER.parent / name
@@ -48,6 +50,45 @@ def test_bundled_teachers_solve_held_out_pairs(name, formats):
     texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     assert sum(t.split("|")[-1] == str(a + b) for t, (a, b) in zip(texts, heldout, strict=True)) >= 97
     assert {A.format_of(t) for t in texts} <= set(formats)
+
+
+def test_the_tagged_teacher_follows_the_tag():
+    """Tagged, the tagged teacher works every sum out (the worked format); untagged, it mixes formats."""
+    path = demo.TAGGED_TEACHER
+    assert json.loads((path / "training.json").read_text())["tagged"] == ["worked"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    heldout = A.pairs(100, "heldout", 7)
+    torch.manual_seed(0)
+    shares = {}
+    for tag in (A.TAG, ""):
+        ids = tokenizer([tag + A.prompt(a, b) for a, b in heldout], return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=12, do_sample=True, eos_token_id=2, pad_token_id=0)
+        texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        correct = sum(t.split("|")[-1] == str(a + b) for t, (a, b) in zip(texts, heldout, strict=True))
+        assert correct >= (97 if tag else 90), (tag, correct)  # sampled at T = 1: its direct format errs at times
+        shares[tag] = sum(A.format_of(t) == "worked" for t in texts)
+    assert shares[A.TAG] >= 97 and 20 <= shares[""] <= 80, shares
+
+
+def test_demo_of_context_self_distillation_small(tmp_path):
+    """`demo --context`: the SFT student scores its own untagged rollouts as if tagged, and trains on them."""
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--context", "--out", str(out), "--sft-prompts", "400", "--sft-steps", "30",
+                   "--opd-prompts", "24", "--opd-steps", "6", "--heldout-prompts", "100", "--seed", "1")
+    result = last_json(proc)
+    assert set(result["accuracy"]) == {*demo.MODELS, "sft_tagged"} and result["variant"] == "context self-distillation"
+    assert result["accuracy"]["teacher"] >= 0.9
+    store = open_store(out / "teacher-store")
+    assert store["scoring"]["context"]["template"] == "+{prompt}" and verify(out / "teacher-store") == []
+    assert store["teacher"]["fingerprint"] == read_provenance(out / "opd")["parent"]["fingerprint"]
+    assert "self-distillation" in proc.stderr
+    tokenizer = A.make_tokenizer()
+    for row in read_rows(out / "teacher-store"):
+        assert tokenizer.decode(row["teacher_prompt_ids"], skip_special_tokens=True) == A.TAG + row["prompt"]
+        assert not row["prompt"].startswith(A.TAG)
+    tagged = [json.loads(line)["prompt"] for line in (out / "prompts-sft.jsonl").read_text().splitlines()]
+    assert sum(p.startswith(A.TAG) for p in tagged) == 200
 
 
 def test_demo_end_to_end_small(tmp_path):

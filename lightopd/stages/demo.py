@@ -11,6 +11,12 @@
    temperature 1 (the policy itself, not its argmax): accuracy, and the share and accuracy of
    each solution format, so it is visible what OPD changed.
 
+With `--context`, the same steps distill a context instead of a bigger teacher: the tagged teacher
+(`tasks/teachers/tagged`) writes SFT data half of whose prompts carry the tag `+` (asking for the
+worked format), and in step 4 the SFT student itself scores its untagged rollouts with the tag in
+front of each prompt (`score-teacher --teacher-prompt '+{prompt}'`); the table adds the SFT
+student evaluated with the tag (`sft_tagged`), the ceiling self-distillation aims at.
+
 Every step is the real command's stage function on real stores under `--out`, so each
 intermediate store and model can be inspected or reused afterwards.
 """
@@ -22,7 +28,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from lightopd.config import DemoConfig, EvalConfig, RolloutConfig, ScoreConfig
+from lightopd.config import EvalConfig, RolloutConfig, ScoreConfig
+from lightopd.demo_config import DemoConfig
 from lightopd.engine import models
 from lightopd.engine.samplers import open_sampler
 from lightopd.errors import InputError
@@ -35,6 +42,7 @@ from lightopd.tasks import addition as A
 from lightopd.tasks.verifiers import open_verifier
 
 TEACHER = A.TEACHERS / "two-format"
+TAGGED_TEACHER = A.TEACHERS / "tagged"  # follows the tag: worked format when tagged, either format otherwise
 MAX_NEW_TOKENS = 12  # the longest solution, 4 reversed digits + "|" + 4 digits, and the end token fit
 MODELS = ("base", "sft", "sft_more", "opd", "teacher")
 EVAL_TEMPERATURE = 1.0
@@ -77,9 +85,12 @@ def sample(model: Path, prompts: Path, out: Path, n: int, seed: int, device: str
     return out
 
 
-def score_once(rollouts: Path, out: Path, top_k: int, device: str) -> Path:
-    """`lightopd score-teacher` with the bundled two-format teacher: the teacher store `out`."""
-    score.run(ScoreConfig.of(teacher=str(TEACHER), data=str(rollouts), out=str(out), top_k=top_k, device=device))
+def score_once(rollouts: Path, out: Path, top_k: int, device: str, teacher: Path = TEACHER,
+               template: str | None = None) -> Path:
+    """`lightopd score-teacher` (the bundled two-format teacher by default; `template` its
+    --teacher-prompt): the teacher store `out`."""
+    score.run(ScoreConfig.of(teacher=str(teacher), data=str(rollouts), out=str(out), top_k=top_k, device=device,
+                             teacher_prompt=template))
     return out
 
 
@@ -92,8 +103,9 @@ def train_student(student: Path, data: Path, out: Path, objective: str, steps: i
 
 
 def run(cfg: DemoConfig) -> dict:
-    if not (TEACHER / "model.safetensors").is_file():
-        raise InputError(f"the bundled teacher is missing from {TEACHER}; reinstall lightopd")
+    teacher = TAGGED_TEACHER if cfg.context else TEACHER
+    if not (teacher / "model.safetensors").is_file():
+        raise InputError(f"the bundled teacher is missing from {teacher}; reinstall lightopd")
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"--out {out}: already holds files; choose another directory (the demo starts fresh)")
@@ -108,25 +120,36 @@ def run(cfg: DemoConfig) -> dict:
         return value
 
     prompts = {
-        "sft": A.write_prompts(out / "prompts-sft.jsonl", cfg.sft_prompts, "train", cfg.seed),
+        "sft": A.write_prompts(out / "prompts-sft.jsonl", cfg.sft_prompts, "train", cfg.seed,
+                               tagged=0.5 if cfg.context else 0.0),
         "opd": A.write_prompts(out / "prompts-opd.jsonl", cfg.opd_prompts, "train", cfg.seed + 10_000),
         "heldout": A.write_prompts(out / "prompts-heldout.jsonl", cfg.heldout_prompts, "heldout", cfg.seed),
     }
     paths = {"base": out / "base", "sft": out / "sft", "sft_more": out / "sft-more", "opd": out / "opd",
-             "teacher": TEACHER}
+             "teacher": teacher}
+    models = MODELS
+    if cfg.context:
+        prompts["heldout_tagged"] = A.write_prompts(out / "prompts-heldout-tagged.jsonl", cfg.heldout_prompts,
+                                                    "heldout", cfg.seed, tagged=1.0)
+        models = ("base", "sft", "sft_tagged", "sft_more", "opd", "teacher")
     A.make_model(paths["base"], cfg.student_hidden, cfg.student_layers, cfg.student_heads, cfg.seed,
                  cfg.student_arch)
 
     _stage(1, "the teacher writes the SFT data")
-    timed("rollout_teacher", sample, TEACHER, prompts["sft"], out / "sft-data", 1, cfg.seed, cfg.device)
+    timed("rollout_teacher", sample, teacher, prompts["sft"], out / "sft-data", 1, cfg.seed, cfg.device)
     _stage(2, "SFT of the student on the teacher's samples")
     timed("sft", train_student, paths["base"], out / "sft-data", paths["sft"], "sft", cfg.sft_steps, cfg.sft_lr,
           cfg.sft_batch_size, cfg.seed, cfg.device, dropout=cfg.student_dropout)
     _stage(3, "the SFT student is rolled out")
     timed("rollout_student", sample, paths["sft"], prompts["opd"], out / "rollouts", cfg.opd_samples, cfg.seed,
           cfg.device)
-    _stage(4, "the teacher scores the rollouts once")
-    timed("score_teacher", score_once, out / "rollouts", out / "teacher-store", cfg.top_k, cfg.device)
+    if cfg.context:
+        _stage(4, "the SFT student scores its own rollouts as if each prompt were tagged")
+        timed("score_teacher", score_once, out / "rollouts", out / "teacher-store", cfg.top_k, cfg.device,
+              paths["sft"], A.TAG + "{prompt}")
+    else:
+        _stage(4, "the teacher scores the rollouts once")
+        timed("score_teacher", score_once, out / "rollouts", out / "teacher-store", cfg.top_k, cfg.device)
     _stage(5, f"offline OPD ({cfg.objective}) from the SFT student")
     timed("opd", train_student, paths["sft"], out / "teacher-store", paths["opd"], cfg.objective, cfg.opd_steps,
           cfg.opd_lr, cfg.opd_batch_size, cfg.seed, cfg.device, dropout=cfg.student_dropout)
@@ -136,18 +159,21 @@ def run(cfg: DemoConfig) -> dict:
     _stage(7, "held-out evaluation")
     t0 = time.perf_counter()
     results = {name: evaluate(paths[name], prompts["heldout"], cfg.device, cfg.seed) for name in MODELS}
+    if cfg.context:
+        results["sft_tagged"] = evaluate(paths["sft"], prompts["heldout_tagged"], cfg.device, cfg.seed)
     seconds["eval"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)
-    render_demo(results, MODELS, (*A.FORMATS, "other"))
+    render_demo(results, models, (*A.FORMATS, "other"))
     summary = {
         "command": "demo",
         "out": str(out),
         "seed": cfg.seed,
         "objective": cfg.objective,
+        "variant": "context self-distillation" if cfg.context else "teacher",
         "heldout_prompts": cfg.heldout_prompts,
-        "accuracy": {name: results[name]["accuracy"] for name in MODELS},
-        "format_share": {name: results[name]["format_share"] for name in MODELS},
-        "format_accuracy": {name: results[name]["format_accuracy"] for name in MODELS},
+        "accuracy": {name: results[name]["accuracy"] for name in models},
+        "format_share": {name: results[name]["format_share"] for name in models},
+        "format_accuracy": {name: results[name]["format_accuracy"] for name in models},
         "seconds": seconds,
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")

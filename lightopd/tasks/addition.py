@@ -6,6 +6,8 @@ A prompt is `123+456=`; the answer is `579`. A solution comes in one of these fo
 - `direct`: `|` then the sum straight away: `|579`.
 - `plain`: the sum alone, `579` (used by the second teacher of the consistency experiment).
 All end with the end-of-sequence token, and the `auto` checker reads the last number in each.
+A prompt may carry the tag `TAG` in front (`+123+456=`), which asks for the worked format: a
+context for the self- and context-distillation experiment (experiments/context.py).
 Held-out pairs are fixed by a hash of (a, b) (one pair in ten), so prompts drawn from the
 train and held-out pools never overlap, whatever the seed.
 """
@@ -19,6 +21,7 @@ FORMATS = ("worked", "direct", "plain")
 CHARS = list("0123456789+=|")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 SPLITS = ("train", "heldout")
+TAG = "+"  # in front of a prompt: answer in the worked format
 CONTEXT = 32  # "<s>" + 8 prompt characters + at most 10 completion tokens fit with room to spare
 TEACHERS = Path(__file__).resolve().parent / "teachers"  # the bundled teachers, one directory each
 
@@ -73,17 +76,19 @@ def format_of(completion: str) -> str:
     return "worked" if head.isdigit() else "other"
 
 
-def prompt_records(count: int, split: str, seed: int) -> list[dict]:
-    """Prompt-file records (`id`, `prompt`, `answer`) for `lightopd rollout` and `eval`."""
-    return [{"id": f"{split}-{a}+{b}", "prompt": prompt(a, b), "answer": str(a + b)}
-            for a, b in pairs(count, split, seed)]
+def prompt_records(count: int, split: str, seed: int, tagged: float = 0.0) -> list[dict]:
+    """Prompt-file records (`id`, `prompt`, `answer`) for `lightopd rollout` and `eval`; the first
+    `tagged` share of them with TAG in front of the prompt."""
+    cut = round(tagged * count)
+    return [{"id": f"{split}-{a}+{b}", "prompt": (TAG if i < cut else "") + prompt(a, b), "answer": str(a + b)}
+            for i, (a, b) in enumerate(pairs(count, split, seed))]
 
 
-def write_prompts(path: str | Path, count: int, split: str, seed: int) -> Path:
+def write_prompts(path: str | Path, count: int, split: str, seed: int, tagged: float = 0.0) -> Path:
     import json
 
     path = Path(path)
-    path.write_text("".join(json.dumps(r) + "\n" for r in prompt_records(count, split, seed)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in prompt_records(count, split, seed, tagged)))
     return path
 
 

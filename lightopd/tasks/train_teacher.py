@@ -1,12 +1,13 @@
 """Train a teacher for the bundled addition task from a fixed seed; this is how the shipped
 teachers in `lightopd/tasks/teachers/` were made.
 
-    python -m lightopd.tasks.train_teacher OUT [--formats worked,direct] [--seed 0] [--steps 2750]
+    python -m lightopd.tasks.train_teacher OUT [--formats worked,direct] [--tagged worked] [--seed 0]
 
-Each step draws `--batch-size` pairs from the train pool (never a held-out pair) and, for each,
-one of `--formats` uniformly; the loss is the cross-entropy of the solution tokens and the end
-token (not the prompt). AdamW with a linear warmup and cosine decay. Prints the held-out exact
-match (greedy) of every format at the end, as JSON.
+Each step draws `--batch-size` pairs from the train pool (never a held-out pair) and, for each, one
+of `--formats` uniformly; with `--tagged FORMATS`, half of the pairs carry the tag in front of the
+prompt and one of those formats instead (a teacher that follows the tag); the loss is the cross-
+entropy of the solution tokens and the end token (not the prompt). AdamW with a linear warmup and
+cosine decay. Prints the held-out exact match (greedy) of every format at the end, as JSON.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import torch
 from lightopd.tasks import addition as A
 
 
-def batch(tokenizer, rng: random.Random, size: int, formats: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(tokenizer, rng: random.Random, size: int, formats: list[str], tagged: list[str] | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and a mask of the positions whose next token is trained on."""
     seqs, starts = [], []
     for _ in range(size):
         a, b = A.draw(rng, "train")
-        p = tokenizer(A.prompt(a, b))["input_ids"]
-        s = tokenizer(A.solution(a, b, rng.choice(formats)), add_special_tokens=False)["input_ids"]
+        tag = bool(tagged) and rng.random() < 0.5
+        p = tokenizer((A.TAG if tag else "") + A.prompt(a, b))["input_ids"]
+        s = tokenizer(A.solution(a, b, rng.choice(tagged if tag else formats)), add_special_tokens=False)["input_ids"]
         seqs.append(p + s + [tokenizer.eos_token_id])
         starts.append(len(p))
     width = max(map(len, seqs))
@@ -56,7 +59,7 @@ def heldout_accuracy(model, tokenizer, fmt: str, count: int = 500) -> float:
 
 
 def train(out: Path, formats: list[str], seed: int, steps: int, batch_size: int, lr: float, hidden: int,
-          layers: int, heads: int) -> dict:
+          layers: int, heads: int, tagged: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     A.make_model(out, hidden, layers, heads, seed)
@@ -71,7 +74,7 @@ def train(out: Path, formats: list[str], seed: int, steps: int, batch_size: int,
     start = time.perf_counter()
     model.train()
     for step in range(1, steps + 1):
-        ids, trained = batch(tokenizer, rng, batch_size, formats)
+        ids, trained = batch(tokenizer, rng, batch_size, formats, tagged)
         logits = model(input_ids=ids).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits[trained], ids[:, 1:][trained])
         loss.backward()
@@ -83,7 +86,7 @@ def train(out: Path, formats: list[str], seed: int, steps: int, batch_size: int,
             print(json.dumps({"step": step, "loss": round(float(loss.detach()), 5)}), flush=True)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    result = {"model": str(out), "formats": formats, "seed": seed, "steps": steps,
+    result = {"model": str(out), "formats": formats, "tagged": tagged, "seed": seed, "steps": steps,
               "parameters": sum(p.numel() for p in model.parameters()),
               "seconds": round(time.perf_counter() - start, 1),
               "heldout_exact_match": {f: heldout_accuracy(model, tokenizer, f) for f in formats}}
@@ -95,6 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--formats", default="worked,direct", help=f"comma-separated, from {', '.join(A.FORMATS)}")
+    ap.add_argument("--tagged", default=None, help="formats of the tagged half of each batch (default: no tags)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=2750)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -104,11 +108,12 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     args = ap.parse_args()
     formats = args.formats.split(",")
-    for f in formats:
+    tagged = args.tagged.split(",") if args.tagged else None
+    for f in formats + (tagged or []):
         if f not in A.FORMATS:
             ap.error(f"--formats: unknown format {f!r}; choose from {', '.join(A.FORMATS)}")
     print(json.dumps(train(args.out, formats, args.seed, args.steps, args.batch_size, args.lr, args.hidden,
-                           args.layers, args.heads)))
+                           args.layers, args.heads, tagged)))
 
 
 if __name__ == "__main__":
