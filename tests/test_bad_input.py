@@ -218,6 +218,17 @@ CASES = [
          "logits are not finite"),
     Case("teacher with NaN weights", lambda e: score(e, teacher=model_with(e, "nan", nan_weights)), 2,
          "logits are not finite"),
+    Case("teacher prompt naming a missing field", lambda e: score(e, "--teacher-prompt", "{solution} {prompt}"), 2,
+         "has no field 'solution'"),
+    Case("teacher prompt with an unmatched brace", lambda e: score(e, "--teacher-prompt", "{prompt"), 2,
+         "not a format template"),
+    Case("teacher prompt of fixed text", lambda e: score(e, "--teacher-prompt", "think hard"), 2, "names no field"),
+    Case("teacher chat option without a template", lambda e: score(e, "--teacher-system-prompt", "w1"), 2,
+         "only with --teacher-prompt"),
+    Case("teacher prompt too long", lambda e: score(e, "--teacher-prompt", " ".join(["{prompt}"] * 40)), 2,
+         "exceeds the teacher's context"),
+    Case("self-teacher without a context", lambda e: train(e, "--objective", "lightning-opd", student=e.tiny_model,
+                                                            data=_self_scored(e)), 2, "signal is zero"),
     Case("teacher of another vocabulary", lambda e: score(e, teacher=make_model(e.tmp / "o", default_words(41))), 2,
          "differs from the one the rollouts were sampled with"),
     Case("student of another vocabulary", lambda e: train(e, student=make_model(e.tmp / "o", default_words(41))), 2,
@@ -473,6 +484,12 @@ MID_RUN = {"model with NaN weights", "teacher with NaN weights",  # found once s
            "bit flip, train", "bit flip, eval", "truncated shard", "deleted shard", "foreign shard, train",
            "foreign shard, eval", "manifest k edited, eval"}
 USAGE = {"n not a number"}  # click's own usage error: exit 2 with its usage lines
+
+
+def _self_scored(e: Env) -> Path:
+    """The rollout store scored by the model that sampled it, with no context of its own."""
+    do_score(e.tiny_model, e.rollout_store, e.tmp / "self-t", top_k=4)
+    return e.tmp / "self-t"
 
 
 def _saved_dataset(e: Env) -> str:
