@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lightopd.objectives.selection import SelectionSpec
 from lightopd.options import MIN_TEMPERATURE, build, check, opt, parse_worker
 from lightopd.specs import (
     CheckerSpec,
@@ -119,6 +120,7 @@ class TrainConfig(Config):
     out: str = opt(help="Output directory: the final model (HF format + lightopd.json), checkpoints/step-N/ and "
                         "metrics.jsonl.", metavar="DIR")
     objective: str = opt("lightning-opd", "The loss (listed below).", metavar="NAME")
+    selection: SelectionSpec = opt(SelectionSpec())  # which tokens teach, for every objective
     steps: int | None = opt(None, "Optimizer steps. [default: one epoch]", metavar="N")
     epochs: float | None = opt(None, "Passes over the store, instead of --steps.", metavar="E")
     batch_size: int = opt(16, "Sequences per optimizer step over all ranks; a prompt's samples stay together.",

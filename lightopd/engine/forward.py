@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightopd.engine.chunks import chunked_loss
+from lightopd.engine.chunks import chunked_loss, over_chunks
 
 
 def _head_transform(config) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -156,15 +156,19 @@ class CompletionChunks(torch.nn.Module):
         self.model = model
         self.positions = PositionLogits(model, vocab, check)
 
-    def forward(self, layout, per_chunk=None, chunk: int = 0) -> tuple[torch.Tensor, list] | None:
+    def forward(self, layout, per_chunk=None, chunk: int = 0, statistics: bool = False
+                ) -> tuple[torch.Tensor, list] | list | None:
         """(Σ of per-position losses, with gradient; [(per-position losses, extras) per chunk]), for
-        `per_chunk(logits, lo, hi)` returning (per-position loss, extras) of positions lo:hi.
+        `per_chunk(logits, lo, hi)` returning (per-position loss, extras) of positions lo:hi; with
+        `statistics`, [per_chunk(logits, lo, hi) per chunk] alone, for a pass without gradients.
 
         With `layout` None it runs PositionLogits' self-checks instead: called through this module,
         they see a sharded model's weights gathered like any forward."""
         if layout is None:
             self.positions.check()
             return None
+        if statistics:
+            return over_chunks(self.positions.logits_at(layout), len(layout.targets), chunk, per_chunk)
         hidden = self.positions.hidden_at(layout)
         if hidden is None:  # the model's own forward: its full logits exist anyway
             logits = self.positions.logits_at(layout)(0, len(layout.targets))

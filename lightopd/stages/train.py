@@ -236,6 +236,10 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         raise InputError(f"--out {out}: already holds files; pass --resume to continue its run, "
                          "or choose another --out")
     check_batch(cfg.batch_size, int(sampling.get("n", 1)), world.size, manifest["rows"])
+    if cfg.selection.token_select in ("divergence", "confident-wrong", "tip") and not needs.teacher \
+            and "teacher_logprobs" not in store_columns(manifest):
+        raise InputError(f"--token-select {cfg.selection.token_select}: ranks positions by the student's divergence "
+                         f"from the teacher, and --data {cfg.data} is a rollout store (no teacher's log-probs)")
     trackers = trackers_of(cfg.report_to)
     check_installed(trackers)  # before the student is loaded
     check_lora(cfg)

@@ -131,7 +131,7 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
             t0 = time.perf_counter()
             groups = stream.take_step(run.batch_size)
             try:
-                record = trainer.step(groups)
+                record = trainer.step(groups, step)
             except TrainingError as e:
                 kept = latest_checkpoint(run.out)
                 raise TrainingError(f"step {step}: {e}; training stopped. "

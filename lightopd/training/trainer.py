@@ -9,7 +9,10 @@ memory does not grow with the sequence.
 Gradients accumulate as (sum of per-token losses) × world / (completion tokens of the step over
 all ranks), so the loss is the token mean of the whole step whatever the micro-batching or the
 number of ranks (DDP's gradient average supplies the 1 / world). The objective's `prepare` hook
-sees the whole step first; its outputs are handed to the loss position by position.
+sees the whole step first; its outputs are handed to the loss position by position, and so are
+the shared weights every objective's loss is multiplied by: the reward-based row weights and the
+token selection (objectives/selection.py), which, where it reads the current student, takes a
+pass without gradients over the step first.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from lightopd.engine.forward import CompletionChunks
 from lightopd.errors import TrainingError
 from lightopd.objectives import Inputs, Objective, StepRows
 from lightopd.objectives.diagnostics import diagnostics
+from lightopd.objectives.selection import normalised, selected
 from lightopd.objectives.stats import logprob_stats
+from lightopd.objectives.support import kl, supports
 from lightopd.progress import warn
 from lightopd.training import distributed
 from lightopd.training.distributed import World
@@ -36,6 +41,8 @@ from lightopd.training.parallel import Parallel, Source
 from lightopd.training.schedule import lr_factor, optimizer_for
 
 ROW_WEIGHT = "row_weight"  # the shared row weights' key among the prepared inputs, and its diagnostic
+TOKEN_WEIGHT = "token_weight"  # the token selection's weights' key among the prepared inputs
+SHARED_WEIGHTS = (ROW_WEIGHT, TOKEN_WEIGHT)
 STORED = ("teacher_logprobs", "behavior_logprobs", "policy_logprobs", "topk_ids", "topk_logprobs",
           "teacher_log_tail")
 
@@ -78,7 +85,7 @@ def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor]):
             student = logprob_stats(logits, mb.targets[lo:hi], objective.params.temperature,
                                     at=stored.get("topk_ids"))
             inputs = Inputs(student, **stored, prepared={name: v[lo:hi] for name, v in prepared.items()
-                                                         if name != ROW_WEIGHT})
+                                                         if name not in SHARED_WEIGHTS})
             per_token = objective.loss(inputs)
             with torch.no_grad():
                 diagnosed = {**diagnostics(inputs), **objective.diagnostics(inputs)}
@@ -86,9 +93,44 @@ def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor]):
                 weight = prepared[ROW_WEIGHT][lo:hi]
                 per_token = per_token * weight
                 diagnosed[ROW_WEIGHT] = weight
+            if TOKEN_WEIGHT in prepared:  # the token selection, on any objective's loss
+                weight = prepared[TOKEN_WEIGHT][lo:hi]
+                per_token = per_token * weight
+                diagnosed.update(kept_split(diagnosed, (weight > 0).float()))
         return per_token, {name: values.detach() for name, values in diagnosed.items()}
 
     return loss
+
+
+def kept_split(diagnosed: dict[str, torch.Tensor], kept: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The selection's diagnostics: `kept_fraction`, and the student entropy and k1 of the kept and
+    the dropped positions (summed here, divided by their counts in the step's record)."""
+    out = {"kept_fraction": kept}
+    for name in ("student_entropy", "k1"):
+        if name in diagnosed:
+            out[f"kept_{name}"] = diagnosed[name] * kept
+            out[f"dropped_{name}"] = diagnosed[name] * (1 - kept)
+    return out
+
+
+def student_statistics(mb, temperature: float | None):
+    """The function of one chunk of a micro-batch's positions that returns the current student's
+    entropy and its divergence from the teacher (KL(q̂ ‖ p̂) on the top-k with the tail where the store
+    has it, else |lq_y − ℓT|), for the token selection's pass without gradients."""
+    def stats(logits: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(logits.device.type, enabled=False):
+            stored = {name: values[lo:hi] for name, values in mb.stored.items()}
+            student = logprob_stats(logits, mb.targets[lo:hi], temperature, at=stored.get("topk_ids"))
+            inputs = Inputs(student, **stored)
+            if inputs.topk_logprobs is not None and inputs.teacher_log_tail is not None:
+                divergence = kl(*supports(inputs, "tail"))
+            elif inputs.teacher_logprobs is not None:
+                divergence = (inputs.lq_y - inputs.teacher_logprobs).abs()
+            else:  # a rollout store: only the entropy selection runs on it (train checks)
+                divergence = student.entropy * 0
+        return student.entropy.float(), divergence.float()
+
+    return stats
 
 
 class Trainer:
@@ -101,7 +143,9 @@ class Trainer:
         offered = (*data.columns, "policy_logprobs") if data.policy_from_behavior else data.columns
         self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in offered)
         rewards = ("reward",) if objective.needs().rewards else ()  # per row: read, never batched
-        self.read_columns = tuple(c for c in (*self.columns, *rewards) if c in data.columns)  # from the shards
+        keys = ("sample_index",) if cfg.selection.token_select == "random" else ()  # its stream's key
+        self.read_columns = tuple(c for c in (*self.columns, *rewards, *keys) if c in data.columns)  # from the shards
+        self.selection, self.total_steps = cfg.selection, total_steps
         self.device = source.device if source is not None else next(model.parameters()).device
         self.amp_dtype = models.resolve_dtype(cfg.student.dtype, self.device)
         if not cfg.dropout:
@@ -134,7 +178,38 @@ class Trainer:
             prepared[ROW_WEIGHT] = weights
         return {name: (values, mask) for name, values in prepared.items()}
 
-    def step(self, groups: list[Group]) -> dict:
+    def _selection(self, table: pa.Table, batches: TokenBatches, micros: list, weights: list[float], step: int,
+                   tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token selection's weights of the step [R, T] and its mask (objectives/selection.py); the
+        current student's entropy and divergence come from a pass without gradients (eval mode)."""
+        spec = self.selection
+        mask = list_mask(table, "completion_ids").to(self.device)
+        entropy = divergence = None
+        if spec.needs_student:
+            entropy = torch.zeros(mask.shape, device=self.device)
+            divergence = torch.zeros(mask.shape, device=self.device)
+            self.model.eval()
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                                 enabled=self.amp_dtype != torch.float32):
+                for micro, weight in zip(micros, weights, strict=True):
+                    mb = batches.tensors(micro, self.columns, self.data.k, self.device)
+                    parts = self.completion_chunks(mb.layout, student_statistics(mb, self.objective.params.temperature),
+                                                   self.cfg.loss_chunk_tokens, statistics=True)
+                    if weight and parts:
+                        rows, cols = mask[micro].nonzero(as_tuple=True)
+                        rows = torch.tensor(micro, device=self.device)[rows]
+                        entropy[rows, cols] = torch.cat([e for e, _ in parts])
+                        divergence[rows, cols] = torch.cat([d for _, d in parts])
+        keys = []
+        if spec.token_select == "random":
+            keys = [f"{self.cfg.seed}:{step}:{pid}:{j}" for pid, j in zip(
+                table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)]
+        gather = lambda t: torch.cat(self.world.gather(t))  # noqa: E731
+        kept = selected(spec, mask.double(), step, self.total_steps, keys, entropy, divergence, gather, tokens)
+        return normalised(kept, spec.token_norm, tokens, self.world.sum), mask
+
+    def step(self, groups: list[Group], step: int = 1) -> dict:
+        """Optimizer step number `step` (1-based: the curriculum and random selections read it)."""
         table = pa.Table.from_batches(groups)
         if self.data.policy_from_behavior and "behavior_logprobs" in table.column_names:
             table = table.append_column("policy_logprobs", table["behavior_logprobs"])
@@ -150,6 +225,8 @@ class Trainer:
         if self.parallel.pads:  # FSDP: as many forwards on every rank; the extra ones repeat a batch at weight 0
             extra = int(self.world.max(torch.tensor(len(micros), device=self.device))) - len(micros)
             micros, weights = micros + [micros[0]] * extra, weights + [0.0] * extra
+        if self.selection.active:
+            prepared[TOKEN_WEIGHT] = self._selection(table, batches, micros, weights, step, tokens)
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         ratio_max = torch.zeros((), device=self.device)
@@ -192,6 +269,10 @@ class Trainer:
         record = {"loss": loss, "lr": lr, "tokens": tokens, "rows": step_rows, "grad_norm": grad_norm}
         for name, total in sums.items():
             record["is_ratio_mean" if name == "is_ratio" else name] = total / tokens
+        kept = sums.get("kept_fraction")
+        for name in [n for n in sums if n.startswith(("kept_", "dropped_")) and n != "kept_fraction"]:
+            count = kept if name.startswith("kept_") else tokens - kept
+            record[name] = sums[name] / count if count else None  # the mean over kept (dropped) positions
         if "is_ratio" in sums:
             record["is_ratio_max"] = ratio_max
         return record

@@ -1,0 +1,169 @@
+"""Which tokens teach: a per-position weight that any objective's loss is multiplied by.
+
+`--token-select KIND` chooses the completion positions a step learns from; every objective
+composes with it (the trainer multiplies the objective's per-position loss by the weight, as it
+does the reward-based row weights), so no objective knows of it. Kinds:
+- `all` (the default): every position, weight 1, and no arithmetic at all (today's loss, bit for bit).
+- `entropy`: the `--token-keep` share of the step's positions with the highest student entropy
+  (TIP's high-entropy region; the student is the current one, from a no-gradient pass first).
+- `divergence`: the share with the highest student–teacher divergence: KL(q̂ ‖ p̂) on the teacher's
+  top-k plus the exact tail bucket where the store has top-k, else |lq_y − ℓT| at the sampled token.
+- `confident-wrong`: TIP's low-entropy, high-divergence region: among the positions whose student
+  entropy is below the step's median, the `--token-keep` share of all positions with the highest
+  divergence.
+- `tip`: TIP's type-aware union: `entropy` at `--token-keep`, or `confident-wrong` at
+  `--token-low-keep`.
+- `position`: the first `--token-keep` share of each row's completion tokens (`--token-from end`:
+  the last), rounded up.
+- `curriculum`: `position` with a share that grows from `--token-keep` at the first step to 1 at
+  the last, linearly or in `--token-stages` equal steps (TCOD's depth curriculum, forward or, with
+  `--token-from end`, backward).
+- `random`: each position kept with probability `--token-keep`, from a stream keyed by (`--seed`,
+  step, the row's prompt id and sample index): the same positions whatever the batching, chunking
+  or number of ranks. The control every selection needs.
+Shares over a step are exact over all ranks (the k-th largest value of the step's positions, k
+= ⌈keep·N⌉; ties at the threshold are all kept). `--token-norm kept` (the default) divides the
+step's loss by the kept positions (weight N / N_kept on each kept one: the mean over what is
+kept, as masking tokens out of a loss does); `all` divides by every completion position (a
+kept position weighs 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lightopd.options import check, opt
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import Tensor
+
+KINDS = ("all", "entropy", "divergence", "confident-wrong", "tip", "position", "curriculum", "random")
+NEEDS_STUDENT = ("entropy", "divergence", "confident-wrong", "tip")  # computed from the current student
+NORMS = ("kept", "all")
+SCHEDULES = ("linear", "step")
+FROM = ("start", "end")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionSpec:
+    """Which completion positions each step learns from (see the module doc)."""
+
+    token_select: str = opt("all", "Which completion tokens teach: all, entropy (highest student entropy), "
+                                   "divergence (highest student–teacher KL on the stored support), confident-wrong "
+                                   "(low entropy, high divergence: TIP), tip (entropy or confident-wrong), position "
+                                   "(each row's first tokens), curriculum (position with a share growing to 1: "
+                                   "TCOD), random (the control). Works with every objective.", choices=KINDS)
+    token_keep: float = opt(0.5, "The share of positions kept (for curriculum, at the first step).", metavar="F")
+    token_low_keep: float = opt(0.1, "tip: the share of all positions added from the low-entropy, high-divergence "
+                                     "region.", metavar="F")
+    token_norm: str = opt("kept", "kept: the step's loss is the mean over kept positions; all: over every "
+                                  "completion position (dropped ones count as 0).", choices=NORMS)
+    token_from: str = opt("start", "position and curriculum: keep each row's first (start) or last (end) tokens.",
+                          choices=FROM)
+    token_schedule: str = opt("linear", "curriculum: the share grows linearly, or in --token-stages equal steps.",
+                              choices=SCHEDULES)
+    token_stages: int = opt(4, "curriculum with --token-schedule step: the number of stages.", metavar="N")
+
+    def __post_init__(self) -> None:
+        check(self.token_select in KINDS, "--token-select", f"must be one of {', '.join(KINDS)}, "
+                                                            f"got {self.token_select!r}")
+        check(0 < self.token_keep <= 1, "--token-keep", f"must be in (0, 1], got {self.token_keep}")
+        check(0 <= self.token_low_keep <= 1, "--token-low-keep", f"must be in [0, 1], got {self.token_low_keep}")
+        check(self.token_norm in NORMS, "--token-norm", f"must be kept or all, got {self.token_norm!r}")
+        check(self.token_from in FROM, "--token-from", f"must be start or end, got {self.token_from!r}")
+        check(self.token_schedule in SCHEDULES, "--token-schedule",
+              f"must be linear or step, got {self.token_schedule!r}")
+        check(self.token_stages >= 2, "--token-stages", f"must be >= 2, got {self.token_stages}")
+
+    @property
+    def active(self) -> bool:
+        return self.token_select != "all"
+
+    @property
+    def needs_student(self) -> bool:
+        """Whether the selection reads the current student (a no-gradient pass before the step)."""
+        return self.token_select in NEEDS_STUDENT
+
+
+def curriculum_share(spec: SelectionSpec, step: int, total_steps: int) -> float:
+    """The share of each row a curriculum keeps at optimizer step `step` (1-based) of `total_steps`."""
+    progress = (step - 1) / max(1, total_steps - 1)
+    if spec.token_schedule == "step":
+        progress = math.floor(progress * spec.token_stages) / (spec.token_stages - 1) if progress < 1 else 1.0
+        progress = min(progress, 1.0)
+    return spec.token_keep + (1 - spec.token_keep) * progress
+
+
+def first_tokens(mask: Tensor, share: float, from_end: bool) -> Tensor:
+    """[R, T] 1 on the first (or last) ⌈share·|y_i|⌉ positions of each row."""
+    lengths = mask.sum(-1, keepdim=True)
+    keep = (lengths * share).ceil()
+    index = mask.cumsum(-1) - 1  # 0-based position within the row
+    if from_end:
+        index = lengths - 1 - index
+    return ((index < keep) * mask).to(mask.dtype)
+
+
+def random_tokens(mask: Tensor, share: float, keys: list[str]) -> Tensor:
+    """[R, T] each position kept with probability `share`, from a stream keyed by its row's key."""
+    import torch
+
+    draws = torch.zeros(mask.shape, dtype=torch.float64)
+    for i, key in enumerate(keys):
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        draws[i] = torch.rand(mask.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return ((draws.to(mask.device) < share) * mask).to(mask.dtype)
+
+
+def top_share(values: Tensor, candidates: Tensor, count: int, gather: Callable[[Tensor], Tensor]) -> Tensor:
+    """[R, T] 1 on the `count` largest `values` among `candidates` over every rank (ties at the
+    threshold all kept); `gather` concatenates a 1-D tensor over the ranks."""
+    pool = gather(values[candidates.bool()].double().cpu())
+    if count <= 0 or pool.numel() == 0:
+        return candidates * 0
+    threshold = pool.topk(min(count, pool.numel())).values[-1].item()
+    return ((values >= threshold) * candidates).to(candidates.dtype)
+
+
+def median_below(values: Tensor, mask: Tensor, gather: Callable[[Tensor], Tensor]) -> Tensor:
+    """[R, T] 1 where a position's value is below the median of the step's positions (all ranks)."""
+    pool = gather(values[mask.bool()].double().cpu())
+    median = pool.quantile(0.5).item() if pool.numel() else 0.0
+    return ((values < median) * mask).to(mask.dtype)
+
+
+def selected(spec: SelectionSpec, mask: Tensor, step: int, total_steps: int, keys: list[str],
+             entropy: Tensor | None, divergence: Tensor | None, gather: Callable[[Tensor], Tensor],
+             tokens: int) -> Tensor:
+    """[R, T] 1 on the positions the selection keeps (before normalisation); `tokens` is the step's
+    completion positions over all ranks, `entropy` and `divergence` the current student's [R, T]."""
+    kind, keep = spec.token_select, spec.token_keep
+    if kind == "position":
+        return first_tokens(mask, keep, spec.token_from == "end")
+    if kind == "curriculum":
+        return first_tokens(mask, curriculum_share(spec, step, total_steps), spec.token_from == "end")
+    if kind == "random":
+        return random_tokens(mask, keep, keys)
+    count = math.ceil(keep * tokens)
+    if kind == "entropy":
+        return top_share(entropy, mask, count, gather)
+    if kind == "divergence":
+        return top_share(divergence, mask, count, gather)
+    low = median_below(entropy, mask, gather)
+    if kind == "confident-wrong":
+        return top_share(divergence, low, count, gather)
+    wrong = top_share(divergence, low, math.ceil(spec.token_low_keep * tokens), gather)
+    return (top_share(entropy, mask, count, gather) + wrong).clamp(max=1)
+
+
+def normalised(kept: Tensor, norm: str, tokens: int, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    """The weights of the kept positions: N / N_kept each (`kept`), or 1 (`all`)."""
+    if norm == "all":
+        return kept
+    n_kept = float(reduce(kept.sum().reshape(1)).item())
+    return kept * (tokens / n_kept) if n_kept > 0 else kept

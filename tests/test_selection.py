@@ -1,0 +1,162 @@
+"""Which tokens teach (objectives/selection.py): each selector's kept set against a hand computation on a
+hand-built step, the normalisation, and in training: keeping every token changes nothing bit for bit, and
+an entropy selection's loss equals a float64 reference from the student's full logits whatever the
+micro-batching and chunking."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightopd.objectives.selection import SelectionSpec, curriculum_share, normalised, selected
+from tests.helpers import do_train, metrics, read_rows, weights
+from tests.reference import completion_logits, log_softmax64
+
+LENGTHS = [5, 2, 4, 1, 3]
+N = sum(LENGTHS)
+same = lambda t: t  # noqa: E731  one rank: gathering and summing change nothing
+
+
+def step():
+    """The mask [R, T], and distinct per-position entropy and divergence values, padded with junk."""
+    mask = torch.zeros(len(LENGTHS), max(LENGTHS), dtype=torch.float64)
+    for i, n in enumerate(LENGTHS):
+        mask[i, :n] = 1
+    g = np.random.default_rng(3)
+    entropy = torch.tensor(g.permutation(mask.numel()) / 10.0).reshape(mask.shape)
+    divergence = torch.tensor(g.permutation(mask.numel()) / 7.0).reshape(mask.shape)
+    return mask, entropy, divergence
+
+
+def kept(spec, step_number=1, total=5, keys=None):
+    mask, entropy, divergence = step()
+    keys = keys or [f"0:{step_number}:p{i}:0" for i in range(len(LENGTHS))]
+    return selected(spec, mask, step_number, total, keys, entropy, divergence, same, N).numpy()
+
+
+def positions():
+    """The hand-built step as numpy: real positions, entropy, divergence."""
+    mask, entropy, divergence = step()
+    real = mask.numpy().astype(bool)
+    return real, entropy.numpy(), divergence.numpy()
+
+
+def top(values, candidates, count):
+    """Hand: 1 on the `count` largest values among the candidates."""
+    order = sorted(((v, i) for i, v in np.ndenumerate(values) if candidates[i]), reverse=True)[:count]
+    out = np.zeros(values.shape)
+    for _, i in order:
+        out[i] = 1
+    return out
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.5, 1.0])
+def test_student_selectors_keep_the_hand_computed_sets(keep):
+    real, entropy, divergence = positions()
+    count = math.ceil(keep * N)
+    np.testing.assert_array_equal(kept(SelectionSpec(token_select="entropy", token_keep=keep)),
+                                  top(entropy, real, count))
+    np.testing.assert_array_equal(kept(SelectionSpec(token_select="divergence", token_keep=keep)),
+                                  top(divergence, real, count))
+    low = real & (entropy < np.median(entropy[real]))
+    np.testing.assert_array_equal(kept(SelectionSpec(token_select="confident-wrong", token_keep=keep)),
+                                  top(divergence, low, count))
+    tip = np.maximum(top(entropy, real, count), top(divergence, low, math.ceil(0.2 * N)))
+    np.testing.assert_array_equal(kept(SelectionSpec(token_select="tip", token_keep=keep, token_low_keep=0.2)), tip)
+
+
+def test_position_and_curriculum_keep_each_rows_first_or_last_tokens():
+    real, *_ = positions()
+
+    def first(share, from_end=False):
+        out = np.zeros(real.shape)
+        for i, n in enumerate(LENGTHS):
+            k = math.ceil(share * n)
+            if from_end:
+                out[i, n - k:n] = 1
+            else:
+                out[i, :k] = 1
+        return out
+
+    np.testing.assert_array_equal(kept(SelectionSpec(token_select="position", token_keep=0.3)), first(0.3))
+    np.testing.assert_array_equal(kept(SelectionSpec(token_select="position", token_keep=0.3, token_from="end")),
+                                  first(0.3, True))
+    linear = [0.2 + 0.8 * (s - 1) / 4 for s in range(1, 6)]  # 0.2 at step 1 .. 1 at step 5 of 5
+    for s, share in zip(range(1, 6), linear, strict=True):
+        spec = SelectionSpec(token_select="curriculum", token_keep=0.2)
+        assert curriculum_share(spec, s, 5) == pytest.approx(share)
+        np.testing.assert_array_equal(kept(spec, s, 5), first(share))
+    stepwise = SelectionSpec(token_select="curriculum", token_keep=0.2, token_schedule="step", token_stages=2)
+    assert [curriculum_share(stepwise, s, 5) for s in range(1, 6)] == [0.2, 0.2, 1.0, 1.0, 1.0]
+
+
+def test_random_is_keyed_by_seed_step_and_row_not_by_batching():
+    spec = SelectionSpec(token_select="random", token_keep=0.5)
+    keys = [f"0:3:p{i}:0" for i in range(len(LENGTHS))]
+    a = kept(spec, 3, keys=keys)
+    b = kept(spec, 3, keys=keys)
+    np.testing.assert_array_equal(a, b)
+    assert 0 < a.sum() < N and (a <= positions()[0]).all()
+    other = kept(spec, 3, keys=[f"1:3:p{i}:0" for i in range(len(LENGTHS))])  # another seed
+    assert (other != a).any()
+    # a row's draws depend on its own key alone: the same rows in another order keep the same positions
+    mask, *_ = step()
+    order = [2, 0, 4, 1, 3]
+    shuffled = selected(spec, mask[order], 3, 5, [keys[i] for i in order], None, None, same, N).numpy()
+    np.testing.assert_array_equal(shuffled, a[order] * mask[order].numpy())
+
+
+def test_normalisation_divides_by_kept_or_by_all():
+    chosen = torch.tensor(kept(SelectionSpec(token_select="entropy", token_keep=0.4)))
+    n_kept = float(chosen.sum())
+    np.testing.assert_allclose(normalised(chosen, "kept", N, same).numpy(), chosen.numpy() * N / n_kept)
+    np.testing.assert_array_equal(normalised(chosen, "all", N, same).numpy(), chosen.numpy())
+
+
+def test_keeping_every_token_is_bit_identical(consistent_student, teacher_store, tmp_path):
+    """`all` adds no arithmetic; `position` and `random` keeping everything multiply by exactly 1."""
+    runs = {"all": {}, "position": {"token_select": "position", "token_keep": 1.0},
+            "random": {"token_select": "random", "token_keep": 1.0}}
+    for name, flags in runs.items():
+        do_train(consistent_student, teacher_store, tmp_path / name, objective="jsd", steps=2, batch_size=8,
+                 loss_chunk_tokens=7, **flags)
+    base, base_weights = metrics(tmp_path / "all"), weights(tmp_path / "all")
+    for name in ("position", "random"):
+        got = metrics(tmp_path / name)
+        assert [m["loss"] for m in got] == [m["loss"] for m in base] and got[0]["kept_fraction"] == 1.0
+        for key, value in weights(tmp_path / name).items():
+            assert torch.equal(value, base_weights[key]), (name, key)
+    assert "kept_fraction" not in base[0]
+
+
+@pytest.mark.parametrize("micro_batch_tokens,loss_chunk_tokens", [(100_000, 1024), (24, 5)])
+def test_entropy_selection_loss_matches_a_float64_reference(consistent_student, teacher_store, tmp_path,
+                                                           micro_batch_tokens, loss_chunk_tokens):
+    """lightning-opd on the top 40% of the step's positions by the student's entropy: the step's loss
+    (the mean over kept positions) from a float64 forward of every row, whatever the batching."""
+    rows = read_rows(teacher_store)
+    model = AutoModelForCausalLM.from_pretrained(consistent_student, dtype=torch.float64).eval()
+    entropy, loss = [], []
+    for row in rows:
+        lp = log_softmax64(completion_logits(model, row["prompt_ids"], row["completion_ids"]))
+        lq = lp[np.arange(len(row["completion_ids"])), row["completion_ids"]]
+        entropy += list(-(np.exp(lp) * lp).sum(-1))
+        loss += list(-(np.array(row["teacher_logprobs"]) - lq) * lq)  # lightning-opd's per-token value
+    entropy, loss = np.array(entropy), np.array(loss)
+    count = math.ceil(0.4 * len(entropy))
+    ordered = np.sort(entropy)[::-1]
+    assert ordered[count - 1] - ordered[count] > 1e-4, "no near-tie at the threshold (float32 could reorder it)"
+    chosen = entropy >= ordered[count - 1]
+    out = tmp_path / "run"
+    do_train(consistent_student, teacher_store, out, objective="lightning-opd", steps=1, batch_size=len(rows),
+             token_select="entropy", token_keep=0.4, micro_batch_tokens=micro_batch_tokens,
+             loss_chunk_tokens=loss_chunk_tokens)
+    first = metrics(out)[0]
+    assert first["kept_fraction"] == pytest.approx(count / len(entropy))
+    assert first["loss"] == pytest.approx(loss[chosen].mean(), rel=1e-4, abs=1e-6)
+    assert first["kept_student_entropy"] == pytest.approx(entropy[chosen].mean(), rel=1e-4)
+    assert first["dropped_student_entropy"] == pytest.approx(entropy[~chosen].mean(), rel=1e-4)
