@@ -41,6 +41,7 @@ bench:
 	$(PYTHON) bench/long.py
 	$(PYTHON) bench/gpu.py
 	$(PYTHON) bench/tail.py
+	$(PYTHON) bench/selection.py
 	$(PYTHON) bench/demo.py
 
 # The teacher-consistency study (about 6 minutes on 2 CPU cores): docs/consistency.png and the

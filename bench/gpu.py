@@ -96,7 +96,7 @@ def lightopd_step(config, device, completion: int):
                                   "lr": 1e-5, "gradient_checkpointing": True, "device": str(device),
                                   "micro_batch_tokens": PROMPT + completion})
     objective = lookup("rkl")(params.__class__(**{**params.__dict__, "temperature": 1.0}), 100)
-    trainer = Trainer(cfg, objective, model, TrainData(tuple(teacher_schema().names), K, 1.0, config.vocab_size), 100)
+    trainer = Trainer(cfg, objective, model, TrainData(tuple(teacher_schema().names), K, config.vocab_size), 100)
     group = [synthetic_group(config.vocab_size, completion)]
     return lambda: trainer.step(group)
 

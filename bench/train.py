@@ -101,7 +101,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = models.load_model(student, torch.device("cpu"), torch.float32)
         objective = lookup("lightning-opd")(student_temperature(params, sampling_of(manifest)), args.steps)
-        data = TrainData(store_columns(manifest), 32, 1.0, 32000)
+        data = TrainData(store_columns(manifest), 32, 32000)
         trainer = Trainer(cfg, objective, model, data, args.steps)
         trainer.step(steps[0])  # warm-up
         start = time.perf_counter()

@@ -160,3 +160,29 @@ def test_entropy_selection_loss_matches_a_float64_reference(consistent_student, 
     assert first["loss"] == pytest.approx(loss[chosen].mean(), rel=1e-4, abs=1e-6)
     assert first["kept_student_entropy"] == pytest.approx(entropy[chosen].mean(), rel=1e-4)
     assert first["dropped_student_entropy"] == pytest.approx(entropy[~chosen].mean(), rel=1e-4)
+
+
+@pytest.mark.parametrize("flags", [{"token_select": "position", "token_keep": 0.3},
+                                   {"token_select": "curriculum", "token_keep": 0.2, "token_from": "end"},
+                                   {"token_select": "random", "token_keep": 0.5, "token_norm": "all"}])
+def test_dropped_positions_skip_the_output_layer_and_change_nothing(consistent_student, teacher_store, tmp_path,
+                                                                    monkeypatch, flags):
+    """A selection known before the forward runs the output layer on the kept positions alone: the
+    same loss, kept statistics and update as computing every position and weighting the dropped ones 0."""
+    from lightopd.training.trainer import Trainer
+
+    for skip in (True, False):
+        monkeypatch.setattr(Trainer, "skips_dropped", skip)
+        do_train(consistent_student, teacher_store, tmp_path / str(skip), objective="rkl", steps=2, batch_size=8,
+                 loss_chunk_tokens=7, lr=1e-3, **flags)
+    skipped, full = metrics(tmp_path / "True"), metrics(tmp_path / "False")
+    assert skipped[0]["kept_fraction"] < 1
+    for a, b in zip(skipped, full, strict=True):
+        assert 0 < a["kept_fraction"] == b["kept_fraction"] <= 1
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["kept_student_entropy"] == pytest.approx(b["kept_student_entropy"], rel=1e-5)
+        assert a["student_entropy"] == pytest.approx(b["kept_student_entropy"], rel=1e-5)  # means over what ran
+        assert "dropped_student_entropy" not in a and "dropped_student_entropy" in b
+    a, b = weights(tmp_path / "True"), weights(tmp_path / "False")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=0)

@@ -160,6 +160,13 @@ class MicroBatch:
     def targets(self) -> torch.Tensor:
         return self.layout.targets
 
+    def only(self, index: torch.Tensor) -> MicroBatch:
+        """The micro-batch with its completion positions `index` alone: the decoder still reads every
+        token, the output layer and the loss run on these."""
+        layout = Layout(self.layout.inputs, self.layout.rows[index], self.layout.cols[index],
+                        self.layout.targets[index])
+        return MicroBatch(self.rows, layout, {name: values[index] for name, values in self.stored.items()})
+
 
 class TokenBatches:
     """A table of rows (prompt_ids, completion_ids and stored columns) in micro-batches within a

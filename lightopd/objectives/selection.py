@@ -21,7 +21,10 @@ does the reward-based row weights), so no objective knows of it. Kinds:
 - `random`: each position kept with probability `--token-keep`, from a stream keyed by (`--seed`,
   step, the row's prompt id and sample index): the same positions whatever the batching, chunking
   or number of ranks. The control every selection needs.
-Shares over a step are exact over all ranks (the k-th largest value of the step's positions, k
+Where the kept positions are known before the forward (`position`, `curriculum`, `random`), the
+dropped ones skip the output layer and the loss altogether (the decoder still reads them, as the
+context of what follows); the step's diagnostics are then means over the kept positions. Shares
+over a step are exact over all ranks (the k-th largest value of the step's positions, k
 = ⌈keep·N⌉; ties at the threshold are all kept). `--token-norm kept` (the default) divides the
 step's loss by the kept positions (weight N / N_kept on each kept one: the mean over what is
 kept, as masking tokens out of a loss does); `all` divides by every completion position (a
@@ -83,6 +86,12 @@ class SelectionSpec:
     @property
     def active(self) -> bool:
         return self.token_select != "all"
+
+    @property
+    def known_before(self) -> bool:
+        """Whether the kept positions are known before the forward, so the dropped ones can skip the
+        output layer and the loss."""
+        return self.token_select in ("position", "curriculum", "random")
 
     @property
     def needs_student(self) -> bool:

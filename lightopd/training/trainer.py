@@ -136,6 +136,8 @@ def student_statistics(mb, temperature: float | None):
 class Trainer:
     """One optimizer step at a time of `objective` on `model` (see the module doc)."""
 
+    skips_dropped = True  # positions a selection drops before the forward skip the output layer (tests turn it off)
+
     def __init__(self, cfg: TrainConfig, objective: Objective, model, data: TrainData, total_steps: int,
                  world: World = distributed.SINGLE, source: Source | None = None):
         """`source`: where a `model` built on the meta device gets its weights (under --fsdp)."""
@@ -227,6 +229,7 @@ class Trainer:
             micros, weights = micros + [micros[0]] * extra, weights + [0.0] * extra
         if self.selection.active:
             prepared[TOKEN_WEIGHT] = self._selection(table, batches, micros, weights, step, tokens)
+        skipping = self.selection.known_before and self.skips_dropped
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         ratio_max = torch.zeros((), device=self.device)
@@ -235,6 +238,9 @@ class Trainer:
             with self.parallel.sync(j == len(micros) - 1):
                 mb = batches.tensors(micro, self.columns, self.data.k, self.device)
                 mine = {name: values[micro][mask[micro]].float() for name, (values, mask) in prepared.items()}
+                if skipping:  # dropped positions never reach the output layer
+                    index = (mine[TOKEN_WEIGHT] > 0).nonzero().squeeze(-1)
+                    mb, mine = mb.only(index), {name: values[index] for name, values in mine.items()}
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
                     total, chunks = self.completion_chunks(mb.layout, chunk_loss(self.objective, mb, mine),
                                                            self.cfg.loss_chunk_tokens)
@@ -267,12 +273,14 @@ class Trainer:
             raise TrainingError(f"the update made a weight non-finite (loss {loss}, grad norm {grad_norm}, lr {lr}); "
                                 "a smaller --lr or --grad-clip keeps the weights finite")
         record = {"loss": loss, "lr": lr, "tokens": tokens, "rows": step_rows, "grad_norm": grad_norm}
+        kept = sums.get("kept_fraction", 0.0)
+        seen = kept if skipping else tokens  # the positions whose diagnostics were computed
         for name, total in sums.items():
-            record["is_ratio_mean" if name == "is_ratio" else name] = total / tokens
-        kept = sums.get("kept_fraction")
-        for name in [n for n in sums if n.startswith(("kept_", "dropped_")) and n != "kept_fraction"]:
-            count = kept if name.startswith("kept_") else tokens - kept
-            record[name] = sums[name] / count if count else None  # the mean over kept (dropped) positions
+            if name.startswith("dropped_") and skipping:
+                continue  # never computed
+            count = {"kept_fraction": tokens}.get(name, kept if name.startswith("kept_") else
+                                                  tokens - kept if name.startswith("dropped_") else seen)
+            record["is_ratio_mean" if name == "is_ratio" else name] = total / count if count else None
         if "is_ratio" in sums:
             record["is_ratio_max"] = ratio_max
         return record
