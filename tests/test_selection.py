@@ -186,3 +186,21 @@ def test_dropped_positions_skip_the_output_layer_and_change_nothing(consistent_s
     a, b = weights(tmp_path / "True"), weights(tmp_path / "False")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=5e-5, rtol=0)
+
+
+def test_decay_weighs_each_position_by_a_half_life():
+    """`decay`: 2^(−t / h) at a row's t-th token (from the start, or the end), h = max(1, keep·|y|); no
+    position dropped; `kept` normalisation makes the weights average 1 over the step's positions."""
+    mask, *_ = step()
+    spec = SelectionSpec(token_select="decay", token_keep=0.4)
+    got = selected(spec, mask, 1, 5, [], None, None, same, N).numpy()
+    want = np.zeros(mask.shape)
+    for i, n in enumerate(LENGTHS):
+        want[i, :n] = [0.5 ** (t / max(1.0, 0.4 * n)) for t in range(n)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    end = selected(SelectionSpec(token_select="decay", token_keep=0.4, token_from="end"), mask, 1, 5, [], None, None,
+                   same, N).numpy()
+    for i, n in enumerate(LENGTHS):
+        np.testing.assert_allclose(end[i, :n], want[i, :n][::-1], rtol=1e-12)
+    weights_kept = normalised(torch.tensor(got), "kept", N, same).numpy()
+    assert weights_kept.sum() == pytest.approx(N) and (weights_kept[mask.numpy() == 0] == 0).all()

@@ -15,6 +15,9 @@ does the reward-based row weights), so no objective knows of it. Kinds:
   `--token-low-keep`.
 - `position`: the first `--token-keep` share of each row's completion tokens (`--token-from end`:
   the last), rounded up.
+- `decay`: no position dropped, each weighted 2^(−t / h) by its index t in the row (from 0; from the
+  end with `--token-from end`), h = max(1, `--token-keep`·|y|) a half-life: the early-token
+  emphasis of CORD and of the studies that find a trace's first part carries most of the gain.
 - `curriculum`: `position` with a share that grows from `--token-keep` at the first step to 1 at
   the last, linearly or in `--token-stages` equal steps (TCOD's depth curriculum, forward or, with
   `--token-from end`, backward).
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 
     from torch import Tensor
 
-KINDS = ("all", "entropy", "divergence", "confident-wrong", "tip", "position", "curriculum", "random")
+KINDS = ("all", "entropy", "divergence", "confident-wrong", "tip", "position", "decay", "curriculum", "random")
 NEEDS_STUDENT = ("entropy", "divergence", "confident-wrong", "tip")  # computed from the current student
 NORMS = ("kept", "all")
 SCHEDULES = ("linear", "step")
@@ -59,7 +62,8 @@ class SelectionSpec:
     token_select: str = opt("all", "Which completion tokens teach: all, entropy (highest student entropy), "
                                    "divergence (highest student–teacher KL on the stored support), confident-wrong "
                                    "(low entropy, high divergence: TIP), tip (entropy or confident-wrong), position "
-                                   "(each row's first tokens), curriculum (position with a share growing to 1: "
+                                   "(each row's first tokens), decay (a weight halving every --token-keep share "
+                                   "of the row), curriculum (position with a share growing to 1: "
                                    "TCOD), random (the control). Works with every objective.", choices=KINDS)
     token_keep: float = opt(0.5, "The share of positions kept (for curriculum, at the first step).", metavar="F")
     token_low_keep: float = opt(0.1, "tip: the share of all positions added from the low-entropy, high-divergence "
@@ -118,6 +122,15 @@ def first_tokens(mask: Tensor, share: float, from_end: bool) -> Tensor:
     return ((index < keep) * mask).to(mask.dtype)
 
 
+def decaying(mask: Tensor, share: float, from_end: bool) -> Tensor:
+    """[R, T] 2^(−t / h) at each row's position t (from its start, or its end), h = max(1, share·|y_i|)."""
+    lengths = mask.sum(-1, keepdim=True)
+    index = mask.cumsum(-1) - 1
+    if from_end:
+        index = lengths - 1 - index
+    return (0.5 ** (index.clamp(min=0) / (lengths * share).clamp(min=1))) * mask
+
+
 def random_tokens(mask: Tensor, share: float, keys: list[str]) -> Tensor:
     """[R, T] each position kept with probability `share`, from a stream keyed by its row's key."""
     import torch
@@ -149,11 +162,14 @@ def median_below(values: Tensor, mask: Tensor, gather: Callable[[Tensor], Tensor
 def selected(spec: SelectionSpec, mask: Tensor, step: int, total_steps: int, keys: list[str],
              entropy: Tensor | None, divergence: Tensor | None, gather: Callable[[Tensor], Tensor],
              tokens: int) -> Tensor:
-    """[R, T] 1 on the positions the selection keeps (before normalisation); `tokens` is the step's
+    """[R, T] the positions the selection keeps, 1 each (`decay`: their weights), before normalisation;
+    `tokens` is the step's
     completion positions over all ranks, `entropy` and `divergence` the current student's [R, T]."""
     kind, keep = spec.token_select, spec.token_keep
     if kind == "position":
         return first_tokens(mask, keep, spec.token_from == "end")
+    if kind == "decay":
+        return decaying(mask, keep, spec.token_from == "end")
     if kind == "curriculum":
         return first_tokens(mask, curriculum_share(spec, step, total_steps), spec.token_from == "end")
     if kind == "random":
@@ -171,7 +187,8 @@ def selected(spec: SelectionSpec, mask: Tensor, step: int, total_steps: int, key
 
 
 def normalised(kept: Tensor, norm: str, tokens: int, reduce: Callable[[Tensor], Tensor]) -> Tensor:
-    """The weights of the kept positions: N / N_kept each (`kept`), or 1 (`all`)."""
+    """The weights of the kept positions: N / N_kept each (`kept`; with `decay`'s weights w, N / Σw
+    times w), or 1 (w) (`all`)."""
     if norm == "all":
         return kept
     n_kept = float(reduce(kept.sum().reshape(1)).item())
