@@ -225,6 +225,9 @@ CASES = [
     Case("teacher prompt of fixed text", lambda e: score(e, "--teacher-prompt", "think hard"), 2, "names no field"),
     Case("teacher chat option without a template", lambda e: score(e, "--teacher-system-prompt", "w1"), 2,
          "only with --teacher-prompt"),
+    Case("teacher system prompt on plain teacher prompts", lambda e: score(
+        e, "--teacher-prompt", "{prompt}", "--teacher-system-prompt", "w1"), 2,
+        "--teacher-system-prompt: the teacher's prompts are plain text"),
     Case("teacher prompt too long", lambda e: score(e, "--teacher-prompt", " ".join(["{prompt}"] * 40)), 2,
          "exceeds the teacher's context"),
     Case("self-teacher without a context", lambda e: train(e, "--objective", "lightning-opd", student=e.tiny_model,

@@ -62,9 +62,10 @@ def test_student_selectors_keep_the_hand_computed_sets(keep):
                                   top(entropy, real, count))
     np.testing.assert_array_equal(kept(SelectionSpec(token_select="divergence", token_keep=keep)),
                                   top(divergence, real, count))
-    low = real & (entropy < np.median(entropy[real]))
-    np.testing.assert_array_equal(kept(SelectionSpec(token_select="confident-wrong", token_keep=keep)),
-                                  top(divergence, low, count))
+    low = real & (entropy < np.median(entropy[real]))  # N is odd: the middle value
+    share = min(keep, 0.3)  # confident-wrong's share is of all positions, taken from the lower half
+    np.testing.assert_array_equal(kept(SelectionSpec(token_select="confident-wrong", token_keep=share)),
+                                  top(divergence, low, math.ceil(share * N)))
     tip = np.maximum(top(entropy, real, count), top(divergence, low, math.ceil(0.2 * N)))
     np.testing.assert_array_equal(kept(SelectionSpec(token_select="tip", token_keep=keep, token_low_keep=0.2)), tip)
 

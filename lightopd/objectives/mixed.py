@@ -51,7 +51,8 @@ class UniOPDParams(LengthParams):
 def margin_shift(advantages: Tensor, mask: Tensor, correct: Tensor, groups: Tensor, margin: float) -> Tensor:
     """[R] the shift each row's token advantages get (see the module doc); 0 where none is needed."""
     s = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    c, w = correct.to(s.dtype), (~correct).to(s.dtype)
+    counted = mask.sum(-1) > 0  # a row whose every token was dropped takes no part in the means
+    c, w = (correct & counted).to(s.dtype), (~correct & counted).to(s.dtype)
     n_c, n_w = group_sum(c, groups), group_sum(w, groups)
     mean_c = group_sum(s * c, groups) / n_c.clamp(min=1)
     mean_w = group_sum(s * w, groups) / n_w.clamp(min=1)

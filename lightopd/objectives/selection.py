@@ -9,8 +9,8 @@ does the reward-based row weights), so no objective knows of it. Kinds:
 - `divergence`: the share with the highest student–teacher divergence: KL(q̂ ‖ p̂) on the teacher's
   top-k plus the exact tail bucket where the store has top-k, else |lq_y − ℓT| at the sampled token.
 - `confident-wrong`: TIP's low-entropy, high-divergence region: among the positions whose student
-  entropy is below the step's median, the `--token-keep` share of all positions with the highest
-  divergence.
+  entropy is below the step's median (the lower middle value), the `--token-keep` share (below
+  0.5) of all positions with the highest divergence.
 - `tip`: TIP's type-aware union: `entropy` at `--token-keep`, or `confident-wrong` at
   `--token-low-keep`.
 - `position`: the first `--token-keep` share of each row's completion tokens (`--token-from end`:
@@ -86,6 +86,9 @@ class SelectionSpec:
         check(self.token_schedule in SCHEDULES, "--token-schedule",
               f"must be linear or step, got {self.token_schedule!r}")
         check(self.token_stages >= 2, "--token-stages", f"must be >= 2, got {self.token_stages}")
+        check(self.token_select != "confident-wrong" or self.token_keep < 0.5, "--token-keep",
+              f"confident-wrong takes its share from the low-entropy half of the positions, so it must be below "
+              f"0.5 (TIP: 0.1), got {self.token_keep}")
 
     @property
     def active(self) -> bool:
@@ -155,7 +158,7 @@ def top_share(values: Tensor, candidates: Tensor, count: int, gather: Callable[[
 def median_below(values: Tensor, mask: Tensor, gather: Callable[[Tensor], Tensor]) -> Tensor:
     """[R, T] 1 where a position's value is below the median of the step's positions (all ranks)."""
     pool = gather(values[mask.bool()].double().cpu())
-    median = pool.quantile(0.5).item() if pool.numel() else 0.0
+    median = pool.kthvalue((pool.numel() + 1) // 2).values.item() if pool.numel() else 0.0  # any size
     return ((values < median) * mask).to(mask.dtype)
 
 

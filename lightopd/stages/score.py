@@ -15,6 +15,7 @@ longer than the teacher's context) is reported before the teacher is loaded.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -204,13 +205,26 @@ def _context(cfg: ScoreConfig, rollout_manifest: dict, tokenizer, info, fingerpr
                          "lightopd), so --teacher-prompt cannot use {prompt}; re-run rollout")
     context = TeacherContext(spec.teacher_prompt, spec.chat_settings(), tokenizer, info.eos_ids, info.context,
                              spec.teacher_long_prompts)
+    kept = 0
     for entry in rollout_manifest["shards"]:
         rows = pa.Table.from_batches(list(read_shard(cfg.data, rollout_manifest, entry, columns=[
             "prompt_id", "completion_ids", "answer", "metadata", *(["prompt"] if "prompt" not in unavailable(
                 rollout_manifest) else [])])))
-        plan.add(context.shard(_with_prompt(rows), str(Path(cfg.data) / entry["name"]))[2])
-    if plan.skipped == rollout_manifest["prompts"]["count"]:
+        rows_kept, _, shard_plan = context.shard(_with_prompt(rows), str(Path(cfg.data) / entry["name"]))
+        kept += len(rows_kept)
+        plan.add(shard_plan)
+    if not kept:
         raise InputError("--teacher-long-prompts skip: every teacher prompt is too long for the teacher's context")
+    if context.renderer.chats == 0 and (spec.teacher_system_prompt is not None or spec.teacher_chat_template_kwargs):
+        flag = "--teacher-system-prompt" if spec.teacher_system_prompt is not None else "--teacher-chat-template-kwargs"
+        raise InputError(f"{flag}: the teacher's prompts are plain text, not rendered with a chat template (its "
+                         "tokenizer's template does not end a turn with its end token); pass --teacher-chat always")
+    student = rollout_manifest["prompts"].get("rendering") or {}
+    if context.renderer.chats and student.get("chat_template_kwargs", {}) != spec.chat_settings().template_kwargs:
+        warn(f"--teacher-chat-template-kwargs {json.dumps(spec.chat_settings().template_kwargs)}: the rollouts were "
+             f"rendered with {json.dumps(student.get('chat_template_kwargs', {}))}, so the teacher's prompt may end "
+             "differently from the student's (Qwen3's enable_thinking writes an empty think block) before the same "
+             "completion; pass the same options unless the difference is the point")
     return context, plan
 
 

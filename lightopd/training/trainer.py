@@ -255,7 +255,10 @@ class Trainer:
                         ratio_max = torch.maximum(ratio_max, values.max())
         # sums over ranks, then one device-to-host transfer per step
         names = sorted(sums)
-        totals = self.world.sum(torch.stack([loss_sum.double(), *(sums[n].double() for n in names)])).tolist()
+        if self.world.active:  # a rank whose positions were all dropped (or had none) computed no diagnostic
+            names = sorted(set().union(*self.world.gather(names)))
+        zero = torch.zeros((), device=self.device)
+        totals = self.world.sum(torch.stack([loss_sum.double(), *(sums.get(n, zero).double() for n in names)])).tolist()
         ratio_max = float(self.world.max(ratio_max))
         loss_sum, sums = totals[0], dict(zip(names, totals[1:], strict=True))
         loss = loss_sum / tokens if tokens else float("nan")
