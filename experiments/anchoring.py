@@ -12,16 +12,14 @@ reports held-out accuracy (one sample per prompt, T = 1) and the mean clip fract
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
-from common import D, demo_until_opd, fresh_out
+from common import D, arguments, demo_until_opd, fresh_out, heldout_prompts
 
 from lightopd.stages import demo
-from lightopd.tasks import addition as A
 
 ANCHORS = ("rollout", "current")
 
@@ -41,10 +39,7 @@ def run_seed(seed: int, out: Path, heldout: Path, device: str, dropout: bool) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/anchoring"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--device", default="auto")
+    ap = arguments(__doc__, "anchoring")
     ap.add_argument("--dropout", choices=("on", "off"), default="on" if D.student_dropout else "off",
                     help="the student's dropout in SFT and OPD (the demo's default: on)")
     args = ap.parse_args()
@@ -52,7 +47,7 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     for seed in args.seeds:
-        heldout = A.write_prompts(args.out / f"prompts-heldout-{seed}.jsonl", D.heldout_prompts, "heldout", seed)
+        heldout = heldout_prompts(args.out, seed)
         rows.append(run_seed(seed, args.out, heldout, args.device, args.dropout == "on"))
     print("| seed | SFT | opd-seq, anchor rollout (clip fraction) | opd-seq, anchor current |")
     print("|---|---|---|---|")

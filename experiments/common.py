@@ -14,6 +14,20 @@ from lightopd.tasks import addition as A
 D = DemoConfig  # the demo's sizes and learning rates
 
 
+def arguments(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every experiment takes: --out (runs/NAME), --seeds (0 1 2), --device."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(f"runs/{name}"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--device", default="auto")
+    return ap
+
+
+def heldout_prompts(out: Path, seed: int) -> Path:
+    """The seed's held-out prompts file under `out` (the demo's count)."""
+    return A.write_prompts(out / f"prompts-heldout-{seed}.jsonl", D.heldout_prompts, "heldout", seed)
+
+
 def fresh_out(ap: argparse.ArgumentParser, out: Path) -> None:
     """Refuse an `out` that holds files; create it."""
     if out.exists() and any(out.iterdir()):

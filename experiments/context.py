@@ -16,13 +16,12 @@ one seed of it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
-from common import D, fresh_out
+from common import D, arguments, fresh_out
 
 from lightopd.stages import demo
 from lightopd.tasks import addition as A
@@ -55,10 +54,7 @@ def run_seed(seed: int, out: Path, device: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/context"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--device", default="auto")
+    ap = arguments(__doc__, "context")
     args = ap.parse_args()
     fresh_out(ap, args.out)
     started = time.perf_counter()

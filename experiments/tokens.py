@@ -10,16 +10,14 @@ prompt, T = 1) and the mean share of completion tokens the selection kept.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
-from common import D, demo_until_opd, fresh_out
+from common import D, arguments, demo_until_opd, fresh_out, heldout_prompts
 
 from lightopd.stages import demo
-from lightopd.tasks import addition as A
 
 METHODS = {  # name: the train flags of its selection
     "all tokens": {},
@@ -46,16 +44,13 @@ def run_seed(seed: int, out: Path, heldout: Path, device: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/tokens"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--device", default="auto")
+    ap = arguments(__doc__, "tokens")
     args = ap.parse_args()
     fresh_out(ap, args.out)
     started = time.perf_counter()
     rows = []
     for seed in args.seeds:
-        heldout = A.write_prompts(args.out / f"prompts-heldout-{seed}.jsonl", D.heldout_prompts, "heldout", seed)
+        heldout = heldout_prompts(args.out, seed)
         rows.append({"seed": seed, **run_seed(seed, args.out, heldout, args.device)})
     names = ["sft", *METHODS]
     print("| selection | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | mean | tokens kept |")
