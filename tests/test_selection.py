@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightopd.objectives.selection import SelectionSpec, curriculum_share, normalised, selected
+from lightopd.objectives.selection import SelectionSpec, curriculum_share, normalised, parse_spans, selected
 from tests.helpers import do_train, metrics, read_rows, weights
 from tests.reference import completion_logits, log_softmax64
 
@@ -205,3 +205,38 @@ def test_decay_weighs_each_position_by_a_half_life():
         np.testing.assert_allclose(end[i, :n], want[i, :n][::-1], rtol=1e-12)
     weights_kept = normalised(torch.tensor(got), "kept", N, same).numpy()
     assert weights_kept.sum() == pytest.approx(N) and (weights_kept[mask.numpy() == 0] == 0).all()
+
+
+def test_spans_keep_the_marked_tokens_of_the_chosen_kinds():
+    mask, *_ = step()
+    raw = [[[0, 2, "key"], {"start": 3, "end": 5, "kind": "error"}], [[1, 2]], [], [[0, 1, "key"]], [[0, 3, "error"]]]
+    spans = [parse_spans(value, f"row {i}", n) for i, (value, n) in enumerate(zip(raw, LENGTHS, strict=True))]
+    want = np.zeros(mask.shape)
+    want[0, 0:2] = want[0, 3:5] = want[1, 1:2] = want[3, 0:1] = want[4, 0:3] = 1
+    np.testing.assert_array_equal(selected(SelectionSpec(token_select="spans"), mask, 1, 5, [], None, None, same, N,
+                                           spans).numpy(), want)
+    only_key = selected(SelectionSpec(token_select="spans", token_span_kinds="key"), mask, 1, 5, [], None, None, same,
+                        N, spans).numpy()
+    want_key = np.zeros(mask.shape)
+    want_key[0, 0:2] = want_key[3, 0:1] = 1
+    np.testing.assert_array_equal(only_key, want_key)
+    for value, why in (([[0, 9]], "not within the completion's 5 tokens"), ("0-2", "not a list"), ([[1]], "a span")):
+        with pytest.raises(ValueError, match=why):
+            parse_spans(value, "row 0", 5)
+
+
+def test_spans_from_row_metadata_in_training(tiny_model, teacher_model, tmp_path, monkeypatch, capsys):
+    from tests.helpers import cli, do_rollout, do_score, write_jsonl
+
+    records = [{"id": f"p{i}", "prompt": f"w{i} w{i + 1}", "spans": [[0, 1, "key"]]} for i in range(6)]
+    do_rollout(tiny_model, write_jsonl(tmp_path / "p.jsonl", records), tmp_path / "r", n=2, max_new_tokens=6)
+    do_score(teacher_model, tmp_path / "r", tmp_path / "t", top_k=4)
+    rows = read_rows(tmp_path / "t")
+    base = ["train", "--student", str(tiny_model), "--data", str(tmp_path / "t"), "--objective", "rkl", "--steps", "1",
+            "--batch-size", "12", "--allow-teacher-mismatch", "--token-select", "spans"]
+    code, _, err = cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "o"), "--token-span-kinds", "key")
+    assert code == 0, err
+    tokens = sum(len(r["completion_ids"]) for r in rows)
+    assert metrics(tmp_path / "o")[0]["kept_fraction"] == pytest.approx(len(rows) / tokens)  # one token per row
+    code, _, err = cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "x"), "--token-spans", "marks")
+    assert code == 2 and "metadata field 'marks' is missing" in err

@@ -21,16 +21,20 @@ does the reward-based row weights), so no objective knows of it. Kinds:
 - `curriculum`: `position` with a share that grows from `--token-keep` at the first step to 1 at
   the last, linearly or in `--token-stages` equal steps (TCOD's depth curriculum, forward or, with
   `--token-from end`, backward).
+- `spans`: the positions inside spans a row's metadata marks (`--token-spans FIELD`, default
+  `spans`: a list of `[start, end]` or `[start, end, kind]` token offsets into the completion, end
+  excluded, or objects with those keys), those of `--token-span-kinds` only if given: TRACE's key
+  and error spans, as a selection (a loss per span kind is not built).
 - `random`: each position kept with probability `--token-keep`, from a stream keyed by (`--seed`,
   step, the row's prompt id and sample index): the same positions whatever the batching, chunking
   or number of ranks. The control every selection needs.
-Where the kept positions are known before the forward (`position`, `curriculum`, `random`), the
-dropped ones skip the output layer and the loss altogether (the decoder still reads them, as the
-context of what follows); the step's diagnostics are then means over the kept positions. Shares
-over a step are exact over all ranks (the k-th largest value of the step's positions, k
-= ⌈keep·N⌉; ties at the threshold are all kept). `--token-norm kept` (the default) divides the
-step's loss by the kept positions (weight N / N_kept on each kept one: the mean over what is
-kept, as masking tokens out of a loss does); `all` divides by every completion position (a
+Where the kept positions are known before the forward (`position`, `curriculum`, `random`,
+`spans`), the dropped ones skip the output layer and the loss altogether (the decoder still reads
+them, as the context of what follows); the step's diagnostics are then means over the kept
+positions. Shares over a step are exact over all ranks (the k-th largest value of the step's
+positions, k = ⌈keep·N⌉; ties at the threshold are all kept). `--token-norm kept` (the default)
+divides the step's loss by the kept positions (weight N / N_kept on each kept one: the mean over
+what is kept, as masking tokens out of a loss does); `all` divides by every completion position (a
 kept position weighs 1).
 """
 
@@ -48,7 +52,8 @@ if TYPE_CHECKING:
 
     from torch import Tensor
 
-KINDS = ("all", "entropy", "divergence", "confident-wrong", "tip", "position", "decay", "curriculum", "random")
+KINDS = ("all", "entropy", "divergence", "confident-wrong", "tip", "position", "decay", "curriculum", "random",
+         "spans")
 NEEDS_STUDENT = ("entropy", "divergence", "confident-wrong", "tip")  # computed from the current student
 NORMS = ("kept", "all")
 SCHEDULES = ("linear", "step")
@@ -75,6 +80,10 @@ class SelectionSpec:
     token_schedule: str = opt("linear", "curriculum: the share grows linearly, or in --token-stages equal steps.",
                               choices=SCHEDULES)
     token_stages: int = opt(4, "curriculum with --token-schedule step: the number of stages.", metavar="N")
+    token_spans: str = opt("spans", "spans: the metadata field of each row's spans ([start, end] or [start, end, "
+                                    "kind] token offsets into the completion, end excluded).", metavar="FIELD")
+    token_span_kinds: str | None = opt(None, "spans: keep only spans of these kinds (comma-separated). [default: "
+                                             "every span]", metavar="KINDS")
 
     def __post_init__(self) -> None:
         check(self.token_select in KINDS, "--token-select", f"must be one of {', '.join(KINDS)}, "
@@ -98,7 +107,7 @@ class SelectionSpec:
     def known_before(self) -> bool:
         """Whether the kept positions are known before the forward, so the dropped ones can skip the
         output layer and the loss."""
-        return self.token_select in ("position", "curriculum", "random")
+        return self.token_select in ("position", "curriculum", "random", "spans")
 
     @property
     def needs_student(self) -> bool:
@@ -162,9 +171,39 @@ def median_below(values: Tensor, mask: Tensor, gather: Callable[[Tensor], Tensor
     return ((values < median) * mask).to(mask.dtype)
 
 
+def span_tokens(mask: Tensor, spans: list[list], kinds: set[str] | None) -> Tensor:
+    """[R, T] 1 inside each row's spans (`parse_spans`'s (start, end, kind) triples), of `kinds` if given."""
+    out = mask * 0
+    for i, row in enumerate(spans):
+        for start, end, kind in row:
+            if kinds is None or kind in kinds:
+                out[i, start:end] = 1
+    return out * mask
+
+
+def parse_spans(value, where: str, length: int) -> list[tuple[int, int, str | None]]:
+    """A row's spans as (start, end, kind) token offsets, checked against its completion's length."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{where}: {why}; spans are a list of [start, end] or [start, end, kind] token offsets "
+                          "into the completion (end excluded), or objects with those keys")
+    if not isinstance(value, list):
+        raise bad(f"not a list ({type(value).__name__})")
+    out = []
+    for span in value:
+        if isinstance(span, dict):
+            span = [span.get("start"), span.get("end"), span.get("kind")]
+        if not isinstance(span, list) or len(span) not in (2, 3):
+            raise bad(f"a span is {span!r}")
+        start, end, kind = (*span, None)[:3]
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= length):
+            raise bad(f"span {span!r} is not within the completion's {length} tokens")
+        out.append((start, end, None if kind is None else str(kind)))
+    return out
+
+
 def selected(spec: SelectionSpec, mask: Tensor, step: int, total_steps: int, keys: list[str],
              entropy: Tensor | None, divergence: Tensor | None, gather: Callable[[Tensor], Tensor],
-             tokens: int) -> Tensor:
+             tokens: int, spans: list[list] | None = None) -> Tensor:
     """[R, T] the positions the selection keeps, 1 each (`decay`: their weights), before normalisation;
     `tokens` is the step's
     completion positions over all ranks, `entropy` and `divergence` the current student's [R, T]."""
@@ -177,6 +216,9 @@ def selected(spec: SelectionSpec, mask: Tensor, step: int, total_steps: int, key
         return first_tokens(mask, curriculum_share(spec, step, total_steps), spec.token_from == "end")
     if kind == "random":
         return random_tokens(mask, keep, keys)
+    if kind == "spans":
+        kinds = None if spec.token_span_kinds is None else set(spec.token_span_kinds.split(","))
+        return span_tokens(mask, spans, kinds)
     count = math.ceil(keep * tokens)
     if kind == "entropy":
         return top_share(entropy, mask, count, gather)

@@ -17,6 +17,7 @@ pass without gradients over the step first.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -28,10 +29,10 @@ from lightopd.data.batching import TokenBatches, list_mask, padded_column, row_c
 from lightopd.data.stream import Group
 from lightopd.engine import models
 from lightopd.engine.forward import CompletionChunks
-from lightopd.errors import TrainingError
+from lightopd.errors import InputError, TrainingError
 from lightopd.objectives import Inputs, Objective, StepRows
 from lightopd.objectives.diagnostics import diagnostics
-from lightopd.objectives.selection import normalised, selected
+from lightopd.objectives.selection import normalised, parse_spans, selected
 from lightopd.objectives.stats import logprob_stats
 from lightopd.objectives.support import kl, supports
 from lightopd.progress import warn
@@ -145,7 +146,7 @@ class Trainer:
         offered = (*data.columns, "policy_logprobs") if data.policy_from_behavior else data.columns
         self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in offered)
         rewards = ("reward",) if objective.needs().rewards else ()  # per row: read, never batched
-        keys = ("sample_index",) if cfg.selection.token_select == "random" else ()  # its stream's key
+        keys = {"random": ("sample_index",), "spans": ("sample_index", "metadata")}.get(cfg.selection.token_select, ())
         self.read_columns = tuple(c for c in (*self.columns, *rewards, *keys) if c in data.columns)  # from the shards
         self.selection, self.total_steps = cfg.selection, total_steps
         self.device = source.device if source is not None else next(model.parameters()).device
@@ -207,8 +208,24 @@ class Trainer:
             keys = [f"{self.cfg.seed}:{step}:{pid}:{j}" for pid, j in zip(
                 table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)]
         gather = lambda t: torch.cat(self.world.gather(t))  # noqa: E731
-        kept = selected(spec, mask.double(), step, self.total_steps, keys, entropy, divergence, gather, tokens)
+        spans = self._spans(table) if spec.token_select == "spans" else None
+        kept = selected(spec, mask.double(), step, self.total_steps, keys, entropy, divergence, gather, tokens, spans)
         return normalised(kept, spec.token_norm, tokens, self.world.sum), mask
+
+    def _spans(self, table: pa.Table) -> list[list]:
+        """Each row's spans from its metadata field `--token-spans` (selection.parse_spans)."""
+        field, out = self.selection.token_spans, []
+        rows = table.select(["prompt_id", "sample_index", "metadata", "completion_ids"]).to_pylist()
+        for row in rows:
+            where = f"prompt {row['prompt_id']!r} sample {row['sample_index']}, metadata field {field!r}"
+            metadata = json.loads(row["metadata"]) if row["metadata"] else {}
+            if field not in metadata:
+                raise InputError(f"--token-select spans: {where} is missing (--token-spans names the field)")
+            try:
+                out.append(parse_spans(metadata[field], where, len(row["completion_ids"])))
+            except ValueError as e:
+                raise InputError(f"--token-select spans: {e}") from None
+        return out
 
     def step(self, groups: list[Group], step: int = 1) -> dict:
         """Optimizer step number `step` (1-based: the curriculum and random selections read it)."""
