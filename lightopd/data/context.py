@@ -51,11 +51,12 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
-def fill(template: str, row: dict, where: str) -> str:
-    """The template filled from a row (`prompt`, `answer`, `metadata` JSON text)."""
+def fill(template: str, fields: list[str], row: dict, where: str) -> str:
+    """The template (its `fields`: template_fields) filled from a row (`prompt`, `answer`, `metadata`
+    JSON text)."""
     metadata = json.loads(row["metadata"]) if row.get("metadata") else {}
     values = {**metadata, "prompt": row.get("prompt"), "answer": row.get("answer")}
-    for name in template_fields(template):
+    for name in fields:
         if name not in values:
             known = ", ".join(sorted(set(values) | set(BUILT_IN)))
             raise InputError(f"{where}: --teacher-prompt names {{{name}}}, and this record has no field {name!r} "
@@ -84,14 +85,15 @@ class TeacherContext:
 
     def __init__(self, template: str, settings: ChatSettings, tokenizer, eos_ids: list[int], context: int | None,
                  long_prompts: str):
-        template_fields(template)
+        self.fields = template_fields(template)
         self.template, self.context, self.long_prompts = template, context, long_prompts
         self.renderer = Renderer(tokenizer, settings, eos_ids, "--teacher")
 
     def ids(self, row: dict, where: str, longest: int, plan: Plan) -> list[int] | None:
         """The teacher prompt ids of a row whose prompt group's longest completion is `longest`
         tokens, after the length policy (None: skipped); `plan` counts what the policy did."""
-        record = PromptRecord(str(row["prompt_id"]), fill(self.template, row, where), None, None, {}, where)
+        record = PromptRecord(str(row["prompt_id"]), fill(self.template, self.fields, row, where), None, None, {},
+                              where)
         ids = self.renderer.ids(record)
         if not ids:
             raise InputError(f"{where}: the teacher prompt encodes to no tokens")

@@ -20,6 +20,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +45,15 @@ from lightopd.engine.samplers import (
     open_sampler,
 )
 from lightopd.errors import InputError
-from lightopd.objectives import Inputs
 from lightopd.objectives.diagnostics import diagnostics
 from lightopd.objectives.divergences import ForwardKL, ReverseKL
-from lightopd.objectives.stats import logprob_stats
 from lightopd.progress import StageProgress, console, warn
 from lightopd.provenance import tokenizer_fingerprint
 from lightopd.report import compare_results, eval_result_problem, render_eval, setting_differences
 from lightopd.specs import load_prompts
 from lightopd.tasks.checkers import reference_answer
 from lightopd.tasks.verifiers import CHECKERS, Verifier, open_verifier
+from lightopd.training.trainer import chunk_inputs
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -156,15 +156,6 @@ def log_samples(path: str, tokenizer, prompts: Prompts, samples: Samples, checke
     os.replace(tmp, path)
 
 
-def _inputs(mb):
-    """The objectives' view of positions lo:hi of a micro-batch, from their logits."""
-    def of(logits: torch.Tensor, lo: int, hi: int) -> Inputs:
-        stored = {name: values[lo:hi] for name, values in mb.stored.items()}
-        return Inputs(logprob_stats(logits, mb.targets[lo:hi], at=stored["topk_ids"]), **stored)
-
-    return of
-
-
 @torch.inference_mode()
 def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int, limit: int | None = None) -> dict:
     """Mean agreement statistics over the store's rows (those of its first `limit` prompts if given)."""
@@ -186,7 +177,7 @@ def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int, li
             for micro in batches.plan:
                 mb = batches.tensors(micro, columns, k, positions.device)
                 logits_of = positions.logits_at(mb.layout)
-                for inputs in over_chunks(logits_of, len(mb.targets), LOSS_CHUNK_TOKENS, _inputs(mb)):
+                for inputs in over_chunks(logits_of, len(mb.targets), LOSS_CHUNK_TOKENS, partial(chunk_inputs, mb)):
                     diag = diagnostics(inputs)
                     for name, objective in divergences.items():
                         sums[name] += float(objective.loss(inputs).sum())

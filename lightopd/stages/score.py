@@ -6,11 +6,11 @@ of its probability mass outside the top-k (from the full distribution, float32) 
 With `--teacher-prompt` the teacher sees its own prompt, built from each row's record
 (data/context.py), before the student's completion; each row keeps it in `teacher_prompt_ids`. A
 teacher that is the rollout model itself with no context of its own would score every token as the
-student does (a zero signal): a warning here, a refusal in train. Workers started with `--worker I/N` take the shards
-with i % N == I and add them to the same store; whichever finishes last completes the manifest. A
-re-run skips shards the manifest already lists. Everything that can be wrong with the input (a
-damaged rollout store, a teacher with another vocabulary, a k larger than the vocabulary, rows
-longer than the teacher's context) is reported before the teacher is loaded.
+student does (a zero signal): a warning here, a refusal in train. Workers started with `--worker
+I/N` take the shards with i % N == I and add them to the same store; whichever finishes last
+completes the manifest. A re-run skips shards the manifest already lists. Everything that can be
+wrong with the input (a damaged rollout store, a teacher with another vocabulary, a k larger than
+the vocabulary, rows longer than the teacher's context) is reported before the teacher is loaded.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from lightopd.config import ScoreConfig
 from lightopd.data.batching import pack_by_tokens
-from lightopd.data.context import Plan, TeacherContext, template_fields
+from lightopd.data.context import Plan, TeacherContext
 from lightopd.data.reader import iter_batches, read_shard, verify
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
@@ -200,11 +200,12 @@ def _context(cfg: ScoreConfig, rollout_manifest: dict, tokenizer, info, fingerpr
                  "prompt at the same temperature, so its log-probs equal the rollout model's: a student that starts "
                  f"from that model gets no signal (train refuses it). {SELF_TEACHER}")
         return None, plan
-    if "prompt" in template_fields(spec.teacher_prompt) and "prompt" in unavailable(rollout_manifest):
+    settings = spec.chat_settings()
+    context = TeacherContext(spec.teacher_prompt, settings, tokenizer, info.eos_ids, info.context,
+                             spec.teacher_long_prompts)
+    if "prompt" in context.fields and "prompt" in unavailable(rollout_manifest):
         raise InputError(f"--data {cfg.data}: its rows do not keep their prompt text (sampled by an older "
                          "lightopd), so --teacher-prompt cannot use {prompt}; re-run rollout")
-    context = TeacherContext(spec.teacher_prompt, spec.chat_settings(), tokenizer, info.eos_ids, info.context,
-                             spec.teacher_long_prompts)
     kept = 0
     for entry in rollout_manifest["shards"]:
         rows = pa.Table.from_batches(list(read_shard(cfg.data, rollout_manifest, entry, columns=[
@@ -220,8 +221,8 @@ def _context(cfg: ScoreConfig, rollout_manifest: dict, tokenizer, info, fingerpr
         raise InputError(f"{flag}: the teacher's prompts are plain text, not rendered with a chat template (its "
                          "tokenizer's template does not end a turn with its end token); pass --teacher-chat always")
     student = rollout_manifest["prompts"].get("rendering") or {}
-    if context.renderer.chats and student.get("chat_template_kwargs", {}) != spec.chat_settings().template_kwargs:
-        warn(f"--teacher-chat-template-kwargs {json.dumps(spec.chat_settings().template_kwargs)}: the rollouts were "
+    if context.renderer.chats and student.get("chat_template_kwargs", {}) != settings.template_kwargs:
+        warn(f"--teacher-chat-template-kwargs {json.dumps(settings.template_kwargs)}: the rollouts were "
              f"rendered with {json.dumps(student.get('chat_template_kwargs', {}))}, so the teacher's prompt may end "
              "differently from the student's (Qwen3's enable_thinking writes an empty think block) before the same "
              "completion; pass the same options unless the difference is the point")

@@ -77,16 +77,23 @@ def asks_packing(packing: str, model) -> bool:
     return packing == "on" or (packing == "auto" and variable_length)
 
 
+def chunk_inputs(mb, logits: torch.Tensor, lo: int, hi: int, temperature: float = 1.0,
+                 prepared: dict[str, torch.Tensor] | None = None) -> Inputs:
+    """The objectives' view of positions lo:hi of a micro-batch, from their logits: the student's
+    statistics at `temperature`, the stored columns and the prepared inputs of those positions."""
+    stored = {name: values[lo:hi] for name, values in mb.stored.items()}
+    student = logprob_stats(logits, mb.targets[lo:hi], temperature, at=stored.get("topk_ids"))
+    return Inputs(student, **stored, prepared={name: v[lo:hi] for name, v in (prepared or {}).items()})
+
+
 def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor]):
     """The function of one chunk of a micro-batch's completion positions (their logits, lo, hi) that
     returns their per-position loss (with gradient) and diagnostics (without), for engine.chunks."""
+    own = {name: values for name, values in prepared.items() if name not in SHARED_WEIGHTS}
+
     def loss(logits: torch.Tensor, lo: int, hi: int):
         with torch.autocast(logits.device.type, enabled=False):  # statistics in float32
-            stored = {name: values[lo:hi] for name, values in mb.stored.items()}
-            student = logprob_stats(logits, mb.targets[lo:hi], objective.params.temperature,
-                                    at=stored.get("topk_ids"))
-            inputs = Inputs(student, **stored, prepared={name: v[lo:hi] for name, v in prepared.items()
-                                                         if name not in SHARED_WEIGHTS})
+            inputs = chunk_inputs(mb, logits, lo, hi, objective.params.temperature, own)
             per_token = objective.loss(inputs)
             with torch.no_grad():
                 diagnosed = {**diagnostics(inputs), **objective.diagnostics(inputs)}
@@ -114,15 +121,14 @@ def kept_split(diagnosed: dict[str, torch.Tensor], kept: torch.Tensor) -> dict[s
     return out
 
 
-def student_statistics(mb, temperature: float | None):
+def student_statistics(mb, temperature: float):
     """The function of one chunk of a micro-batch's positions that returns the current student's
     entropy and its divergence from the teacher (KL(q̂ ‖ p̂) on the top-k with the tail where the store
     has it, else |lq_y − ℓT|), for the token selection's pass without gradients."""
     def stats(logits: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(logits.device.type, enabled=False):
-            stored = {name: values[lo:hi] for name, values in mb.stored.items()}
-            student = logprob_stats(logits, mb.targets[lo:hi], temperature, at=stored.get("topk_ids"))
-            inputs = Inputs(student, **stored)
+            inputs = chunk_inputs(mb, logits, lo, hi, temperature)
+            student = inputs.student
             if inputs.topk_logprobs is not None and inputs.teacher_log_tail is not None:
                 divergence = kl(*supports(inputs, "tail"))
             elif inputs.teacher_logprobs is not None:
@@ -294,12 +300,17 @@ class Trainer:
                                 "a smaller --lr or --grad-clip keeps the weights finite")
         record = {"loss": loss, "lr": lr, "tokens": tokens, "rows": step_rows, "grad_norm": grad_norm}
         kept = sums.get("kept_fraction", 0.0)
-        seen = kept if skipping else tokens  # the positions whose diagnostics were computed
         for name, total in sums.items():
-            if name.startswith("dropped_") and skipping:
-                continue  # never computed
-            count = {"kept_fraction": tokens}.get(name, kept if name.startswith("kept_") else
-                                                  tokens - kept if name.startswith("dropped_") else seen)
+            if name == "kept_fraction":
+                count = tokens
+            elif name.startswith("kept_"):
+                count = kept
+            elif name.startswith("dropped_"):
+                if skipping:
+                    continue  # never computed
+                count = tokens - kept
+            else:  # over the positions whose diagnostics were computed
+                count = kept if skipping else tokens
             record["is_ratio_mean" if name == "is_ratio" else name] = total / count if count else None
         if "is_ratio" in sums:
             record["is_ratio_max"] = ratio_max
