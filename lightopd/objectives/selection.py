@@ -120,26 +120,26 @@ def curriculum_share(spec: SelectionSpec, step: int, total_steps: int) -> float:
     progress = (step - 1) / max(1, total_steps - 1)
     if spec.token_schedule == "step":
         progress = math.floor(progress * spec.token_stages) / (spec.token_stages - 1) if progress < 1 else 1.0
-        progress = min(progress, 1.0)
     return spec.token_keep + (1 - spec.token_keep) * progress
+
+
+def row_positions(mask: Tensor, from_end: bool) -> tuple[Tensor, Tensor]:
+    """([R, T] each position's 0-based index in its row, counted from the start or the end; [R, 1]
+    each row's length)."""
+    lengths = mask.sum(-1, keepdim=True)
+    index = mask.cumsum(-1) - 1
+    return (lengths - 1 - index if from_end else index), lengths
 
 
 def first_tokens(mask: Tensor, share: float, from_end: bool) -> Tensor:
     """[R, T] 1 on the first (or last) ⌈share·|y_i|⌉ positions of each row."""
-    lengths = mask.sum(-1, keepdim=True)
-    keep = (lengths * share).ceil()
-    index = mask.cumsum(-1) - 1  # 0-based position within the row
-    if from_end:
-        index = lengths - 1 - index
-    return ((index < keep) * mask).to(mask.dtype)
+    index, lengths = row_positions(mask, from_end)
+    return ((index < (lengths * share).ceil()) * mask).to(mask.dtype)
 
 
 def decaying(mask: Tensor, share: float, from_end: bool) -> Tensor:
     """[R, T] 2^(−t / h) at each row's position t (from its start, or its end), h = max(1, share·|y_i|)."""
-    lengths = mask.sum(-1, keepdim=True)
-    index = mask.cumsum(-1) - 1
-    if from_end:
-        index = lengths - 1 - index
+    index, lengths = row_positions(mask, from_end)
     return (0.5 ** (index.clamp(min=0) / (lengths * share).clamp(min=1))) * mask
 
 
