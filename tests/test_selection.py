@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightopd.objectives.selection import SelectionSpec, curriculum_share, normalised, parse_spans, selected
+from lightopd.data.spans import parse_spans
+from lightopd.objectives.selection import SelectionSpec, curriculum_share, normalised, selected
 from tests.helpers import do_train, metrics, read_rows, weights
 from tests.reference import completion_logits, log_softmax64
 

@@ -143,6 +143,7 @@ class StepRows:
     groups: Tensor  # [R] int64: the prompt group of each row (a prompt's samples share one)
     reduce: Callable[[Tensor], Tensor]  # sums a tensor over the ranks that share the step
     row: Callable[[str], Tensor] | None = None  # a stored per-row column (reward) as float64 [R], NaN for null
+    spans: list | None = None  # each row's marked spans, (start, end, kind) token offsets (data/spans.py), if read
 
 
 class Objective:

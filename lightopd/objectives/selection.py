@@ -21,10 +21,10 @@ does the reward-based row weights), so no objective knows of it. Kinds:
 - `curriculum`: `position` with a share that grows from `--token-keep` at the first step to 1 at
   the last, linearly or in `--token-stages` equal steps (TCOD's depth curriculum, forward or, with
   `--token-from end`, backward).
-- `spans`: the positions inside spans a row's metadata marks (`--token-spans FIELD`, default
-  `spans`: a list of `[start, end]` or `[start, end, kind]` token offsets into the completion, end
-  excluded, or objects with those keys), those of `--token-span-kinds` only if given: TRACE's key
-  and error spans, as a selection (a loss per span kind is not built).
+- `spans`: the positions inside the spans marked for each row (data/spans.py: a field of its
+  metadata, `--token-spans FIELD`, or a file of annotations, `--token-spans-file`; token or
+  character offsets), those of `--token-span-kinds` only if given: TRACE's key and error spans.
+  A loss per span kind is `--span-loss` (objectives/span_losses.py), with or without a selection.
 - `random`: each position kept with probability `--token-keep`, from a stream keyed by (`--seed`,
   step, the row's prompt id and sample index): the same positions whatever the batching, chunking
   or number of ranks. The control every selection needs.
@@ -58,6 +58,7 @@ NEEDS_STUDENT = ("entropy", "divergence", "confident-wrong", "tip")  # computed 
 NORMS = ("kept", "all")
 SCHEDULES = ("linear", "step")
 FROM = ("start", "end")
+UNITS = ("tokens", "characters")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +85,20 @@ class SelectionSpec:
                                     "kind] token offsets into the completion, end excluded).", metavar="FIELD")
     token_span_kinds: str | None = opt(None, "spans: keep only spans of these kinds (comma-separated). [default: "
                                              "every span]", metavar="KINDS")
+    token_spans_file: str | None = opt(None, "Read each row's spans from this JSONL file of annotations, one line "
+                                             "per trained row: {\"prompt_id\", \"sample_index\", FIELD: spans}, "
+                                             "FIELD as --token-spans. [default: the row's metadata]", metavar="FILE")
+    token_span_units: str = opt("tokens", "Span offsets count completion tokens, or characters of the completion's "
+                                          "text as the checkers read it (decoded without special tokens; a token "
+                                          "is inside when any of its characters is).", choices=UNITS)
+    span_loss: tuple[str, ...] = opt((), "A loss per span kind (TRACE): KIND=OBJECTIVE or KIND=OBJECTIVE:WEIGHT, "
+                                         "repeatable. Positions in spans of KIND take OBJECTIVE's loss (with its "
+                                         "default parameters and --objective's τ) times WEIGHT; every other "
+                                         "position takes --objective's. A position in spans of two listed kinds "
+                                         "takes the first listed.", metavar="KIND=OBJ[:W]")
+    span_anneal: int | None = opt(None, "The --span-loss weights fall linearly to 0 over the first N optimizer "
+                                        "steps and stay 0 (TRACE anneals its KL channel after a warm-up). "
+                                        "[default: constant]", metavar="N")
 
     def __post_init__(self) -> None:
         check(self.token_select in KINDS, "--token-select", f"must be one of {', '.join(KINDS)}, "
@@ -95,9 +110,22 @@ class SelectionSpec:
         check(self.token_schedule in SCHEDULES, "--token-schedule",
               f"must be linear or step, got {self.token_schedule!r}")
         check(self.token_stages >= 2, "--token-stages", f"must be >= 2, got {self.token_stages}")
+        check(self.token_span_units in UNITS, "--token-span-units",
+              f"must be tokens or characters, got {self.token_span_units!r}")
+        check(self.span_anneal is None or self.span_anneal >= 1, "--span-anneal",
+              f"must be >= 1, got {self.span_anneal}")
+        check(self.span_anneal is None or bool(self.span_loss), "--span-anneal", "anneals --span-loss, which is unset")
+        kinds = [span_loss_entry(entry)[0] for entry in self.span_loss]
+        for kind in {k for k in kinds if kinds.count(k) > 1}:
+            check(False, "--span-loss", f"the kind {kind} is listed twice")
         check(self.token_select != "confident-wrong" or self.token_keep < 0.5, "--token-keep",
               f"confident-wrong takes its share from the low-entropy half of the positions, so it must be below "
               f"0.5 (TIP: 0.1), got {self.token_keep}")
+
+    @property
+    def reads_spans(self) -> bool:
+        """Whether training reads each row's spans (the spans selection, or losses per span kind)."""
+        return self.token_select == "spans" or bool(self.span_loss)
 
     @property
     def active(self) -> bool:
@@ -113,6 +141,21 @@ class SelectionSpec:
     def needs_student(self) -> bool:
         """Whether the selection reads the current student (a no-gradient pass before the step)."""
         return self.token_select in NEEDS_STUDENT
+
+
+def span_loss_entry(entry: str) -> tuple[str, str, float]:
+    """(kind, objective, weight) of a `--span-loss KIND=OBJECTIVE[:WEIGHT]` entry."""
+    kind, _, rest = entry.partition("=")
+    name, _, weight = rest.partition(":")
+    valid = bool(kind and name) and kind.replace("-", "").replace("_", "").isalnum() and kind != "other"
+    check(valid, "--span-loss", f"{entry!r} is not KIND=OBJECTIVE[:WEIGHT] with KIND letters, digits, - or _ "
+                                "(other than 'other', the name of the unmarked positions)")
+    try:
+        value = float(weight) if weight else 1.0
+    except ValueError:
+        value = -1.0
+    check(value >= 0, "--span-loss", f"{entry!r}: the weight must be a number >= 0")
+    return kind, name, value
 
 
 def curriculum_share(spec: SelectionSpec, step: int, total_steps: int) -> float:
@@ -179,26 +222,6 @@ def span_tokens(mask: Tensor, spans: list[list], kinds: set[str] | None) -> Tens
             if kinds is None or kind in kinds:
                 out[i, start:end] = 1
     return out * mask
-
-
-def parse_spans(value, where: str, length: int) -> list[tuple[int, int, str | None]]:
-    """A row's spans as (start, end, kind) token offsets, checked against its completion's length."""
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{where}: {why}; spans are a list of [start, end] or [start, end, kind] token offsets "
-                          "into the completion (end excluded), or objects with those keys")
-    if not isinstance(value, list):
-        raise bad(f"not a list ({type(value).__name__})")
-    out = []
-    for span in value:
-        if isinstance(span, dict):
-            span = [span.get("start"), span.get("end"), span.get("kind")]
-        if not isinstance(span, list) or len(span) not in (2, 3):
-            raise bad(f"a span is {span!r}")
-        start, end, kind = (*span, None)[:3]
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= length):
-            raise bad(f"span {span!r} is not within the completion's {length} tokens")
-        out.append((start, end, None if kind is None else str(kind)))
-    return out
 
 
 def selected(spec: SelectionSpec, mask: Tensor, step: int, total_steps: int, keys: list[str],

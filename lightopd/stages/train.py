@@ -41,6 +41,7 @@ from lightopd.engine import models
 from lightopd.errors import InputError
 from lightopd.hub import locate
 from lightopd.objectives import Objective, ObjectiveParams, Requirements, lookup
+from lightopd.objectives.span_losses import with_span_losses
 from lightopd.options import flatten
 from lightopd.progress import console, warn
 from lightopd.provenance import (
@@ -172,6 +173,13 @@ def resume_differences(checkpoint: dict, now: dict, at_step: int, total: int) ->
     return out
 
 
+def for_store(params: ObjectiveParams, sampling: dict) -> ObjectiveParams:
+    """`params` with a fixed length left unset (opd-seq's max_length) at the store's longest completion."""
+    if getattr(params, "max_length", 0) is None:
+        return dataclasses.replace(params, max_length=int(sampling["max_new_tokens"]))
+    return params
+
+
 def run(cfg: TrainConfig, params: ObjectiveParams) -> dict | None:
     """Train; returns the result on rank 0 (None on other ranks). Rank 0 holds --out for the run."""
     world, device = distributed.join(cfg.student.device)
@@ -191,11 +199,10 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     spec = cfg.student
     student_dir = models.check_model_dir(spec.path, "--student")
     kind = lookup(cfg.objective)
-    manifest = check_data(cfg, cfg.objective, kind(params).needs())
+    manifest = check_data(cfg, cfg.objective,
+                          with_span_losses(kind(params), cfg.selection, lookup, lambda c: c.Params()).needs())
     sampling = sampling_of(manifest)
-    params = student_temperature(params, sampling, kind.default_temperature)
-    if getattr(params, "max_length", 0) is None:  # a fixed length not given: the store's longest completion
-        params = dataclasses.replace(params, max_length=int(sampling["max_new_tokens"]))
+    params = for_store(student_temperature(params, sampling, kind.default_temperature), sampling)
     tokenizer = models.load_tokenizer(student_dir, spec.trust_remote_code, "--student")
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
         raise InputError(
@@ -209,7 +216,9 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         warn(mismatch)
     compute_dtype = models.resolve_dtype(spec.dtype, device)
     parent = read_provenance(student_dir)
-    objective: Objective = kind(params, total_steps(cfg, manifest))
+    objective: Objective = with_span_losses(  # a span kind's loss takes --objective's τ
+        kind(params, total_steps(cfg, manifest)), cfg.selection, lookup,
+        lambda c: dataclasses.replace(for_store(c.Params(), sampling), temperature=params.temperature))
     needs = objective.needs()
     student = {"path": str(student_dir.resolve()), **locate(spec.path).record(),
                "fingerprint": model_fingerprint(student_dir)}
@@ -255,7 +264,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
                  "fingerprint": manifest_fingerprint(cfg.data), "teacher": manifest.get("teacher"),
                  "sampling": sampling},
         "objective": {"name": objective.name, "params": dataclasses.asdict(params)},
-        "train": {**{k: v for k, v in flatten(cfg).items() if k not in ("student", "data", "out", "resume")},
+        "train": {**{k: list(v) if isinstance(v, tuple) else v  # as the JSON record reads back
+                     for k, v in flatten(cfg).items() if k not in ("student", "data", "out", "resume")},
                   "compute_dtype": str(compute_dtype).removeprefix("torch.")},
         "parallel": {"world_size": world.size, "fsdp": cfg.fsdp and world.active},
         "lora": lora_settings(cfg) if cfg.lora_rank else None,
@@ -307,7 +317,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         peft_model = add_adapters(model, cfg, resume_from) if cfg.lora_rank else None
         if peft_model is not None:
             model = peft_model.get_base_model()  # the student, its linear layers carrying the adapters
-    trainer = Trainer(cfg, objective, model, data, objective.total_steps, world, source)
+    trainer = Trainer(cfg, objective, model, data, objective.total_steps, world, source,
+                      lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     source = full = None  # rank 0's full copy is in the shards now
     stream = StepStream(cfg.data, manifest, list(trainer.read_columns), cfg.seed,
                         cfg.shuffle_buffer, world.rank, world.size)

@@ -17,7 +17,6 @@ pass without gradients over the step first.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -26,13 +25,14 @@ import torch
 
 from lightopd.config import TrainConfig
 from lightopd.data.batching import TokenBatches, list_mask, padded_column, row_column
+from lightopd.data.spans import Spans
 from lightopd.data.stream import Group
 from lightopd.engine import models
 from lightopd.engine.forward import CompletionChunks
-from lightopd.errors import InputError, TrainingError
+from lightopd.errors import TrainingError
 from lightopd.objectives import Inputs, Objective, StepRows
 from lightopd.objectives.diagnostics import diagnostics
-from lightopd.objectives.selection import normalised, parse_spans, selected
+from lightopd.objectives.selection import normalised, selected
 from lightopd.objectives.stats import logprob_stats
 from lightopd.objectives.support import kl, supports
 from lightopd.progress import warn
@@ -146,13 +146,18 @@ class Trainer:
     skips_dropped = True  # positions a selection drops before the forward skip the output layer (tests turn it off)
 
     def __init__(self, cfg: TrainConfig, objective: Objective, model, data: TrainData, total_steps: int,
-                 world: World = distributed.SINGLE, source: Source | None = None):
-        """`source`: where a `model` built on the meta device gets its weights (under --fsdp)."""
+                 world: World = distributed.SINGLE, source: Source | None = None, decode=None):
+        """`source`: where a `model` built on the meta device gets its weights (under --fsdp); `decode`:
+        the student tokenizer's text of completion ids, for spans in character offsets."""
         self.cfg, self.objective, self.model, self.data, self.world = cfg, objective, model, data, world
         offered = (*data.columns, "policy_logprobs") if data.policy_from_behavior else data.columns
         self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in offered)
         rewards = ("reward",) if objective.needs().rewards else ()  # per row: read, never batched
-        keys = {"random": ("sample_index",), "spans": ("sample_index", "metadata")}.get(cfg.selection.token_select, ())
+        spec = cfg.selection
+        self.spans = Spans(spec.token_spans, spec.token_span_units, spec.token_spans_file, decode) \
+            if spec.reads_spans else None
+        keys = ("sample_index",) if cfg.selection.token_select == "random" else ()
+        keys += self.spans.columns if self.spans is not None else ()
         self.read_columns = tuple(c for c in (*self.columns, *rewards, *keys) if c in data.columns)  # from the shards
         self.selection, self.total_steps = cfg.selection, total_steps
         self.device = source.device if source is not None else next(model.parameters()).device
@@ -175,12 +180,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda step: lr_factor(step, cfg, total_steps))
 
-    def _prepared(self, table: pa.Table, groups: list[Group]) -> dict[str, torch.Tensor]:
+    def _prepared(self, table: pa.Table, groups: list[Group], spans: list | None) -> dict[str, torch.Tensor]:
         """The objective's per-position inputs for the whole step, [R, T] each."""
         group_of = torch.tensor([i for i, g in enumerate(groups) for _ in range(g.num_rows)], device=self.device)
         mask = list_mask(table, "completion_ids").to(self.device)
         rows = StepRows(lambda name: padded_column(table, name, self.device), mask.double(), group_of, self.world.sum,
-                        lambda name: row_column(table, name, self.device))
+                        lambda name: row_column(table, name, self.device), spans)
         prepared = self.objective.prepare(rows)
         weights = self.objective.row_weights(rows)
         if weights is not None:
@@ -188,7 +193,7 @@ class Trainer:
         return {name: (values, mask) for name, values in prepared.items()}
 
     def _selection(self, table: pa.Table, batches: TokenBatches, micros: list, weights: list[float], step: int,
-                   tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   tokens: int, spans: list | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The token selection's weights of the step [R, T] and its mask (objectives/selection.py); the
         current student's entropy and divergence come from a pass without gradients (eval mode)."""
         spec = self.selection
@@ -214,24 +219,8 @@ class Trainer:
             keys = [f"{self.cfg.seed}:{step}:{pid}:{j}" for pid, j in zip(
                 table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)]
         gather = lambda t: torch.cat(self.world.gather(t))  # noqa: E731
-        spans = self._spans(table) if spec.token_select == "spans" else None
         kept = selected(spec, mask.double(), step, self.total_steps, keys, entropy, divergence, gather, tokens, spans)
         return normalised(kept, spec.token_norm, tokens, self.world.sum), mask
-
-    def _spans(self, table: pa.Table) -> list[list]:
-        """Each row's spans from its metadata field `--token-spans` (selection.parse_spans)."""
-        field, out = self.selection.token_spans, []
-        rows = table.select(["prompt_id", "sample_index", "metadata", "completion_ids"]).to_pylist()
-        for row in rows:
-            where = f"prompt {row['prompt_id']!r} sample {row['sample_index']}, metadata field {field!r}"
-            metadata = json.loads(row["metadata"]) if row["metadata"] else {}
-            if field not in metadata:
-                raise InputError(f"--token-select spans: {where} is missing (--token-spans names the field)")
-            try:
-                out.append(parse_spans(metadata[field], where, len(row["completion_ids"])))
-            except ValueError as e:
-                raise InputError(f"--token-select spans: {e}") from None
-        return out
 
     def step(self, groups: list[Group], step: int = 1) -> dict:
         """Optimizer step number `step` (1-based: the curriculum and random selections read it)."""
@@ -243,7 +232,8 @@ class Trainer:
                                              device=self.device))
         tokens, step_rows = (int(x) for x in totals.tolist())  # over all ranks
         scale = self.world.size / max(tokens, 1)  # DDP averages over ranks: this makes it the global token mean
-        prepared = self._prepared(table, groups)
+        spans = self.spans.of(table) if self.spans is not None else None
+        prepared = self._prepared(table, groups, spans)
         # under DDP every rank must reach one synchronising backward, even one whose rows have no completion tokens
         micros = batches.plan or batches.packs[:1]
         weights = [1.0] * len(micros)
@@ -251,7 +241,7 @@ class Trainer:
             extra = int(self.world.max(torch.tensor(len(micros), device=self.device))) - len(micros)
             micros, weights = micros + [micros[0]] * extra, weights + [0.0] * extra
         if self.selection.active:
-            prepared[TOKEN_WEIGHT] = self._selection(table, batches, micros, weights, step, tokens)
+            prepared[TOKEN_WEIGHT] = self._selection(table, batches, micros, weights, step, tokens, spans)
         skipping = self.selection.known_before and self.skips_dropped
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
