@@ -70,7 +70,8 @@ class SelectionSpec:
                                    "(low entropy, high divergence: TIP), tip (entropy or confident-wrong), position "
                                    "(each row's first tokens), decay (a weight halving every --token-keep share "
                                    "of the row), curriculum (position with a share growing to 1: "
-                                   "TCOD), random (the control). Works with every objective.", choices=KINDS)
+                                   "TCOD), random (the control), spans (inside the spans marked for each row: "
+                                   "TRACE). Works with every objective.", choices=KINDS)
     token_keep: float = opt(0.5, "The share of positions kept (for curriculum, at the first step).", metavar="F")
     token_low_keep: float = opt(0.1, "tip: the share of all positions added from the low-entropy, high-divergence "
                                      "region.", metavar="F")
