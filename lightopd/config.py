@@ -84,6 +84,14 @@ class ScoreConfig(Config):
     out: str = opt(help="Directory of the teacher store to write (or to resume, or to share with other workers).",
                    metavar="DIR")
     context: ContextSpec = opt(ContextSpec())
+    where: tuple[str, ...] = opt((), "Score only the rows whose metadata field FIELD holds one of the VALUES "
+                                     "(repeatable: every --where must hold): routes a mixed rollout store to "
+                                     "several teachers, each scoring its own rows into its own store; train "
+                                     "takes them together with --data A --data B. [default: every row]",
+                                 metavar="FIELD=VALUE[,VALUE]")
+    teacher_name: str | None = opt(None, "The teacher's name in the store and in train's per-teacher metrics "
+                                         "(teacher_token_frac/NAME). [default: the --teacher directory's name]",
+                                   metavar="NAME")
     top_k: int = opt(32, "Teacher log-probs stored per position: its k most likely tokens.", metavar="K")
     temperature: float = opt(1.0, "Scoring temperature: every statistic is of softmax(logits / temperature).",
                              metavar="T")
@@ -103,6 +111,8 @@ class ScoreConfig(Config):
         check(self.topk_dtype in TOPK_DTYPES, "--topk-dtype",
               f"must be one of {', '.join(TOPK_DTYPES)}, got {self.topk_dtype!r}")
         parse_worker(self.worker)
+        check(self.teacher_name is None or (self.teacher_name.strip() and "/" not in self.teacher_name),
+              "--teacher-name", f"must be a non-empty name without '/', got {self.teacher_name!r}")
 
 
 PACKING = ("auto", "on", "off")
@@ -115,8 +125,10 @@ class TrainConfig(Config):
     """`lightopd train`: fit a student on a store. Objective parameters live beside each objective."""
 
     student: ModelSpec = opt(help="The student to train.")
-    data: str = opt(help="A teacher store (from score-teacher), or a rollout store for --objective sft.",
-                    metavar="DIR")
+    data: tuple[str, ...] = opt(help="A teacher store (from score-teacher), or a rollout store for --objective sft. "
+                                     "Repeatable: teacher stores of several teachers routed over the same "
+                                     "rollouts (score-teacher --where), or rollout stores of several teachers "
+                                     "for an SFT mixture, read as one.", metavar="DIR")
     out: str = opt(help="Output directory: the final model (HF format + lightopd.json), checkpoints/step-N/ and "
                         "metrics.jsonl.", metavar="DIR")
     objective: str = opt("lightning-opd", "The loss (listed below).", metavar="NAME")
@@ -182,11 +194,19 @@ class TrainConfig(Config):
                                               "(a warning instead of an error).")
     allow_off_policy: bool = opt(False, "No warning when an objective that assumes the rollouts came from the "
                                         "student (or the model it was trained from) trains on another model's.")
+    teacher_weight: tuple[str, ...] = opt((), "With several teacher stores: weigh the loss of the rows a teacher "
+                                              "scored by W (its name as in teacher_token_frac/NAME; repeatable). "
+                                              "[default: 1 each]", metavar="NAME=W")
+    allow_unrouted: bool = opt(False, "With teacher stores routed over the same rollouts: train on the routed rows "
+                                      "even if some rows were scored by no teacher (an error otherwise).")
     dropout: bool = opt(False, "Keep the model's dropout in the training forward. Off by default: with it, the "
                                "student's log-probs are not its policy's, and ratios to the rollout policy are "
                                "not 1 even before the weights move.")
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, str):  # one store, as code and recipes may give it
+            object.__setattr__(self, "data", (self.data,))
+        check(bool(self.data), "--data", "give at least one store")
         check(self.steps is None or self.steps >= 1, "--steps", f"must be >= 1, got {self.steps}")
         check(self.epochs is None or self.epochs > 0, "--epochs", f"must be > 0, got {self.epochs}")
         check(self.steps is None or self.epochs is None, "--steps/--epochs", "give one of them, not both")

@@ -56,6 +56,11 @@ class StageProgress:
     def seconds(self) -> float:
         return time.perf_counter() - self._start
 
+    def add_total(self, items: int) -> None:
+        """Count `items` more (or, negative, fewer) to do: work found smaller once it is read."""
+        task = self._progress.tasks[0]
+        self._progress.update(self._task, total=(task.total or 0) + items)
+
     def advance(self, items: int = 0, tokens: int = 0, status: str | None = None) -> None:
         self.tokens += tokens
         rate = f"{self.tokens / self.seconds:,.0f}" if self.seconds > 0 else "-"

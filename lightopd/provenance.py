@@ -117,7 +117,7 @@ def named(model: dict) -> str:
 
 
 def sft_teacher_of(manifest: dict, learns_from_teacher: bool, student: str, declared_path: str | None,
-                   parent: dict | None, allow_mismatch: bool, own: tuple[str, ...] = ()) -> dict | None:
+                   parent: dict | None, allow_mismatch: bool, own: tuple[str, ...] = (), data: str = "") -> dict | None:
     """The SFT teacher to record in a trained model's provenance, after the consistency gate.
 
     Training on samples without a teacher (SFT) records the model that wrote them. A teacher that is
@@ -125,7 +125,9 @@ def sft_teacher_of(manifest: dict, learns_from_teacher: bool, student: str, decl
     construction when the teacher saw a recorded context of its own, refused (unless
     `allow_mismatch`) when it saw the student's prompts, which gives no signal. Otherwise the
     student's SFT teacher (`--sft-teacher`, else its lightopd.json) must be the teacher that scored
-    the store: a mismatch is an InputError unless `allow_mismatch`, and no record is a warning.
+    the store: a mismatch is an InputError unless `allow_mismatch`, and no record is a warning. A
+    student SFT-trained on several teachers' samples (`sft_teachers`) passes with any of them.
+    `data` names the store in messages.
     """
     if not learns_from_teacher:
         writer = manifest["model"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["model"]
@@ -138,6 +140,8 @@ def sft_teacher_of(manifest: dict, learns_from_teacher: bool, student: str, decl
                     "fingerprint": model_fingerprint(path)}
     else:
         declared = (parent or {}).get("sft_teacher")
+        mixture = [d for d in (parent or {}).get("sft_teachers") or [] if isinstance(d, dict)]
+        declared = next((d for d in mixture if d.get("fingerprint") == manifest["teacher"]["fingerprint"]), declared)
     teacher = manifest["teacher"]
     if declared is None:
         warn(f"--student {student} has no recorded SFT teacher (no lightopd.json, no --sft-teacher), so "
@@ -145,7 +149,8 @@ def sft_teacher_of(manifest: dict, learns_from_teacher: bool, student: str, decl
         return None
     if declared["fingerprint"] != teacher["fingerprint"]:
         message = (f"the student's SFT teacher ({named(declared)}, {declared['fingerprint']}) is not the teacher "
-                   f"that scored --data ({named(teacher)}, {teacher['fingerprint']}). " + CONSISTENCY)
+                   f"that scored --data{' ' + data if data else ''} ({named(teacher)}, {teacher['fingerprint']}). "
+                   + CONSISTENCY)
         if not allow_mismatch:
             raise InputError(message + " Pass --allow-teacher-mismatch to train anyway.")
         warn(message)

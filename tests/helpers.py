@@ -76,7 +76,8 @@ def do_train(student, data, out, sets=(), **flags):
     """The train stage as if run with these flags (and `--set` pairs); returns (result, config)."""
     from lightopd.stages import train
 
-    cfg, params = train_settings({"student": str(student), "data": str(data), "out": str(out), **flags}, None,
+    data = tuple(map(str, data)) if isinstance(data, (tuple, list)) else str(data)  # several stores, or one
+    cfg, params = train_settings({"student": str(student), "data": data, "out": str(out), **flags}, None,
                                  list(sets))
     return train.run(cfg, params), cfg
 

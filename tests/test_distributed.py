@@ -50,9 +50,9 @@ def test_ranks_share_each_step_and_cover_the_store_once(teacher_store):
     manifest = open_store(teacher_store)
     every = sorted(prompts_in(teacher_store, [s["name"] for s in manifest["shards"]]))
     for world in (1, 2):
-        ranks = [S.StepStream(teacher_store, manifest, [], seed=0, buffer_size=4, rank=r, world=world)
+        ranks = [S.StepStream([(teacher_store, manifest)], [], seed=0, buffer_size=4, rank=r, world=world)
                  for r in range(world)]
-        one = S.StepStream(teacher_store, manifest, [], seed=0, buffer_size=4)
+        one = S.StepStream([(teacher_store, manifest)], [], seed=0, buffer_size=4)
         seen = []
         for _ in range(len(every) // 2):  # one epoch: 2 samples per prompt, 4 rows (2 prompts) per step
             step = prompt_ids(one.take_step(4))

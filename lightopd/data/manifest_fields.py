@@ -90,6 +90,10 @@ OPTIONAL = {  # checked where present
                                             "teacher_entropy")),
     "scoring.vocab_size": _int(1),
     "tokenizer.vocab_size": _int(1),
+    "teacher.name": STRING,  # routed teachers (score-teacher --where) are told apart by it
+    "rollouts.rows": _int(0),
+    "scoring.route.rows": _int(0),
+    "scoring.route.rollout_rows": _int(0),
 }
 SHARD = {"name": STRING, "rows": _int(0), "tokens": _int(0), "bytes": _int(0), "sha256": STRING}
 

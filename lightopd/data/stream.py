@@ -1,4 +1,5 @@
-"""A seeded, resumable, endless stream of prompt groups read shard by shard from a store.
+"""A seeded, resumable, endless stream of prompt groups read shard by shard from a store (or from
+several, one seeded order over all their shards).
 
 A group is every row of one prompt (its samples are written together, in one shard), so
 objectives that compare a prompt's samples see them in the same step. Each epoch visits the
@@ -51,6 +52,12 @@ def _groups_of_shard(batches: Iterator[pa.RecordBatch]) -> Iterator[Group]:
         yield _concat(pending)
 
 
+def labelled(group: Group, label: str) -> Group:
+    """The group with a `teacher` column naming the store it came from."""
+    return pa.RecordBatch.from_arrays([*group.columns, pa.array([label] * group.num_rows, pa.string())],
+                                      names=[*group.schema.names, "teacher"])
+
+
 def _concat(pieces: list[pa.RecordBatch]) -> Group:
     if len(pieces) == 1:
         return pieces[0]
@@ -59,27 +66,38 @@ def _concat(pieces: list[pa.RecordBatch]) -> Group:
 
 class GroupStream:
     def __init__(self, directory: str | Path, manifest: dict, shards: list[str], columns: list[str],
-                 seed: int | str, buffer_size: int):
-        """The groups of `shards` (names listed in `manifest`), each shard verified as it is opened."""
-        self.directory = Path(directory)
-        self.manifest = manifest
-        self.entries = {s["name"]: s for s in manifest["shards"]}
-        self.shards = list(shards)
+                 seed: int | str, buffer_size: int, label: str | None = None):
+        """The groups of `shards` (names listed in `manifest`), each shard verified as it is opened;
+        with a `label`, each group gains a `teacher` column holding it."""
+        self._parts = [(Path(directory), manifest, label)]
+        self.shards = [(0, name) for name in shards]
         self.columns = sorted(set(columns) | {"prompt_id"})
         self.seed = seed
         self.buffer_size = buffer_size
         self.consumed = 0  # groups yielded so far: the data cursor saved in checkpoints
         self._iter = self._endless()
 
+    @classmethod
+    def over(cls, stores: list[tuple[str | Path, dict, str | None]], columns: list[str], seed: int | str,
+             buffer_size: int) -> GroupStream:
+        """The groups of every shard of several stores ((directory, manifest, label) each), one
+        seeded order over all their shards; one store reads exactly as the constructor's."""
+        stream = cls(stores[0][0], stores[0][1], [], columns, seed, buffer_size)
+        stream._parts = [(Path(d), m, label) for d, m, label in stores]
+        stream.shards = [(j, s["name"]) for j, (_, m, _) in enumerate(stores) for s in m["shards"]]
+        return stream
+
     def _epoch(self, epoch: int) -> Iterator[Group]:
         rng = random.Random(f"{self.seed}:{epoch}")
         order = list(self.shards)
         rng.shuffle(order)
         buffer: list[Group] = []
-        for name in order:
-            batches = read_shard(self.directory, self.manifest, self.entries[name], self.columns, READ_BATCH_ROWS)
+        for part, name in order:
+            directory, manifest, label = self._parts[part]
+            entry = next(s for s in manifest["shards"] if s["name"] == name)
+            batches = read_shard(directory, manifest, entry, self.columns, READ_BATCH_ROWS)
             for group in _groups_of_shard(batches):
-                buffer.append(group)
+                buffer.append(group if label is None else labelled(group, label))
                 if len(buffer) >= self.buffer_size:
                     i = rng.randrange(len(buffer))
                     buffer[i], buffer[-1] = buffer[-1], buffer[i]
@@ -149,14 +167,15 @@ def check_batch(batch_size: int, samples: int, world_size: int, rows: int | None
 
 
 class StepStream:
-    """The whole store's stream of groups, the same on every rank; a step is whole groups until it
-    holds `batch_size` rows, and each rank keeps its share (see `share`)."""
+    """The stores' stream of groups, the same on every rank; a step is whole groups until it holds
+    `batch_size` rows, and each rank keeps its share (see `share`). With `names` (one per store,
+    several teacher stores), each row carries its store's name in a `teacher` column."""
 
-    def __init__(self, directory: str | Path, manifest: dict, columns: list[str], seed: int, buffer_size: int,
-                 rank: int = 0, world: int = 1):
-        names = [s["name"] for s in manifest["shards"]]
-        self.stream = GroupStream(directory, manifest, names, sorted({*columns, "prompt_ids", "completion_ids"}),
-                                  seed, buffer_size)
+    def __init__(self, stores: list[tuple[str | Path, dict]], columns: list[str], seed: int, buffer_size: int,
+                 rank: int = 0, world: int = 1, names: tuple[str, ...] = ()):
+        labels = list(names) or [None] * len(stores)
+        self.stream = GroupStream.over([(d, m, label) for (d, m), label in zip(stores, labels, strict=True)],
+                                       sorted({*columns, "prompt_ids", "completion_ids"}), seed, buffer_size)
         self.rank, self.world = rank, world
 
     def take_step(self, batch_size: int) -> list[Group]:

@@ -28,6 +28,7 @@ from lightopd.config import ScoreConfig
 from lightopd.data.batching import pack_by_tokens
 from lightopd.data.context import Plan, TeacherContext
 from lightopd.data.reader import iter_batches, read_shard, verify
+from lightopd.data.routes import Where, describe, matched, parse_where, seen_values
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
     TEACHER_FORMAT,
@@ -144,7 +145,9 @@ def run(cfg: ScoreConfig) -> dict:
     if cfg.top_k > info.vocab:
         raise InputError(f"--top-k {cfg.top_k}: larger than the teacher's vocabulary ({info.vocab})")
     fingerprint = model_fingerprint(teacher_dir)
-    context, plan = _context(cfg, rollout_manifest, tokenizer, info, fingerprint)
+    where = parse_where(cfg.where)
+    routed = _routed_rows(cfg, rollout_manifest, where)
+    context, plan = _context(cfg, rollout_manifest, tokenizer, info, fingerprint, where)
     if context is None:
         longest, which = _longest_row(cfg.data, rollout_manifest)
         if info.context is not None and longest > info.context:
@@ -156,11 +159,13 @@ def run(cfg: ScoreConfig) -> dict:
 
     metadata = {
         "teacher": {"path": str(teacher_dir.resolve()), **locate(spec.path).record(),
-                    "fingerprint": fingerprint, "dtype": str(dtype).removeprefix("torch.")},
+                    "fingerprint": fingerprint, "dtype": str(dtype).removeprefix("torch."),
+                    "name": cfg.teacher_name or Path(spec.path.rstrip("/")).name},
         "tokenizer": rollout_manifest["tokenizer"],
         "rollouts": {
             "path": str(Path(cfg.data).resolve()),
             "fingerprint": manifest_fingerprint(cfg.data),
+            "rows": rollout_manifest["rows"],
             "model": rollout_manifest["model"],
             "sampling": rollout_manifest["sampling"],
             "prompts": rollout_manifest["prompts"],
@@ -169,7 +174,8 @@ def run(cfg: ScoreConfig) -> dict:
         "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
                     "vocab_size": info.vocab, "engine": engine_record(cfg.engine),
                     "unavailable": list(UNAVAILABLE) if vllm else [],
-                    "context": None if context is None else context.describe(plan)},
+                    "context": None if context is None else context.describe(plan),
+                    "route": describe(where, routed, rollout_manifest["rows"]) if where else None},
     }
     with shard_work(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], cfg.worker,
                     PARQUET_OPTIONS) as work:
@@ -181,13 +187,28 @@ def run(cfg: ScoreConfig) -> dict:
                                           spec.attn_implementation)
                 scorer = Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements)
             try:
-                _score_shards(cfg, work, scorer, rollout_manifest, context)
+                _score_shards(cfg, work, scorer, rollout_manifest, context, where)
             except NonFiniteLogits as e:
                 raise NonFiniteLogits(f"--teacher {spec.path}: {e}") from None
         return work.summary("score-teacher")
 
 
-def _context(cfg: ScoreConfig, rollout_manifest: dict, tokenizer, info, fingerprint: str
+def _routed_rows(cfg: ScoreConfig, rollout_manifest: dict, where: Where) -> int:
+    """The rows `--where` takes from the rollout store (all of them without a route); a route that
+    takes none is exit 2 naming the values its fields hold."""
+    if not where:
+        return rollout_manifest["rows"]
+    tables = [pa.Table.from_batches(list(read_shard(cfg.data, rollout_manifest, entry, columns=["metadata"])))
+              for entry in rollout_manifest["shards"]]
+    count = sum(len(matched(t, where)) for t in tables)
+    if not count:
+        seen = "; ".join(f"{field} holds {', '.join(values)}" for field, values in seen_values(tables, where).items())
+        raise InputError(f"--where: takes none of the {rollout_manifest['rows']} rows of --data {cfg.data} (in their "
+                         f"metadata, {seen})")
+    return count
+
+
+def _context(cfg: ScoreConfig, rollout_manifest: dict, tokenizer, info, fingerprint: str, where: Where
              ) -> tuple[TeacherContext | None, Plan]:
     """The teacher's context (None without --teacher-prompt), its prompts rendered over the whole
     store once, so that a bad template, a missing field or a prompt too long fails before the teacher
@@ -211,6 +232,7 @@ def _context(cfg: ScoreConfig, rollout_manifest: dict, tokenizer, info, fingerpr
         rows = pa.Table.from_batches(list(read_shard(cfg.data, rollout_manifest, entry, columns=[
             "prompt_id", "completion_ids", "answer", "metadata", *(["prompt"] if "prompt" not in unavailable(
                 rollout_manifest) else [])])))
+        rows = rows.take(matched(rows, where))
         rows_kept, _, shard_plan = context.shard(_with_prompt(rows), str(Path(cfg.data) / entry["name"]))
         kept += len(rows_kept)
         plan.add(shard_plan)
@@ -235,7 +257,7 @@ def _with_prompt(rows: pa.Table) -> pa.Table:
 
 
 def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer, rollout_manifest: dict,
-                  context: TeacherContext | None) -> None:
+                  context: TeacherContext | None, where: Where) -> None:
     """Score this worker's remaining shards; writing a shard overlaps scoring the next."""
     shards = {shard_index(s["name"]): s for s in rollout_manifest["shards"]}
     pending: Future | None = None
@@ -244,6 +266,10 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer
     ) as bar:
         for index in work.todo:
             rollouts = pa.Table.from_batches(list(read_shard(cfg.data, rollout_manifest, shards[index])))
+            if where:  # this teacher's rows alone
+                taken = matched(rollouts, where)
+                bar.add_total(len(taken) - rollouts.num_rows)
+                rollouts = rollouts.take(taken)
             teacher_prompts = None
             if context is not None:
                 kept, teacher_prompts, _ = context.shard(_with_prompt(rollouts), shards[index]["name"])

@@ -23,24 +23,17 @@ import torch
 
 from lightopd import __version__
 from lightopd.config import TrainConfig
-from lightopd.data.groups import reward_summary, rewards_by_prompt
 from lightopd.data.lock import LOCK, exclusive
 from lightopd.data.store import (
-    ROLLOUT_FORMAT,
-    TEACHER_FORMAT,
-    manifest_fingerprint,
-    open_store,
     policy_is_behavior,
-    reward_checker,
     sampling_of,
     store_columns,
-    unavailable,
 )
 from lightopd.data.stream import StepStream, check_batch
 from lightopd.engine import models
 from lightopd.errors import InputError
 from lightopd.hub import locate
-from lightopd.objectives import Objective, ObjectiveParams, Requirements, lookup
+from lightopd.objectives import Objective, ObjectiveParams, lookup
 from lightopd.objectives.span_losses import with_span_losses
 from lightopd.options import flatten
 from lightopd.progress import console, warn
@@ -48,9 +41,9 @@ from lightopd.provenance import (
     eos_mismatch,
     model_fingerprint,
     read_provenance,
-    sft_teacher_of,
     tokenizer_fingerprint,
 )
+from lightopd.stages.train_data import check_on_policy, mixture, sft_teachers
 from lightopd.training import distributed
 from lightopd.training.checkpoints import remove, remove_leftovers, restore, saved_dtype
 from lightopd.training.distributed import World
@@ -63,68 +56,10 @@ from lightopd.training.trackers import check_installed, trackers_of
 from lightopd.training.trainer import TrainData, Trainer
 
 
-def check_data(cfg: TrainConfig, name: str, needs: Requirements) -> dict:
-    """The store's manifest, after checking it offers what the objective requires."""
-    manifest = open_store(cfg.data, formats=(ROLLOUT_FORMAT, TEACHER_FORMAT))
-    missing = [c for c in needs.columns if c not in store_columns(manifest)
-               and not (c == "policy_logprobs" and policy_is_behavior(manifest))]
-    if "policy_logprobs" in missing:
-        sampling = sampling_of(manifest)
-        how = ("greedily (temperature 0)" if sampling["temperature"] == 0
-               else f"with top-p {sampling['top_p']}, whose truncation it cannot be rebuilt from")
-        raise InputError(
-            f"--data {cfg.data}: its rollouts were sampled before lightopd stored each token's log-prob under "
-            f"the rollout model's untruncated softmax (policy_logprobs), and {how}; --objective {name} takes its "
-            "ratios and rewards against it. Sample the store again with `lightopd rollout` (then score-teacher), "
-            "or take them against the truncated distribution sampled from: --set objective.behavior=sampler")
-    empty = [c for c in missing if c in unavailable(manifest)]
-    if empty:
-        raise InputError(
-            f"--data {cfg.data}: scored with --engine vllm, which cannot give {', '.join(empty)} (vLLM returns "
-            f"the teacher's top-k, not the mass outside it), and --objective {name} needs them; score the rollouts "
-            "with --engine hf, or train an objective that reads only the sampled token's log-prob "
-            "(lightning-opd, g-opd, opd-is, opd-seq)")
-    if missing:
-        raise InputError(
-            f"--data {cfg.data}: a rollout store has no teacher columns, and --objective {name} needs "
-            f"them ({', '.join(missing)}); run `lightopd score-teacher` on it first (or use --objective sft)"
-        )
-    sampling = sampling_of(manifest)
-    if sampling["n"] < needs.min_samples:
-        raise InputError(f"--data {cfg.data}: holds {sampling['n']} sample(s) per prompt, and --objective "
-                         f"{name} needs at least {needs.min_samples}: {needs.why}. Sample more with "
-                         f"`lightopd rollout --n {needs.min_samples}`")
-    if sampling["temperature"] == 0 and needs.behavior_probability:
-        raise InputError(f"--data {cfg.data}: its rollouts were greedy (temperature 0), so every behaviour "
-                         f"log-prob is 0 and no ratio to the rollout policy means anything; --objective {name} "
-                         "reads them. Sample with --temperature > 0, or use an objective that does not "
-                         "(lightning-opd, vopd, the top-k divergences, sft)")
-    if manifest["rows"] == 0:
-        raise InputError(f"--data {cfg.data}: the store holds no rows")
-    if needs.rewards:
-        check_rewards(cfg.data, manifest, name)
-    return manifest
-
-
-def check_rewards(data: str, manifest: dict, name: str) -> None:
-    """Exit 2 unless every row has a reward; a warning when every prompt's samples scored alike."""
-    how = ("sample prompts that have reference answers (rollout scores them with --checker), or add rewards to "
-           f"this store's rows with `lightopd reward {data} --out NEW --checker NAME`")
-    if reward_checker(manifest) is None:
-        raise InputError(f"--data {data}: its rows have no rewards, and --objective {name} learns from them; {how}")
-    summary = reward_summary(rewards_by_prompt(data, manifest))
-    if summary["rows"] < manifest["rows"]:
-        raise InputError(f"--data {data}: {manifest['rows'] - summary['rows']} of its {manifest['rows']} rows have "
-                         f"no reward (their records have no answer), and --objective {name} needs one in every row")
-    if summary["prompts_all_equal_share"] == 1.0:
-        warn(f"--data {data}: every prompt's samples have equal rewards, so every group-relative advantage is 0: "
-             f"--objective {name} gets no signal from the rewards")
-
-
-def total_steps(cfg: TrainConfig, manifest: dict) -> int:
+def total_steps(cfg: TrainConfig, rows: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
-    return max(1, math.ceil((cfg.epochs or 1.0) * manifest["rows"] / cfg.batch_size))
+    return max(1, math.ceil((cfg.epochs or 1.0) * rows / cfg.batch_size))
 
 
 def student_temperature(params: ObjectiveParams, sampling: dict, default: float | None = None) -> ObjectiveParams:
@@ -133,19 +68,6 @@ def student_temperature(params: ObjectiveParams, sampling: dict, default: float 
     if params.temperature is not None:
         return params
     return dataclasses.replace(params, temperature=default or float(sampling["temperature"]) or 1.0)
-
-
-def check_on_policy(cfg: TrainConfig, name: str, manifest: dict, student: dict, parent: dict | None) -> None:
-    """Warn when an on-policy objective trains on rollouts of a model that is neither the student
-    nor the model it was trained from."""
-    writer = (manifest["model"] if manifest["format"] == ROLLOUT_FORMAT else manifest["rollouts"]["model"])
-    ours = {student["fingerprint"], ((parent or {}).get("parent") or {}).get("fingerprint")}
-    if cfg.allow_off_policy or writer["fingerprint"] in ours:
-        return
-    warn(f"--objective {name} learns from the student's own samples, and the rollouts of --data {cfg.data} were "
-         f"sampled by {writer['path']} ({writer['fingerprint']}), not by --student {cfg.student.path} "
-         f"({student['fingerprint']}) or the model it was trained from. Its signal is then off-policy: roll out "
-         "the student itself, or pass --allow-off-policy to silence this")
 
 
 # settings that may differ when a run is resumed; any other difference changes what is trained
@@ -199,15 +121,16 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     spec = cfg.student
     student_dir = models.check_model_dir(spec.path, "--student")
     kind = lookup(cfg.objective)
-    manifest = check_data(cfg, cfg.objective,
-                          with_span_losses(kind(params), cfg.selection, lookup, lambda c: c.Params()).needs())
+    mix = mixture(cfg, cfg.objective,
+                  with_span_losses(kind(params), cfg.selection, lookup, lambda c: c.Params()).needs())
+    manifest = mix.manifest
     sampling = sampling_of(manifest)
     params = for_store(student_temperature(params, sampling, kind.default_temperature), sampling)
     tokenizer = models.load_tokenizer(student_dir, spec.trust_remote_code, "--student")
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
         raise InputError(
             f"--student {spec.path}: its vocabulary ({tokenizer_fingerprint(tokenizer)}) differs from the "
-            f"one --data {cfg.data} was sampled with ({manifest['tokenizer']['fingerprint']}); the stored token "
+            f"one --data {cfg.data[0]} was sampled with ({manifest['tokenizer']['fingerprint']}); the stored token "
             "ids would mean different tokens"
         )
     info = models.model_info(student_dir, tokenizer, spec.trust_remote_code, "--student")
@@ -217,16 +140,17 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     compute_dtype = models.resolve_dtype(spec.dtype, device)
     parent = read_provenance(student_dir)
     objective: Objective = with_span_losses(  # a span kind's loss takes --objective's τ
-        kind(params, total_steps(cfg, manifest)), cfg.selection, lookup,
+        kind(params, total_steps(cfg, mix.rows)), cfg.selection, lookup,
         lambda c: dataclasses.replace(for_store(c.Params(), sampling), temperature=params.temperature))
     needs = objective.needs()
     student = {"path": str(student_dir.resolve()), **locate(spec.path).record(),
                "fingerprint": model_fingerprint(student_dir)}
     own = (student["fingerprint"], ((parent or {}).get("parent") or {}).get("fingerprint"))
-    sft_teacher = sft_teacher_of(manifest, needs.teacher, spec.path, cfg.sft_teacher, parent,
-                                 cfg.allow_teacher_mismatch, own)
+    sft_teacher, sft_mixture = sft_teachers(mix, needs.teacher, spec.path, cfg.sft_teacher, parent,
+                                            cfg.allow_teacher_mismatch, own)
     if needs.on_policy:
-        check_on_policy(cfg, objective.name, manifest, student, parent)
+        for path, store in zip(mix.paths, mix.manifests, strict=True):
+            check_on_policy(cfg, objective.name, path, store, student, parent)
     out = Path(cfg.out)
     if world.main:
         remove_leftovers(out)  # this run holds --out's lock: the run that left them is dead
@@ -244,25 +168,25 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     if not cfg.resume and out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise InputError(f"--out {out}: already holds files; pass --resume to continue its run, "
                          "or choose another --out")
-    check_batch(cfg.batch_size, int(sampling.get("n", 1)), world.size, manifest["rows"])
+    check_batch(cfg.batch_size, int(sampling.get("n", 1)), world.size, mix.rows)
     if cfg.selection.token_select in ("divergence", "confident-wrong", "tip") and not needs.teacher \
             and "teacher_logprobs" not in store_columns(manifest):
         raise InputError(f"--token-select {cfg.selection.token_select}: ranks positions by the student's divergence "
-                         f"from the teacher, and --data {cfg.data} is a rollout store (no teacher's log-probs)")
+                         f"from the teacher, and --data {cfg.data[0]} is a rollout store (no teacher's log-probs)")
     trackers = trackers_of(cfg.report_to)
     check_installed(trackers)  # before the student is loaded
     check_lora(cfg)
     if cfg.fsdp and not world.active:
         warn("--fsdp shards the student over torchrun's ranks; in a single process it does nothing")
     top_k = manifest.get("scoring", {}).get("top_k")
-    data = TrainData(store_columns(manifest), top_k, info.vocab, policy_is_behavior(manifest))
+    data = TrainData(store_columns(manifest), top_k, info.vocab, policy_is_behavior(manifest), mix.names,
+                     mix.weights)
     provenance = {
         "lightopd_version": __version__,
         "parent": {**student, "sft_teacher": (parent or {}).get("sft_teacher")},
         "sft_teacher": sft_teacher,
-        "data": {"path": str(Path(cfg.data).resolve()), "format": manifest["format"],
-                 "fingerprint": manifest_fingerprint(cfg.data), "teacher": manifest.get("teacher"),
-                 "sampling": sampling},
+        **({"sft_teachers": sft_mixture} if sft_mixture else {}),
+        "data": mix.record(),
         "objective": {"name": objective.name, "params": dataclasses.asdict(params)},
         "train": {**{k: list(v) if isinstance(v, tuple) else v  # as the JSON record reads back
                      for k, v in flatten(cfg).items() if k not in ("student", "data", "out", "resume")},
@@ -320,8 +244,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     trainer = Trainer(cfg, objective, model, data, objective.total_steps, world, source,
                       lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     source = full = None  # rank 0's full copy is in the shards now
-    stream = StepStream(cfg.data, manifest, list(trainer.read_columns), cfg.seed,
-                        cfg.shuffle_buffer, world.rank, world.size)
+    stream = StepStream(list(zip(mix.paths, mix.manifests, strict=True)), list(trainer.read_columns), cfg.seed,
+                        cfg.shuffle_buffer, world.rank, world.size, mix.names)
     start_step = 0
     if state is not None:
         stream.skip(restore(trainer, state, resume_from))

@@ -18,7 +18,7 @@ pass without gradients over the step first.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import torch
@@ -43,7 +43,9 @@ from lightopd.training.schedule import lr_factor, optimizer_for
 
 ROW_WEIGHT = "row_weight"  # the shared row weights' key among the prepared inputs, and its diagnostic
 TOKEN_WEIGHT = "token_weight"  # the token selection's weights' key among the prepared inputs
-SHARED_WEIGHTS = (ROW_WEIGHT, TOKEN_WEIGHT)
+TEACHER_WEIGHT = "teacher_weight"  # --teacher-weight's weights of each row's teacher
+SHARED_WEIGHTS = (ROW_WEIGHT, TOKEN_WEIGHT, TEACHER_WEIGHT)
+TEACHER = "teacher/"  # the prefix of each teacher's positions among the prepared inputs (several teacher stores)
 STORED = ("teacher_logprobs", "behavior_logprobs", "policy_logprobs", "topk_ids", "topk_logprobs",
           "teacher_log_tail")
 
@@ -56,6 +58,8 @@ class TrainData:
     k: int | None  # its teacher top-k
     vocab: int  # the tokenizer's ids
     policy_from_behavior: bool = False  # an older store, sampled untruncated: ℓold is its behavior_logprobs
+    teachers: tuple[str, ...] = ()  # the teachers of several teacher stores, named in each row's `teacher` column
+    teacher_weights: dict[str, float] = field(default_factory=dict)  # --teacher-weight by name ({}: all 1)
 
 
 def checkpointing(model) -> None:
@@ -89,7 +93,8 @@ def chunk_inputs(mb, logits: torch.Tensor, lo: int, hi: int, temperature: float 
 def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor]):
     """The function of one chunk of a micro-batch's completion positions (their logits, lo, hi) that
     returns their per-position loss (with gradient) and diagnostics (without), for engine.chunks."""
-    own = {name: values for name, values in prepared.items() if name not in SHARED_WEIGHTS}
+    own = {name: values for name, values in prepared.items() if name not in SHARED_WEIGHTS
+           and not name.startswith(TEACHER)}
 
     def loss(logits: torch.Tensor, lo: int, hi: int):
         with torch.autocast(logits.device.type, enabled=False):  # statistics in float32
@@ -97,6 +102,12 @@ def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor]):
             per_token = objective.loss(inputs)
             with torch.no_grad():
                 diagnosed = {**diagnostics(inputs), **objective.diagnostics(inputs)}
+                for name in prepared:  # per teacher: its share of the positions, its loss and k1 there
+                    if name.startswith(TEACHER):
+                        diagnosed.update(per_teacher(name.removeprefix(TEACHER), prepared[name][lo:hi], per_token,
+                                                     diagnosed))
+            if TEACHER_WEIGHT in prepared:  # --teacher-weight, on any objective's loss
+                per_token = per_token * prepared[TEACHER_WEIGHT][lo:hi]
             if ROW_WEIGHT in prepared:  # the shared reward-based row weights, on any objective's loss
                 weight = prepared[ROW_WEIGHT][lo:hi]
                 per_token = per_token * weight
@@ -108,6 +119,16 @@ def chunk_loss(objective: Objective, mb, prepared: dict[str, torch.Tensor]):
         return per_token, {name: values.detach() for name, values in diagnosed.items()}
 
     return loss
+
+
+def per_teacher(name: str, mine: torch.Tensor, per_token: torch.Tensor, diagnosed: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """A teacher's diagnostics: `teacher_token_frac/NAME` (its positions), and its loss and k1 (summed
+    here, divided by its positions in the step's record)."""
+    out = {f"teacher_token_frac/{name}": mine, f"teacher_loss/{name}": per_token.detach() * mine}
+    if "k1" in diagnosed:
+        out[f"teacher_k1/{name}"] = diagnosed["k1"] * mine
+    return out
 
 
 def kept_split(diagnosed: dict[str, torch.Tensor], kept: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -190,6 +211,15 @@ class Trainer:
         weights = self.objective.row_weights(rows)
         if weights is not None:
             prepared[ROW_WEIGHT] = weights
+        if self.data.teachers:  # each row's teacher (several teacher stores)
+            names = table["teacher"].to_pylist()
+            for name in self.data.teachers:
+                mine = torch.tensor([n == name for n in names], dtype=torch.float64, device=self.device)
+                prepared[TEACHER + name] = mine.unsqueeze(-1) * rows.mask
+            if self.data.teacher_weights:
+                weight = torch.tensor([self.data.teacher_weights[n] for n in names], dtype=torch.float64,
+                                      device=self.device)
+                prepared[TEACHER_WEIGHT] = weight.unsqueeze(-1) * rows.mask
         return {name: (values, mask) for name, values in prepared.items()}
 
     def _selection(self, table: pa.Table, batches: TokenBatches, micros: list, weights: list[float], step: int,
@@ -299,6 +329,8 @@ class Trainer:
                 if skipping:
                     continue  # never computed
                 count = tokens - kept
+            elif name.startswith(("teacher_loss/", "teacher_k1/")):  # over that teacher's positions
+                count = sums.get("teacher_token_frac/" + name.split("/", 1)[1], 0.0)
             else:  # over the positions whose diagnostics were computed
                 count = kept if skipping else tokens
             record["is_ratio_mean" if name == "is_ratio" else name] = total / count if count else None
