@@ -96,7 +96,8 @@ def lightopd_step(config, device, completion: int):
                                   "lr": 1e-5, "gradient_checkpointing": True, "device": str(device),
                                   "micro_batch_tokens": PROMPT + completion})
     objective = lookup("rkl")(params.__class__(**{**params.__dict__, "temperature": 1.0}), 100)
-    trainer = Trainer(cfg, objective, model, TrainData(tuple(teacher_schema().names), K, config.vocab_size), 100)
+    columns = tuple(n for n in teacher_schema().names if n != "reference_logprobs")
+    trainer = Trainer(cfg, objective, model, TrainData(columns, K, config.vocab_size), 100)
     group = [synthetic_group(config.vocab_size, completion)]
     return lambda: trainer.step(group)
 

@@ -58,7 +58,7 @@ def trainer_for(student: Path, **flags) -> Trainer:
                                   "objective": "rkl", "micro_batch_tokens": 4096, **flags})
     objective = lookup("rkl")(params.__class__(**{**params.__dict__, "temperature": 1.0}), 100)
     model = models.load_model(student, torch.device("cpu"), torch.float32)
-    data = TrainData(tuple(teacher_schema().names), K, VOCAB)
+    data = TrainData(tuple(n for n in teacher_schema().names if n != "reference_logprobs"), K, VOCAB)
     return Trainer(cfg, objective, model, data, 100)
 
 

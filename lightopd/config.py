@@ -92,6 +92,11 @@ class ScoreConfig(Config):
     teacher_name: str | None = opt(None, "The teacher's name in the store and in train's per-teacher metrics "
                                          "(teacher_token_frac/NAME). [default: the --teacher directory's name]",
                                    metavar="NAME")
+    reference: str | None = opt(None, "Also store a reference model's log-prob of each sampled token "
+                                      "(reference_logprobs), e.g. the student's base for g-opd's reward "
+                                      "extrapolation (objective.reference=scored): scored beside the teacher, on the "
+                                      "student's prompt at the rollouts' sampling temperature, in the teacher's dtype "
+                                      "on its device (--engine hf).", metavar="MODEL")
     top_k: int = opt(32, "Teacher log-probs stored per position: its k most likely tokens.", metavar="K")
     temperature: float = opt(1.0, "Scoring temperature: every statistic is of softmax(logits / temperature).",
                              metavar="T")

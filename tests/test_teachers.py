@@ -142,3 +142,34 @@ def test_sft_on_several_teachers_records_them_all(world, tiny_model, tmp_path):
     assert [t["fingerprint"] for t in record["sft_teachers"]] == [model_fingerprint(world["first"]),
                                                                   model_fingerprint(world["second"])]
     assert len(record["data"]["stores"]) == 2
+
+
+def test_g_opd_over_the_mixture_with_a_scored_reference(world, tiny_model, tmp_path, monkeypatch, capsys):
+    """score-teacher --reference stores the base's sampled-token log-probs (float64 reference); g-opd with
+    objective.reference=scored over two routed teachers: A = λ(ℓT − ℓref) − (lq − ℓref), the step's
+    loss by hand."""
+    a = routed(world, "first", "ra", "domain=math,bio", out="ref-a")
+    stores = [a]
+    for teacher, name, where in (("first", "ga", "domain=math,bio"), ("second", "gb", "domain=code")):
+        out = tmp_path / name
+        do_score(world[teacher], world["rollouts"], out, top_k=4, teacher_name=name, where=(where,),
+                 reference=str(tiny_model))
+        stores.append(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    student = student_of(tmp_path, tiny_model, world["first"], world["second"])  # the base itself: lq = ℓref
+    values = []
+    for store in stores[1:]:
+        assert open_store(store)["scoring"]["reference"]["fingerprint"] == model_fingerprint(tiny_model)
+        for row in read_rows(store):
+            lp = log_softmax64(completion_logits(base, row["prompt_ids"], row["completion_ids"]))
+            ref = lp[np.arange(len(row["completion_ids"])), row["completion_ids"]]
+            np.testing.assert_allclose(row["reference_logprobs"], ref, atol=1e-5, rtol=0)
+            values += list(-1.5 * (np.array(row["teacher_logprobs"]) - ref) * ref)
+    out = tmp_path / "g"
+    do_train(student, tuple(stores[1:]), out, objective="g-opd", steps=1, batch_size=18,
+             sets=[("objective.lambda", 1.5), ("objective.reference", "scored")])
+    assert metrics(out)[0]["loss"] == pytest.approx(np.mean(values), rel=1e-4)
+    code, _, err = cli(monkeypatch, capsys, "train", "--student", str(student), "--data", str(a), "--objective",
+                       "g-opd", "--set", "objective.reference=scored", "--steps", "1", "--batch-size", "4", "--out",
+                       str(tmp_path / "x"))
+    assert code == 2 and "scored without a reference model" in err

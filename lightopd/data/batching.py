@@ -113,7 +113,7 @@ def flat_column(table: pa.Table, name: str, dtype) -> torch.Tensor:
 
 
 STORED_COLUMNS = ("teacher_logprobs", "behavior_logprobs", "policy_logprobs", "topk_ids", "topk_logprobs",
-                  "teacher_log_tail")
+                  "teacher_log_tail", "reference_logprobs")
 
 
 def stored_tensors(table: pa.Table, names, k: int | None, device) -> dict[str, torch.Tensor]:

@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 from lightopd.data.store import LAYOUT_KEY, ROLLOUT_FORMAT, ROLLOUT_SCHEMA, shard_layout, teacher_schema, unavailable
 from lightopd.errors import InputError
 
-PER_TOKEN = ("behavior_logprobs", "policy_logprobs", "teacher_logprobs", "teacher_log_tail", "teacher_entropy")
+PER_TOKEN = ("behavior_logprobs", "policy_logprobs", "teacher_logprobs", "teacher_log_tail", "teacher_entropy",
+             "reference_logprobs")
 PER_TOP_K = ("topk_ids", "topk_logprobs")
 TOKEN_IDS = ("prompt_ids", "completion_ids", "topk_ids")
 REQUIRED = ("prompt_id", "prompt_ids", "completion_ids")  # never null

@@ -55,6 +55,7 @@ def teacher_schema(topk_dtype: str = "float16") -> pa.Schema:
         ("teacher_log_tail", pa.list_(pa.float32())),
         ("teacher_entropy", pa.list_(pa.float32())),
         ("teacher_prompt_ids", pa.list_(pa.int32())),  # what the teacher saw before the completion (null: prompt_ids)
+        ("reference_logprobs", pa.list_(pa.float32())),  # a reference model's sampled-token log-probs (--reference)
     ])
 
 
@@ -67,14 +68,18 @@ def store_columns(manifest: dict) -> tuple[str, ...]:
 def unavailable(manifest: dict) -> list[str]:
     """The columns a store's rows lack: teacher columns its scorer left empty (score-teacher --engine
     vllm), `policy_logprobs` where rows do not carry them (`policy_recorded`), and what stores written
-    before rows carried them lack: `reward`, `prompt` (the text) and `teacher_prompt_ids`."""
+    before rows carried them lack: `reward`, `prompt` (the text) and `teacher_prompt_ids`; and
+    `reference_logprobs` unless score-teacher scored a `--reference`."""
     out = list(manifest.get("scoring", {}).get("unavailable", []))
     out += [] if policy_recorded(manifest) else ["policy_logprobs"]
     rollouts = rollouts_of(manifest)
     out += [] if "reward" in rollouts else ["reward"]
     out += [] if (rollouts.get("prompts") or {}).get("text") else ["prompt"]
     scoring = manifest.get("scoring")
-    return out + (["teacher_prompt_ids"] if scoring is not None and "context" not in scoring else [])
+    if scoring is None:
+        return out
+    return out + (["teacher_prompt_ids"] if "context" not in scoring else []) + (
+        ["reference_logprobs"] if not scoring.get("reference") else [])
 
 
 def teacher_context(manifest: dict) -> dict | None:

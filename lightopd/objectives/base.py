@@ -115,6 +115,7 @@ class Inputs:
     topk_ids: Tensor | None = None  # I [N, k]
     topk_logprobs: Tensor | None = None  # LT [N, k]
     teacher_log_tail: Tensor | None = None  # log of the teacher's mass outside its top-k [N]
+    reference_logprobs: Tensor | None = None  # ℓref [N]: a reference model's, scored once (score-teacher --reference)
     prepared: dict[str, Tensor] = field(default_factory=dict)  # the objective's `prepare` outputs, [N] each
 
     @property

@@ -47,9 +47,20 @@ class ImportanceSamplingParams(RatioParams):
         check(self.is_cap > 0, "objective.is_cap", f"must be > 0, got {self.is_cap}")
 
 
+GOPD_REFERENCES = ("behavior", "scored")
+
+
 @dataclass(frozen=True, kw_only=True)
 class GOPDParams(PolicyGradientParams):
     lambda_: float = opt(1.25, "λ, set as objective.lambda: the reward extrapolation factor; 1 is lightning-opd.")
+    reference: str = opt("behavior", "ℓref of the reward: behavior, the rollout model's (as `behavior` says); or "
+                                     "scored, a model score-teacher --reference scored once (the paper's base: the "
+                                     "student's initialisation in its multi-teacher merge).", choices=GOPD_REFERENCES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.reference in GOPD_REFERENCES, "objective.reference",
+              f"must be behavior or scored, got {self.reference!r}")
 
 
 class PolicyGradient(Objective):
@@ -98,11 +109,16 @@ class GOPD(PolicyGradient):
     Params = GOPDParams
 
     def requirements(self) -> Requirements:
+        if self.params.reference == "scored":
+            columns = (*self.columns, "reference_logprobs")
+            return Requirements((*columns, REFERENCE[self.params.behavior]) if self.params.importance == "tis"
+                                else columns, behavior_probability=self.params.importance == "tis", on_policy=True)
         return Requirements((*self.columns, REFERENCE[self.params.behavior]), behavior_probability=True,
                             on_policy=True)
 
     def loss(self, inputs: Inputs) -> Tensor:
-        lq_y, mu = inputs.lq_y, inputs.reference(self.params.behavior)
+        lq_y = inputs.lq_y
+        mu = inputs.reference_logprobs if self.params.reference == "scored" else inputs.reference(self.params.behavior)
         advantage = self.params.lambda_ * (inputs.teacher_logprobs - mu) - (lq_y.detach() - mu)
         return -self.weight(inputs) * advantage * lq_y
 

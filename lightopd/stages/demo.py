@@ -86,18 +86,20 @@ def sample(model: Path, prompts: Path, out: Path, n: int, seed: int, device: str
 
 
 def score_once(rollouts: Path, out: Path, top_k: int, device: str, teacher: Path = TEACHER,
-               template: str | None = None) -> Path:
+               template: str | None = None, where: tuple[str, ...] = (), name: str | None = None) -> Path:
     """`lightopd score-teacher` (the bundled two-format teacher by default; `template` its
-    --teacher-prompt): the teacher store `out`."""
+    --teacher-prompt, `where` its route, `name` its --teacher-name): the teacher store `out`."""
     score.run(ScoreConfig.of(teacher=str(teacher), data=str(rollouts), out=str(out), top_k=top_k, device=device,
-                             teacher_prompt=template))
+                             teacher_prompt=template, where=where, teacher_name=name))
     return out
 
 
-def train_student(student: Path, data: Path, out: Path, objective: str, steps: int, lr: float, batch_size: int,
-                  seed: int, device: str, sets: tuple[tuple[str, object], ...] = (), **flags) -> dict:
-    """`lightopd train` with these settings (any other training keys in `flags`, `--set` pairs in `sets`)."""
-    settings = {"student": str(student), "data": str(data), "out": str(out), "objective": objective, "steps": steps,
+def train_student(student: Path, data: Path | tuple[Path, ...], out: Path, objective: str, steps: int, lr: float,
+                  batch_size: int, seed: int, device: str, sets: tuple[tuple[str, object], ...] = (), **flags) -> dict:
+    """`lightopd train` with these settings (`data` one store or several; any other training keys in
+    `flags`, `--set` pairs in `sets`)."""
+    stores = tuple(map(str, data)) if isinstance(data, tuple) else str(data)
+    settings = {"student": str(student), "data": stores, "out": str(out), "objective": objective, "steps": steps,
                 "lr": lr, "batch_size": batch_size, "seed": seed, "device": device, **flags}
     return train.run(*train_settings(settings, None, list(sets)))
 

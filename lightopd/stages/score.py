@@ -93,10 +93,12 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType
 
 
 def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str,
-                  unavailable: tuple[str, ...] = (), teacher_prompts: list[list[int]] | None = None) -> pa.Table:
+                  unavailable: tuple[str, ...] = (), teacher_prompts: list[list[int]] | None = None,
+                  reference: list[LogprobStats] | None = None) -> pa.Table:
     """The rollout rows with the teacher columns appended (top-k flattened row-major by position);
     `unavailable` columns, and rollout columns the rows lack (policy_logprobs of an older store), are
-    null in every row, as is `teacher_prompt_ids` without `teacher_prompts`."""
+    null in every row, as are `teacher_prompt_ids` without `teacher_prompts` and `reference_logprobs`
+    without the `reference` model's statistics."""
     schema = teacher_schema(topk_dtype)
     lengths = np.array([len(s.sampled) for s in stats], dtype=np.int64)
     k = stats[0].topk_ids.shape[1] if stats else 0
@@ -112,6 +114,9 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
     }
     if teacher_prompts is not None:
         columns["teacher_prompt_ids"] = pa.array(teacher_prompts, type=pa.list_(pa.int32()))
+    if reference is not None:
+        sampled = torch.cat([s.sampled for s in reference]).numpy().astype(np.float32)
+        columns["reference_logprobs"] = _list_array(sampled, lengths, pa.float32())
     for name in unavailable:
         columns[name] = pa.nulls(len(stats), type=schema.field(name).type)
     arrays = [rollouts.column(f.name) if f.name in rollouts.schema.names
@@ -145,6 +150,7 @@ def run(cfg: ScoreConfig) -> dict:
     if cfg.top_k > info.vocab:
         raise InputError(f"--top-k {cfg.top_k}: larger than the teacher's vocabulary ({info.vocab})")
     fingerprint = model_fingerprint(teacher_dir)
+    reference = _reference(cfg, rollout_manifest, vllm)
     where = parse_where(cfg.where)
     routed = _routed_rows(cfg, rollout_manifest, where)
     context, plan = _context(cfg, rollout_manifest, tokenizer, info, fingerprint, where)
@@ -175,7 +181,8 @@ def run(cfg: ScoreConfig) -> dict:
                     "vocab_size": info.vocab, "engine": engine_record(cfg.engine),
                     "unavailable": list(UNAVAILABLE) if vllm else [],
                     "context": None if context is None else context.describe(plan),
-                    "route": describe(where, routed, rollout_manifest["rows"]) if where else None},
+                    "route": describe(where, routed, rollout_manifest["rows"]) if where else None,
+                    "reference": None if reference is None else reference[1]},
     }
     with shard_work(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], cfg.worker,
                     PARQUET_OPTIONS) as work:
@@ -186,11 +193,36 @@ def run(cfg: ScoreConfig) -> dict:
                 model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code, "--teacher",
                                           spec.attn_implementation)
                 scorer = Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements)
+            scorers = [scorer]
+            if reference is not None:  # beside the teacher: its sampled-token log-prob alone
+                directory, record = reference
+                scorers.append(Scorer(models.load_model(directory, device, dtype, spec.trust_remote_code,
+                                                        "--reference"), record["vocab"], 1, record["temperature"],
+                                      cfg.chunk_elements))
             try:
-                _score_shards(cfg, work, scorer, rollout_manifest, context, where)
+                _score_shards(cfg, work, scorers, rollout_manifest, context, where)
             except NonFiniteLogits as e:
                 raise NonFiniteLogits(f"--teacher {spec.path}: {e}") from None
         return work.summary("score-teacher")
+
+
+def _reference(cfg: ScoreConfig, rollout_manifest: dict, vllm: bool) -> tuple[Path, dict] | None:
+    """`--reference`'s directory and its record for the manifest (None without it), after checking
+    it reads the rollouts' token ids; it scores at the rollouts' sampling temperature."""
+    if cfg.reference is None:
+        return None
+    if vllm:
+        raise InputError("--reference: scored with the transformers engine only; pass --engine hf")
+    directory = models.check_model_dir(cfg.reference, "--reference")
+    tokenizer = models.load_tokenizer(directory, cfg.teacher.trust_remote_code, "--reference")
+    if tokenizer_fingerprint(tokenizer) != rollout_manifest["tokenizer"]["fingerprint"]:
+        raise InputError(f"--reference {cfg.reference}: its tokenizer ({tokenizer_fingerprint(tokenizer)}) differs "
+                         f"from the rollouts' ({rollout_manifest['tokenizer']['fingerprint']}); it must score the same "
+                         "token ids")
+    info = models.model_info(directory, tokenizer, cfg.teacher.trust_remote_code, "--reference")
+    return directory, {"path": str(directory.resolve()), **locate(cfg.reference).record(),
+                       "fingerprint": model_fingerprint(directory), "vocab": info.vocab,
+                       "temperature": float(rollout_manifest["sampling"]["temperature"]) or 1.0}
 
 
 def _routed_rows(cfg: ScoreConfig, rollout_manifest: dict, where: Where) -> int:
@@ -256,9 +288,11 @@ def _with_prompt(rows: pa.Table) -> pa.Table:
     return rows if "prompt" in rows.column_names else rows.append_column("prompt", pa.nulls(len(rows), pa.string()))
 
 
-def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer, rollout_manifest: dict,
+def _score_shards(cfg: ScoreConfig, work: ShardWork, scorers: list[Scorer | VllmScorer], rollout_manifest: dict,
                   context: TeacherContext | None, where: Where) -> None:
-    """Score this worker's remaining shards; writing a shard overlaps scoring the next."""
+    """Score this worker's remaining shards (by the teacher, and the `--reference` model when there
+    is a second scorer); writing a shard overlaps scoring the next."""
+    scorer, reference = scorers[0], (scorers[1] if len(scorers) > 1 else None)
     shards = {shard_index(s["name"]): s for s in rollout_manifest["shards"]}
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as io, StageProgress(
@@ -274,16 +308,23 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorer: Scorer | VllmScorer
             if context is not None:
                 kept, teacher_prompts, _ = context.shard(_with_prompt(rollouts), shards[index]["name"])
                 rollouts = rollouts.take(kept)
-            prompts = teacher_prompts if teacher_prompts is not None else rollouts["prompt_ids"].to_pylist()
+            own = rollouts["prompt_ids"].to_pylist()
+            prompts = teacher_prompts if teacher_prompts is not None else own
             completions = rollouts["completion_ids"].to_pylist()
             stats: list[LogprobStats | None] = [None] * len(prompts)
+            references: list[LogprobStats | None] | None = None if reference is None else [None] * len(prompts)
             lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
             for batch in pack_by_tokens(lengths, cfg.micro_batch_tokens):
                 scored = scorer.score([prompts[i] for i in batch], [completions[i] for i in batch])
                 for i, s in zip(batch, scored, strict=True):
                     stats[i] = s
+                if reference is not None:  # on the student's own prompt
+                    for i, s in zip(batch, reference.score([own[i] for i in batch], [completions[i] for i in batch]),
+                                    strict=True):
+                        references[i] = s
                 bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
-            table = (teacher_table(rollouts, stats, cfg.topk_dtype, scorer.unavailable, teacher_prompts) if stats
+            table = (teacher_table(rollouts, stats, cfg.topk_dtype, scorer.unavailable, teacher_prompts, references)
+                     if stats
                      else teacher_schema(cfg.topk_dtype).empty_table())  # every prompt of the shard skipped
             if pending is not None:
                 pending.result()  # at most one shard waits to be written while the next is scored

@@ -50,6 +50,11 @@ def check_data(path: str, name: str, needs: Requirements) -> dict:
             f"the rollout model's untruncated softmax (policy_logprobs), and {how}; --objective {name} takes its "
             "ratios and rewards against it. Sample the store again with `lightopd rollout` (then score-teacher), "
             "or take them against the truncated distribution sampled from: --set objective.behavior=sampler")
+    if "reference_logprobs" in missing and manifest["format"] == TEACHER_FORMAT:
+        raise InputError(f"--data {path}: scored without a reference model, and --objective {name} takes ℓref from "
+                         "one (objective.reference=scored); score the rollouts with `lightopd score-teacher "
+                         "--reference MODEL` (the student's base), or take ℓref from the rollout model: "
+                         "--set objective.reference=behavior")
     empty = [c for c in missing if c in unavailable(manifest)]
     if empty:
         raise InputError(

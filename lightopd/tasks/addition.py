@@ -76,19 +76,21 @@ def format_of(completion: str) -> str:
     return "worked" if head.isdigit() else "other"
 
 
-def prompt_records(count: int, split: str, seed: int, tagged: float = 0.0) -> list[dict]:
-    """Prompt-file records (`id`, `prompt`, `answer`) for `lightopd rollout` and `eval`; the first
-    `tagged` share of them with TAG in front of the prompt."""
+def prompt_records(count: int, split: str, seed: int, tagged: float = 0.0, metadata: dict | None = None
+                   ) -> list[dict]:
+    """Prompt-file records (`id`, `prompt`, `answer`, and any `metadata` fields) for `lightopd rollout`
+    and `eval`; the first `tagged` share of them with TAG in front of the prompt."""
     cut = round(tagged * count)
-    return [{"id": f"{split}-{a}+{b}", "prompt": (TAG if i < cut else "") + prompt(a, b), "answer": str(a + b)}
-            for i, (a, b) in enumerate(pairs(count, split, seed))]
+    return [{"id": f"{split}-{a}+{b}", "prompt": (TAG if i < cut else "") + prompt(a, b), "answer": str(a + b),
+             **(metadata or {})} for i, (a, b) in enumerate(pairs(count, split, seed))]
 
 
-def write_prompts(path: str | Path, count: int, split: str, seed: int, tagged: float = 0.0) -> Path:
+def write_prompts(path: str | Path, count: int, split: str, seed: int, tagged: float = 0.0,
+                  metadata: dict | None = None) -> Path:
     import json
 
     path = Path(path)
-    path.write_text("".join(json.dumps(r) + "\n" for r in prompt_records(count, split, seed, tagged)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in prompt_records(count, split, seed, tagged, metadata)))
     return path
 
 

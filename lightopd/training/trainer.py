@@ -47,7 +47,7 @@ TEACHER_WEIGHT = "teacher_weight"  # --teacher-weight's weights of each row's te
 SHARED_WEIGHTS = (ROW_WEIGHT, TOKEN_WEIGHT, TEACHER_WEIGHT)
 TEACHER = "teacher/"  # the prefix of each teacher's positions among the prepared inputs (several teacher stores)
 STORED = ("teacher_logprobs", "behavior_logprobs", "policy_logprobs", "topk_ids", "topk_logprobs",
-          "teacher_log_tail")
+          "teacher_log_tail", "reference_logprobs")
 
 
 @dataclass(frozen=True)
