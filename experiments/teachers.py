@@ -3,14 +3,15 @@
 The tasks share one vocabulary: addition (`123+456=`, the bundled two-format teacher) and digit
 reversal (`58213=` → `31285`, the bundled reversal teacher, `train_teacher --task reversal`). Each
 prompt carries its task in a metadata field (`task`). Per seed:
-1. Each teacher answers its own task's SFT prompts (half of the demo's count each); a fresh student
+1. Each teacher answers the demo's count of its own task's SFT prompts; a fresh student (the demo's)
    is SFT-trained on both teachers' data at once (`train --data A --data B`: an SFT mixture, which
-   records both teachers).
-2. The SFT student samples mixed OPD prompts (half of each task); the rollouts are scored
+   records both teachers) for twice the demo's SFT steps, so each task gets the demo's exposure
+   (with half of them, addition stays near 1%).
+2. The SFT student samples the demo's count of OPD prompts of each task; the rollouts are scored
    - routed: the addition teacher on `--where task=addition`, the reversal teacher on
      `--where task=reversal`, each scoring only its rows; trained together with `--data A --data B`;
    - by each teacher alone, on every row (the single-teacher baselines);
-3. every student trains the demo's OPD step budget (objective opd-seq, the demo's), and the SFT
+3. every student trains twice the demo's OPD steps (objective opd-seq, the demo's), and the SFT
    student also continues SFT on both teachers' data for as many steps (SFT on both: the control).
 Held-out accuracy on each task, one sample each at T = 1, and the tokens each teacher scored.
 
@@ -52,14 +53,14 @@ def mixed(work: Path, files: dict[str, Path]) -> Path:
 def run_seed(seed: int, out: Path, device: str) -> dict:
     work = out / f"seed{seed}"
     work.mkdir(parents=True)
-    sft_prompts = prompts(work, "sft", D.sft_prompts // 2, "train", seed)
-    opd_prompts = mixed(work, prompts(work, "opd", D.opd_prompts // 2, "train", seed + 10_000))
+    sft_prompts = prompts(work, "sft", D.sft_prompts, "train", seed)
+    opd_prompts = mixed(work, prompts(work, "opd", D.opd_prompts, "train", seed + 10_000))
     heldout = prompts(work, "heldout", D.heldout_prompts // 2, "heldout", seed)
     A.make_model(work / "base", D.student_hidden, D.student_layers, D.student_heads, seed, D.student_arch)
     sft_data = tuple(demo.sample(TEACHERS[t], sft_prompts[t], work / f"sft-data-{t}", 1, seed, device)
                      for t in TEACHERS)
-    demo.train_student(work / "base", sft_data, work / "sft", "sft", D.sft_steps, D.sft_lr, D.sft_batch_size, seed,
-                       device, dropout=D.student_dropout)
+    demo.train_student(work / "base", sft_data, work / "sft", "sft", 2 * D.sft_steps, D.sft_lr, D.sft_batch_size,
+                       seed, device, dropout=D.student_dropout)
     rollouts = demo.sample(work / "sft", opd_prompts, work / "rollouts", D.opd_samples, seed, device)
     routed = tuple(demo.score_once(rollouts, work / f"routed-{t}", D.top_k, device, TEACHERS[t],
                                    where=(f"task={t}",), name=t) for t in TEACHERS)
@@ -68,11 +69,11 @@ def run_seed(seed: int, out: Path, device: str) -> dict:
     scored = {name: {open_store(s)["teacher"]["name"]: open_store(s)["tokens"] for s in stores}
               for name, stores in runs.items()}
     models = {"sft": work / "sft"}
-    demo.train_student(work / "sft", sft_data, work / "sft-more", "sft", D.opd_steps, D.sft_lr, D.sft_batch_size,
-                       seed, device, dropout=D.student_dropout)
+    demo.train_student(work / "sft", sft_data, work / "sft-more", "sft", 2 * D.opd_steps, D.sft_lr,
+                       D.sft_batch_size, seed, device, dropout=D.student_dropout)
     models["sft on both, more steps"] = work / "sft-more"
     for i, (name, stores) in enumerate(runs.items()):
-        demo.train_student(work / "sft", stores, work / f"opd-{i}", OBJECTIVE, D.opd_steps, D.opd_lr,
+        demo.train_student(work / "sft", stores, work / f"opd-{i}", OBJECTIVE, 2 * D.opd_steps, D.opd_lr,
                            D.opd_batch_size, seed, device, dropout=D.student_dropout)
         models[name] = work / f"opd-{i}"
     rows = {}

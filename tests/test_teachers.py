@@ -92,8 +92,10 @@ def test_two_routed_teachers_train_with_per_teacher_metrics(world, tiny_model, t
     n = sum(len(v) for v, _ in per.values())
     for weights, w in (((), 1.0), (("tb=2.5",), 2.5)):
         out = tmp_path / f"run{w}"
-        do_train(student, (str(a), str(b)), out, objective="lightning-opd", steps=1, batch_size=rows,
-                 teacher_weight=weights, micro_batch_tokens=40, loss_chunk_tokens=7)
+        result, _ = do_train(student, (str(a), str(b)), out, objective="lightning-opd", steps=1, batch_size=rows,
+                             teacher_weight=weights, micro_batch_tokens=40, loss_chunk_tokens=7)
+        assert result["teachers"] == {"ta": {"rows": len(read_rows(a)), "tokens": len(per["ta"][0])},
+                                      "tb": {"rows": len(read_rows(b)), "tokens": len(per["tb"][0])}}
         first = metrics(out)[0]
         assert first["loss"] == pytest.approx((per["ta"][0].sum() + w * per["tb"][0].sum()) / n, rel=1e-4)
         for name, (values, k1) in per.items():

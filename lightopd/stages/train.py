@@ -268,4 +268,5 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         "tokens_per_s": round(done["tokens"] / done["seconds"], 1) if done["tokens"] else None,
         "metrics": done["metrics"],
         "zero_gradient_steps": done["zero_gradient_steps"],
+        **({"teachers": mix.cost()} if mix.names else {}),
     }

@@ -156,6 +156,11 @@ class Mixture:
     def rows(self) -> int:
         return sum(m["rows"] for m in self.manifests)
 
+    def cost(self) -> dict[str, dict]:
+        """Each teacher's share of the data: the rows and completion tokens it scored ({} for one store)."""
+        return {name: {"rows": m["rows"], "tokens": m["tokens"]} for name, m in zip(self.names, self.manifests,
+                                                                                    strict=True)}
+
     def fingerprint(self) -> str:
         """The stores' manifests together (one store: its own fingerprint)."""
         prints = [manifest_fingerprint(p) for p in self.paths]
