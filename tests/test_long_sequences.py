@@ -15,7 +15,8 @@ from lightopd.engine.models import without_dropout
 from lightopd.objectives.divergences import DivergenceParams, JSDParams
 from lightopd.objectives.policy_gradient import PolicyGradientParams
 from lightopd.tiny import default_words, make_model
-from lightopd.training.trainer import checkpointing, chunk_loss
+from lightopd.training.chunk import chunk_loss
+from lightopd.training.trainer import checkpointing
 from tests.helpers import do_train, metrics, weights
 
 V, K = 300, 8

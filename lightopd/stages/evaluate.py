@@ -53,7 +53,7 @@ from lightopd.report import compare_results, eval_result_problem, render_eval, s
 from lightopd.specs import load_prompts
 from lightopd.tasks.checkers import reference_answer
 from lightopd.tasks.verifiers import CHECKERS, Verifier, open_verifier
-from lightopd.training.trainer import chunk_inputs
+from lightopd.training.chunk import chunk_inputs
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
