@@ -74,9 +74,11 @@ def command(name: str, cls: type, doc: str, epilog: str | None = None, extra: tu
 
     def register(handler: Callable[[dict, dict], None]) -> Callable:
         def run(ctx: typer.Context, **values: Any) -> None:
+            values = {k: () if v is None and k in repeated else v for k, v in values.items()}  # not given: none
             given = {k: v for k, v in values.items() if ctx.get_parameter_source(k).name in GIVEN}
             handler(values, given)
 
+        repeated = {o.key for o in cli_options if o.repeatable}
         params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
         params += [_parameter(o, o.required and o.key not in optional) for o in cli_options]
         run.__signature__ = inspect.Signature([*params, *extra])

@@ -485,7 +485,26 @@ CASES = [
          2, "holds a finished run of 1 step (its model is"),
     Case("eval of a train run that did not finish", lambda e: evaluate(e, "--model", str(_unfinished_run(e))), 2,
          "is a lightopd train run that did not finish"),
+    # ---- routed teachers and spans ----
+    Case("route without a value", lambda e: score(e, "--where", "domain"), 2, "expected FIELD=VALUE"),
+    Case("route that takes no row", lambda e: score(e, "--where", "domain=math"), 2,
+         "takes none of the 20 rows"),
+    Case("reference with another vocabulary", lambda e: score(e, "--reference", str(_other_vocabulary(e))), 2,
+         "--reference"),
+    Case("teacher weight of an unknown teacher", lambda e: train(e, "--teacher-weight", "math=2"), 2,
+         "no --data store was scored by a teacher named 'math'"),
+    Case("the same store twice", lambda e: train(e, "--data", str(e.teacher_store)), 2, "a store is given twice"),
+    Case("span loss without an objective", lambda e: train(e, "--span-loss", "key"), 2,
+         "is not KIND=OBJECTIVE[:WEIGHT]"),
+    Case("spans file missing", lambda e: train(e, "--span-loss", "key=fkl", "--token-spans-file",
+                                               str(e.tmp / "nope.jsonl")), 2, "cannot be read"),
 ]
+
+
+def _other_vocabulary(e: Env) -> Path:
+    from lightopd.tiny import make_model
+
+    return make_model(e.tmp / "other-vocab", words=[f"v{i}" for i in range(30)])
 
 
 MID_RUN = {"model with NaN weights", "teacher with NaN weights",  # found once sampling or scoring has begun
