@@ -1,7 +1,11 @@
 """The per-position diagnostics of docs/objectives.md, written every step whatever the objective.
 
-`k1` (lq_y − ℓT, the sampled estimate of reverse KL), `is_ratio` (exp(lq_y − ℓold), drift from
-the rollout model: both are full softmaxes at τ, so the ratio is 1 before any update),
+`k1` (lq_y − ℓT, the sampled estimate of reverse KL), `is_ratio` (w = exp(lq_y − ℓold), drift from
+the rollout model: both are full softmaxes at τ, so the ratio is 1 before any update), and from it
+two measures of how stale the store has become: `rollout_kl` (w − 1 − log w, the k3 estimate of
+KL(π_old ‖ π_θ) on tokens π_old sampled: 0 before any update) and `is_ess` (the importance
+weights' effective sample size over the step, (Σw)² / (N Σw²), 1 before any update; the trainer
+forms it from the per-position w² here, `is_ratio_sq`),
 `teacher_topk_mass` (P), `student_topk_mass` (Q), `top1_agree` (the student's argmax is the
 teacher's first choice) and `student_entropy` (full vocabulary); and two of the store's sampler:
 `sampler_single_token` (positions where it kept a single token, ℓμ = 0: there the sampled token
@@ -29,7 +33,10 @@ def diagnostics(inputs: Inputs) -> dict[str, Tensor]:
     if inputs.teacher_logprobs is not None:
         out["k1"] = lq_y - inputs.teacher_logprobs
     if inputs.policy_logprobs is not None:
-        out["is_ratio"] = (lq_y - inputs.policy_logprobs).exp()
+        log_w = lq_y - inputs.policy_logprobs
+        out["is_ratio"] = log_w.exp()
+        out["is_ratio_sq"] = (2 * log_w).exp()
+        out["rollout_kl"] = log_w.exp() - 1 - log_w
     if inputs.behavior_logprobs is not None:
         out["sampler_single_token"] = (inputs.behavior_logprobs == 0).float()
         if inputs.policy_logprobs is not None:

@@ -250,6 +250,10 @@ class Trainer:
             record["is_ratio_mean" if name == "is_ratio" else name] = total / count if count else None
         if "is_ratio" in sums:
             record["is_ratio_max"] = ratio_max
+            squares = sums.get("is_ratio_sq", 0.0)  # the effective sample size of the weights, in (0, 1]
+            computed = kept if skipping else tokens  # the positions whose diagnostics were computed
+            record["is_ess"] = sums["is_ratio"] ** 2 / (computed * squares) if squares and computed else None
+            record.pop("is_ratio_sq", None)
         return record
 
     def _non_finite_weights(self) -> bool:
