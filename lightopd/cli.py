@@ -34,6 +34,7 @@ from lightopd.objectives import OBJECTIVES
 from lightopd.objectives.base import SHARED
 from lightopd.options import Option, build, describe, flag_of, metavar, options
 from lightopd.progress import console
+from lightopd.rounds_config import RoundsConfig
 
 app = typer.Typer(
     name="lightopd",
@@ -249,6 +250,29 @@ def _inspect(values: dict, given: dict) -> None:
     _emit(result)
     if not ok:
         raise typer.Exit(2)
+
+
+@command("rounds", RoundsConfig, """Sample, score and train round after round: offline OPD refreshed on drift.
+
+Round r rolls out the current student (round r−1's), the teacher scores the rollouts once, and
+the student trains on them for --steps-per-round steps, or until --refresh-when's metric says the
+store has gone stale; then the next round samples the new student. One round is Lightning OPD's
+offline recipe; a round per step is on-policy. Everything stays under OUT/round-r/ (rollouts,
+teacher-store, student, and with --heldout the check's stores), usable by the other commands;
+OUT/rounds.jsonl has a line per round (steps, tokens sampled, scored and trained, the last step's
+drift measures, held-out accuracy and KL to the teacher). Killed and re-run with the same
+options, it goes on where it stopped.""", extra=(
+    _extra("set_", Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help="A training key or objective.KEY for every round's training "
+                                           "(repeatable), e.g. --set objective.beta=0.3 --set schedule=cosine; "
+                                           "the options above set their own keys.")),
+))
+def _rounds(values: dict, given: dict) -> None:
+    from lightopd.layering import parse_set
+    from lightopd.stages import rounds
+
+    sets = [parse_set(item) for item in values.pop("set_", None) or []]
+    _emit(rounds.run(build(RoundsConfig, values), sets))
 
 
 @command("demo", DemoConfig, """Run the Lightning OPD recipe end to end on a bundled task, in minutes on a laptop CPU.

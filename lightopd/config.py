@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lightopd.errors import InputError
 from lightopd.objectives.selection import SelectionSpec
 from lightopd.options import MIN_TEMPERATURE, build, check, opt, parse_worker
 from lightopd.specs import (
@@ -120,6 +121,21 @@ class ScoreConfig(Config):
               "--teacher-name", f"must be a non-empty name without '/', got {self.teacher_name!r}")
 
 
+def stop_rule(text: str | None) -> tuple[str, str, float] | None:
+    """(metric, '<' or '>', threshold) of `--stop-when NAME<X` or `NAME>X` (None without one)."""
+    if text is None:
+        return None
+    for op in "<>":
+        name, found, value = text.partition(op)
+        if found:
+            try:
+                return name.strip(), op, float(value)
+            except ValueError:
+                break
+    raise InputError(f"--stop-when {text!r}: expected NAME<X or NAME>X with NAME a metrics.jsonl key and X a "
+                     "number, e.g. is_ess<0.8 or rollout_kl>0.02")
+
+
 PACKING = ("auto", "on", "off")
 LOSS_CHUNK_TOKENS = 1024  # completion positions whose logits are reduced at once (train's default, eval's too)
 REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow")
@@ -199,6 +215,10 @@ class TrainConfig(Config):
                                               "(a warning instead of an error).")
     allow_off_policy: bool = opt(False, "No warning when an objective that assumes the rollouts came from the "
                                         "student (or the model it was trained from) trains on another model's.")
+    stop_when: str | None = opt(None, "End the run early, writing its final model, at the first step whose metric "
+                                      "crosses: NAME<X or NAME>X with NAME a metrics.jsonl key, e.g. is_ess<0.8 or "
+                                      "rollout_kl>0.02 (the store has gone stale: sample it again).",
+                                metavar="NAME<X")
     teacher_weight: tuple[str, ...] = opt((), "With several teacher stores: weigh the loss of the rows a teacher "
                                               "scored by W (its name as in teacher_token_frac/NAME; repeatable). "
                                               "[default: 1 each]", metavar="NAME=W")
@@ -212,6 +232,7 @@ class TrainConfig(Config):
         if isinstance(self.data, str):  # one store, as code and recipes may give it
             object.__setattr__(self, "data", (self.data,))
         check(bool(self.data), "--data", "give at least one store")
+        stop_rule(self.stop_when)
         check(self.steps is None or self.steps >= 1, "--steps", f"must be >= 1, got {self.steps}")
         check(self.epochs is None or self.epochs > 0, "--epochs", f"must be > 0, got {self.epochs}")
         check(self.steps is None or self.epochs is None, "--steps/--epochs", "give one of them, not both")

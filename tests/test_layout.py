@@ -21,7 +21,7 @@ LAYERS = [
     ("lightopd.tasks",),
     ("lightopd.specs",),
     ("lightopd.config",),
-    ("lightopd.demo_config",),
+    ("lightopd.demo_config", "lightopd.rounds_config"),
     ("lightopd.layering", "lightopd.engine"),
     ("lightopd.provenance",),
     ("lightopd.training",),

@@ -253,14 +253,15 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         console.print(f"resuming {out} from {resume_from.name}")
     loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size, cfg.save_every, start_step,
                trackers, cfg.keep_checkpoints, saved_dtype(student_dir), peft_model, cfg.merge_lora,
-               lambda: models.load_model(student_dir, torch.device("cpu"), torch.float32, spec.trust_remote_code))
+               lambda: models.load_model(student_dir, torch.device("cpu"), torch.float32, spec.trust_remote_code),
+               cfg.stop_when)
     done = fit(trainer, stream, loop)
     last = done["last"]
     return {
         "command": "train",
         "model": str(out),
         "objective": objective.name,
-        "steps": objective.total_steps,
+        "steps": done["steps"],
         "resumed_from": None if resume_from is None else resume_from.name,
         "tokens": done["tokens"],
         "final_loss": None if last is None else last["loss"],

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from lightopd.config import stop_rule
 from lightopd.data.fields import finite
 from lightopd.data.stream import StepStream
 from lightopd.errors import InputError, TrainingError
-from lightopd.progress import StageProgress, warn
+from lightopd.progress import StageProgress, console, warn
 from lightopd.provenance import write_provenance
 from lightopd.training import lora
 from lightopd.training.checkpoints import (
@@ -60,6 +61,17 @@ class Run:
     peft: object | None = None  # the peft model around the student, with --lora-rank
     merge_lora: bool = False
     load_base: Callable[[], object] | None = None  # the base student, read again on the CPU (a merge under FSDP)
+    stop_when: str | None = None  # --stop-when NAME<X or NAME>X: end early, at the first step whose metric crosses
+
+
+def crossed(rule: tuple[str, str, float], record: dict) -> bool:
+    """Whether a step's record crosses the rule's threshold; InputError if the step has no such metric."""
+    name, op, threshold = rule
+    if name not in record:
+        known = ", ".join(k for k, v in record.items() if isinstance(v, (int, float)))
+        raise InputError(f"--stop-when: this run's metrics have no {name!r} (they are: {known})")
+    value = record[name]
+    return value is not None and (value < threshold if op == "<" else value > threshold)
 
 
 def open_metrics(run: Run, main: bool) -> Path:
@@ -124,7 +136,7 @@ def _fit(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path) -> 
 def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, trackers: Trackers,
            started: float) -> dict:
     world = trainer.world
-    total_tokens, last, zero = 0, None, 0
+    total_tokens, last, zero, rule, final_step = 0, None, 0, stop_rule(run.stop_when), run.total_steps
     with StageProgress("train", total=run.total_steps, completed=run.start_step, disable=not world.main) as bar, \
             open(metrics_path if world.main else os.devnull, "a") as metrics:
         for step in range(run.start_step + 1, run.total_steps + 1):
@@ -150,12 +162,18 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
                 if zero == 1 and world.main:
                     warn(zero_gradient(step, record))
             bar.advance(items=1, tokens=record["tokens"], status=f"loss {record['loss']:.4f}")
+            if rule is not None and step < run.total_steps and crossed(rule, record):
+                final_step = step  # the store has gone stale: the model of this step is the run's
+                if world.main:
+                    console.print(f"--stop-when {run.stop_when}: crossed at step {step} "
+                                  f"({rule[0]} {record[rule[0]]:.4g}); training stops here", highlight=False)
+                break
             if run.save_every and step % run.save_every == 0 and step < run.total_steps:
                 _save(trainer, stream, run, step, final=False)
-    _save(trainer, stream, run, run.total_steps, final=True)
+    _save(trainer, stream, run, final_step, final=True)
     if zero > 1 and world.main:
-        warn(f"{zero} of {run.total_steps - run.start_step} steps had a zero gradient (grad_norm in {metrics_path})")
-    return {"tokens": total_tokens, "last": last, "seconds": time.perf_counter() - started,
+        warn(f"{zero} of {final_step - run.start_step} steps had a zero gradient (grad_norm in {metrics_path})")
+    return {"tokens": total_tokens, "last": last, "seconds": time.perf_counter() - started, "steps": final_step,
             "metrics": str(metrics_path), "zero_gradient_steps": zero}
 
 

@@ -1,0 +1,138 @@
+"""Stage `rounds`: rollout → score-teacher → train, and a held-out check, round after round in one
+process, from fully offline (one round) to nearly online (a round per step).
+
+Round r samples the current student (the `--student` in round 1, round r−1's trained student
+after) on the prompts with seed `--seed + r − 1`, the teacher scores those rollouts once, and the
+student trains on them for `--steps-per-round` steps, or until `--refresh-when`'s metric crosses
+its threshold (the store has gone stale), after which the next round samples the new student. The
+rounds go on until `--rounds × --steps-per-round` steps are trained (at most `--rounds` rounds
+without a refresh rule). Each round's stores, student, metrics and held-out check stay under
+OUT/round-r/ with their provenance, so the plain commands can inspect, re-run or reuse any of
+them: round r's rollouts name round r−1's student as their model.
+
+Every stage resumes on its own (a complete store is left as it is, an unfinished one is finished,
+training resumes from its newest checkpoint, a finished student is kept), so a run killed at any
+point and started again with the same options goes on where it stopped, losing and duplicating
+nothing. Models move between stages through their directories: each stage loads what it needs, in
+this one process (imports and checks once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from lightopd.config import RolloutConfig, ScoreConfig
+from lightopd.data.lock import exclusive
+from lightopd.data.reader import iter_batches
+from lightopd.data.store import open_store, store_columns
+from lightopd.errors import InputError
+from lightopd.layering import train_settings
+from lightopd.progress import console
+from lightopd.rounds_config import RoundsConfig
+from lightopd.specs import SourceSpec
+from lightopd.stages import rollout, score, train
+from lightopd.training.resume import finished_steps
+
+
+def _rollout(cfg: RoundsConfig, model: Path | str, prompts: SourceSpec, out: Path, n: int, seed: int) -> Path:
+    spec = dataclasses.replace(cfg.student, path=str(model))
+    sampling = dataclasses.replace(cfg.sampling, n=n, seed=seed)
+    rollout.run(RolloutConfig(model=spec, prompts=prompts, render=cfg.render, out=str(out), sampling=sampling,
+                              engine=cfg.engine, checking=cfg.checking, limit=cfg.limit,
+                              generation_batch_size=cfg.generation_batch_size))
+    return out
+
+
+def _score(cfg: RoundsConfig, rollouts: Path, out: Path) -> Path:
+    spec = dataclasses.replace(cfg.student, path=cfg.teacher)
+    score.run(ScoreConfig(teacher=spec, data=str(rollouts), out=str(out), top_k=cfg.teacher_top_k,
+                          engine=cfg.engine))
+    return out
+
+
+def _train(cfg: RoundsConfig, model: Path | str, store: Path, out: Path, steps: int,
+           sets: list[tuple[str, object]]) -> int:
+    """Train round's student (or keep it, if it is finished); returns the steps it was trained."""
+    done = finished_steps(out) if out.is_dir() else None
+    if done is not None:
+        return done
+    flags = {"student": str(model), "data": str(store), "out": str(out), "objective": cfg.objective, "lr": cfg.lr,
+             "batch_size": cfg.batch_size, "steps": steps, "seed": cfg.sampling.seed, "save_every": cfg.save_every,
+             "resume": out.is_dir() and any(out.iterdir()), "stop_when": cfg.refresh_when,
+             "device": cfg.student.device, "dtype": cfg.student.dtype}
+    result = train.run(*train_settings(flags, None, sets))
+    return result["steps"]
+
+
+def _metrics(student: Path) -> list[dict]:
+    path = student / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _heldout(store: Path) -> dict:
+    """Accuracy (mean reward, where the prompts have answers) and the KL of the student to the teacher
+    on its own held-out samples: the mean over their tokens of ℓθ − ℓT (ℓθ: the untruncated policy)."""
+    manifest = open_store(store)
+    columns = [c for c in ("reward", "behavior_logprobs", "policy_logprobs", "teacher_logprobs")
+               if c in store_columns(manifest)]
+    rewards, gap, tokens = [], 0.0, 0
+    for batch in iter_batches(store, columns=columns, manifest=manifest):
+        for row in batch.to_pylist():
+            if row.get("reward") is not None:
+                rewards.append(row["reward"])
+            own = row.get("policy_logprobs") or row["behavior_logprobs"]
+            gap += sum(a - b for a, b in zip(own, row["teacher_logprobs"], strict=True))
+            tokens += len(own)
+    return {"heldout_accuracy": sum(rewards) / len(rewards) if rewards else None,
+            "heldout_kl": gap / tokens if tokens else None}
+
+
+def _summary(r: int, work: Path, model: Path | str, planned: int, steps: int, heldout: dict | None) -> dict:
+    lines = _metrics(work / "student")
+    last = lines[-1] if lines else {}
+    rollouts = open_store(work / "rollouts")
+    return {"round": r, "sampled_by": str(model), "steps": steps,
+            "ended": "refresh_when" if steps < planned else "steps",
+            "sampled_tokens": rollouts["tokens"], "scored_tokens": open_store(work / "teacher-store")["tokens"],
+            "trained_tokens": sum(m["tokens"] for m in lines),
+            **{name: last[name] for name in ("loss", "k1", "is_ess", "rollout_kl", "clip_fraction") if name in last},
+            **(heldout or {})}
+
+
+def run(cfg: RoundsConfig, sets: list[tuple[str, object]] = ()) -> dict:
+    """Run (or resume) every round into `cfg.out`; returns the JSON summary."""
+    out = Path(cfg.out)
+    started = time.perf_counter()
+    with exclusive(out, f"--out {out}"):
+        heldout_prompts = None if cfg.heldout is None else SourceSpec(source=cfg.heldout)
+        model: Path | str = cfg.student.path
+        done, rounds = 0, []
+        for r in range(1, cfg.budget + 1):
+            if done >= cfg.budget or (cfg.refresh_when is None and r > cfg.rounds):
+                break
+            work = out / f"round-{r}"
+            planned = min(cfg.steps_per_round, cfg.budget - done)
+            console.print(f"[bold]round {r}[/bold]: {done} of {cfg.budget} steps trained; sampling {model}")
+            rollouts = _rollout(cfg, model, cfg.prompts, work / "rollouts", cfg.sampling.n, cfg.sampling.seed + r - 1)
+            store = _score(cfg, rollouts, work / "teacher-store")
+            steps = _train(cfg, model, store, work / "student", planned, list(sets))
+            heldout = None
+            if heldout_prompts is not None:
+                checked = _rollout(cfg, work / "student", heldout_prompts, work / "heldout-rollouts", 1,
+                                   cfg.sampling.seed)
+                heldout = _heldout(_score(cfg, checked, work / "heldout-store"))
+            rounds.append(_summary(r, work, model, planned, steps, heldout))
+            (out / "rounds.jsonl").write_text("".join(json.dumps(line) + "\n" for line in rounds))
+            done += steps
+            model = work / "student"
+        if not rounds:
+            raise InputError("--rounds: no round to run")
+    return {"command": "rounds", "out": str(out), "model": str(model), "rounds": len(rounds), "steps": done,
+            "sampled_tokens": sum(x["sampled_tokens"] for x in rounds),
+            "scored_tokens": sum(x["scored_tokens"] for x in rounds),
+            "trained_tokens": sum(x["trained_tokens"] for x in rounds),
+            "last_round": rounds[-1], "summary": str(out / "rounds.jsonl"),
+            "seconds": round(time.perf_counter() - started, 3)}
