@@ -91,7 +91,8 @@ class ScoreConfig(Config):
                                      "takes them together with --data A --data B. [default: every row]",
                                  metavar="FIELD=VALUE[,VALUE]")
     teacher_name: str | None = opt(None, "The teacher's name in the store and in train's per-teacher metrics "
-                                         "(teacher_token_frac/NAME). [default: the --teacher directory's name]",
+                                         "(teacher_token_frac/NAME). [default: the --teacher directory's name, or "
+                                         "a Hub id's repository name]",
                                    metavar="NAME")
     reference: str | None = opt(None, "Also store a reference model's log-prob of each sampled token "
                                       "(reference_logprobs), e.g. the student's base for g-opd's reward "

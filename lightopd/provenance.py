@@ -109,6 +109,11 @@ def write_provenance(path: str | Path, record: dict) -> None:
     (Path(path) / PROVENANCE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
+def default_name(model: dict) -> str:
+    """A model record's short name: its Hub repository's name, else its directory's."""
+    return (model.get("hub_id") or "").split("/")[-1] or Path(model["path"]).name
+
+
 def named(model: dict) -> str:
     """A model record's name for messages: its Hub id and commit when it has them, else its path."""
     if model.get("hub_id"):

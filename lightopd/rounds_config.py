@@ -39,6 +39,9 @@ class RoundsConfig(Config):
                                          "crosses: NAME<X or NAME>X (is_ess<0.8, rollout_kl>0.02, "
                                          "clip_fraction>0.2). The rounds then go on until the R × M steps are "
                                          "trained. [default: every M steps]", metavar="NAME<X")
+    prompts_per_round: int | None = opt(None, "Each round samples the next N prompts of the source (cycling "
+                                              "through it) instead of all of them: a round of one step needs one "
+                                              "batch of prompts. [default: all, every round]", metavar="N")
     objective: str = opt("lightning-opd", "The training objective (train's --objective).", metavar="NAME")
     lr: float = opt(1e-5, "The learning rate of every round (each round starts its optimizer afresh).", metavar="LR")
     batch_size: int = opt(16, "Sequences per optimizer step.", metavar="N")
@@ -60,6 +63,8 @@ class RoundsConfig(Config):
         check(self.teacher_top_k >= 1, "--teacher-top-k", f"must be >= 1, got {self.teacher_top_k}")
         check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        check(self.prompts_per_round is None or self.prompts_per_round >= 1, "--prompts-per-round",
+              f"must be >= 1, got {self.prompts_per_round}")
         check(self.save_every >= 1, "--save-every", f"must be >= 1, got {self.save_every}")
         stop_rule(self.refresh_when)
 

@@ -71,7 +71,8 @@ def test_teacher_store_carries_rollout_columns_and_provenance(teacher_model, rol
     assert manifest["format"] == TEACHER_FORMAT and manifest["num_shards"] == rollouts["num_shards"] == 4
     assert manifest["rows"] == rollouts["rows"] and manifest["tokens"] == rollouts["tokens"]
     assert manifest["scoring"] == {"top_k": 4, "temperature": 1.0, "topk_logprobs_dtype": "float16", "vocab_size": 50,
-                                   "engine": {"name": "hf"}, "unavailable": [], "context": None, "route": None}
+                                   "engine": {"name": "hf"}, "unavailable": [], "context": None, "route": None,
+                                   "reference": None}
     assert manifest["tokenizer"]["fingerprint"] == rollouts["tokenizer"]["fingerprint"]
     assert manifest["rollouts"]["model"]["fingerprint"] == rollouts["model"]["fingerprint"]
     assert manifest["rollouts"]["fingerprint"].startswith("sha256:")

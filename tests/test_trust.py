@@ -56,6 +56,7 @@ def _teacher_rows(k: int, topk_per_row: list[int]) -> pa.Table:
         "teacher_log_tail": pa.array([[-5.0] * n for n in lengths], pa.list_(pa.float32())),
         "teacher_entropy": pa.array([[0.5] * n for n in lengths], pa.list_(pa.float32())),
         "teacher_prompt_ids": pa.nulls(2, pa.list_(pa.int32())),
+        "reference_logprobs": pa.nulls(2, pa.list_(pa.float32())),
     }
     return pa.Table.from_arrays([*rollouts.columns, *extra.values()], schema=teacher_schema())
 

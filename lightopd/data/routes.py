@@ -104,8 +104,11 @@ def check_cover(stores: list[tuple[str, dict]], keys: dict[str, set[tuple[str, i
         routes = [manifests[p]["scoring"].get("route") for p in paths]
         total = next((r["rollout_rows"] for r in routes if r), total)
         if total is not None and len(owner) < total:
+            skipped = sum(((manifests[p]["scoring"].get("context") or {}).get("skipped") or 0) for p in paths)
+            why = (f"no --where took them, or --teacher-long-prompts skip left them out ({skipped} teacher "
+                   "prompts too long)") if skipped else "no --where took them"
             message = (f"--data {', '.join(paths)}: {total - len(owner)} of the {total} rows of their rollouts are "
-                       "scored by none of these teachers (no --where took them)")
+                       f"scored by none of these teachers ({why})")
             if not allow_unrouted:
                 raise InputError(message + "; score them with another teacher, or pass --allow-unrouted to train "
                                            "on the routed rows alone")

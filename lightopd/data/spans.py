@@ -83,7 +83,9 @@ def annotations(path: str, field: str) -> dict[tuple[str, int], object]:
             raise InputError(f"{where}: not JSON ({e.msg})") from None
         if not isinstance(record, dict) or not {"prompt_id", "sample_index", field} <= set(record):
             raise InputError(f"{where}: needs the keys prompt_id, sample_index and {field!r} (--token-spans)")
-        key = (str(record["prompt_id"]), int(record["sample_index"]))
+        if not isinstance(record["sample_index"], int) or isinstance(record["sample_index"], bool):
+            raise InputError(f"{where}: sample_index is {record['sample_index']!r}, not an integer")
+        key = (str(record["prompt_id"]), record["sample_index"])
         if key in out:
             raise InputError(f"{where}: prompt {key[0]!r} sample {key[1]} is annotated twice")
         out[key] = record[field]

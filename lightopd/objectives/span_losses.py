@@ -14,9 +14,12 @@ read of the paper, so linear is this project's choice).
 Each objective sees its own positions as the row: its `prepare` runs with the step's mask cut to
 them (grpo's per-row length normalisation counts only its tokens), and its loss is taken where its
 route is 1. Every objective takes `--objective`'s τ (one softmax per position); the span objectives
-take their default parameters. The step's loss is the token mean as for any objective, so the
-routed losses add up to it: `span_loss/KIND` (each kind's share of the step's loss, `other` the
-unmarked positions) sums to `loss`, and `span_frac/KIND` (each kind's share of the positions) to 1.
+take their default parameters. The step's loss is the token mean as for any objective:
+`span_loss/KIND` is each kind's share of it (`other` the unmarked positions; they sum to `loss`
+where no shared weight, a row weight, a token selection or a teacher weight, applies on top), and
+`span_frac/KIND` each kind's share of the positions (summing to 1). Once the anneal reaches 0 the
+span positions take no loss at all (they are not handed to `--objective`: TRACE's GRPO is on the
+other tokens), and still count in the token mean.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from lightopd.errors import InputError
 from lightopd.objectives.base import Inputs, Objective, Requirements, StepRows
 from lightopd.objectives.selection import span_loss_entry, span_tokens
 
@@ -82,16 +86,16 @@ class SpanLosses(Objective):
             else:  # a position in two listed kinds' spans belongs to the first listed
                 inside = span_tokens(rows.mask, rows.spans, {kind}) * (1 - taken)
                 taken = taken + inside
-            out[f"route/{kind}"] = inside
+            out[f"route:{kind}"] = inside
             own = objective.prepare(dataclasses.replace(rows, mask=inside))
-            out.update({f"{kind}/{name}": values for name, values in own.items()})
+            out.update({f"part:{kind}/{name}": values for name, values in own.items()})
         return out
 
     def loss(self, inputs: Inputs) -> Tensor:
         total, self.last = None, {}
         for kind, objective, weight in self.routes():
-            route = inputs.prepared[f"route/{kind}"]
-            prefix = f"{kind}/"
+            route = inputs.prepared[f"route:{kind}"]
+            prefix = f"part:{kind}/"
             own = {n.removeprefix(prefix): v for n, v in inputs.prepared.items() if n.startswith(prefix)}
             value = objective.loss(dataclasses.replace(inputs, prepared=own))
             part = (route * weight) * value.where(route > 0, 0.0)  # a value off its route never reaches the sum
@@ -100,7 +104,7 @@ class SpanLosses(Objective):
         return total
 
     def diagnostics(self, inputs: Inputs) -> dict[str, Tensor]:
-        out = {f"span_frac/{kind}": inputs.prepared[f"route/{kind}"] for kind, _, _ in self.routes()}
+        out = {f"span_frac/{kind}": inputs.prepared[f"route:{kind}"] for kind, _, _ in self.routes()}
         return {**out, **{f"span_loss/{kind}": value for kind, value in self.last.items()}}
 
     def finish_step(self, step: int, loss: float) -> dict[str, float]:
@@ -112,12 +116,12 @@ class SpanLosses(Objective):
         return out
 
     def state_dict(self) -> dict:
-        return {"done": self.done, **{kind: o.state_dict() for kind, o, _ in self.routes()}}
+        return {"done": self.done, "parts": {kind: o.state_dict() for kind, o, _ in self.routes()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.done = state.get("done", self.done)
         for kind, objective, _ in self.routes():
-            objective.load_state_dict(state.get(kind, {}))
+            objective.load_state_dict(state.get("parts", {}).get(kind, {}))
 
 
 def with_span_losses(main: Objective, spec: SelectionSpec, lookup: Callable[[str], type[Objective]],
@@ -129,6 +133,9 @@ def with_span_losses(main: Objective, spec: SelectionSpec, lookup: Callable[[str
     parts = []
     for entry in spec.span_loss:
         kind, name, weight = span_loss_entry(entry)
-        cls = lookup(name)
+        try:
+            cls = lookup(name)
+        except InputError as e:
+            raise InputError(f"--span-loss {entry!r}: {str(e).split(': ', 1)[1]}") from None
         parts.append((kind, cls(params_for(cls), main.total_steps), weight))
     return SpanLosses(main, parts, spec.span_anneal)

@@ -19,6 +19,7 @@ from lightopd.config import PromptsConfig
 from lightopd.data.fields import RECOGNISED, finite
 from lightopd.data.prompts import read_prompts
 from lightopd.errors import InputError
+from lightopd.specs import SourceSpec
 
 REASONING_GYM = "reasoning-gym:"
 RG_DEFAULT_SIZE = 1000
@@ -38,11 +39,11 @@ def _reasoning_gym(task: str, n: int, seed: int) -> list[dict]:
              "metadata": entry["metadata"]} for i, entry in enumerate(dataset)]
 
 
-def _mapped(cfg: PromptsConfig) -> list[dict]:
-    spec = cfg.source
+def mapped(spec: SourceSpec, n: int | None = None) -> list[dict]:
+    """The source's (first `n`) records under the names lightopd recognises, other fields beside them."""
     out = []
     first = {name for names in RECOGNISED.values() for name in names[:1]}  # what a re-read recognises first
-    for record in read_prompts(spec.open(), spec.mapping(), cfg.n):
+    for record in read_prompts(spec.open(), spec.mapping(), n):
         other = RECOGNISED["messages" if record.prompt is not None else "prompt"]  # a re-read would see both
         clash = sorted((first | set(other)) & set(record.metadata))
         if clash:
@@ -55,6 +56,15 @@ def _mapped(cfg: PromptsConfig) -> list[dict]:
     return out
 
 
+def write_records(out: Path, records: list[dict]) -> None:
+    """`records` as a JSONL file, written whole (through a temporary file) or not at all."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w") as f:
+        for record in records:
+            f.write(json.dumps(finite(record), ensure_ascii=False, default=str, allow_nan=False) + "\n")
+    os.replace(tmp, out)
+
+
 def run(cfg: PromptsConfig) -> dict:
     out = Path(cfg.out)
     if out.exists():
@@ -65,11 +75,7 @@ def run(cfg: PromptsConfig) -> dict:
     if spec.startswith(REASONING_GYM):
         records = _reasoning_gym(spec.removeprefix(REASONING_GYM), cfg.n or RG_DEFAULT_SIZE, cfg.seed)
     else:
-        records = _mapped(cfg)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps(finite(record), ensure_ascii=False, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, out)
+        records = mapped(cfg.source, cfg.n)
+    write_records(out, records)
     return {"command": "prompts", "source": spec, "out": str(out), "records": len(records),
             "fields": sorted({k for r in records for k in r})}

@@ -34,6 +34,7 @@ from lightopd.progress import console
 from lightopd.rounds_config import RoundsConfig
 from lightopd.specs import SourceSpec
 from lightopd.stages import rollout, score, train
+from lightopd.stages.prompts import mapped, write_records
 from lightopd.training.resume import finished_steps
 
 
@@ -51,6 +52,19 @@ def _score(cfg: RoundsConfig, rollouts: Path, out: Path) -> Path:
     score.run(ScoreConfig(teacher=spec, data=str(rollouts), out=str(out), top_k=cfg.teacher_top_k,
                           engine=cfg.engine))
     return out
+
+
+def _prompts(cfg: RoundsConfig, records: list[dict] | None, r: int, work: Path) -> SourceSpec:
+    """Round r's prompts: the source itself, or (--prompts-per-round N) the next N of its records,
+    cycling, written once to OUT/round-r/prompts.jsonl (as `lightopd prompts` writes them)."""
+    if records is None:
+        return cfg.prompts
+    path = work / "prompts.jsonl"
+    if not path.is_file():
+        n = cfg.prompts_per_round
+        work.mkdir(parents=True, exist_ok=True)
+        write_records(path, [records[(i + (r - 1) * n) % len(records)] for i in range(n)])
+    return SourceSpec(source=str(path))
 
 
 def _train(cfg: RoundsConfig, model: Path | str, store: Path, out: Path, steps: int,
@@ -110,13 +124,17 @@ def run(cfg: RoundsConfig, sets: list[tuple[str, object]] = ()) -> dict:
         heldout_prompts = None if cfg.heldout is None else SourceSpec(source=cfg.heldout)
         model: Path | str = cfg.student.path
         done, rounds = 0, []
+        records = mapped(cfg.prompts, cfg.limit) if cfg.prompts_per_round else None
+        if records is not None and not records:
+            raise InputError(f"--prompts {cfg.prompts.source}: no records")
         for r in range(1, cfg.budget + 1):
             if done >= cfg.budget or (cfg.refresh_when is None and r > cfg.rounds):
                 break
             work = out / f"round-{r}"
             planned = min(cfg.steps_per_round, cfg.budget - done)
             console.print(f"[bold]round {r}[/bold]: {done} of {cfg.budget} steps trained; sampling {model}")
-            rollouts = _rollout(cfg, model, cfg.prompts, work / "rollouts", cfg.sampling.n, cfg.sampling.seed + r - 1)
+            prompts = _prompts(cfg, records, r, work)
+            rollouts = _rollout(cfg, model, prompts, work / "rollouts", cfg.sampling.n, cfg.sampling.seed + r - 1)
             store = _score(cfg, rollouts, work / "teacher-store")
             steps = _train(cfg, model, store, work / "student", planned, list(sets))
             heldout = None

@@ -47,7 +47,7 @@ from lightopd.errors import InputError, NonFiniteLogits
 from lightopd.hub import locate
 from lightopd.objectives.stats import LogprobStats
 from lightopd.progress import StageProgress, warn
-from lightopd.provenance import SELF_TEACHER, eos_mismatch, model_fingerprint, tokenizer_fingerprint
+from lightopd.provenance import SELF_TEACHER, default_name, eos_mismatch, model_fingerprint, tokenizer_fingerprint
 
 # Chosen by measurement on a 32k-vocabulary teacher at k = 32 (bytes per completion token, whole
 # shard): zstd-3 defaults 108.8; byte-stream-split floats 95.9; and zstd level 6 90.3, which
@@ -166,7 +166,8 @@ def run(cfg: ScoreConfig) -> dict:
     metadata = {
         "teacher": {"path": str(teacher_dir.resolve()), **locate(spec.path).record(),
                     "fingerprint": fingerprint, "dtype": str(dtype).removeprefix("torch."),
-                    "name": cfg.teacher_name or Path(spec.path.rstrip("/")).name},
+                    "name": cfg.teacher_name or default_name({"path": str(teacher_dir.resolve()),
+                                                              **locate(spec.path).record()})},
         "tokenizer": rollout_manifest["tokenizer"],
         "rollouts": {
             "path": str(Path(cfg.data).resolve()),

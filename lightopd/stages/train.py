@@ -35,7 +35,7 @@ from lightopd.errors import InputError
 from lightopd.hub import locate
 from lightopd.objectives import Objective, ObjectiveParams, lookup
 from lightopd.objectives.span_losses import with_span_losses
-from lightopd.options import flatten
+from lightopd.options import flatten, options
 from lightopd.progress import console, warn
 from lightopd.provenance import (
     eos_mismatch,
@@ -43,7 +43,7 @@ from lightopd.provenance import (
     read_provenance,
     tokenizer_fingerprint,
 )
-from lightopd.stages.train_data import check_on_policy, mixture, sft_teachers
+from lightopd.stages.train_data import check_on_policy, check_spans, mixture, sft_teachers
 from lightopd.training import distributed
 from lightopd.training.checkpoints import remove, remove_leftovers, restore, saved_dtype
 from lightopd.training.distributed import World
@@ -74,15 +74,17 @@ def student_temperature(params: ObjectiveParams, sampling: dict, default: float 
 # (how the same computation is laid out in memory may change: that is how a run that ran out of memory goes on)
 MAY_CHANGE_ON_RESUME = ("steps", "epochs", "save_every", "micro_batch_tokens", "packing", "loss_chunk_tokens",
                         "gradient_checkpointing", "attn_implementation", "device", "allow_teacher_mismatch",
-                        "allow_off_policy", "report_to", "keep_checkpoints", "merge_lora")
+                        "allow_off_policy", "report_to", "keep_checkpoints", "merge_lora", "allow_unrouted")
 
 
 def resume_differences(checkpoint: dict, now: dict, at_step: int, total: int) -> list[str]:
     """Every difference between a checkpoint's provenance and this run's that would change the result."""
     out = []
     old, new = checkpoint.get("train", {}), now["train"]
+    defaults = {o.key: list(o.default) if isinstance(o.default, tuple) else o.default  # what a key added since
+                for o in options(TrainConfig) if not o.required}                         # an older run had
     for key in sorted(set(old) | set(new)):
-        if key not in MAY_CHANGE_ON_RESUME and old.get(key) != new.get(key):
+        if key not in MAY_CHANGE_ON_RESUME and old.get(key, defaults.get(key)) != new.get(key):
             out.append(f"--{key.replace('_', '-')}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
     fingerprint = lambda record, block: (record.get(block) or {}).get("fingerprint")  # noqa: E731
     for what, a, b in (("the objective", checkpoint.get("objective"), now["objective"]),
@@ -133,6 +135,8 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
             f"one --data {cfg.data[0]} was sampled with ({manifest['tokenizer']['fingerprint']}); the stored token "
             "ids would mean different tokens"
         )
+    if cfg.selection.reads_spans:  # every row's spans, checked before the student loads
+        check_spans(cfg.selection, mix, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     info = models.model_info(student_dir, tokenizer, spec.trust_remote_code, "--student")
     mismatch = eos_mismatch(manifest["tokenizer"]["eos_token_ids"], info.eos_ids, spec.path, "the student")
     if mismatch:

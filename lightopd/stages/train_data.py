@@ -15,10 +15,13 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from lightopd.config import TrainConfig
 from lightopd.data.groups import reward_summary, rewards_by_prompt
 from lightopd.data.reader import iter_batches
 from lightopd.data.routes import check_cover
+from lightopd.data.spans import Spans
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
     TEACHER_FORMAT,
@@ -32,8 +35,9 @@ from lightopd.data.store import (
 )
 from lightopd.errors import InputError
 from lightopd.objectives import Requirements
+from lightopd.objectives.selection import SelectionSpec
 from lightopd.progress import warn
-from lightopd.provenance import sft_teacher_of
+from lightopd.provenance import default_name, sft_teacher_of
 
 
 def check_data(path: str, name: str, needs: Requirements) -> dict:
@@ -115,9 +119,8 @@ def check_on_policy(cfg: TrainConfig, name: str, path: str, manifest: dict, stud
 
 
 def teacher_name(manifest: dict) -> str:
-    """A teacher store's name: the one score-teacher recorded (--teacher-name), else its teacher's directory's."""
-    teacher = manifest["teacher"]
-    return teacher.get("name") or Path(teacher["path"]).name
+    """A teacher store's name: the one score-teacher recorded (--teacher-name, or its default)."""
+    return manifest["teacher"].get("name") or default_name(manifest["teacher"])
 
 
 def parse_weights(entries: tuple[str, ...], names: list[str]) -> dict[str, float]:
@@ -130,8 +133,9 @@ def parse_weights(entries: tuple[str, ...], names: list[str]) -> dict[str, float
         except ValueError:
             weight = -1.0
         if name not in out:
+            known = ", ".join(names) or "none: teachers are named with several teacher stores"
             raise InputError(f"--teacher-weight {entry!r}: no --data store was scored by a teacher named {name!r} "
-                             f"(the names: {', '.join(names) or 'none, with one store'})")
+                             f"(the names: {known})")
         if not weight >= 0:
             raise InputError(f"--teacher-weight {entry!r}: expected NAME=WEIGHT with a weight >= 0")
         out[name] = weight
@@ -190,7 +194,8 @@ def mixture(cfg: TrainConfig, name: str, needs: Requirements) -> Mixture:
         for what, get in (("format", lambda m: m["format"]), ("vocabulary", lambda m: m["tokenizer"]["fingerprint"]),
                           ("sampling temperature", lambda m: sampling_of(m)["temperature"]),
                           ("top-k", lambda m: m.get("scoring", {}).get("top_k")),
-                          ("top-k dtype", lambda m: m.get("scoring", {}).get("topk_logprobs_dtype"))):
+                          ("top-k dtype", lambda m: m.get("scoring", {}).get("topk_logprobs_dtype")),
+                          ("columns", store_columns), ("record of ℓold", policy_is_behavior)):
             if get(manifest) != get(first):
                 raise InputError(f"--data {path}: its {what} ({get(manifest)}) differs from --data {head}'s "
                                  f"({get(first)}); stores trained on together must agree on it")
@@ -207,6 +212,15 @@ def mixture(cfg: TrainConfig, name: str, needs: Requirements) -> Mixture:
             warn(message)
     weights = parse_weights(cfg.teacher_weight, list(names))
     return Mixture(paths, manifests, names, {} if all(w == 1.0 for w in weights.values()) else weights)
+
+
+def check_spans(spec: SelectionSpec, mix: Mixture, decode) -> None:
+    """Every row's spans (data/spans.py), read and checked once before training: a row without them
+    or with a span outside its completion is exit 2 now, not when a step draws it."""
+    spans = Spans(spec.token_spans, spec.token_span_units, spec.token_spans_file, decode)
+    for path, manifest in zip(mix.paths, mix.manifests, strict=True):
+        for batch in iter_batches(path, columns=["prompt_id", *spans.columns, "completion_ids"], manifest=manifest):
+            spans.of(pa.Table.from_batches([batch]))
 
 
 def sft_teachers(mix: Mixture, learns_from_teacher: bool, student: str, declared: str | None, parent: dict | None,

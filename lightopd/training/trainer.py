@@ -41,7 +41,7 @@ from lightopd.training.parallel import Parallel, Source
 from lightopd.training.schedule import lr_factor, optimizer_for
 
 STORED = ("teacher_logprobs", "behavior_logprobs", "policy_logprobs", "topk_ids", "topk_logprobs",
-          "teacher_log_tail", "reference_logprobs")
+          "teacher_log_tail")  # read for the diagnostics whatever the objective (reference_logprobs: when it needs it)
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ class Trainer:
         the student tokenizer's text of completion ids, for spans in character offsets."""
         self.cfg, self.objective, self.model, self.data, self.world = cfg, objective, model, data, world
         offered = (*data.columns, "policy_logprobs") if data.policy_from_behavior else data.columns
-        self.columns = tuple(c for c in dict.fromkeys((*objective.columns, *STORED)) if c in offered)
+        self.columns = tuple(c for c in dict.fromkeys((*objective.needs().columns, *objective.columns, *STORED))
+                             if c in offered)
         rewards = ("reward",) if objective.needs().rewards else ()  # per row: read, never batched
         spec = cfg.selection
         self.spans = Spans(spec.token_spans, spec.token_span_units, spec.token_spans_file, decode) \
