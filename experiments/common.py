@@ -4,6 +4,7 @@ to the OPD step (task prompts, the SFT student, its rollouts with rewards, the t
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from lightopd.demo_config import DemoConfig
@@ -21,6 +22,16 @@ def arguments(doc: str, name: str) -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--device", default="auto")
     return ap
+
+
+def seeds(doc: str, name: str, run_seed) -> tuple[argparse.Namespace, dict, float]:
+    """Parse the options, make a fresh --out and run `run_seed(seed, out, device)` for each seed:
+    (the options, {seed: its result}, the start time)."""
+    ap = arguments(doc, name)
+    args = ap.parse_args()
+    fresh_out(ap, args.out)
+    started = time.perf_counter()
+    return args, {seed: run_seed(seed, args.out, args.device) for seed in args.seeds}, started
 
 
 def heldout_prompts(out: Path, seed: int) -> Path:

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import D, arguments, fresh_out
+from common import D, seeds
 
 from lightopd.stages import demo
 from lightopd.tasks import addition as A
@@ -54,11 +54,7 @@ def run_seed(seed: int, out: Path, device: str) -> dict:
 
 
 def main() -> None:
-    ap = arguments(__doc__, "context")
-    args = ap.parse_args()
-    fresh_out(ap, args.out)
-    started = time.perf_counter()
-    rows = {seed: run_seed(seed, args.out, args.device) for seed in args.seeds}
+    args, rows, started = seeds(__doc__, "context", run_seed)
     names = list(next(iter(rows.values())))
     print("| model | " + " | ".join(f"seed {s}" for s in rows) + " | mean | worked format (mean) |")
     print("|---|" + "---|" * (len(rows) + 2))

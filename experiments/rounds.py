@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import D, arguments, demo_until_opd, fresh_out, heldout_prompts
+from common import D, demo_until_opd, heldout_prompts, seeds
 
 from lightopd.rounds_config import RoundsConfig
 from lightopd.stages import demo, rounds
@@ -86,11 +86,7 @@ def chart(rows: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = arguments(__doc__, "rounds")
-    args = ap.parse_args()
-    fresh_out(ap, args.out)
-    started = time.perf_counter()
-    rows = {seed: run_seed(seed, args.out, args.device) for seed in args.seeds}
+    args, rows, started = seeds(__doc__, "rounds", run_seed)
     names = list(next(iter(rows.values())))
     print("| run | " + " | ".join(f"seed {s}" for s in rows) + " | mean | rounds | tokens sampled | tokens trained |")
     print("|---|" + "---|" * (len(rows) + 4))

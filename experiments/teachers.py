@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import D, arguments, fresh_out
+from common import D, seeds
 
 from lightopd.data.store import open_store
 from lightopd.stages import demo
@@ -84,11 +84,7 @@ def run_seed(seed: int, out: Path, device: str) -> dict:
 
 
 def main() -> None:
-    ap = arguments(__doc__, "teachers")
-    args = ap.parse_args()
-    fresh_out(ap, args.out)
-    started = time.perf_counter()
-    rows = {seed: run_seed(seed, args.out, args.device) for seed in args.seeds}
+    args, rows, started = seeds(__doc__, "teachers", run_seed)
     names = list(next(iter(rows.values())))
     print("| student | addition (mean) | reversal (mean) | both (mean) | per seed (addition / reversal) | "
           "tokens scored per teacher |")
@@ -97,10 +93,11 @@ def main() -> None:
         add = [rows[s][name]["addition"] for s in rows]
         rev = [rows[s][name]["reversal"] for s in rows]
         both = statistics.mean((a + r) / 2 for a, r in zip(add, rev, strict=True))
-        seeds = ", ".join(f"{a:.1%} / {r:.1%}" for a, r in zip(add, rev, strict=True))
+        per_seed = ", ".join(f"{a:.1%} / {r:.1%}" for a, r in zip(add, rev, strict=True))
         tokens = rows[next(iter(rows))][name]["scored_tokens"]
         cost = ", ".join(f"{t} {n:,}" for t, n in tokens.items()) or "-"
-        print(f"| {name} | {statistics.mean(add):.1%} | {statistics.mean(rev):.1%} | {both:.1%} | {seeds} | {cost} |")
+        means = f"{statistics.mean(add):.1%} | {statistics.mean(rev):.1%} | {both:.1%}"
+        print(f"| {name} | {means} | {per_seed} | {cost} |")
     print(json.dumps({"experiment": "teachers", "seeds": args.seeds, "rows": rows,
                       "seconds": round(time.perf_counter() - started, 1)}))
 
