@@ -1,8 +1,8 @@
 """How often to refresh an offline store: `lightopd rounds` from one round to a round per step.
 
 Per seed, the demo's SFT student (the demo's steps 1–4), then, for reverse and forward KL on the
-teacher's top-k (`rkl`, `fkl`), the same budget of 200 optimizer steps (batch 32: 8 prompts × 4
-samples, lr 3·10⁻⁴, dropout on) spent five ways:
+teacher's top-k (`rkl`, `fkl`: AsyncOPD's comparison) and the demo's `opd-seq`, the same budget
+of 200 optimizer steps (batch 32: 8 prompts × 4 samples, lr 3·10⁻⁴, dropout on) spent five ways:
 - offline: one round over all 2,000 OPD prompts (Lightning OPD);
 - every 50 / every 10 steps: rounds of 50 or 10 steps, each sampling the next 400 or 80 prompts;
 - drift: rounds of up to 50 steps that end early when the step's rollout_kl exceeds 0.1;
@@ -33,7 +33,7 @@ REGIMES = {  # name: (steps per round, prompts per round (None: all), refresh ru
     "drift (rollout_kl > 0.1)": (50, 50 * BATCH_PROMPTS, "rollout_kl>0.1"),
     "every step": (1, BATCH_PROMPTS, None),
 }
-OBJECTIVES = ("rkl", "fkl")
+OBJECTIVES = ("rkl", "fkl", "opd-seq")  # AsyncOPD's pair, and the demo's objective
 
 
 def run_seed(seed: int, out: Path, device: str) -> dict:
@@ -65,7 +65,7 @@ def chart(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(15, 4.2), sharey=True)
     sft = statistics.mean(rows[s]["sft"]["accuracy"] for s in rows)
     for ax, objective in zip(axes, OBJECTIVES, strict=True):
         for name in REGIMES:
