@@ -43,6 +43,7 @@ bench:
 	$(PYTHON) bench/tail.py
 	$(PYTHON) bench/selection.py
 	$(PYTHON) bench/demo.py
+	$(PYTHON) bench/trl_rounds.py
 
 # The teacher-consistency study (about 6 minutes on 2 CPU cores): docs/consistency.png and the
 # table of docs/experiments.md

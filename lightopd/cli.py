@@ -61,6 +61,8 @@ def _parameter(o: Option, required: bool) -> inspect.Parameter:
         kind = Optional[list[str]]
     if o.doc.argument:
         info = typer.Argument(help=describe(o), metavar=metavar(o), show_default=False)
+    elif o.kind is bool and o.default is True:  # on by default: a flag that turns it off
+        info = typer.Option(f"{o.flag}/--no-{o.flag[2:]}", help=f"{describe(o)} [default: True]", show_default=False)
     else:
         info = typer.Option(o.flag, help=describe(o), metavar=metavar(o))
     default = inspect.Parameter.empty if required else (None if o.required or o.repeatable else o.default)

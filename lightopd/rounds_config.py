@@ -55,6 +55,8 @@ class RoundsConfig(Config):
     engine: EngineSpec = opt(EngineSpec())
     limit: int | None = limit_option()
     generation_batch_size: int = generation_batch_size_option()
+    keep_teacher: bool = opt(True, "Keep the teacher loaded from round to round (its memory is then held while "
+                                   "the student trains); --no-keep-teacher loads it again for each scoring.")
     save_every: int = opt(10, "A resumable checkpoint of each round's training every N steps.", metavar="N")
 
     def __post_init__(self) -> None:

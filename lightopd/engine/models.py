@@ -145,13 +145,51 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                   "chat_template.json")
+_TOKENIZERS: dict[str, object] = {}  # by the content of their files: a process that loads one many times
+                                     # (lightopd rounds: each round's student directory) reads it once
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, what: str = "--model"):
+    """A model directory's tokenizer (never changed by lightopd, so one copy serves every caller
+    that reads the same files)."""
     from transformers import AutoTokenizer
 
+    key = _tokenizer_key(Path(path), trust_remote_code)
+    if key is not None and key in _TOKENIZERS:
+        return _TOKENIZERS[key]
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise read_error(e, path, what, "tokenizer") from None
+    if key is not None:
+        if len(_TOKENIZERS) >= 8:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        _TOKENIZERS[key] = tokenizer
+    return tokenizer
+
+
+def _tokenizer_key(path: Path, trust_remote_code: bool) -> str | None:
+    """A hash of the directory's tokenizer files (None where it holds none of them, or is not a directory)."""
+    import hashlib
+
+    if not path.is_dir() or trust_remote_code:  # remote code may read any file: no cache
+        return None
+    h, found = hashlib.sha256(), False
+    config = path / "config.json"  # AutoTokenizer may pick its class by the model type
+    if config.is_file():
+        try:
+            h.update(str(json.loads(config.read_text()).get("model_type")).encode())
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return None
+    for name in TOKENIZER_FILES:
+        file = path / name
+        if file.is_file():
+            h.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+            found = True
+    return h.hexdigest() if found else None
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,

@@ -14,7 +14,8 @@ Every stage resumes on its own (a complete store is left as it is, an unfinished
 training resumes from its newest checkpoint, a finished student is kept), so a run killed at any
 point and started again with the same options goes on where it stopped, losing and duplicating
 nothing. Models move between stages through their directories: each stage loads what it needs, in
-this one process (imports and checks once).
+this one process (imports once); the teacher is loaded once for every round (`--keep-teacher`,
+the default, holds its memory while the student trains), and tokenizers are read once.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ def _rollout(cfg: RoundsConfig, model: Path | str, prompts: SourceSpec, out: Pat
     return out
 
 
-def _score(cfg: RoundsConfig, rollouts: Path, out: Path) -> Path:
+def _score(cfg: RoundsConfig, rollouts: Path, out: Path, loaded: dict | None) -> Path:
     spec = dataclasses.replace(cfg.student, path=cfg.teacher)
     score.run(ScoreConfig(teacher=spec, data=str(rollouts), out=str(out), top_k=cfg.teacher_top_k,
-                          engine=cfg.engine))
+                          engine=cfg.engine), loaded)
     return out
 
 
@@ -124,6 +125,7 @@ def run(cfg: RoundsConfig, sets: list[tuple[str, object]] = ()) -> dict:
         heldout_prompts = None if cfg.heldout is None else SourceSpec(source=cfg.heldout)
         model: Path | str = cfg.student.path
         done, rounds = 0, []
+        loaded: dict | None = {} if cfg.keep_teacher else None  # the teacher, loaded once for every round
         records = mapped(cfg.prompts, cfg.limit) if cfg.prompts_per_round else None
         if records is not None and not records:
             raise InputError(f"--prompts {cfg.prompts.source}: no records")
@@ -135,13 +137,13 @@ def run(cfg: RoundsConfig, sets: list[tuple[str, object]] = ()) -> dict:
             console.print(f"[bold]round {r}[/bold]: {done} of {cfg.budget} steps trained; sampling {model}")
             prompts = _prompts(cfg, records, r, work)
             rollouts = _rollout(cfg, model, prompts, work / "rollouts", cfg.sampling.n, cfg.sampling.seed + r - 1)
-            store = _score(cfg, rollouts, work / "teacher-store")
+            store = _score(cfg, rollouts, work / "teacher-store", loaded)
             steps = _train(cfg, model, store, work / "student", planned, list(sets))
             heldout = None
             if heldout_prompts is not None:
                 checked = _rollout(cfg, work / "student", heldout_prompts, work / "heldout-rollouts", 1,
                                    cfg.sampling.seed)
-                heldout = _heldout(_score(cfg, checked, work / "heldout-store"))
+                heldout = _heldout(_score(cfg, checked, work / "heldout-store", loaded))
             rounds.append(_summary(r, work, model, planned, steps, heldout))
             (out / "rounds.jsonl").write_text("".join(json.dumps(line) + "\n" for line in rounds))
             done += steps

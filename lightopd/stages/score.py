@@ -124,8 +124,10 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def run(cfg: ScoreConfig) -> dict:
-    """Score this worker's share of the rollout store into `cfg.out`; return the JSON summary."""
+def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
+    """Score this worker's share of the rollout store into `cfg.out`; return the JSON summary.
+    `loaded`: models kept between calls (lightopd rounds scores with the same teacher every round),
+    by fingerprint, device and dtype."""
     spec = cfg.teacher
     teacher_dir = models.check_model_dir(spec.path, "--teacher")
     rollout_manifest = _check_rollouts(cfg)
@@ -191,20 +193,32 @@ def run(cfg: ScoreConfig) -> dict:
             if vllm:
                 scorer = VllmScorer(teacher_dir, spec, cfg.engine, info, cfg.top_k)
             else:
-                model = models.load_model(teacher_dir, device, dtype, spec.trust_remote_code, "--teacher",
-                                          spec.attn_implementation)
+                model = _model(loaded, (fingerprint, str(device), dtype, spec.attn_implementation),
+                               lambda: models.load_model(teacher_dir, device, dtype, spec.trust_remote_code,
+                                                         "--teacher", spec.attn_implementation))
                 scorer = Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements)
             scorers = [scorer]
             if reference is not None:  # beside the teacher: its sampled-token log-prob alone
                 directory, record = reference
-                scorers.append(Scorer(models.load_model(directory, device, dtype, spec.trust_remote_code,
-                                                        "--reference"), record["vocab"], 1, record["temperature"],
-                                      cfg.chunk_elements))
+                base = _model(loaded, (record["fingerprint"], str(device), dtype, None),
+                              lambda: models.load_model(directory, device, dtype, spec.trust_remote_code,
+                                                        "--reference"))
+                scorers.append(Scorer(base, record["vocab"], 1, record["temperature"], cfg.chunk_elements))
             try:
                 _score_shards(cfg, work, scorers, rollout_manifest, context, where)
             except NonFiniteLogits as e:
                 raise NonFiniteLogits(f"--teacher {spec.path}: {e}") from None
         return work.summary("score-teacher")
+
+
+def _model(loaded: dict | None, key: tuple, load):
+    """A scoring model: `loaded`'s copy (it is only read, under inference mode), else `load()`, kept
+    in `loaded` when given."""
+    if loaded is None:
+        return load()
+    if key not in loaded:
+        loaded[key] = load()
+    return loaded[key]
 
 
 def _reference(cfg: ScoreConfig, rollout_manifest: dict, vllm: bool) -> tuple[Path, dict] | None:
