@@ -122,8 +122,9 @@ class ScoreConfig(Config):
               "--teacher-name", f"must be a non-empty name without '/', got {self.teacher_name!r}")
 
 
-def stop_rule(text: str | None) -> tuple[str, str, float] | None:
-    """(metric, '<' or '>', threshold) of `--stop-when NAME<X` or `NAME>X` (None without one)."""
+def stop_rule(text: str | None, flag: str = "--stop-when") -> tuple[str, str, float] | None:
+    """(metric, '<' or '>', threshold) of `--stop-when NAME<X` or `NAME>X` (None without one); `flag`
+    names the option in its error."""
     if text is None:
         return None
     for op in "<>":
@@ -133,7 +134,7 @@ def stop_rule(text: str | None) -> tuple[str, str, float] | None:
                 return name.strip(), op, float(value)
             except ValueError:
                 break
-    raise InputError(f"--stop-when {text!r}: expected NAME<X or NAME>X with NAME a metrics.jsonl key and X a "
+    raise InputError(f"{flag} {text!r}: expected NAME<X or NAME>X with NAME a metrics.jsonl key and X a "
                      "number, e.g. is_ess<0.8 or rollout_kl>0.02")
 
 

@@ -31,7 +31,8 @@ class RoundsConfig(Config):
     render: RenderSpec = opt(RenderSpec())
     out: str = opt(help="Directory of the run: OUT/round-N/ holds that round's rollouts, teacher-store, student "
                         "and held-out check; OUT/rounds.jsonl one line per round.", metavar="DIR")
-    rounds: int = opt(2, "Rounds at most: every round samples the current student afresh.", metavar="R")
+    rounds: int = opt(2, "Rounds: every round samples the current student afresh (with --refresh-when, the "
+                         "rounds go on, shorter, until R × M steps are trained).", metavar="R")
     steps_per_round: int = opt(50, "Optimizer steps of a round (its last step may come sooner with --refresh-when). "
                                    "The run trains R × M steps in all: one round of M = R × M steps is offline "
                                    "OPD (Lightning OPD); M = 1 samples before every step.", metavar="M")
@@ -68,7 +69,7 @@ class RoundsConfig(Config):
         check(self.prompts_per_round is None or self.prompts_per_round >= 1, "--prompts-per-round",
               f"must be >= 1, got {self.prompts_per_round}")
         check(self.save_every >= 1, "--save-every", f"must be >= 1, got {self.save_every}")
-        stop_rule(self.refresh_when)
+        stop_rule(self.refresh_when, "--refresh-when")
 
     @property
     def budget(self) -> int:

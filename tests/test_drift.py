@@ -37,3 +37,28 @@ def test_a_student_that_sampled_the_store_has_not_drifted(consistent_student, te
     first, second = metrics(tmp_path / "run")
     assert first["is_ess"] == pytest.approx(1.0, abs=1e-5) and first["rollout_kl"] == pytest.approx(0.0, abs=1e-5)
     assert second["is_ess"] < 1 and second["rollout_kl"] > 0  # the update moved it off its rollouts
+
+
+def test_stop_when_ends_the_run_and_a_killed_one_stops_at_the_same_step(consistent_student, teacher_store,
+                                                                        tmp_path):
+    """--stop-when ends at the first step whose metric crosses, writing the model of that step; it
+    writes no checkpoint there, so a run killed before its model resumes and stops at the same step."""
+    import shutil
+
+    from tests.helpers import weights
+
+    flags = dict(objective="rkl", steps=10, batch_size=8, lr=1e-2, save_every=1, stop_when="rollout_kl>1e-3")
+    result, _ = do_train(consistent_student, teacher_store, tmp_path / "run", **flags)
+    lines = metrics(tmp_path / "run")
+    stopped = result["steps"]
+    assert 1 < stopped < 10 and [m["step"] for m in lines] == list(range(1, stopped + 1))
+    assert lines[-1]["rollout_kl"] > 1e-3 and all(m["rollout_kl"] <= 1e-3 for m in lines[:-1])
+    kept = sorted(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept == list(range(1, stopped))
+    shutil.copytree(tmp_path / "run", tmp_path / "cut")
+    for name in ("model.safetensors", "lightopd.json"):  # killed before its final model was written
+        (tmp_path / "cut" / name).unlink()
+    again, _ = do_train(consistent_student, teacher_store, tmp_path / "cut", resume=True, **flags)
+    assert again["steps"] == stopped
+    a, b = weights(tmp_path / "run"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)

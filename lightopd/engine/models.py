@@ -146,8 +146,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
-                   "chat_template.json")
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "bpe.codes", "chat_template.jinja", "chat_template.json")
 _TOKENIZERS: dict[str, object] = {}  # by the content of their files: a process that loads one many times
                                      # (lightopd rounds: each round's student directory) reads it once
 
@@ -181,10 +181,13 @@ def _tokenizer_key(path: Path, trust_remote_code: bool) -> str | None:
     config = path / "config.json"  # AutoTokenizer may pick its class by the model type
     if config.is_file():
         try:
-            h.update(str(json.loads(config.read_text()).get("model_type")).encode())
+            fields = json.loads(config.read_text())
+            h.update(f"{fields.get('model_type')}:{fields.get('tokenizer_class')}".encode())
         except (ValueError, UnicodeDecodeError, AttributeError):
             return None
-    for name in TOKENIZER_FILES:
+    templates = path / "additional_chat_templates"
+    extra = sorted(f"additional_chat_templates/{p.name}" for p in templates.iterdir()) if templates.is_dir() else []
+    for name in (*TOKENIZER_FILES, *extra):
         file = path / name
         if file.is_file():
             h.update(name.encode() + b"\0" + file.read_bytes() + b"\0")

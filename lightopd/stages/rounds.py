@@ -39,11 +39,12 @@ from lightopd.stages.prompts import mapped, write_records
 from lightopd.training.resume import finished_steps
 
 
-def _rollout(cfg: RoundsConfig, model: Path | str, prompts: SourceSpec, out: Path, n: int, seed: int) -> Path:
+def _rollout(cfg: RoundsConfig, model: Path | str, prompts: SourceSpec, out: Path, n: int, seed: int,
+             limit: int | None) -> Path:
     spec = dataclasses.replace(cfg.student, path=str(model))
     sampling = dataclasses.replace(cfg.sampling, n=n, seed=seed)
     rollout.run(RolloutConfig(model=spec, prompts=prompts, render=cfg.render, out=str(out), sampling=sampling,
-                              engine=cfg.engine, checking=cfg.checking, limit=cfg.limit,
+                              engine=cfg.engine, checking=cfg.checking, limit=limit,
                               generation_batch_size=cfg.generation_batch_size))
     return out
 
@@ -60,11 +61,11 @@ def _prompts(cfg: RoundsConfig, records: list[dict] | None, r: int, work: Path) 
     cycling, written once to OUT/round-r/prompts.jsonl (as `lightopd prompts` writes them)."""
     if records is None:
         return cfg.prompts
-    path = work / "prompts.jsonl"
-    if not path.is_file():
-        n = cfg.prompts_per_round
+    path, n = work / "prompts.jsonl", cfg.prompts_per_round
+    chosen = [records[(i + (r - 1) * n) % len(records)] for i in range(n)]
+    if not path.is_file() or [json.loads(line) for line in path.read_text().splitlines()] != chosen:
         work.mkdir(parents=True, exist_ok=True)
-        write_records(path, [records[(i + (r - 1) * n) % len(records)] for i in range(n)])
+        write_records(path, chosen)  # (a file from a run with other options is replaced)
     return SourceSpec(source=str(path))
 
 
@@ -77,7 +78,8 @@ def _train(cfg: RoundsConfig, model: Path | str, store: Path, out: Path, steps: 
     flags = {"student": str(model), "data": str(store), "out": str(out), "objective": cfg.objective, "lr": cfg.lr,
              "batch_size": cfg.batch_size, "steps": steps, "seed": cfg.sampling.seed, "save_every": cfg.save_every,
              "resume": out.is_dir() and any(out.iterdir()), "stop_when": cfg.refresh_when,
-             "device": cfg.student.device, "dtype": cfg.student.dtype}
+             "device": cfg.student.device, "dtype": cfg.student.dtype,
+             "trust_remote_code": cfg.student.trust_remote_code, "attn_implementation": cfg.student.attn_implementation}
     result = train.run(*train_settings(flags, None, sets))
     return result["steps"]
 
@@ -127,8 +129,9 @@ def run(cfg: RoundsConfig, sets: list[tuple[str, object]] = ()) -> dict:
         done, rounds = 0, []
         loaded: dict | None = {} if cfg.keep_teacher else None  # the teacher, loaded once for every round
         records = mapped(cfg.prompts, cfg.limit) if cfg.prompts_per_round else None
-        if records is not None and not records:
-            raise InputError(f"--prompts {cfg.prompts.source}: no records")
+        if records is not None and len(records) < cfg.prompts_per_round:
+            raise InputError(f"--prompts-per-round {cfg.prompts_per_round}: more than the {len(records)} records of "
+                             f"--prompts {cfg.prompts.source} (a round's prompts must be distinct)")
         for r in range(1, cfg.budget + 1):
             if done >= cfg.budget or (cfg.refresh_when is None and r > cfg.rounds):
                 break
@@ -136,20 +139,19 @@ def run(cfg: RoundsConfig, sets: list[tuple[str, object]] = ()) -> dict:
             planned = min(cfg.steps_per_round, cfg.budget - done)
             console.print(f"[bold]round {r}[/bold]: {done} of {cfg.budget} steps trained; sampling {model}")
             prompts = _prompts(cfg, records, r, work)
-            rollouts = _rollout(cfg, model, prompts, work / "rollouts", cfg.sampling.n, cfg.sampling.seed + r - 1)
+            rollouts = _rollout(cfg, model, prompts, work / "rollouts", cfg.sampling.n, cfg.sampling.seed + r - 1,
+                                cfg.limit)
             store = _score(cfg, rollouts, work / "teacher-store", loaded)
             steps = _train(cfg, model, store, work / "student", planned, list(sets))
             heldout = None
             if heldout_prompts is not None:
                 checked = _rollout(cfg, work / "student", heldout_prompts, work / "heldout-rollouts", 1,
-                                   cfg.sampling.seed)
+                                   cfg.sampling.seed, None)
                 heldout = _heldout(_score(cfg, checked, work / "heldout-store", loaded))
             rounds.append(_summary(r, work, model, planned, steps, heldout))
             (out / "rounds.jsonl").write_text("".join(json.dumps(line) + "\n" for line in rounds))
             done += steps
             model = work / "student"
-        if not rounds:
-            raise InputError("--rounds: no round to run")
     return {"command": "rounds", "out": str(out), "model": str(model), "rounds": len(rounds), "steps": done,
             "sampled_tokens": sum(x["sampled_tokens"] for x in rounds),
             "scored_tokens": sum(x["scored_tokens"] for x in rounds),

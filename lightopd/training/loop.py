@@ -162,7 +162,9 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
                 if zero == 1 and world.main:
                     warn(zero_gradient(step, record))
             bar.advance(items=1, tokens=record["tokens"], status=f"loss {record['loss']:.4f}")
-            if rule is not None and step < run.total_steps and crossed(rule, record):
+            # every rank decides alike (a metric one rank measures alone, tokens_per_s, could differ)
+            stop = rule is not None and world.max(torch.tensor(float(crossed(rule, record)))) > 0
+            if stop and step < run.total_steps:
                 final_step = step  # the store has gone stale: the model of this step is the run's
                 if world.main:
                     console.print(f"--stop-when {run.stop_when}: crossed at step {step} "
@@ -170,7 +172,9 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
                 break
             if run.save_every and step % run.save_every == 0 and step < run.total_steps:
                 _save(trainer, stream, run, step, final=False)
-    _save(trainer, stream, run, final_step, final=True)
+    # an early stop writes no checkpoint at its step: a run killed before its final model resumes from
+    # the last checkpoint and reaches the same crossing again, instead of training on past it
+    _save(trainer, stream, run, final_step, final=True, checkpoint=final_step == run.total_steps)
     if zero > 1 and world.main:
         warn(f"{zero} of {final_step - run.start_step} steps had a zero gradient (grad_norm in {metrics_path})")
     return {"tokens": total_tokens, "last": last, "seconds": time.perf_counter() - started, "steps": final_step,
@@ -184,11 +188,11 @@ def zero_gradient(step: int, record: dict) -> str:
             "advantage cancelled (see k1 and top1_agree in the metrics)")
 
 
-def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool) -> None:
+def _save(trainer: Trainer, stream: StepStream, run: Run, step: int, final: bool, checkpoint: bool = True) -> None:
     """A checkpoint at `step` (every save_every steps, and at the end if checkpointing), and at the
     end the final model in OUT. These are collectives; rank 0 writes all but FSDP's shards."""
     world = trainer.world
-    if run.save_every:
+    if run.save_every and checkpoint:
         state = trainer_state(trainer, step, stream.cursor())
         provenance = {**run.provenance, "steps": step}
         if trainer.parallel.fsdp:  # every rank writes its shards into the staged directory
