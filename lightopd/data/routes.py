@@ -14,12 +14,13 @@ import json
 from collections import Counter
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
+from lightopd.data.reader import read_shard
 from lightopd.errors import InputError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
-
-    import pyarrow as pa
 
 Where = dict[str, tuple[str, ...]]
 
@@ -50,8 +51,6 @@ def metadata_of(raw: str | None) -> dict:
 
 def matched(table: pa.Table, where: Where) -> pa.Array:
     """The indices of `table`'s rows that the route takes (every row without a route), for `take`."""
-    import pyarrow as pa
-
     if not where:
         return pa.array(range(table.num_rows), pa.int64())
     out = []
@@ -72,6 +71,21 @@ def seen_values(tables: Iterable[pa.Table], where: Where, limit: int = 8) -> dic
             for field in where:
                 counts[field][text(metadata[field]) if field in metadata else "(missing)"] += 1
     return {field: [v for v, _ in c.most_common(limit)] for field, c in counts.items()}
+
+
+def routed_rows(directory: str, manifest: dict, where: Where) -> int:
+    """The rows `--where` takes from the rollout store at `directory` (all of them without a route);
+    a route that takes none is exit 2 naming the values its fields hold."""
+    if not where:
+        return manifest["rows"]
+    tables = [pa.Table.from_batches(list(read_shard(directory, manifest, entry, columns=["metadata"])))
+              for entry in manifest["shards"]]
+    count = sum(len(matched(t, where)) for t in tables)
+    if not count:
+        seen = "; ".join(f"{field} holds {', '.join(values)}" for field, values in seen_values(tables, where).items())
+        raise InputError(f"--where: takes none of the {manifest['rows']} rows of --data {directory} (in their "
+                         f"metadata, {seen})")
+    return count
 
 
 def describe(where: Where, rows: int, of: int) -> dict:

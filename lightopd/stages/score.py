@@ -28,7 +28,7 @@ from lightopd.config import ScoreConfig
 from lightopd.data.batching import pack_by_tokens
 from lightopd.data.context import Plan, TeacherContext
 from lightopd.data.reader import iter_batches, read_shard, verify
-from lightopd.data.routes import Where, describe, matched, parse_where, seen_values
+from lightopd.data.routes import Where, describe, matched, parse_where, routed_rows
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
     TEACHER_FORMAT,
@@ -154,7 +154,7 @@ def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
     fingerprint = model_fingerprint(teacher_dir)
     reference = _reference(cfg, rollout_manifest, vllm)
     where = parse_where(cfg.where)
-    routed = _routed_rows(cfg, rollout_manifest, where)
+    routed = routed_rows(cfg.data, rollout_manifest, where)
     context, plan = _context(cfg, rollout_manifest, tokenizer, info, fingerprint, where)
     if context is None:
         longest, which = _longest_row(cfg.data, rollout_manifest)
@@ -238,21 +238,6 @@ def _reference(cfg: ScoreConfig, rollout_manifest: dict, vllm: bool) -> tuple[Pa
     return directory, {"path": str(directory.resolve()), **locate(cfg.reference).record(),
                        "fingerprint": model_fingerprint(directory), "vocab": info.vocab,
                        "temperature": float(rollout_manifest["sampling"]["temperature"]) or 1.0}
-
-
-def _routed_rows(cfg: ScoreConfig, rollout_manifest: dict, where: Where) -> int:
-    """The rows `--where` takes from the rollout store (all of them without a route); a route that
-    takes none is exit 2 naming the values its fields hold."""
-    if not where:
-        return rollout_manifest["rows"]
-    tables = [pa.Table.from_batches(list(read_shard(cfg.data, rollout_manifest, entry, columns=["metadata"])))
-              for entry in rollout_manifest["shards"]]
-    count = sum(len(matched(t, where)) for t in tables)
-    if not count:
-        seen = "; ".join(f"{field} holds {', '.join(values)}" for field, values in seen_values(tables, where).items())
-        raise InputError(f"--where: takes none of the {rollout_manifest['rows']} rows of --data {cfg.data} (in their "
-                         f"metadata, {seen})")
-    return count
 
 
 def _context(cfg: ScoreConfig, rollout_manifest: dict, tokenizer, info, fingerprint: str, where: Where
