@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, make_bench_model, peak_rss_mb  # noqa: E402
-from train import make_store  # noqa: E402
+from common import machine, peak_rss_mb  # noqa: E402
+from train import bench_world  # noqa: E402
 
 from lightopd.data.store import open_store, sampling_of, store_columns  # noqa: E402
 from lightopd.data.stream import GroupStream  # noqa: E402
@@ -63,9 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        student = make_bench_model(tmp / "student", seed=0)
-        teacher = make_bench_model(tmp / "teacher", seed=1, layers=6)
-        store = make_store(tmp, student, teacher, 48, "store", 96)
+        student, _, store = bench_world(tmp, "store")
         seconds = {name: step_seconds(student, store, flags, args.steps, args.batch_size, tmp / "unused")
                    for name, flags in SELECTIONS.items()}
         memory = {}

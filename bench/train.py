@@ -56,6 +56,14 @@ def make_store(tmp: Path, student: Path, teacher: Path, prompts: int, name: str,
     return store
 
 
+def bench_world(tmp: Path, name: str) -> tuple[Path, Path, Path]:
+    """The bench student (32k vocabulary), a deeper teacher, and a teacher store of 48 prompts × 2
+    samples of up to 96 tokens: (student, teacher, store)."""
+    student = make_bench_model(tmp / "student", seed=0)
+    teacher = make_bench_model(tmp / "teacher", seed=1, layers=6)
+    return student, teacher, make_store(tmp, student, teacher, 48, name, 96)
+
+
 def sft_step(model, optimizer, rows, micro_batch_tokens) -> None:
     lengths = [len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows]
     tokens = sum(len(r["completion_ids"]) for r in rows)
@@ -86,9 +94,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        student = make_bench_model(tmp / "student", seed=0)
-        teacher = make_bench_model(tmp / "teacher", seed=1, layers=6)
-        small = make_store(tmp, student, teacher, 48, "small", 96)
+        student, teacher, small = bench_world(tmp, "small")
 
         cfg, params = train_settings({"student": str(student), "data": str(small), "out": str(tmp / "unused"),
                                       "batch_size": args.batch_size, "lr": 1e-5})

@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import D, arguments, demo_until_opd, fresh_out, heldout_prompts
+from common import D, demo_until_opd, heldout_prompts, seeds
 
 from lightopd.stages import demo
 
@@ -46,14 +46,9 @@ def run_seed(seed: int, out: Path, heldout: Path, device: str) -> dict:
 
 
 def main() -> None:
-    ap = arguments(__doc__, "rewards")
-    args = ap.parse_args()
-    fresh_out(ap, args.out)
-    started = time.perf_counter()
-    rows = []
-    for seed in args.seeds:
-        heldout = heldout_prompts(args.out, seed)
-        rows.append(run_seed(seed, args.out, heldout, args.device))
+    args, by_seed, started = seeds(__doc__, "rewards", lambda seed, out, device: run_seed(
+        seed, out, heldout_prompts(out, seed), device))
+    rows = list(by_seed.values())
     names = ["sft", *METHODS]
     print("| method | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | mean |")
     print("|---|" + "---|" * (len(rows) + 1))

@@ -135,8 +135,9 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
             f"one --data {cfg.data[0]} was sampled with ({manifest['tokenizer']['fingerprint']}); the stored token "
             "ids would mean different tokens"
         )
-    if cfg.selection.reads_spans:  # every row's spans, checked before the student loads
-        check_spans(cfg.selection, mix, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    spans = None  # every row's spans, read (and their file, if any) and checked once, before the student loads
+    if cfg.selection.reads_spans:
+        spans = check_spans(cfg.selection, mix, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     info = models.model_info(student_dir, tokenizer, spec.trust_remote_code, "--student")
     mismatch = eos_mismatch(manifest["tokenizer"]["eos_token_ids"], info.eos_ids, spec.path, "the student")
     if mismatch:
@@ -245,8 +246,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         peft_model = add_adapters(model, cfg, resume_from) if cfg.lora_rank else None
         if peft_model is not None:
             model = peft_model.get_base_model()  # the student, its linear layers carrying the adapters
-    trainer = Trainer(cfg, objective, model, data, objective.total_steps, world, source,
-                      lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    trainer = Trainer(cfg, objective, model, data, objective.total_steps, world, source, spans)
     source = full = None  # rank 0's full copy is in the shards now
     stream = StepStream(list(zip(mix.paths, mix.manifests, strict=True)), list(trainer.read_columns), cfg.seed,
                         cfg.shuffle_buffer, world.rank, world.size, mix.names)

@@ -165,21 +165,16 @@ class Mixture:
         return {name: {"rows": m["rows"], "tokens": m["tokens"]} for name, m in zip(self.names, self.manifests,
                                                                                     strict=True)}
 
-    def fingerprint(self) -> str:
-        """The stores' manifests together (one store: its own fingerprint)."""
-        prints = [manifest_fingerprint(p) for p in self.paths]
-        if len(prints) == 1:
-            return prints[0]
-        return "sha256:" + hashlib.sha256("\n".join(prints).encode()).hexdigest()[:32]
-
     def record(self) -> dict:
-        """The data block of a trained model's provenance."""
+        """The data block of a trained model's provenance: one store's record, or, for several, the
+        first's with every store's, and a fingerprint of their manifests together."""
         stores = [{"path": str(Path(p).resolve()), "format": m["format"], "fingerprint": manifest_fingerprint(p),
                    "teacher": m.get("teacher")} for p, m in zip(self.paths, self.manifests, strict=True)]
         first = {**stores[0], "sampling": sampling_of(self.manifest)}
         if len(stores) == 1:
             return first
-        return {**first, "path": [s["path"] for s in stores], "fingerprint": self.fingerprint(),
+        together = "sha256:" + hashlib.sha256("\n".join(s["fingerprint"] for s in stores).encode()).hexdigest()[:32]
+        return {**first, "path": [s["path"] for s in stores], "fingerprint": together,
                 "teacher": [s["teacher"] for s in stores], "stores": stores, "weights": self.weights}
 
 
@@ -214,13 +209,15 @@ def mixture(cfg: TrainConfig, name: str, needs: Requirements) -> Mixture:
     return Mixture(paths, manifests, names, {} if all(w == 1.0 for w in weights.values()) else weights)
 
 
-def check_spans(spec: SelectionSpec, mix: Mixture, decode) -> None:
+def check_spans(spec: SelectionSpec, mix: Mixture, decode) -> Spans:
     """Every row's spans (data/spans.py), read and checked once before training: a row without them
-    or with a span outside its completion is exit 2 now, not when a step draws it."""
+    or with a span outside its completion is exit 2 now, not when a step draws it. Returns the
+    reader of the spans, for the trainer (a file of annotations is read once)."""
     spans = Spans(spec.token_spans, spec.token_span_units, spec.token_spans_file, decode)
     for path, manifest in zip(mix.paths, mix.manifests, strict=True):
         for batch in iter_batches(path, columns=["prompt_id", *spans.columns, "completion_ids"], manifest=manifest):
             spans.of(pa.Table.from_batches([batch]))
+    return spans
 
 
 def sft_teachers(mix: Mixture, learns_from_teacher: bool, student: str, declared: str | None, parent: dict | None,

@@ -81,17 +81,19 @@ class Trainer:
     skips_dropped = True  # positions a selection drops before the forward skip the output layer (tests turn it off)
 
     def __init__(self, cfg: TrainConfig, objective: Objective, model, data: TrainData, total_steps: int,
-                 world: World = distributed.SINGLE, source: Source | None = None, decode=None):
-        """`source`: where a `model` built on the meta device gets its weights (under --fsdp); `decode`:
-        the student tokenizer's text of completion ids, for spans in character offsets."""
+                 world: World = distributed.SINGLE, source: Source | None = None, spans: Spans | None = None):
+        """`source`: where a `model` built on the meta device gets its weights (under --fsdp); `spans`:
+        the reader of each row's spans, where the selection or the objective reads them (train builds
+        it once, with the student's tokenizer for character offsets; else one is built here)."""
         self.cfg, self.objective, self.model, self.data, self.world = cfg, objective, model, data, world
         offered = (*data.columns, "policy_logprobs") if data.policy_from_behavior else data.columns
         self.columns = tuple(c for c in dict.fromkeys((*objective.needs().columns, *objective.columns, *STORED))
                              if c in offered)
         rewards = ("reward",) if objective.needs().rewards else ()  # per row: read, never batched
         spec = cfg.selection
-        self.spans = Spans(spec.token_spans, spec.token_span_units, spec.token_spans_file, decode) \
-            if spec.reads_spans else None
+        if spans is None and spec.reads_spans:
+            spans = Spans(spec.token_spans, spec.token_span_units, spec.token_spans_file)
+        self.spans = spans
         keys = ("sample_index",) if cfg.selection.token_select == "random" else ()
         keys += self.spans.columns if self.spans is not None else ()
         self.read_columns = tuple(c for c in (*self.columns, *rewards, *keys) if c in data.columns)  # from the shards
@@ -116,10 +118,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda step: lr_factor(step, cfg, total_steps))
 
-    def _prepared(self, table: pa.Table, groups: list[Group], spans: list | None) -> dict[str, torch.Tensor]:
-        """The objective's per-position inputs for the whole step, [R, T] each."""
+    def _prepared(self, table: pa.Table, groups: list[Group], mask: torch.Tensor, spans: list | None
+                  ) -> dict[str, torch.Tensor]:
+        """The objective's per-position inputs for the whole step, [R, T] each (`mask`: the step's
+        completion positions)."""
         group_of = torch.tensor([i for i, g in enumerate(groups) for _ in range(g.num_rows)], device=self.device)
-        mask = list_mask(table, "completion_ids").to(self.device)
         rows = StepRows(lambda name: padded_column(table, name, self.device), mask.double(), group_of, self.world.sum,
                         lambda name: row_column(table, name, self.device), spans)
         prepared = self.objective.prepare(rows)
@@ -135,14 +138,13 @@ class Trainer:
                 weight = torch.tensor([self.data.teacher_weights[n] for n in names], dtype=torch.float64,
                                       device=self.device)
                 prepared[TEACHER_WEIGHT] = weight.unsqueeze(-1) * rows.mask
-        return {name: (values, mask) for name, values in prepared.items()}
+        return prepared
 
     def _selection(self, table: pa.Table, batches: TokenBatches, micros: list, weights: list[float], step: int,
-                   tokens: int, spans: list | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token selection's weights of the step [R, T] and its mask (objectives/selection.py); the
+                   tokens: int, mask: torch.Tensor, spans: list | None) -> torch.Tensor:
+        """The token selection's weights of the step [R, T] (objectives/selection.py); the
         current student's entropy and divergence come from a pass without gradients (eval mode)."""
         spec = self.selection
-        mask = list_mask(table, "completion_ids").to(self.device)
         entropy = divergence = None
         if spec.needs_student:
             entropy = torch.zeros(mask.shape, device=self.device)
@@ -165,7 +167,7 @@ class Trainer:
                 table["prompt_id"].to_pylist(), table["sample_index"].to_pylist(), strict=True)]
         gather = lambda t: torch.cat(self.world.gather(t))  # noqa: E731
         kept = selected(spec, mask.double(), step, self.total_steps, keys, entropy, divergence, gather, tokens, spans)
-        return normalised(kept, spec.token_norm, tokens, self.world.sum), mask
+        return normalised(kept, spec.token_norm, tokens, self.world.sum)
 
     def step(self, groups: list[Group], step: int = 1) -> dict:
         """Optimizer step number `step` (1-based: the curriculum and random selections read it)."""
@@ -178,7 +180,8 @@ class Trainer:
         tokens, step_rows = (int(x) for x in totals.tolist())  # over all ranks
         scale = self.world.size / max(tokens, 1)  # DDP averages over ranks: this makes it the global token mean
         spans = self.spans.of(table) if self.spans is not None else None
-        prepared = self._prepared(table, groups, spans)
+        mask = list_mask(table, "completion_ids").to(self.device)
+        prepared = self._prepared(table, groups, mask, spans)
         # under DDP every rank must reach one synchronising backward, even one whose rows have no completion tokens
         micros = batches.plan or batches.packs[:1]
         weights = [1.0] * len(micros)
@@ -186,7 +189,7 @@ class Trainer:
             extra = int(self.world.max(torch.tensor(len(micros), device=self.device))) - len(micros)
             micros, weights = micros + [micros[0]] * extra, weights + [0.0] * extra
         if self.selection.active:
-            prepared[TOKEN_WEIGHT] = self._selection(table, batches, micros, weights, step, tokens, spans)
+            prepared[TOKEN_WEIGHT] = self._selection(table, batches, micros, weights, step, tokens, mask, spans)
         skipping = self.selection.known_before and self.skips_dropped
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
@@ -195,7 +198,7 @@ class Trainer:
         for j, (micro, weight) in enumerate(zip(micros, weights, strict=True)):
             with self.parallel.sync(j == len(micros) - 1):
                 mb = batches.tensors(micro, self.columns, self.data.k, self.device)
-                mine = {name: values[micro][mask[micro]].float() for name, (values, mask) in prepared.items()}
+                mine = {name: values[micro][mask[micro]].float() for name, values in prepared.items()}
                 if skipping:  # dropped positions never reach the output layer
                     index = (mine[TOKEN_WEIGHT] > 0).nonzero().squeeze(-1)
                     mb, mine = mb.only(index), {name: values[index] for name, values in mine.items()}
@@ -235,7 +238,10 @@ class Trainer:
                                 "a smaller --lr or --grad-clip keeps the weights finite")
         record = {"loss": loss, "lr": lr, "tokens": tokens, "rows": step_rows, "grad_norm": grad_norm}
         kept = sums.get("kept_fraction", 0.0)
+        computed = kept if skipping else tokens  # the positions whose diagnostics were computed
         for name, total in sums.items():
+            if name == "is_ratio_sq":
+                continue  # (is_ess's denominator)
             if name == "kept_fraction":
                 count = tokens
             elif name.startswith("kept_"):
@@ -246,15 +252,13 @@ class Trainer:
                 count = tokens - kept
             elif name.startswith(("teacher_loss/", "teacher_k1/")):  # over that teacher's positions
                 count = sums.get("teacher_token_frac/" + name.split("/", 1)[1], 0.0)
-            else:  # over the positions whose diagnostics were computed
-                count = kept if skipping else tokens
+            else:
+                count = computed
             record["is_ratio_mean" if name == "is_ratio" else name] = total / count if count else None
         if "is_ratio" in sums:
             record["is_ratio_max"] = ratio_max
             squares = sums.get("is_ratio_sq", 0.0)  # the effective sample size of the weights, in (0, 1]
-            computed = kept if skipping else tokens  # the positions whose diagnostics were computed
             record["is_ess"] = sums["is_ratio"] ** 2 / (computed * squares) if squares and computed else None
-            record.pop("is_ratio_sq", None)
         return record
 
     def _non_finite_weights(self) -> bool:
