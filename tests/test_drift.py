@@ -9,21 +9,32 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import do_train, metrics, read_rows
+from tests.helpers import do_rollout, do_score, do_train, metrics, read_rows, write_jsonl
 from tests.reference import completion_logits, log_softmax64
 
 
-def test_drift_measures_match_a_float64_reference(teacher_model, teacher_store, tmp_path):
-    rows = read_rows(teacher_store)
+@pytest.mark.parametrize("sampled", [None, {"temperature": 0.6, "top_p": 0.95, "top_k": 20}])
+def test_drift_measures_match_a_float64_reference(teacher_model, teacher_store, tiny_model, tmp_path, sampled):
+    """At T = 1 untruncated (ℓold is ℓμ) and at a card's settings (ℓold the stored untruncated softmax at
+    T = 0.6, the student's log-probs at τ = 0.6)."""
+    tau, store = 1.0, teacher_store
+    if sampled is not None:
+        records = [{"id": f"p{i}", "prompt": f"w{i} w{i + 3} w{i % 4}"} for i in range(8)]
+        do_rollout(tiny_model, write_jsonl(tmp_path / "p.jsonl", records), tmp_path / "r", n=2, max_new_tokens=10,
+                   **sampled)
+        do_score(teacher_model, tmp_path / "r", tmp_path / "t", top_k=6)
+        tau, store = sampled["temperature"], tmp_path / "t"
+    rows = read_rows(store)
     model = AutoModelForCausalLM.from_pretrained(teacher_model, dtype=torch.float64).eval()
     log_w = []
     for row in rows:
-        lp = log_softmax64(completion_logits(model, row["prompt_ids"], row["completion_ids"]))
+        lp = log_softmax64(completion_logits(model, row["prompt_ids"], row["completion_ids"]) / tau)
         lq = lp[np.arange(len(row["completion_ids"])), row["completion_ids"]]
-        log_w += list(lq - np.array(row["behavior_logprobs"]))  # an untruncated store: ℓold is ℓμ
+        old = row["behavior_logprobs"] if sampled is None else row["policy_logprobs"]  # untruncated: ℓold is ℓμ
+        log_w += list(lq - np.array(old))
     w = np.exp(np.array(log_w))
     assert w.max() / w.min() > 10, "the student should be far from the rollout model"
-    do_train(teacher_model, teacher_store, tmp_path / "run", objective="rkl", steps=1, batch_size=len(rows),
+    do_train(teacher_model, store, tmp_path / "run", objective="rkl", steps=1, batch_size=len(rows),
              allow_off_policy=True, allow_teacher_mismatch=True, loss_chunk_tokens=7, micro_batch_tokens=50)
     first = metrics(tmp_path / "run")[0]
     assert first["is_ratio_mean"] == pytest.approx(w.mean(), rel=1e-4)

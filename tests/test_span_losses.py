@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lightopd.data.spans import character_spans_to_tokens
 from lightopd.errors import InputError
 from lightopd.objectives.selection import span_loss_entry
-from tests.helpers import cli, do_train, metrics, read_rows
+from tests.helpers import cli, do_rollout, do_score, do_train, metrics, read_rows, write_jsonl
 from tests.reference import completion_logits, log_softmax64
 
 PIECES = ["The", " cat", "", " sa", "t", " é", "\u0301", " on", "", " it", "."]  # "" is a token with no text
@@ -76,16 +76,26 @@ def annotate(rows, path, units="tokens", decode=None):
     return spans
 
 
-def test_a_loss_per_span_kind_matches_a_float64_reference(consistent_student, teacher_store, tmp_path):
+@pytest.mark.parametrize("sampled", [None, {"temperature": 0.6, "top_p": 0.95, "top_k": 20}])
+def test_a_loss_per_span_kind_matches_a_float64_reference(consistent_student, teacher_store, tiny_model,
+                                                          teacher_model, tmp_path, sampled):
     """--objective lightning-opd, key spans fkl (weight 0.5, top-k plus tail), error spans sft (weight 2):
-    each position's loss by hand from float64 logits; a position in both kinds' spans is key's."""
-    rows = read_rows(teacher_store)
+    each position's loss by hand from float64 logits at the store's temperature (every route takes
+    --objective's τ, sft's too); a position in both kinds' spans is key's."""
+    tau, store = 1.0, teacher_store
+    if sampled is not None:  # a card's sampling settings: every route at τ = 0.6
+        records = [{"id": f"p{i}", "prompt": f"w{i} w{i + 3} w{i % 4}"} for i in range(8)]
+        do_rollout(tiny_model, write_jsonl(tmp_path / "p.jsonl", records), tmp_path / "r", n=2, max_new_tokens=10,
+                   **sampled)
+        do_score(teacher_model, tmp_path / "r", tmp_path / "t", top_k=6)
+        tau, store = sampled["temperature"], tmp_path / "t"
+    rows = read_rows(store)
     spans = annotate(rows, tmp_path / "marks.jsonl")
     model = AutoModelForCausalLM.from_pretrained(consistent_student, dtype=torch.float64).eval()
     total, parts, counts = 0.0, {"key": 0.0, "error": 0.0, "other": 0.0}, {"key": 0, "error": 0, "other": 0}
     for row in rows:
         ids = row["completion_ids"]
-        lp = log_softmax64(completion_logits(model, row["prompt_ids"], ids))
+        lp = log_softmax64(completion_logits(model, row["prompt_ids"], ids) / tau)
         top_ids = np.array(row["topk_ids"]).reshape(len(ids), -1)  # stored flat, k per position
         top_lps = np.array(row["topk_logprobs"], dtype=np.float64).reshape(len(ids), -1)
         for t, y in enumerate(ids):
@@ -105,7 +115,7 @@ def test_a_loss_per_span_kind_matches_a_float64_reference(consistent_student, te
     tokens = sum(counts.values())
     assert min(counts.values()) > 0
     out = tmp_path / "run"
-    do_train(consistent_student, teacher_store, out, objective="lightning-opd", steps=1, batch_size=len(rows),
+    do_train(consistent_student, store, out, objective="lightning-opd", steps=1, batch_size=len(rows),
              span_loss=("key=fkl:0.5", "error=sft:2"), token_spans="marks",
              token_spans_file=str(tmp_path / "marks.jsonl"), micro_batch_tokens=24, loss_chunk_tokens=5)
     first = metrics(out)[0]
