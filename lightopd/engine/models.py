@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightopd.engine import held
 from lightopd.errors import InputError
 from lightopd.hub import locate
 
@@ -196,12 +197,16 @@ def _tokenizer_key(path: Path, trust_remote_code: bool) -> str | None:
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
-               what: str = "--model", attn_implementation: str | None = None):
+               what: str = "--model", attn_implementation: str | None = None, trains: bool = False):
     """A causal LM from a local directory, in eval mode, on `device`, from safetensors only, with the
-    attention kernel asked for (None: transformers' choice)."""
+    attention kernel asked for (None: transformers' choice); the model held for the directory, if
+    one is (engine/held.py: `trains` takes it from there, else it stays held)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    model = held.take(Path(path), device, dtype, attn_implementation, keep=not trains)
+    if model is not None:
+        return model
     hf_logging.disable_progress_bar()  # lightopd draws its own progress
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
