@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lightopd.errors import InputError
 from lightopd.objectives.selection import SelectionSpec
 from lightopd.options import MIN_TEMPERATURE, build, check, opt, parse_worker
 from lightopd.specs import (
@@ -32,6 +31,7 @@ from lightopd.specs import (
     micro_batch_tokens_option,
     worker_option,
 )
+from lightopd.stopping import stop_rule
 
 TOPK_DTYPES = ("float16", "float32")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -122,22 +122,6 @@ class ScoreConfig(Config):
               "--teacher-name", f"must be a non-empty name without '/', got {self.teacher_name!r}")
 
 
-def stop_rule(text: str | None, flag: str = "--stop-when") -> tuple[str, str, float] | None:
-    """(metric, '<' or '>', threshold) of `--stop-when NAME<X` or `NAME>X` (None without one); `flag`
-    names the option in its error."""
-    if text is None:
-        return None
-    for op in "<>":
-        name, found, value = text.partition(op)
-        if found:
-            try:
-                return name.strip(), op, float(value)
-            except ValueError:
-                break
-    raise InputError(f"{flag} {text!r}: expected NAME<X or NAME>X with NAME a metrics.jsonl key and X a "
-                     "number, e.g. is_ess<0.8 or rollout_kl>0.02")
-
-
 PACKING = ("auto", "on", "off")
 LOSS_CHUNK_TOKENS = 1024  # completion positions whose logits are reduced at once (train's default, eval's too)
 REPORT_TO = ("tensorboard", "wandb", "trackio", "mlflow")
@@ -221,6 +205,8 @@ class TrainConfig(Config):
                                       "crosses: NAME<X or NAME>X with NAME a metrics.jsonl key, e.g. is_ess<0.8 or "
                                       "rollout_kl>0.02 (the store has gone stale: sample it again).",
                                 metavar="NAME<X")
+    stop_window: int = opt(1, "--stop-when reads the mean of its metric over the last N steps (a single noisy step "
+                              "cannot cross it; it cannot end the run before step N).", metavar="N")
     teacher_weight: tuple[str, ...] = opt((), "With several teacher stores: weigh the loss of the rows a teacher "
                                               "scored by W (its name as in teacher_token_frac/NAME; repeatable). "
                                               "[default: 1 each]", metavar="NAME=W")
@@ -235,6 +221,7 @@ class TrainConfig(Config):
             object.__setattr__(self, "data", (self.data,))
         check(bool(self.data), "--data", "give at least one store")
         stop_rule(self.stop_when)
+        check(self.stop_window >= 1, "--stop-window", f"must be >= 1, got {self.stop_window}")
         check(self.steps is None or self.steps >= 1, "--steps", f"must be >= 1, got {self.steps}")
         check(self.epochs is None or self.epochs > 0, "--epochs", f"must be > 0, got {self.epochs}")
         check(self.steps is None or self.epochs is None, "--steps/--epochs", "give one of them, not both")

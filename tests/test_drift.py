@@ -73,3 +73,45 @@ def test_stop_when_ends_the_run_and_a_killed_one_stops_at_the_same_step(consiste
     assert again["steps"] == stopped
     a, b = weights(tmp_path / "run"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_window_reads_the_mean_of_the_last_steps_and_resumes_alike(consistent_student, teacher_store,
+                                                                         tmp_path):
+    """--stop-window 3 stops at the first step whose last 3 steps' mean rollout_kl crosses (computed by hand
+    from a run without a rule); a run killed after its last checkpoint resumes with the window of the
+    steps it kept and stops at the same step."""
+    import shutil
+
+    from tests.helpers import weights
+
+    flags = dict(objective="rkl", steps=10, batch_size=8, lr=1e-2, save_every=1)
+    do_train(consistent_student, teacher_store, tmp_path / "free", **flags)
+    kl = [m["rollout_kl"] for m in metrics(tmp_path / "free")]
+    means = {t: sum(kl[t - 3:t]) / 3 for t in range(3, 11)}
+    threshold = means[6] * (1 - 1e-6)
+    want = min(t for t, m in means.items() if m > threshold)
+    assert 3 <= want <= 6 and kl[want - 1] != means[want]
+    result, _ = do_train(consistent_student, teacher_store, tmp_path / "run", stop_when=f"rollout_kl>{threshold!r}",
+                         stop_window=3, **flags)
+    assert result["steps"] == want
+    shutil.copytree(tmp_path / "run", tmp_path / "cut")
+    for name in ("model.safetensors", "lightopd.json"):  # killed after step want − 1's checkpoint
+        (tmp_path / "cut" / name).unlink()
+    again, _ = do_train(consistent_student, teacher_store, tmp_path / "cut", resume=True,
+                        stop_when=f"rollout_kl>{threshold!r}", stop_window=3, **flags)
+    assert again["steps"] == want
+    a, b = weights(tmp_path / "run"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_rule_window_by_hand():
+    from lightopd.errors import InputError
+    from lightopd.stopping import StopRule
+
+    rule = StopRule("is_ess<0.5", window=3, earlier=[{"is_ess": 0.9}, {"is_ess": None}])
+    assert not rule.crossed({"is_ess": 0.1}) and rule.value is None  # two values of three (a null one skipped)
+    assert rule.crossed({"is_ess": 0.3})  # (0.9 + 0.1 + 0.3) / 3 < 0.5
+    assert rule.value == pytest.approx(1.3 / 3)
+    assert not StopRule("is_ess<0.5", window=1).crossed({"is_ess": 0.5})
+    with pytest.raises(InputError, match="no 'kl'"):
+        StopRule("kl>1").crossed({"is_ess": 1.0})

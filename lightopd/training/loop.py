@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from lightopd.config import stop_rule
 from lightopd.data.fields import finite
 from lightopd.data.stream import StepStream
 from lightopd.errors import InputError, TrainingError
 from lightopd.progress import StageProgress, console, warn
 from lightopd.provenance import write_provenance
+from lightopd.stopping import StopRule
 from lightopd.training import lora
 from lightopd.training.checkpoints import (
     SHARDED,
@@ -62,16 +62,7 @@ class Run:
     merge_lora: bool = False
     load_base: Callable[[], object] | None = None  # the base student, read again on the CPU (a merge under FSDP)
     stop_when: str | None = None  # --stop-when NAME<X or NAME>X: end early, at the first step whose metric crosses
-
-
-def crossed(rule: tuple[str, str, float], record: dict) -> bool:
-    """Whether a step's record crosses the rule's threshold; InputError if the step has no such metric."""
-    name, op, threshold = rule
-    if name not in record:
-        known = ", ".join(k for k, v in record.items() if isinstance(v, (int, float)))
-        raise InputError(f"--stop-when: this run's metrics have no {name!r} (they are: {known})")
-    value = record[name]
-    return value is not None and (value < threshold if op == "<" else value > threshold)
+    stop_window: int = 1  # --stop-window: the rule reads the mean of the last N steps' metric
 
 
 def open_metrics(run: Run, main: bool) -> Path:
@@ -136,7 +127,9 @@ def _fit(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path) -> 
 def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, trackers: Trackers,
            started: float) -> dict:
     world = trainer.world
-    total_tokens, last, zero, rule, final_step = 0, None, 0, stop_rule(run.stop_when), run.total_steps
+    total_tokens, last, zero, final_step = 0, None, 0, run.total_steps
+    rule = None if run.stop_when is None else StopRule(run.stop_when, run.stop_window, (
+        json.loads(line) for line in kept_metrics(metrics_path, run.start_step)) if run.start_step else ())
     with StageProgress("train", total=run.total_steps, completed=run.start_step, disable=not world.main) as bar, \
             open(metrics_path if world.main else os.devnull, "a") as metrics:
         for step in range(run.start_step + 1, run.total_steps + 1):
@@ -163,12 +156,13 @@ def _steps(trainer: Trainer, stream: StepStream, run: Run, metrics_path: Path, t
                     warn(zero_gradient(step, record))
             bar.advance(items=1, tokens=record["tokens"], status=f"loss {record['loss']:.4f}")
             # every rank decides alike (a metric one rank measures alone, tokens_per_s, could differ)
-            stop = rule is not None and world.max(torch.tensor(float(crossed(rule, record)))) > 0
+            stop = rule is not None and world.max(torch.tensor(float(rule.crossed(record)))) > 0
             if stop and step < run.total_steps:
                 final_step = step  # the store has gone stale: the model of this step is the run's
                 if world.main:
+                    over = f" (mean of {run.stop_window} steps)" if run.stop_window > 1 else ""
                     console.print(f"--stop-when {run.stop_when}: crossed at step {step} "
-                                  f"({rule[0]} {record[rule[0]]:.4g}); training stops here", highlight=False)
+                                  f"({rule.name} {rule.value:.4g}{over}); training stops here", highlight=False)
                 break
             if run.save_every and step % run.save_every == 0 and step < run.total_steps:
                 _save(trainer, stream, run, step, final=False)
