@@ -274,7 +274,9 @@ def _rounds(values: dict, given: dict) -> None:
     from lightopd.stages import rounds
 
     sets = [parse_set(item) for item in values.pop("set_", None) or []]
-    _emit(rounds.run(build(RoundsConfig, values), sets))
+    result = rounds.run(build(RoundsConfig, values), sets)
+    if result is not None:  # None on ranks other than 0 under torchrun
+        _emit(result)
 
 
 @command("demo", DemoConfig, """Run the Lightning OPD recipe end to end on a bundled task, in minutes on a laptop CPU.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightopd.config import Config, stop_rule
+from lightopd.config import Config
 from lightopd.options import check, opt
 from lightopd.specs import (
     CheckerSpec,
@@ -17,6 +17,7 @@ from lightopd.specs import (
     generation_batch_size_option,
     limit_option,
 )
+from lightopd.stopping import stop_rule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +41,8 @@ class RoundsConfig(Config):
                                          "crosses: NAME<X or NAME>X (is_ess<0.8, rollout_kl>0.02, "
                                          "clip_fraction>0.2). The rounds then go on until the R × M steps are "
                                          "trained. [default: every M steps]", metavar="NAME<X")
+    refresh_window: int = opt(1, "--refresh-when reads the mean of its metric over the last N steps of the round "
+                                 "(a round then lasts at least N steps).", metavar="N")
     prompts_per_round: int | None = opt(None, "Each round samples the next N prompts of the source (cycling "
                                               "through it) instead of all of them: a round of one step needs one "
                                               "batch of prompts. [default: all, every round]", metavar="N")
@@ -70,6 +73,7 @@ class RoundsConfig(Config):
               f"must be >= 1, got {self.prompts_per_round}")
         check(self.save_every >= 1, "--save-every", f"must be >= 1, got {self.save_every}")
         stop_rule(self.refresh_when, "--refresh-when")
+        check(self.refresh_window >= 1, "--refresh-window", f"must be >= 1, got {self.refresh_window}")
 
     @property
     def budget(self) -> int:

@@ -32,7 +32,7 @@ def free_port() -> int:
 def torchrun(*args: str, ranks: int = 2) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node RANKS -m lightopd ARGS` on this machine (gloo on CPU)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--nnodes", "1",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "lightopd", *args]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "--", "lightopd", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 

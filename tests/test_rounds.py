@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from lightopd.data.store import open_store
 from lightopd.provenance import model_fingerprint, read_provenance
-from tests.helpers import last_json, read_rows, run_cli, weights, write_jsonl
+from tests.helpers import cli, last_json, read_rows, run_cli, weights, write_jsonl
 from tests.reference import completion_logits, log_softmax64
 
 
@@ -85,3 +85,51 @@ def test_refresh_when_ends_rounds_early_within_the_step_budget(args, tmp_path):
     lines = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert result["steps"] == 8 and len(lines) == 8 and all(line["steps"] == 1 for line in lines)
     assert [line["ended"] for line in lines[:-1]] == ["refresh_when"] * 7
+
+
+def test_the_trained_student_is_handed_over_in_memory(args, monkeypatch, capsys, tmp_path):
+    """No stage reads a round's student from its directory (train hands it on in memory), and the run
+    ends with the weights of a run that reads every student from its directory."""
+    from transformers import AutoModelForCausalLM as Auto
+
+    from lightopd.engine import held
+
+    loads, original = [], Auto.from_pretrained.__func__
+    monkeypatch.setattr(Auto, "from_pretrained",
+                        classmethod(lambda c, path, *a, **k: loads.append(str(path)) or original(c, path, *a, **k)))
+    code, out, err = cli(monkeypatch, capsys, *args(tmp_path / "held", "--heldout", str(tmp_path / "p.jsonl")))
+    assert code == 0, err
+    assert not [p for p in loads if "round-" in p], loads  # round 1's student sampled, scored and trained again
+    assert len(loads) == 3  # the student (round 1's sampling, then its training), and the teacher once
+    monkeypatch.setattr(held, "take", lambda *a, **k: None)
+    code, out, err = cli(monkeypatch, capsys, *args(tmp_path / "read"))
+    assert code == 0, err
+    assert [p for p in loads[3:] if "round-1" in p], "without the hand-over round 2 reads round 1's student"
+    a, b = weights(tmp_path / "held" / "round-2" / "student"), weights(tmp_path / "read" / "round-2" / "student")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_two_ranks_run_the_rounds_of_one_process(args, tmp_path):
+    """Under torchrun each rank samples and scores its share of every store (as --worker RANK/2) and
+    trains with the other (DDP): the stores hold the rows of one process, and the students its
+    weights (up to the order of a float32 sum); rank 0 alone prints the summary."""
+    from tests.test_distributed import torchrun
+
+    run_cli(*args(tmp_path / "one", "--heldout", str(tmp_path / "p.jsonl")))
+    proc = torchrun(*args(tmp_path / "two", "--heldout", str(tmp_path / "p.jsonl")))
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1 and last_json(proc)["steps"] == 8
+    for r in (1, 2):
+        for store in ("rollouts", "teacher-store", "heldout-store"):
+            a, b = (read_rows(tmp_path / run / f"round-{r}" / store) for run in ("one", "two"))
+            key = lambda row: (row["prompt_id"], row["sample_index"])  # noqa: E731
+            assert [key(x) for x in sorted(a, key=key)] == [key(x) for x in sorted(b, key=key)]
+            assert sorted(x["completion_ids"] for x in a) == sorted(x["completion_ids"] for x in b)
+        assert read_provenance(tmp_path / "two" / f"round-{r}" / "student")["parallel"]["world_size"] == 2
+    a, b = weights(tmp_path / "one" / "round-2" / "student"), weights(tmp_path / "two" / "round-2" / "student")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    one, two = ([json.loads(x) for x in (tmp_path / run / "rounds.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert [x["sampled_tokens"] for x in one] == [x["sampled_tokens"] for x in two]

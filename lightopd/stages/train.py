@@ -30,7 +30,7 @@ from lightopd.data.store import (
     store_columns,
 )
 from lightopd.data.stream import StepStream, check_batch
-from lightopd.engine import models
+from lightopd.engine import held, models
 from lightopd.errors import InputError
 from lightopd.hub import locate
 from lightopd.objectives import Objective, ObjectiveParams, lookup
@@ -242,7 +242,7 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         source = Source(device, full)
     else:
         model = models.load_model(weights_from, device, dtype, spec.trust_remote_code, "--student",
-                                  spec.attn_implementation)
+                                  spec.attn_implementation, trains=True)
         peft_model = add_adapters(model, cfg, resume_from) if cfg.lora_rank else None
         if peft_model is not None:
             model = peft_model.get_base_model()  # the student, its linear layers carrying the adapters
@@ -258,8 +258,10 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
     loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size, cfg.save_every, start_step,
                trackers, cfg.keep_checkpoints, saved_dtype(student_dir), peft_model, cfg.merge_lora,
                lambda: models.load_model(student_dir, torch.device("cpu"), torch.float32, spec.trust_remote_code),
-               cfg.stop_when)
+               cfg.stop_when, cfg.stop_window)
     done = fit(trainer, stream, loop)
+    if world.size == 1 and not cfg.lora_rank:  # OUT's weights, for the next stage of `lightopd rounds`
+        held.hold(out, model, saved_dtype(student_dir))
     last = done["last"]
     return {
         "command": "train",

@@ -90,13 +90,21 @@ def join(device_name: str) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
+    _JOINED[0] += 1
     return World(rank=rank, size=size, local_rank=local_rank), device
 
 
+_JOINED = [0]  # joins not yet left: a stage run inside `lightopd rounds` leaves the group to the rounds
+
+
 def leave(world: World, clean: bool = True) -> None:
-    """Leave the process group; after a failure without the final barrier, which the other ranks
-    may never reach (torchrun then stops them when this process exits)."""
+    """Leave the process group (the last leave of nested joins destroys it); after a failure without
+    the final barrier, which the other ranks may never reach (torchrun then stops them when this
+    process exits)."""
     if world.active and dist.is_initialized():
         if clean:
             dist.barrier()
-        dist.destroy_process_group()
+        _JOINED[0] = max(_JOINED[0] - 1, 0)
+        if not _JOINED[0] or not clean:
+            _JOINED[0] = 0
+            dist.destroy_process_group()
