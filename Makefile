@@ -41,6 +41,7 @@ bench:
 	$(PYTHON) bench/long.py
 	$(PYTHON) bench/gpu.py
 	$(PYTHON) bench/tail.py
+	$(PYTHON) bench/store_encodings.py
 	$(PYTHON) bench/selection.py
 	$(PYTHON) bench/demo.py
 	$(PYTHON) bench/trl_rounds.py

@@ -5,8 +5,10 @@ In one process, on the same rollout store and the same token-budget batches:
 - a bare forward of the teacher over those batches (the model's own forward with full logits and
   nothing computed from them: the physical limit);
 - a naive implementation: one row at a time, full-vocabulary log_softmax, top-k and entropy.
-Then bytes per completion token on disk at k = 8, 32, 128, and the peak resident memory of a
-`lightopd score-teacher` process (k = 32).
+Then bytes per completion token on disk at k = 8, 32, 128 in the default encoding (and at k = 32
+with float32 log-probs and in the former descending layout), the default's bytes per column and
+its fidelity (bench/store_encodings.py: each top-k objective against float64, on 24 rows), and the peak
+resident memory of a `lightopd score-teacher` process (k = 32).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, make_bench_model, peak_rss_mb  # noqa: E402
+from store_encodings import bytes_per_token, fidelity, references  # noqa: E402
 
 from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
 from lightopd.data.batching import pack_by_tokens  # noqa: E402
+from lightopd.data.reader import iter_batches  # noqa: E402
 from lightopd.data.store import TEACHER_COLUMNS, open_store  # noqa: E402
 from lightopd.memory import release_freed_memory  # noqa: E402
 from lightopd.stages import rollout, score  # noqa: E402
@@ -107,19 +111,24 @@ def main() -> None:
         naive_s = time.perf_counter() - start
 
         storage = {}
-        for k, dtype in ((8, "float16"), (32, "float16"), (128, "float16"), (32, "float32")):
-            name = f"k{k}" if dtype == "float16" else f"k{k}_{dtype}"
+        layouts = {"": {}, "_float32": {"topk_dtype": "float32"}, "_descending": {"topk_order": "logprob"}}
+        for k, layout in ((8, ""), (32, ""), (128, ""), (32, "_float32"), (32, "_descending")):
+            name = f"k{k}{layout}"
             store = tmp / ("t32" if name == "k32" else name)
             if name != "k32":
                 score.run(ScoreConfig.of(teacher=str(teacher), data=str(rollouts), out=str(store), top_k=k,
-                                         topk_dtype=dtype, device="cpu"))
+                                         device="cpu", **layouts[layout]))
             m = open_store(store)
             storage[name] = {
                 "bytes_per_token": round(sum(s["bytes"] for s in m["shards"]) / m["tokens"], 1),
                 "teacher_columns_bytes_per_token": round(teacher_column_bytes(store) / m["tokens"], 1),
                 # raw: k ids (int32) and k log-probs (float32), the sampled log-prob, tail and entropy (float32)
                 "raw_float32_bytes_per_token": 8 * k + 12,
+                "scoring": {key: m["scoring"][key] for key in ("topk_logprobs_dtype", "topk_order", "topk_bits")},
             }
+        storage["k32"]["columns"] = bytes_per_token(tmp / "t32")["columns"]
+        checked = [r for b in iter_batches(tmp / "t32") for r in b.to_pylist()][:24]  # the default, against float64
+        storage["k32"]["fidelity"] = fidelity(checked, references(student, teacher, checked))
 
         peak_mb = peak_rss_mb([sys.executable, "-m", "lightopd", "score-teacher", "--teacher", str(teacher),
                                "--data", str(rollouts), "--out", str(tmp / "rss"), "--top-k", "32",

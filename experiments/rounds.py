@@ -5,7 +5,8 @@ teacher's top-k (`rkl`, `fkl`: AsyncOPD's comparison) and the demo's `opd-seq`, 
 of 200 optimizer steps (batch 32: 8 prompts × 4 samples, lr 3·10⁻⁴, dropout on) spent five ways:
 - offline: one round over all 2,000 OPD prompts (Lightning OPD);
 - every 50 / every 10 steps: rounds of 50 or 10 steps, each sampling the next 400 or 80 prompts;
-- drift: rounds of up to 50 steps that end early when the step's rollout_kl exceeds 0.1;
+- drift: rounds of up to 50 steps that end early when the step's rollout_kl exceeds 0.1, or when
+  its mean over the round's last 5 steps does (--refresh-window 5);
 - every step: 200 rounds of one step, each sampling 8 fresh prompts (on-policy).
 Held-out accuracy of the final student (2,000 pairs, one sample each at T = 1), and the tokens
 sampled, scored and trained. Writes OUT/rounds.json and OUT/rounds.png (needs matplotlib).
@@ -26,12 +27,13 @@ from lightopd.rounds_config import RoundsConfig
 from lightopd.stages import demo, rounds
 
 BUDGET, BATCH_PROMPTS = 200, 8  # steps, and prompts per step (8 × 4 samples = 32 rows)
-REGIMES = {  # name: (steps per round, prompts per round (None: all), refresh rule)
-    "offline": (BUDGET, None, None),
-    "every 50 steps": (50, 50 * BATCH_PROMPTS, None),
-    "every 10 steps": (10, 10 * BATCH_PROMPTS, None),
-    "drift (rollout_kl > 0.1)": (50, 50 * BATCH_PROMPTS, "rollout_kl>0.1"),
-    "every step": (1, BATCH_PROMPTS, None),
+REGIMES = {  # name: (steps per round, prompts per round (None: all), refresh rule, its window)
+    "offline": (BUDGET, None, None, 1),
+    "every 50 steps": (50, 50 * BATCH_PROMPTS, None, 1),
+    "every 10 steps": (10, 10 * BATCH_PROMPTS, None, 1),
+    "drift (rollout_kl > 0.1)": (50, 50 * BATCH_PROMPTS, "rollout_kl>0.1", 1),
+    "drift, 5-step mean (rollout_kl > 0.1)": (50, 50 * BATCH_PROMPTS, "rollout_kl>0.1", 5),
+    "every step": (1, BATCH_PROMPTS, None, 1),
 }
 OBJECTIVES = ("rkl", "fkl", "opd-seq")  # AsyncOPD's pair, and the demo's objective
 
@@ -42,12 +44,13 @@ def run_seed(seed: int, out: Path, device: str) -> dict:
     heldout = heldout_prompts(work, seed)
     rows = {"sft": {"accuracy": demo.evaluate(paths["sft"], heldout, device, seed)["accuracy"]}}
     for objective in OBJECTIVES:
-        for name, (steps, per_round, rule) in REGIMES.items():
+        for name, (steps, per_round, rule, window) in REGIMES.items():
             cfg = RoundsConfig.of(student=str(paths["sft"]), teacher=str(demo.TEACHER),
                                   prompts=str(work / "demo" / "prompts-opd.jsonl"),
-                                  out=str(work / f"{objective}-{steps}-{rule is not None}"),
+                                  out=str(work / f"{objective}-{steps}-{rule is not None}-{window}"),
                                   rounds=BUDGET // steps, steps_per_round=steps, prompts_per_round=per_round,
-                                  refresh_when=rule, n=D.opd_samples, max_new_tokens=demo.MAX_NEW_TOKENS,
+                                  refresh_when=rule, refresh_window=window, n=D.opd_samples,
+                                  max_new_tokens=demo.MAX_NEW_TOKENS,
                                   teacher_top_k=D.top_k, objective=objective, lr=D.opd_lr,
                                   batch_size=D.opd_batch_size, seed=seed, device=device, save_every=BUDGET)
             started = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lightopd.data.topk_layout import FLOAT16_BITS, ORDERS
 from lightopd.objectives.selection import SelectionSpec
 from lightopd.options import MIN_TEMPERATURE, build, check, opt, parse_worker
 from lightopd.specs import (
@@ -107,6 +108,12 @@ class ScoreConfig(Config):
     micro_batch_tokens: int = micro_batch_tokens_option(8192, " (no gradients, so larger than train's)")
     topk_dtype: str = opt("float16", "Storage dtype of the top-k log-probs (float16 halves the store; its rounding "
                                      "is documented in the README).", choices=TOPK_DTYPES)
+    topk_bits: int = opt(FLOAT16_BITS, "Significand bits kept of each float16 top-k log-prob, rounded to nearest "
+                                       f"({FLOAT16_BITS}: all of float16's; 8: bfloat16's precision, a relative error "
+                                       "of at most 2^-8 and a smaller store; see the README's Stores).", metavar="BITS")
+    topk_order: str = opt("id", "Layout of each position's top-k on disk: id (the argmax, then the rest by token id, "
+                                "which stores the ids in fewer bytes; readers restore the descending order) or "
+                                "logprob (descending, as older stores).", choices=ORDERS)
     chunk_elements: int = opt(1 << 23, "Logit entries reduced at once (bounds the float32 scratch).", cli=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +124,10 @@ class ScoreConfig(Config):
         check(self.chunk_elements >= 1, "chunk_elements", f"must be >= 1, got {self.chunk_elements}")
         check(self.topk_dtype in TOPK_DTYPES, "--topk-dtype",
               f"must be one of {', '.join(TOPK_DTYPES)}, got {self.topk_dtype!r}")
+        check(2 <= self.topk_bits <= FLOAT16_BITS, "--topk-bits", f"must be 2 to {FLOAT16_BITS}, got {self.topk_bits}")
+        check(self.topk_bits == FLOAT16_BITS or self.topk_dtype == "float16", "--topk-bits",
+              "rounds float16 log-probs; with --topk-dtype float32 they are stored whole")
+        check(self.topk_order in ORDERS, "--topk-order", f"must be one of {', '.join(ORDERS)}, got {self.topk_order!r}")
         parse_worker(self.worker)
         check(self.teacher_name is None or (self.teacher_name.strip() and "/" not in self.teacher_name),
               "--teacher-name", f"must be a non-empty name without '/', got {self.teacher_name!r}")
@@ -330,6 +341,11 @@ class InspectConfig(Config):
                               "partial or corrupt.")
     show: int = opt(0, "Also print the first N rows, decoded with the tokenizer of the model that sampled them: "
                        "prompt, completion, answer, metadata, and per-row means of the stored log-probs.", metavar="N")
+    stats: bool = opt(False, "Also compute, with polars over the checked shards (bounded memory): bytes per token of "
+                             "each column, lengths, finish reasons, pass rates per prompt, and by position in the "
+                             "completion the teacher's entropy, tail mass and log-prob and the student−teacher gap.")
+    format: str = opt("text", "text: tables on stderr and the JSON line on stdout; json: the JSON line alone.",
+                      choices=("text", "json"))
 
     def __post_init__(self) -> None:
         check(self.show >= 0, "--show", f"must be >= 0, got {self.show}")

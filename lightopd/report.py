@@ -135,9 +135,40 @@ def render_store(summary: dict) -> None:
     for key in first:
         add(key, summary.get(key))
     for key, value in summary.items():
-        if key not in first and key != "path":
+        if key not in first and key not in ("path", "stats"):
             add(key, value)
     console.print(table)
+
+
+def render_stats(stats: dict) -> None:
+    """`inspect --stats`: bytes per token by column, lengths, finish reasons and rewards, and the
+    per-token quantiles by position bucket."""
+    table = Table(title="bytes per completion token", show_header=False, title_justify="left")
+    for name, size in sorted(stats["bytes_per_token"].items(), key=lambda kv: -kv[1]):
+        if size >= 0.05:
+            table.add_row(name, f"{size:.2f}")
+    console.print(table)
+    table = Table(title="rows", show_header=False, title_justify="left")
+    for name, q in stats.get("lengths", {}).items():
+        table.add_row(f"{name} tokens (p10 / p50 / p90)", " / ".join(str(v) for v in q.values()))
+    for reason, rows in stats.get("finish_reasons", {}).items():
+        table.add_row(f"finish_reason {reason}", str(rows))
+    for key, value in stats.get("rewards", {}).items():
+        table.add_row(f"rewards {key}", " / ".join(str(v) for v in value.values()) if isinstance(value, dict)
+                      else str(value))
+    console.print(table)
+    if stats.get("by_position"):
+        names = [k for k in stats["by_position"][0] if k not in ("positions", "tokens")]
+        labels = {"teacher_entropy": "teacher entropy", "teacher_tail_mass": "tail mass", "teacher_logprob": "ℓT",
+                  "student_minus_teacher": "ℓμ − ℓT"}
+        table = Table(title="by position in the completion", title_justify="left")
+        for column in ("positions", "tokens", "", "p10", "p50", "p90"):
+            table.add_column(column, justify="right" if column not in ("", "positions") else "left", no_wrap=True)
+        for row in stats["by_position"]:
+            for i, n in enumerate(names):
+                table.add_row(row["positions"] if i == 0 else "", str(row["tokens"]) if i == 0 else "", labels[n],
+                              *(f"{row[n][q]:.4g}" for q in ("p10", "p50", "p90")), end_section=i == len(names) - 1)
+        console.print(table)
 
 
 # ---- charts ----

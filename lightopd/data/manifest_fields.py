@@ -89,6 +89,8 @@ OPTIONAL = {  # checked where present
     "scoring.unavailable": _list_of(_one_of("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail",
                                             "teacher_entropy")),
     "scoring.vocab_size": _int(1),
+    "scoring.topk_order": _one_of("id", "logprob"),
+    "scoring.topk_bits": _int(2),
     "tokenizer.vocab_size": _int(1),
     "teacher.name": STRING,  # routed teachers (score-teacher --where) are told apart by it
     "rollouts.rows": _int(0),

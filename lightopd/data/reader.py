@@ -5,7 +5,8 @@ Every reader (train's stream, eval, score-teacher reading rollouts, inspect) goe
 size, carries this store's id in its Parquet metadata (a shard copied in from another store is
 named as such), and hashes to the listed sha256, in one sequential read that leaves the file in
 the page cache for the Parquet reader. `read_shard` then checks the shard's layout and every row
-it yields (rows.py). `verify` audits a whole store for `inspect --verify`, rows included.
+it yields (rows.py), and hands out the top-k in descending order whatever the store's layout
+(topk_layout.py). `verify` audits a whole store for `inspect --verify`, rows included.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lightopd.data.store import (
     sha256_file,
     shard_name,
 )
+from lightopd.data.topk_layout import restore
 from lightopd.errors import InputError
 
 READ_CHUNK = 8 << 20
@@ -91,6 +93,8 @@ def _checked_batches(path: Path, pf: pq.ParquetFile, manifest: dict, columns: li
     for batch in pf.iter_batches(batch_size=batch_size, columns=read):
         layout.check(batch, first)
         first += batch.num_rows
+        if layout.by_id and "topk_ids" in read:
+            batch = restore(batch, layout.k)
         yield batch if read == list(wanted) else batch.select(wanted)
 
 

@@ -52,6 +52,7 @@ class ShardLayout:
                 raise self.error(f"it was written with {'; '.join(differs)}: the manifest was edited or belongs to "
                                  "another store; re-run the command that wrote the store")
         self.k = expected["top_k"]
+        self.by_id = expected.get("topk_order") == "id"  # read back in descending order (topk_layout.py)
         self.empty = set(unavailable(manifest))  # columns its scorer left null
         self.vocab = manifest["tokenizer"].get("vocab_size")
         full = ROLLOUT_SCHEMA if manifest["format"] == ROLLOUT_FORMAT else teacher_schema(
@@ -72,6 +73,8 @@ class ShardLayout:
         wanted = list(names if columns is None else columns)
         if any(c in PER_TOKEN + PER_TOP_K for c in wanted) and "completion_ids" not in wanted:
             wanted.append("completion_ids")
+        if self.by_id and any(c in PER_TOP_K for c in wanted):  # the order is restored from both
+            wanted += [c for c in PER_TOP_K if c not in wanted]
         return wanted
 
     def check(self, batch: pa.RecordBatch, first_row: int) -> None:

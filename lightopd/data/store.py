@@ -134,6 +134,8 @@ def shard_layout(manifest: dict) -> dict:
               "top_p": sampling.get("top_p"), "top_k": scoring.get("top_k"),
               "topk_logprobs_dtype": scoring.get("topk_logprobs_dtype"),
               "teacher_temperature": scoring.get("temperature")}
+    if "topk_order" in scoring:  # (stores from before it: descending)
+        layout |= {"topk_order": scoring["topk_order"], "topk_bits": scoring.get("topk_bits")}
     if "top_k" in sampling:  # stores from before these settings existed declare none of them
         layout |= {"sampling": {key: sampling.get(key) for key in SAMPLER_KEYS}}
     return layout

@@ -1,6 +1,7 @@
 """Stage `inspect`: describe a store (with its rewards by prompt group, where it has rewards); with
 --verify, check every shard; with --show N, print rows decoded (with the teacher's own prompt beside
-the student's, where score-teacher gave the teacher a context)."""
+the student's, where score-teacher gave the teacher a context); with --stats, what its columns hold
+(data/store_stats.py)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,37 @@ from lightopd.config import InspectConfig
 from lightopd.data.groups import reward_summary, rewards_by_prompt
 from lightopd.data.reader import iter_batches, verify
 from lightopd.data.store import ROLLOUT_FORMAT, check_version, describe, read_manifest, reward_checker
+from lightopd.data.store_stats import store_stats
 from lightopd.errors import InputError
 from lightopd.progress import console, warn
-from lightopd.report import render_rows, render_store
+from lightopd.report import render_rows, render_stats, render_store
 
 LOGPROB_COLUMNS = ("behavior_logprobs", "policy_logprobs", "teacher_logprobs", "teacher_entropy")
 
 
 def run(cfg: InspectConfig) -> tuple[dict, bool]:
-    """The store's summary (with `verified` and `problems` under --verify, `show` under --show), and
-    whether it passed."""
+    """The store's summary (with `verified` and `problems` under --verify, `show` under --show,
+    `stats` under --stats), and whether it passed."""
+    quiet = console.quiet
+    console.quiet = quiet or cfg.format == "json"  # --format json: the JSON line alone
+    try:
+        return _run(cfg)
+    finally:
+        console.quiet = quiet
+
+
+def _run(cfg: InspectConfig) -> tuple[dict, bool]:
     summary = describe(cfg.data)
     problems = verify(cfg.data) if cfg.verify else []
     manifest = read_manifest(cfg.data)
     if reward_checker(manifest) is not None and not problems:  # rows are read only from a sound store
         summary["rewards"] = reward_summary(rewards_by_prompt(cfg.data, manifest))
+    if cfg.stats and not problems:
+        check_version(cfg.data, manifest)
+        summary["stats"] = store_stats(cfg.data, manifest)
     render_store(summary)
+    if "stats" in summary:
+        render_stats(summary["stats"])
     ok = not problems
     if cfg.verify:
         summary["verified"] = ok

@@ -38,6 +38,7 @@ from lightopd.data.store import (
     teacher_schema,
     unavailable,
 )
+from lightopd.data.topk_layout import FLOAT16_BITS, by_id, round_significand
 from lightopd.data.writer import ShardWork, shard_work
 from lightopd.engine import models
 from lightopd.engine.samplers import check_engine, engine_context, engine_record
@@ -67,6 +68,14 @@ PARQUET_OPTIONS = {
 }
 
 
+def parquet_options(topk_order: str | None) -> dict:
+    """The Parquet options of a teacher store with this top-k order."""
+    if topk_order != "id":
+        return PARQUET_OPTIONS
+    return {**PARQUET_OPTIONS, "column_encoding": {**PARQUET_OPTIONS["column_encoding"],
+                                                   "topk_ids": "DELTA_BINARY_PACKED"}}
+
+
 def _check_rollouts(cfg: ScoreConfig) -> dict:
     manifest = open_store(cfg.data, formats=(ROLLOUT_FORMAT,))
     problems = verify(cfg.data)
@@ -94,7 +103,8 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType
 
 def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str,
                   unavailable: tuple[str, ...] = (), teacher_prompts: list[list[int]] | None = None,
-                  reference: list[LogprobStats] | None = None) -> pa.Table:
+                  reference: list[LogprobStats] | None = None, topk_order: str = "logprob",
+                  topk_bits: int = FLOAT16_BITS) -> pa.Table:
     """The rollout rows with the teacher columns appended (top-k flattened row-major by position);
     `unavailable` columns, and rollout columns the rows lack (policy_logprobs of an older store), are
     null in every row, as are `teacher_prompt_ids` without `teacher_prompts` and `reference_logprobs`
@@ -104,6 +114,10 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
     k = stats[0].topk_ids.shape[1] if stats else 0
     cat = {f: torch.cat([getattr(s, f) for s in stats]).numpy() for f in
            ("sampled", "topk_ids", "topk_logprobs", "topk_rest", "entropy")}
+    if topk_dtype == "float16":
+        cat["topk_logprobs"] = round_significand(cat["topk_logprobs"], topk_bits)
+    if topk_order == "id":
+        cat["topk_ids"], cat["topk_logprobs"] = by_id(cat["topk_ids"], cat["topk_logprobs"])
     columns = {
         "teacher_logprobs": _list_array(cat["sampled"].astype(np.float32), lengths, pa.float32()),
         "topk_ids": _list_array(cat["topk_ids"].astype(np.int32).reshape(-1), lengths * k, pa.int32()),
@@ -181,6 +195,7 @@ def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
             **({"reward": rollout_manifest["reward"]} if "reward" in rollout_manifest else {}),
         },
         "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
+                    "topk_order": cfg.topk_order, "topk_bits": cfg.topk_bits,
                     "vocab_size": info.vocab, "engine": engine_record(cfg.engine),
                     "unavailable": list(UNAVAILABLE) if vllm else [],
                     "context": None if context is None else context.describe(plan),
@@ -188,7 +203,7 @@ def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
                     "reference": None if reference is None else reference[1]},
     }
     with shard_work(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], cfg.worker,
-                    PARQUET_OPTIONS) as work:
+                    parquet_options(cfg.topk_order)) as work:
         if work.todo:
             if vllm:
                 scorer = VllmScorer(teacher_dir, spec, cfg.engine, info, cfg.top_k)
@@ -323,7 +338,8 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorers: list[Scorer | Vllm
                                     strict=True):
                         references[i] = s
                 bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
-            table = (teacher_table(rollouts, stats, cfg.topk_dtype, scorer.unavailable, teacher_prompts, references)
+            table = (teacher_table(rollouts, stats, cfg.topk_dtype, scorer.unavailable, teacher_prompts, references,
+                                   cfg.topk_order, cfg.topk_bits)
                      if stats
                      else teacher_schema(cfg.topk_dtype).empty_table())  # every prompt of the shard skipped
             if pending is not None:

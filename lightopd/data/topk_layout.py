@@ -1,0 +1,78 @@
+"""How a teacher store lays out each position's top-k on disk, and how readers get back the
+descending order every objective reads.
+
+Two choices, recorded in the manifest's `scoring` and in every shard's layout:
+- `topk_order`: `logprob` (descending, as scored) or `id` (the argmax first, then the other k − 1
+  by ascending token id). Both hold the same (id, log-prob) pairs, so nothing is lost; ascending ids
+  differ by small steps, which Parquet's DELTA_BINARY_PACKED encoding stores in a few bits each.
+  Readers (reader.py) restore the descending order: the argmax first, the rest by descending
+  log-prob, ties by id.
+- `topk_bits`: significand bits kept of each float16 log-prob (11, float16's own; 8, bfloat16's),
+  rounded to nearest: the relative error of a log-prob is at most 2^-bits, and fewer distinct
+  values compress to fewer bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ORDERS = ("id", "logprob")
+FLOAT16_BITS = 11  # float16's significand, its implicit bit included
+
+
+def round_significand(values: np.ndarray, bits: int) -> np.ndarray:
+    """float16 `values` rounded to nearest (ties away from zero) at `bits` significand bits (toward
+    zero where nearest would leave float16's range)."""
+    values = np.asarray(values, dtype=np.float16)
+    drop = FLOAT16_BITS - bits
+    if drop <= 0:
+        return values
+    raw = values.view(np.uint16).astype(np.uint32)
+    finite = np.isfinite(values)
+    rounded = ((raw + (1 << (drop - 1))) >> drop << drop).astype(np.uint16)
+    truncated = (raw >> drop << drop).astype(np.uint16)  # where rounding up would overflow to infinity
+    overflow = ~np.isfinite(rounded.view(np.float16))
+    return np.where(finite, np.where(overflow, truncated, rounded), raw.astype(np.uint16)).view(np.float16)
+
+
+def by_id(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, k] top-k in descending order → the argmax first, the rest by ascending id."""
+    if ids.shape[1] <= 2:
+        return ids, logprobs
+    order = np.concatenate([np.zeros((len(ids), 1), dtype=np.int64),
+                            1 + np.argsort(ids[:, 1:], axis=1, kind="stable")], axis=1)
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
+
+
+def descending(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`by_id`'s layout → the argmax first, the rest by descending log-prob (ties by ascending id)."""
+    if ids.shape[1] <= 2:
+        return ids, logprobs
+    rest = 1 + np.argsort(-logprobs[:, 1:].astype(np.float32), axis=1, kind="stable")
+    order = np.concatenate([np.zeros((len(ids), 1), dtype=np.int64), rest], axis=1)
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
+
+
+def restore(batch: pa.RecordBatch, k: int) -> pa.RecordBatch:
+    """A batch of an id-ordered store with its top-k columns in descending order."""
+    return rearranged(batch, k, descending)
+
+
+def rearranged(batch: pa.RecordBatch, k: int, arrange=by_id) -> pa.RecordBatch:
+    """`batch` with each position's top-k put in `arrange`'s order (rows whose top-k is null stay
+    null); both top-k columns must be in the batch."""
+    ids_col, lps_col = batch.column("topk_ids"), batch.column("topk_logprobs")
+    flat_ids = pc.list_flatten(ids_col).to_numpy(zero_copy_only=False).reshape(-1, k)
+    flat_lps = pc.list_flatten(lps_col).to_numpy(zero_copy_only=False).reshape(-1, k)
+    ids, lps = arrange(flat_ids, flat_lps)
+    lengths = pc.fill_null(pc.list_value_length(ids_col), 0).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    mask = ids_col.is_null() if ids_col.null_count else None
+    columns = dict(zip(batch.schema.names, batch.columns, strict=True))
+    columns["topk_ids"] = pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), ids_col.type.value_type),
+                                                   mask=mask)
+    columns["topk_logprobs"] = pa.ListArray.from_arrays(offsets, pa.array(lps.reshape(-1), lps_col.type.value_type),
+                                                        mask=mask)
+    return pa.RecordBatch.from_arrays(list(columns.values()), schema=batch.schema)
