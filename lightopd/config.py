@@ -108,9 +108,10 @@ class ScoreConfig(Config):
     micro_batch_tokens: int = micro_batch_tokens_option(8192, " (no gradients, so larger than train's)")
     topk_dtype: str = opt("float16", "Storage dtype of the top-k log-probs (float16 halves the store; its rounding "
                                      "is documented in the README).", choices=TOPK_DTYPES)
-    topk_bits: int = opt(FLOAT16_BITS, "Significand bits kept of each float16 top-k log-prob, rounded to nearest "
-                                       f"({FLOAT16_BITS}: all of float16's; 8: bfloat16's precision, a relative error "
-                                       "of at most 2^-8 and a smaller store; see the README's Stores).", metavar="BITS")
+    topk_bits: int = opt(7, "Significand bits kept of each float16 top-k log-prob, rounded to nearest: a relative "
+                            f"error of at most 2^-BITS ({FLOAT16_BITS}: float16's own; 8: bfloat16's). 7 keeps every "
+                            "top-k objective's loss within 0.2% of its float64 value at 64 bytes a token (the README's "
+                            "Stores). With --topk-dtype float32 they are stored whole.", metavar="BITS")
     topk_order: str = opt("id", "Layout of each position's top-k on disk: id (the argmax, then the rest by token id, "
                                 "which stores the ids in fewer bytes; readers restore the descending order) or "
                                 "logprob (descending, as older stores).", choices=ORDERS)
@@ -125,8 +126,6 @@ class ScoreConfig(Config):
         check(self.topk_dtype in TOPK_DTYPES, "--topk-dtype",
               f"must be one of {', '.join(TOPK_DTYPES)}, got {self.topk_dtype!r}")
         check(2 <= self.topk_bits <= FLOAT16_BITS, "--topk-bits", f"must be 2 to {FLOAT16_BITS}, got {self.topk_bits}")
-        check(self.topk_bits == FLOAT16_BITS or self.topk_dtype == "float16", "--topk-bits",
-              "rounds float16 log-probs; with --topk-dtype float32 they are stored whole")
         check(self.topk_order in ORDERS, "--topk-order", f"must be one of {', '.join(ORDERS)}, got {self.topk_order!r}")
         parse_worker(self.worker)
         check(self.teacher_name is None or (self.teacher_name.strip() and "/" not in self.teacher_name),

@@ -27,6 +27,10 @@ def test_significand_rounding_matches_a_hand_formula():
         assert np.all(np.abs(got - exact) <= 2.0 ** -bits * np.abs(exact) + 2.0 ** (-14 - bits))  # (subnormals)
     assert np.isneginf(round_significand(np.array([-np.inf], dtype=np.float16), 8)).all()
     assert round_significand(np.array([-65504.0], dtype=np.float16), 8)[0] == -65280.0  # not -inf
+    wide = rng.normal(0, 3, 1000).astype(np.float32)  # float32 (the entropy column): 24 bits, rounded to 11
+    step = 2.0 ** (np.floor(np.log2(np.abs(wide.astype(np.float64)))) - 10)
+    want = np.sign(wide) * np.floor(np.abs(wide.astype(np.float64)) / step + 0.5) * step
+    np.testing.assert_array_equal(round_significand(wide, 11).astype(np.float64), want)
 
 
 def test_id_order_is_the_descending_order_rearranged():
@@ -59,7 +63,8 @@ def test_an_id_ordered_store_reads_as_the_descending_one(teacher_model, card_rol
     do_score(teacher_model, card_rollouts, tmp_path / "lp", top_k=k, topk_order="logprob")
     do_score(teacher_model, card_rollouts, tmp_path / "id", top_k=k)  # the default
     manifest = open_store(tmp_path / "id")
-    assert manifest["scoring"]["topk_order"] == "id" and manifest["scoring"]["topk_bits"] == 11
+    assert manifest["scoring"]["topk_order"] == "id" and manifest["scoring"]["topk_bits"] == 7
+    assert manifest["scoring"]["entropy_bits"] == 11
     raw = pq.read_table(tmp_path / "id" / manifest["shards"][0]["name"], columns=["topk_ids"]).column(0).to_pylist()
     on_disk = np.array([i for row in raw for i in row]).reshape(-1, k)
     assert (np.diff(on_disk[:, 1:], axis=1) > 0).all()  # on disk: the argmax, then by id
@@ -76,12 +81,15 @@ def test_an_id_ordered_store_reads_as_the_descending_one(teacher_model, card_rol
     assert set(alone[0]) == {"topk_ids"}
 
 
-def test_fewer_bits_are_the_rounded_float16_values(teacher_model, card_rollouts, tmp_path):
-    do_score(teacher_model, card_rollouts, tmp_path / "f16", top_k=6, topk_order="logprob")
+def test_fewer_bits_are_the_float32_values_rounded_once(teacher_model, card_rollouts, tmp_path):
+    do_score(teacher_model, card_rollouts, tmp_path / "f32", top_k=6, topk_order="logprob", topk_dtype="float32",
+             topk_bits=11)
     do_score(teacher_model, card_rollouts, tmp_path / "b8", top_k=6, topk_order="logprob", topk_bits=8)
-    for a, b in zip(read_rows(tmp_path / "f16"), read_rows(tmp_path / "b8"), strict=True):
-        want = round_significand(np.array(a["topk_logprobs"], dtype=np.float16), 8)
+    for a, b in zip(read_rows(tmp_path / "f32"), read_rows(tmp_path / "b8"), strict=True):
+        exact = np.array(a["topk_logprobs"], dtype=np.float32)
+        want = round_significand(exact, 8).astype(np.float16)
         np.testing.assert_array_equal(np.array(b["topk_logprobs"], dtype=np.float16), want)
+        assert (np.abs(want.astype(np.float64) - exact) <= 2.0**-8 * np.abs(exact) + 2.0**-25).all()
         assert a["topk_ids"] == b["topk_ids"] and a["teacher_log_tail"] == b["teacher_log_tail"]
 
 
@@ -89,8 +97,9 @@ def test_fewer_bits_are_the_rounded_float16_values(teacher_model, card_rollouts,
 def test_every_encoding_trains_to_the_float32_step_one_loss(objective, teacher_model, consistent_student,
                                                             card_rollouts, tmp_path):
     """A confident-enough tiny teacher at T = 0.6, top-p 0.95, top-k 20, k = 6 < V."""
-    encodings = {"float32": {"topk_dtype": "float32", "topk_order": "logprob"}, "float16": {"topk_order": "logprob"},
-                 "by-id": {}, "8-bits": {"topk_bits": 8}, "7-bits": {"topk_bits": 7}}
+    encodings = {"float32": {"topk_dtype": "float32", "topk_order": "logprob", "topk_bits": 11},
+                 "float16": {"topk_order": "logprob", "topk_bits": 11}, "by-id": {"topk_bits": 11},
+                 "8-bits": {"topk_bits": 8}, "7-bits (the default)": {}}
     losses = {}
     for name, options in encodings.items():
         do_score(teacher_model, card_rollouts, tmp_path / name, top_k=6, **options)

@@ -91,6 +91,7 @@ OPTIONAL = {  # checked where present
     "scoring.vocab_size": _int(1),
     "scoring.topk_order": _one_of("id", "logprob"),
     "scoring.topk_bits": _int(2),
+    "scoring.entropy_bits": _int(2),
     "tokenizer.vocab_size": _int(1),
     "teacher.name": STRING,  # routed teachers (score-teacher --where) are told apart by it
     "rollouts.rows": _int(0),

@@ -10,6 +10,8 @@ Two choices, recorded in the manifest's `scoring` and in every shard's layout:
 - `topk_bits`: significand bits kept of each float16 log-prob (11, float16's own; 8, bfloat16's),
   rounded to nearest: the relative error of a log-prob is at most 2^-bits, and fewer distinct
   values compress to fewer bytes.
+The teacher's entropy is kept to ENTROPY_BITS significand bits (`entropy_bits` in the manifest)
+the same way; the sampled token's log-prob and the tail mass stay float32 as computed.
 """
 
 from __future__ import annotations
@@ -20,21 +22,25 @@ import pyarrow.compute as pc
 
 ORDERS = ("id", "logprob")
 FLOAT16_BITS = 11  # float16's significand, its implicit bit included
+FLOAT32_BITS = 24
+ENTROPY_BITS = 11  # the teacher's entropy, a diagnostic and a weight: float16's precision in a float32 column
 
 
 def round_significand(values: np.ndarray, bits: int) -> np.ndarray:
-    """float16 `values` rounded to nearest (ties away from zero) at `bits` significand bits (toward
-    zero where nearest would leave float16's range)."""
-    values = np.asarray(values, dtype=np.float16)
-    drop = FLOAT16_BITS - bits
+    """float16 or float32 `values` rounded to nearest (ties away from zero) at `bits` significand
+    bits (toward zero where nearest would leave the dtype's range)."""
+    values = np.asarray(values)
+    width, unsigned = (FLOAT16_BITS, np.uint16) if values.dtype == np.float16 else (FLOAT32_BITS, np.uint32)
+    values = values.astype(np.float16 if width == FLOAT16_BITS else np.float32)
+    drop = width - bits
     if drop <= 0:
         return values
-    raw = values.view(np.uint16).astype(np.uint32)
-    finite = np.isfinite(values)
-    rounded = ((raw + (1 << (drop - 1))) >> drop << drop).astype(np.uint16)
-    truncated = (raw >> drop << drop).astype(np.uint16)  # where rounding up would overflow to infinity
-    overflow = ~np.isfinite(rounded.view(np.float16))
-    return np.where(finite, np.where(overflow, truncated, rounded), raw.astype(np.uint16)).view(np.float16)
+    raw = values.view(unsigned).astype(np.uint64)
+    rounded = ((raw + (1 << (drop - 1))) >> drop << drop).astype(unsigned)
+    truncated = (raw >> drop << drop).astype(unsigned)  # where rounding up would overflow to infinity
+    overflow = ~np.isfinite(rounded.view(values.dtype))
+    kept = np.where(overflow, truncated, rounded)
+    return np.where(np.isfinite(values), kept, raw.astype(unsigned)).view(values.dtype)
 
 
 def by_id(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

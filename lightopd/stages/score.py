@@ -38,7 +38,7 @@ from lightopd.data.store import (
     teacher_schema,
     unavailable,
 )
-from lightopd.data.topk_layout import FLOAT16_BITS, by_id, round_significand
+from lightopd.data.topk_layout import ENTROPY_BITS, FLOAT16_BITS, FLOAT32_BITS, by_id, round_significand
 from lightopd.data.writer import ShardWork, shard_work
 from lightopd.engine import models
 from lightopd.engine.samplers import check_engine, engine_context, engine_record
@@ -114,8 +114,9 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
     k = stats[0].topk_ids.shape[1] if stats else 0
     cat = {f: torch.cat([getattr(s, f) for s in stats]).numpy() for f in
            ("sampled", "topk_ids", "topk_logprobs", "topk_rest", "entropy")}
-    if topk_dtype == "float16":
-        cat["topk_logprobs"] = round_significand(cat["topk_logprobs"], topk_bits)
+    if topk_dtype == "float16" and topk_bits < FLOAT16_BITS:  # rounded once, from float32
+        cat["topk_logprobs"] = round_significand(cat["topk_logprobs"].astype(np.float32), topk_bits)
+    cat["entropy"] = round_significand(cat["entropy"].astype(np.float32), ENTROPY_BITS)
     if topk_order == "id":
         cat["topk_ids"], cat["topk_logprobs"] = by_id(cat["topk_ids"], cat["topk_logprobs"])
     columns = {
@@ -195,7 +196,8 @@ def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
             **({"reward": rollout_manifest["reward"]} if "reward" in rollout_manifest else {}),
         },
         "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
-                    "topk_order": cfg.topk_order, "topk_bits": cfg.topk_bits,
+                    "topk_order": cfg.topk_order, "entropy_bits": ENTROPY_BITS,
+                    "topk_bits": cfg.topk_bits if cfg.topk_dtype == "float16" else FLOAT32_BITS,
                     "vocab_size": info.vocab, "engine": engine_record(cfg.engine),
                     "unavailable": list(UNAVAILABLE) if vllm else [],
                     "context": None if context is None else context.describe(plan),
