@@ -43,12 +43,12 @@ from lightopd.stages import rollout, score  # noqa: E402
 
 K = 32
 ENCODINGS = {
-    "float32": {"topk_dtype": "float32", "topk_order": "logprob"},
-    "float16, descending (before)": {"topk_order": "logprob"},
-    "float16, by id": {"topk_order": "id"},
+    "float32, descending": {"topk_dtype": "float32", "topk_order": "logprob"},
+    "float16, descending (before)": {"topk_order": "logprob", "topk_bits": 11},
+    "float16, by id": {"topk_order": "id", "topk_bits": 11},
     "9 bits, by id": {"topk_order": "id", "topk_bits": 9},
     "8 bits, by id": {"topk_order": "id", "topk_bits": 8},
-    "7 bits, by id": {"topk_order": "id", "topk_bits": 7},
+    "7 bits, by id (the default)": {"topk_order": "id", "topk_bits": 7},
 }
 
 

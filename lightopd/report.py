@@ -167,7 +167,8 @@ def render_stats(stats: dict) -> None:
         for row in stats["by_position"]:
             for i, n in enumerate(names):
                 table.add_row(row["positions"] if i == 0 else "", str(row["tokens"]) if i == 0 else "", labels[n],
-                              *(f"{row[n][q]:.4g}" for q in ("p10", "p50", "p90")), end_section=i == len(names) - 1)
+                              *("-" if row[n][q] is None else f"{row[n][q]:.4g}" for q in ("p10", "p50", "p90")),
+                              end_section=i == len(names) - 1)
         console.print(table)
 
 

@@ -35,7 +35,8 @@ class StopRule:
         self.name, self.op, self.threshold = stop_rule(text)
         self.values: deque[float] = deque(maxlen=window)
         for record in earlier:
-            self._add(record)
+            if self.name in record:  # (a step logged without it, by an older version: not counted)
+                self._add(record)
 
     def _add(self, record: dict) -> None:
         if self.name not in record:

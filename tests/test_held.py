@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from lightopd.engine import held
 from lightopd.engine.models import load_model
@@ -31,6 +32,13 @@ def test_a_held_model_serves_its_directory_exactly(tiny_model, tmp_path):
         assert load_model(student, CPU, torch.float16) is not model
         same = load_model(student, CPU, torch.bfloat16)
         assert same is model and next(model.parameters()).dtype == torch.bfloat16
+        read = AutoModelForCausalLM.from_pretrained(student, dtype=torch.bfloat16).eval()  # as a load from disk
+        buffers = dict(read.named_buffers())
+        for name, buffer in same.named_buffers():  # the rotary frequencies (not saved) stay float32
+            assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
+        ids = torch.tensor([[5, 9, 13, 7, 21, 30, 11, 4]])
+        with torch.no_grad():
+            assert torch.equal(same(input_ids=ids).logits, read(input_ids=ids).logits)
         wider = load_model(student, CPU, torch.float32, trains=True)  # widened in place, exactly, and taken
         assert wider is model
         for (name, a), b in zip(wider.state_dict().items(), disk.state_dict().values(), strict=True):

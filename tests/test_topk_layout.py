@@ -27,6 +27,8 @@ def test_significand_rounding_matches_a_hand_formula():
         assert np.all(np.abs(got - exact) <= 2.0 ** -bits * np.abs(exact) + 2.0 ** (-14 - bits))  # (subnormals)
     assert np.isneginf(round_significand(np.array([-np.inf], dtype=np.float16), 8)).all()
     assert round_significand(np.array([-65504.0], dtype=np.float16), 8)[0] == -65280.0  # not -inf
+    far = round_significand(np.array([-65500.0], dtype=np.float32), 7, limit=65504.0).astype(np.float16)
+    assert far[0] == -65024.0  # (nearest, -65536, is beyond float16's range)
     wide = rng.normal(0, 3, 1000).astype(np.float32)  # float32 (the entropy column): 24 bits, rounded to 11
     step = 2.0 ** (np.floor(np.log2(np.abs(wide.astype(np.float64)))) - 10)
     want = np.sign(wide) * np.floor(np.abs(wide.astype(np.float64)) / step + 0.5) * step

@@ -2,7 +2,9 @@
 
 Each listed shard is checked (reader.shard_path: size, sha256, store id) before polars scans it,
 and the scans are lazy and run on polars' streaming engine, reading only the columns each figure
-needs, so memory stays bounded by a chunk of rows, not by the store. It reports:
+needs. Exact quantiles hold the values they rank: the per-token ones keep about 4 bytes a token
+for each of their four measures (the README states what that came to on the bench world's
+stores), and no row's lists are held beyond its chunk. It reports:
 - bytes per completion token of each column (from the Parquet metadata);
 - prompt and completion lengths (quantiles) and the finish reasons;
 - the rewards: their mean and the pass rate per prompt (quantiles, all-pass and none-pass prompts);
@@ -97,7 +99,7 @@ def store_stats(directory: str | Path, manifest: dict) -> dict:
     empty = set(unavailable(manifest))  # columns the scorer left null (vLLM: the tail and entropy)
     wanted = [name for name, columns in needs.items() if all(c in names and c not in empty for c in columns)]
     if wanted:
-        tokens = (scan.filter(pl.col(needs[wanted[0]][0]).is_not_null())
+        tokens = (scan.filter(pl.col(needs[wanted[0]][0]).is_not_null() & (pl.col("completion_ids").list.len() > 0))
                   .select(position=pl.int_ranges(0, pl.col("completion_ids").list.len()),
                           **{name: per_token[name] for name in wanted})
                   .explode(["position", *wanted]).with_columns(bucket=_bucket(pl)))

@@ -26,9 +26,10 @@ FLOAT32_BITS = 24
 ENTROPY_BITS = 11  # the teacher's entropy, a diagnostic and a weight: float16's precision in a float32 column
 
 
-def round_significand(values: np.ndarray, bits: int) -> np.ndarray:
+def round_significand(values: np.ndarray, bits: int, limit: float | None = None) -> np.ndarray:
     """float16 or float32 `values` rounded to nearest (ties away from zero) at `bits` significand
-    bits (toward zero where nearest would leave the dtype's range)."""
+    bits; toward zero where nearest would leave the dtype's range, or pass `limit` (float16's
+    largest value, for float32 values stored as float16)."""
     values = np.asarray(values)
     width, unsigned = (FLOAT16_BITS, np.uint16) if values.dtype == np.float16 else (FLOAT32_BITS, np.uint32)
     values = values.astype(np.float16 if width == FLOAT16_BITS else np.float32)
@@ -39,6 +40,8 @@ def round_significand(values: np.ndarray, bits: int) -> np.ndarray:
     rounded = ((raw + (1 << (drop - 1))) >> drop << drop).astype(unsigned)
     truncated = (raw >> drop << drop).astype(unsigned)  # where rounding up would overflow to infinity
     overflow = ~np.isfinite(rounded.view(values.dtype))
+    if limit is not None:
+        overflow |= np.abs(rounded.view(values.dtype)) > limit
     kept = np.where(overflow, truncated, rounded)
     return np.where(np.isfinite(values), kept, raw.astype(unsigned)).view(values.dtype)
 

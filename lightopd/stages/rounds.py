@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from lightopd.config import RolloutConfig, ScoreConfig
-from lightopd.data.lock import exclusive
+from lightopd.data.lock import LOCK, exclusive
 from lightopd.data.reader import iter_batches
 from lightopd.data.store import open_store, store_columns
 from lightopd.engine import held
@@ -77,15 +77,17 @@ def _prompts(cfg: RoundsConfig, records: list[dict] | None, r: int, work: Path, 
 
 
 def _train(cfg: RoundsConfig, model: Path | str, store: Path, out: Path, steps: int,
-           sets: list[tuple[str, object]]) -> int:
+           sets: list[tuple[str, object]], world: World) -> int:
     """Train round's student (or keep it, if it is finished); returns the steps it was trained."""
     done = finished_steps(out) if out.is_dir() else None
+    resume = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+    world.barrier()  # every rank has looked before rank 0 writes (ranks decide alike)
     if done is not None:
         return done
     flags = {"student": str(model), "data": str(store), "out": str(out), "objective": cfg.objective, "lr": cfg.lr,
              "batch_size": cfg.batch_size, "steps": steps, "seed": cfg.sampling.seed,
              "save_every": cfg.save_every if steps > cfg.save_every else 0,  # (a round's last checkpoint: unread)
-             "resume": out.is_dir() and any(out.iterdir()), "stop_when": cfg.refresh_when,
+             "resume": resume, "stop_when": cfg.refresh_when,
              "stop_window": cfg.refresh_window,
              "device": cfg.student.device, "dtype": cfg.student.dtype,
              "trust_remote_code": cfg.student.trust_remote_code, "attn_implementation": cfg.student.attn_implementation}
@@ -136,8 +138,10 @@ def run(cfg: RoundsConfig, sets: list[tuple[str, object]] = ()) -> dict | None:
     try:
         if not world.main:
             console.quiet = True  # rank 0 speaks for the run
+        # the student is handed on in memory when the teacher stays loaded too: with --no-keep-teacher
+        # (the two do not fit together) nothing of the student is held while the teacher scores
         with exclusive(Path(cfg.out), f"--out {cfg.out}") if world.main else contextlib.nullcontext(), \
-                held.handing_over():
+                held.handing_over() if cfg.keep_teacher else contextlib.nullcontext():
             result = _run(cfg, list(sets), world)
     except BaseException:
         distributed.leave(world, clean=False)
@@ -169,7 +173,7 @@ def _run(cfg: RoundsConfig, sets: list[tuple[str, object]], world: World) -> dic
         world.barrier()  # every rank's shards are written: the store is whole
         store = _score(cfg, rollouts, work / "teacher-store", loaded, worker)
         world.barrier()
-        steps = _train(cfg, model, store, work / "student", planned, sets)
+        steps = _train(cfg, model, store, work / "student", planned, sets, world)
         heldout = None
         if heldout_prompts is not None:
             checked = _rollout(cfg, work / "student", heldout_prompts, work / "heldout-rollouts", 1,

@@ -115,7 +115,8 @@ def teacher_table(rollouts: pa.Table, stats: list[LogprobStats], topk_dtype: str
     cat = {f: torch.cat([getattr(s, f) for s in stats]).numpy() for f in
            ("sampled", "topk_ids", "topk_logprobs", "topk_rest", "entropy")}
     if topk_dtype == "float16" and topk_bits < FLOAT16_BITS:  # rounded once, from float32
-        cat["topk_logprobs"] = round_significand(cat["topk_logprobs"].astype(np.float32), topk_bits)
+        cat["topk_logprobs"] = round_significand(cat["topk_logprobs"].astype(np.float32), topk_bits,
+                                                 float(np.finfo(np.float16).max))
     cat["entropy"] = round_significand(cat["entropy"].astype(np.float32), ENTROPY_BITS)
     if topk_order == "id":
         cat["topk_ids"], cat["topk_logprobs"] = by_id(cat["topk_ids"], cat["topk_logprobs"])
