@@ -1,6 +1,7 @@
-"""Peak memory of `lightopd inspect STORE --stats` on the bench world's teacher store and on one 10×
-and 100× larger (its shards written 10 or 100 times over, each copy under other prompt ids);
-prints JSON. Each point is a fresh process, whose peak resident memory includes its imports
+"""Peak memory of `lightopd inspect STORE --stats` on the bench world's teacher store and on stores
+10, 100 and 300 times larger (its shards written over again, each copy under other prompt ids);
+prints JSON. Past about a million tokens (the 300× store) the per-token figures read every s-th
+row, so memory stops growing with the store. Each point is a fresh process, whose peak resident memory includes its imports
 (torch is not imported by inspect; polars and pyarrow are), beside `inspect` without --stats.
 
     python bench/inspect_stats.py
@@ -47,7 +48,7 @@ def main() -> None:
         tmp = Path(tmp)
         _, _, store = bench_world(tmp, "stats")
         result = {"benchmark": "inspect_stats", "machine": machine(), "points": {}}
-        for times in (1, 10, 100):
+        for times in (1, 10, 100, 300):
             path = store if times == 1 else replicated(store, tmp / f"x{times}", times)
             m = open_store(path)
             command = [sys.executable, "-m", "lightopd", "inspect", str(path), "--format", "json"]

@@ -73,3 +73,18 @@ def test_format_json_writes_the_json_line_alone(scored, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "inspect", str(scored), "--stats", "--format", "json")
     assert code == 0 and err == "" and len(out.strip().splitlines()) == 1
     assert "by_position" in json.loads(out)["stats"]
+
+
+def test_a_large_store_reads_every_sth_row_for_the_per_token_figures(scored, monkeypatch):
+    """Memory bounded by design: over TOKENS tokens, the per-token quantiles read every s-th row."""
+    from lightopd.data import store_stats
+
+    manifest = open_store(scored)
+    monkeypatch.setattr(store_stats, "TOKENS", manifest["tokens"] // 3)
+    stats = store_stats.store_stats(scored, manifest)
+    stride = -(-manifest["tokens"] // (manifest["tokens"] // 3))
+    assert stats["by_position_rows"] == {"every": stride, "of": manifest["rows"]} and stride > 2
+    rows = read_rows(scored)[::stride]
+    first = stats["by_position"][0]
+    values = np.concatenate([np.array(r["teacher_entropy"][:16], dtype=np.float64) for r in rows])
+    assert first["tokens"] == len(values) and first["teacher_entropy"] == q(values)

@@ -2,15 +2,16 @@
 
 Each listed shard is checked (reader.shard_path: size, sha256, store id) before polars scans it,
 and the scans are lazy and run on polars' streaming engine, reading only the columns each figure
-needs. Exact quantiles hold the values they rank: the per-token ones keep about 4 bytes a token
-for each of their four measures (the README states what that came to on the bench world's
-stores), and no row's lists are held beyond its chunk. It reports:
+needs. Exact quantiles hold the values they rank, so the per-token figures read every s-th row, s
+chosen to keep about TOKENS tokens (all of them up to that): memory stays bounded whatever the
+store's size. It reports:
 - bytes per completion token of each column (from the Parquet metadata);
 - prompt and completion lengths (quantiles) and the finish reasons;
 - the rewards: their mean and the pass rate per prompt (quantiles, all-pass and none-pass prompts);
 - per position bucket of the completion (0–15, 16–63, ... tokens in): quantiles of the teacher's
   entropy, its mass outside the top-k, its log-prob of the sampled token, and the gap between the
-  student's and the teacher's log-prob of that token (ℓμ − ℓT: where they disagree).
+  student's and the teacher's log-prob of that token (ℓμ − ℓT: where they disagree); and which
+  rows they read (`by_position_rows`: every s-th of the store's).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightopd.data.reader import shard_path
 from lightopd.data.store import unavailable
 
 QUANTILES = (0.1, 0.5, 0.9)  # linearly interpolated, as numpy's default
+TOKENS = 1_000_000  # the per-token figures read at most about this many tokens: every s-th row of a larger store
 BUCKETS = (16, 64, 256, 1024, 4096)  # the first position of each bucket after the first
 
 
@@ -99,7 +101,10 @@ def store_stats(directory: str | Path, manifest: dict) -> dict:
     empty = set(unavailable(manifest))  # columns the scorer left null (vLLM: the tail and entropy)
     wanted = [name for name, columns in needs.items() if all(c in names and c not in empty for c in columns)]
     if wanted:
-        tokens = (scan.filter(pl.col(needs[wanted[0]][0]).is_not_null() & (pl.col("completion_ids").list.len() > 0))
+        stride = -(-manifest["tokens"] // TOKENS)  # ceil: 1 up to TOKENS tokens
+        rows = scan.with_row_index("row").filter(pl.col("row") % stride == 0) if stride > 1 else scan
+        stats["by_position_rows"] = {"every": stride, "of": manifest["rows"]}
+        tokens = (rows.filter(pl.col(needs[wanted[0]][0]).is_not_null() & (pl.col("completion_ids").list.len() > 0))
                   .select(position=pl.int_ranges(0, pl.col("completion_ids").list.len()),
                           **{name: per_token[name] for name in wanted})
                   .explode(["position", *wanted]).with_columns(bucket=_bucket(pl)))
