@@ -1,8 +1,9 @@
 """Peak memory of `lightopd inspect STORE --stats` on the bench world's teacher store and on stores
 10, 100 and 300 times larger (its shards written over again, each copy under other prompt ids);
 prints JSON. Past about a million tokens (the 300× store) the per-token figures read every s-th
-row, so memory stops growing with the store. Each point is a fresh process, whose peak resident memory includes its imports
-(torch is not imported by inspect; polars and pyarrow are), beside `inspect` without --stats.
+row, so memory stops growing with the store. Each point is a fresh process, whose peak resident
+memory includes its imports (torch is not imported by inspect; polars and pyarrow are), beside
+`inspect` without --stats.
 
     python bench/inspect_stats.py
 """
@@ -24,7 +25,7 @@ from train import bench_world  # noqa: E402
 from lightopd.data.store import open_store  # noqa: E402
 from lightopd.data.writer import StoreWriter  # noqa: E402
 from lightopd.stages.reward import STORE_FIELDS  # noqa: E402
-from lightopd.stages.score import parquet_options  # noqa: E402
+from lightopd.stages.teacher_table import parquet_options  # noqa: E402
 
 
 def replicated(store: Path, out: Path, times: int) -> Path:

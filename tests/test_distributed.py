@@ -21,6 +21,11 @@ from lightopd.errors import InputError
 from tests.helpers import last_json, metrics, run_cli, weights
 
 TRAIN = ["--steps", "5", "--batch-size", "4", "--lr", "3e-4", "--micro-batch-tokens", "24", "--seed", "3"]
+# Two ranks sum a step's float32 gradients in another order than one process: after 5 Adam steps a
+# weight may differ by a few 1e-5 and grad_norm by a few 1e-5 of itself. A rank's gradient left
+# out moves weights by about the learning rate (3e-4); a mean over the wrong count shows in
+# grad_norm (Adam would hide its scale).
+WEIGHT_TOLERANCE = 3e-5
 
 
 def free_port() -> int:
@@ -100,7 +105,7 @@ def test_one_shard_store_trains_on_two_ranks_as_one_process(consistent_student, 
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a[key], b[key], atol=WEIGHT_TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("objective,fsdp,checkpointing", [("opd-seq", False, False), ("rkl", False, True),
@@ -123,11 +128,11 @@ def test_two_ranks_train_the_weights_of_one_process(objective, fsdp, checkpointi
     assert [m["rows"] for m in two] == [4] * 5 and [m["tokens"] for m in one] == [m["tokens"] for m in two]
     for a, b in zip(one, two, strict=True):  # Adam hides a gradient's scale; the logged norm does not
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=3e-5)
     start, a, b = weights(consistent_student), weights(tmp_path / "one"), weights(tmp_path / "two")
     assert any(not torch.equal(start[k], b[k]) for k in b)  # it trained
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a[key], b[key], atol=WEIGHT_TOLERANCE, rtol=0)
     provenance = json.loads((tmp_path / "two" / "lightopd.json").read_text())
     assert provenance["parallel"] == {"world_size": 2, "fsdp": fsdp}
 
@@ -168,7 +173,7 @@ def test_two_rank_resume_reproduces_the_uninterrupted_run(fsdp, consistent_stude
         assert m["loss"] == pytest.approx(f["loss"], rel=1e-5, abs=1e-6)
     a, b = weights(tmp_path / "full"), weights(one)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a[key], b[key], atol=WEIGHT_TOLERANCE, rtol=0)
 
 
 def test_fsdp_trains_a_tied_qwen3_student_as_one_process(consistent_student, teacher_store, tmp_path):
@@ -191,7 +196,7 @@ def test_fsdp_trains_a_tied_qwen3_student_as_one_process(consistent_student, tea
     assert a.keys() == b.keys() == start.keys() and "lm_head.weight" not in b
     assert not torch.equal(start["model.embed_tokens.weight"], b["model.embed_tokens.weight"])  # it trained
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a[key], b[key], atol=WEIGHT_TOLERANCE, rtol=0)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
     assert model.lm_head.weight is model.model.embed_tokens.weight
 

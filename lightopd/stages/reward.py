@@ -34,7 +34,7 @@ from lightopd.hub import locate
 from lightopd.progress import StageProgress
 from lightopd.provenance import tokenizer_fingerprint
 from lightopd.stages.rollout import reward_of
-from lightopd.stages.score import parquet_options
+from lightopd.stages.teacher_table import parquet_options
 from lightopd.tasks.verifiers import Scorer, open_scorer
 
 STORE_FIELDS = ("format", "format_version", "store_id", "lightopd_version", "created", "num_shards", "complete",
