@@ -244,7 +244,8 @@ def _reward(values: dict, given: dict) -> None:
 
 
 @command("inspect", InspectConfig, "Describe a store: format, fingerprints, parameters, shards, rows, tokens, "
-                                   "bytes per token; with --verify, check it; with --show N, print N rows decoded.")
+                                   "bytes per token; with --verify, check it; with --show N, print N rows decoded; "
+                                   "with --stats, what its columns hold.")
 def _inspect(values: dict, given: dict) -> None:
     from lightopd.stages import inspect_store
 

@@ -60,7 +60,9 @@ class RoundsConfig(Config):
     limit: int | None = limit_option()
     generation_batch_size: int = generation_batch_size_option()
     keep_teacher: bool = opt(True, "Keep the teacher loaded from round to round (its memory is then held while "
-                                   "the student trains); --no-keep-teacher loads it again for each scoring.")
+                                   "the student trains), and hand each round's trained student to the next round "
+                                   "in memory; --no-keep-teacher loads the teacher again for each scoring and reads "
+                                   "each student from its directory.")
     save_every: int = opt(10, "A resumable checkpoint of each round's training every N steps.", metavar="N")
 
     def __post_init__(self) -> None:
