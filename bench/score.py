@@ -32,20 +32,14 @@ from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
 from lightopd.data.batching import pack_by_tokens  # noqa: E402
 from lightopd.data.reader import iter_batches  # noqa: E402
 from lightopd.data.store import TEACHER_COLUMNS, open_store  # noqa: E402
+from lightopd.data.store_stats import column_bytes  # noqa: E402
 from lightopd.memory import release_freed_memory  # noqa: E402
 from lightopd.stages import rollout, score  # noqa: E402
 
 
 def teacher_column_bytes(store: Path) -> int:
-    total = 0
-    for shard in open_store(store)["shards"]:
-        md = pq.ParquetFile(store / shard["name"]).metadata
-        for rg in range(md.num_row_groups):
-            for c in range(md.num_columns):
-                col = md.row_group(rg).column(c)
-                if col.path_in_schema.split(".")[0] in TEACHER_COLUMNS:
-                    total += col.total_compressed_size
-    return total
+    sizes = column_bytes([store / shard["name"] for shard in open_store(store)["shards"]])
+    return sum(size for name, size in sizes.items() if name in TEACHER_COLUMNS)
 
 
 def main() -> None:

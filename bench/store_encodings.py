@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,6 +37,7 @@ from lightopd import objectives as O  # noqa: E402
 from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
 from lightopd.data.reader import iter_batches  # noqa: E402
 from lightopd.data.store import open_store  # noqa: E402
+from lightopd.data.store_stats import column_bytes  # noqa: E402
 from lightopd.objectives.stats import logprob_stats  # noqa: E402
 from lightopd.stages import rollout, score  # noqa: E402
 
@@ -54,14 +54,7 @@ ENCODINGS = {
 
 def bytes_per_token(store: Path) -> dict:
     manifest = open_store(store)
-    columns: dict[str, int] = {}
-    for shard in manifest["shards"]:
-        md = pq.ParquetFile(store / shard["name"]).metadata
-        for rg in range(md.num_row_groups):
-            for c in range(md.num_columns):
-                col = md.row_group(rg).column(c)
-                name = col.path_in_schema.split(".")[0]
-                columns[name] = columns.get(name, 0) + col.total_compressed_size
+    columns = column_bytes([store / shard["name"] for shard in manifest["shards"]])
     tokens = manifest["tokens"]
     return {"bytes_per_token": round(sum(s["bytes"] for s in manifest["shards"]) / tokens, 1),
             "columns": {name: round(size / tokens, 2) for name, size in columns.items() if size / tokens >= 0.05}}

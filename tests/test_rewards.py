@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
@@ -86,6 +87,10 @@ def test_the_reward_command_rescores_a_store_without_sampling(tiny_model, answer
         record = manifest["reward"] if store == "r" else manifest["rollouts"]["reward"]
         assert record["checker"] == "graded.py:by_words" and record["recomputed_from"]["path"].endswith(store)
         assert run_cli("inspect", f"{store}2", "--verify").returncode == 0
+        if store == "t":  # written back in its own top-k layout (argmax, then by id), as stored
+            raw = [pq.read_table(tmp_path / s / f"part-{i:05d}.parquet", columns=["topk_ids"]).column(0).to_pylist()
+                   for s in ("t", "t2") for i in range(manifest["num_shards"])]
+            assert raw[:manifest["num_shards"]] == raw[manifest["num_shards"]:]
     refused = run_cli("reward", "r", "--out", "r", "--checker", "exact", check=False)
     assert refused.returncode == 2 and "the store being read" in refused.stderr
 

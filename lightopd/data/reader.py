@@ -75,16 +75,17 @@ def shard_path(directory: str | Path, manifest: dict, entry: dict) -> Path:
 
 
 def read_shard(directory: str | Path, manifest: dict, entry: dict, columns: list[str] | None = None,
-               batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+               batch_size: int = 1024, as_stored: bool = False) -> Iterator[pa.RecordBatch]:
     """The record batches of one listed shard, reading only `columns` (None: all): the shard verified
-    (shard_path), its layout checked against the manifest and every row against its shape (rows.py)."""
+    (shard_path), its layout checked against the manifest and every row against its shape (rows.py).
+    `as_stored`: the top-k in the store's own layout, for a stage that writes the rows back as they are."""
     path = shard_path(directory, manifest, entry)
     with pq.ParquetFile(path) as pf:
-        yield from _checked_batches(path, pf, manifest, columns, batch_size)
+        yield from _checked_batches(path, pf, manifest, columns, batch_size, as_stored)
 
 
 def _checked_batches(path: Path, pf: pq.ParquetFile, manifest: dict, columns: list[str] | None,
-                     batch_size: int) -> Iterator[pa.RecordBatch]:
+                     batch_size: int, as_stored: bool = False) -> Iterator[pa.RecordBatch]:
     """`pf`'s batches of `columns` (None: all), its layout and every row checked (rows.py)."""
     layout = ShardLayout(path, pf.schema_arrow, manifest)
     wanted = columns if columns is not None else pf.schema_arrow.names
@@ -93,7 +94,7 @@ def _checked_batches(path: Path, pf: pq.ParquetFile, manifest: dict, columns: li
     for batch in pf.iter_batches(batch_size=batch_size, columns=read):
         layout.check(batch, first)
         first += batch.num_rows
-        if layout.by_id and "topk_ids" in read:
+        if layout.by_id and "topk_ids" in read and not as_stored:
             batch = restore(batch, layout.k)
         yield batch if read == list(wanted) else batch.select(wanted)
 

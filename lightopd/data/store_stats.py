@@ -28,7 +28,8 @@ TOKENS = 1_000_000  # the per-token figures read at most about this many tokens:
 BUCKETS = (16, 64, 256, 1024, 4096)  # the first position of each bucket after the first
 
 
-def _column_bytes(paths: list[Path], tokens: int) -> dict[str, float]:
+def column_bytes(paths: list[Path]) -> dict[str, int]:
+    """Each top-level column's compressed bytes over the Parquet files `paths` (from their metadata)."""
     sizes: dict[str, int] = {}
     for path in paths:
         md = pq.ParquetFile(path).metadata
@@ -37,7 +38,7 @@ def _column_bytes(paths: list[Path], tokens: int) -> dict[str, float]:
                 column = md.row_group(rg).column(c)
                 name = column.path_in_schema.split(".")[0]
                 sizes[name] = sizes.get(name, 0) + column.total_compressed_size
-    return {name: round(size / max(tokens, 1), 2) for name, size in sizes.items()}
+    return sizes
 
 
 def _quantiles(frame, column: str) -> dict:
@@ -65,7 +66,8 @@ def store_stats(directory: str | Path, manifest: dict) -> dict:
     import polars as pl
 
     paths = [shard_path(directory, manifest, entry) for entry in manifest["shards"]]
-    stats: dict = {"bytes_per_token": _column_bytes(paths, manifest["tokens"])}
+    stats: dict = {"bytes_per_token": {name: round(size / max(manifest["tokens"], 1), 2)
+                                       for name, size in column_bytes(paths).items()}}
     if not paths:
         return stats
     scan = pl.scan_parquet([str(p) for p in paths])
@@ -92,21 +94,21 @@ def store_stats(directory: str | Path, manifest: dict) -> dict:
             stats["rewards"] = {"prompts": row["prompts"], "mean": round(row["mean"], 4),
                                 "prompts_all_pass": row["all_pass"], "prompts_none_pass": row["none_pass"],
                                 "pass_rate_per_prompt": _quantiles(frame, "rate")}
-    per_token = {"teacher_entropy": pl.col("teacher_entropy"),
-                 "teacher_tail_mass": pl.col("teacher_log_tail").list.eval(pl.element().exp()),
-                 "teacher_logprob": pl.col("teacher_logprobs"),
-                 "student_minus_teacher": pl.col("behavior_logprobs") - pl.col("teacher_logprobs")}
-    needs = {"teacher_entropy": ("teacher_entropy",), "teacher_tail_mass": ("teacher_log_tail",),
-             "teacher_logprob": ("teacher_logprobs",), "student_minus_teacher": ("teacher_logprobs",)}
+    per_token = {  # name: (the teacher column it reads, its expression)
+        "teacher_entropy": ("teacher_entropy", pl.col("teacher_entropy")),
+        "teacher_tail_mass": ("teacher_log_tail", pl.col("teacher_log_tail").list.eval(pl.element().exp())),
+        "teacher_logprob": ("teacher_logprobs", pl.col("teacher_logprobs")),
+        "student_minus_teacher": ("teacher_logprobs", pl.col("behavior_logprobs") - pl.col("teacher_logprobs"))}
     empty = set(unavailable(manifest))  # columns the scorer left null (vLLM: the tail and entropy)
-    wanted = [name for name, columns in needs.items() if all(c in names and c not in empty for c in columns)]
+    wanted = [name for name, (column, _) in per_token.items() if column in names and column not in empty]
     if wanted:
         stride = -(-manifest["tokens"] // TOKENS)  # ceil: 1 up to TOKENS tokens
         rows = scan.with_row_index("row").filter(pl.col("row") % stride == 0) if stride > 1 else scan
         stats["by_position_rows"] = {"every": stride, "of": manifest["rows"]}
-        tokens = (rows.filter(pl.col(needs[wanted[0]][0]).is_not_null() & (pl.col("completion_ids").list.len() > 0))
+        tokens = (rows.filter(pl.col(per_token[wanted[0]][0]).is_not_null()
+                              & (pl.col("completion_ids").list.len() > 0))
                   .select(position=pl.int_ranges(0, pl.col("completion_ids").list.len()),
-                          **{name: per_token[name] for name in wanted})
+                          **{name: per_token[name][1] for name in wanted})
                   .explode(["position", *wanted]).with_columns(bucket=_bucket(pl)))
         frame = (tokens.group_by("bucket").agg(pl.len().alias("tokens"), pl.col("position").min().alias("first"),
                                                *[pl.col(c).quantile(q, "linear").alias(f"{c}_{q}") for c in wanted

@@ -46,36 +46,33 @@ def round_significand(values: np.ndarray, bits: int, limit: float | None = None)
     return np.where(np.isfinite(values), kept, raw.astype(unsigned)).view(values.dtype)
 
 
-def by_id(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N, k] top-k in descending order → the argmax first, the rest by ascending id."""
+def _argmax_first(ids: np.ndarray, logprobs: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, k] top-k with position 0 (the argmax) kept first and the rest sorted by `key` [N, k − 1]
+    (stable)."""
     if ids.shape[1] <= 2:
         return ids, logprobs
     order = np.concatenate([np.zeros((len(ids), 1), dtype=np.int64),
-                            1 + np.argsort(ids[:, 1:], axis=1, kind="stable")], axis=1)
+                            1 + np.argsort(key, axis=1, kind="stable")], axis=1)
     return np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
+
+
+def by_id(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, k] top-k in descending order → the argmax first, the rest by ascending id."""
+    return _argmax_first(ids, logprobs, ids[:, 1:])
 
 
 def descending(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`by_id`'s layout → the argmax first, the rest by descending log-prob (ties by ascending id)."""
-    if ids.shape[1] <= 2:
-        return ids, logprobs
-    rest = 1 + np.argsort(-logprobs[:, 1:].astype(np.float32), axis=1, kind="stable")
-    order = np.concatenate([np.zeros((len(ids), 1), dtype=np.int64), rest], axis=1)
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1)
+    return _argmax_first(ids, logprobs, -logprobs[:, 1:].astype(np.float32))
 
 
 def restore(batch: pa.RecordBatch, k: int) -> pa.RecordBatch:
-    """A batch of an id-ordered store with its top-k columns in descending order."""
-    return rearranged(batch, k, descending)
-
-
-def rearranged(batch: pa.RecordBatch, k: int, arrange=by_id) -> pa.RecordBatch:
-    """`batch` with each position's top-k put in `arrange`'s order (rows whose top-k is null stay
-    null); both top-k columns must be in the batch."""
+    """A batch of an id-ordered store with each position's top-k in descending order (rows whose
+    top-k is null stay null); both top-k columns must be in the batch."""
     ids_col, lps_col = batch.column("topk_ids"), batch.column("topk_logprobs")
     flat_ids = pc.list_flatten(ids_col).to_numpy(zero_copy_only=False).reshape(-1, k)
     flat_lps = pc.list_flatten(lps_col).to_numpy(zero_copy_only=False).reshape(-1, k)
-    ids, lps = arrange(flat_ids, flat_lps)
+    ids, lps = descending(flat_ids, flat_lps)
     lengths = pc.fill_null(pc.list_value_length(ids_col), 0).to_numpy(zero_copy_only=False)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     mask = ids_col.is_null() if ids_col.null_count else None

@@ -26,7 +26,6 @@ from lightopd.data.store import (
     rollouts_of,
     shard_index,
 )
-from lightopd.data.topk_layout import rearranged
 from lightopd.data.writer import shard_work
 from lightopd.engine import models
 from lightopd.errors import InputError
@@ -86,18 +85,15 @@ def run(cfg: RewardConfig) -> dict:
         metadata["reward"] = record
     else:
         metadata["rollouts"] = {**metadata["rollouts"], "reward": record}
-    scoring = manifest.get("scoring") or {}
-    options = parquet_options(scoring.get("topk_order")) if manifest["format"] == TEACHER_FORMAT else None
+    options = (parquet_options((manifest.get("scoring") or {}).get("topk_order"))
+               if manifest["format"] == TEACHER_FORMAT else None)
     shards = {shard_index(s["name"]): s for s in manifest["shards"]}
     with open_scorer(cfg.checking.checker, cfg.checking.checker_timeout) as scored, \
             shard_work(cfg.out, manifest["format"], metadata, manifest["num_shards"], cfg.worker, options) as work:
         with StageProgress("reward", total=sum(shards[i]["rows"] for i in work.todo)) as bar:
             for index in work.todo:
                 entry = shards[index]
-                batches = read_shard(cfg.data, manifest, entry)  # (a top-k read in descending order)
-                if scoring.get("topk_order") == "id":  # is written back in the store's own layout
-                    batches = (rearranged(b, scoring["top_k"]) for b in batches)
-                table = pa.Table.from_batches(list(batches))
+                table = pa.Table.from_batches(list(read_shard(cfg.data, manifest, entry, as_stored=True)))
                 if "reward" not in table.column_names:  # a store sampled before rows carried rewards
                     table = table.append_column("reward", pa.nulls(len(table), type=pa.float32()))
                 table = rescored(table, tokenizer, scored, str(Path(cfg.data) / entry["name"]))

@@ -255,13 +255,14 @@ def _run(cfg: TrainConfig, params: ObjectiveParams, world: World, device: torch.
         stream.skip(restore(trainer, state, resume_from))
         start_step = state["step"]
         console.print(f"resuming {out} from {resume_from.name}")
+    written = saved_dtype(student_dir)  # the final model's dtype: the student's own
     loop = Run(out, tokenizer, provenance, objective.total_steps, cfg.batch_size, cfg.save_every, start_step,
-               trackers, cfg.keep_checkpoints, saved_dtype(student_dir), peft_model, cfg.merge_lora,
+               trackers, cfg.keep_checkpoints, written, peft_model, cfg.merge_lora,
                lambda: models.load_model(student_dir, torch.device("cpu"), torch.float32, spec.trust_remote_code),
                cfg.stop_when, cfg.stop_window)
     done = fit(trainer, stream, loop)
     if world.size == 1 and not cfg.lora_rank:  # OUT's weights, for the next stage of `lightopd rounds`
-        held.hold(out, model, saved_dtype(student_dir))
+        held.hold(out, model, written)
     last = done["last"]
     return {
         "command": "train",
