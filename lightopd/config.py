@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lightopd.data.topk_layout import FLOAT16_BITS, ORDERS
+from lightopd.data.encoding import StoreEncoding
 from lightopd.objectives.selection import SelectionSpec
 from lightopd.options import MIN_TEMPERATURE, build, check, opt, parse_worker
 from lightopd.specs import (
@@ -34,7 +34,6 @@ from lightopd.specs import (
 )
 from lightopd.stopping import stop_rule
 
-TOPK_DTYPES = ("float16", "float32")
 SCHEDULES = ("constant", "linear", "cosine")
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -106,15 +105,7 @@ class ScoreConfig(Config):
     worker: str = worker_option()
     engine: EngineSpec = opt(EngineSpec())
     micro_batch_tokens: int = micro_batch_tokens_option(8192, " (no gradients, so larger than train's)")
-    topk_dtype: str = opt("float16", "Storage dtype of the top-k log-probs (float16 halves the store; its rounding "
-                                     "is documented in the README).", choices=TOPK_DTYPES)
-    topk_bits: int = opt(7, "Significand bits kept of each float16 top-k log-prob, rounded to nearest: a relative "
-                            f"error of at most 2^-BITS ({FLOAT16_BITS}: float16's own; 8: bfloat16's). 7 keeps every "
-                            "top-k objective's loss within 0.2% of its float64 value at 64 bytes a token (the README's "
-                            "Stores). With --topk-dtype float32 they are stored whole.", metavar="BITS")
-    topk_order: str = opt("id", "Layout of each position's top-k on disk: id (the argmax, then the rest by token id, "
-                                "which stores the ids in fewer bytes; readers restore the descending order) or "
-                                "logprob (descending, as older stores).", choices=ORDERS)
+    encoding: StoreEncoding = opt(StoreEncoding())
     chunk_elements: int = opt(1 << 23, "Logit entries reduced at once (bounds the float32 scratch).", cli=False)
 
     def __post_init__(self) -> None:
@@ -123,10 +114,6 @@ class ScoreConfig(Config):
               f"must be at least {MIN_TEMPERATURE}, got {self.temperature}")
         check(self.micro_batch_tokens >= 1, "--micro-batch-tokens", f"must be >= 1, got {self.micro_batch_tokens}")
         check(self.chunk_elements >= 1, "chunk_elements", f"must be >= 1, got {self.chunk_elements}")
-        check(self.topk_dtype in TOPK_DTYPES, "--topk-dtype",
-              f"must be one of {', '.join(TOPK_DTYPES)}, got {self.topk_dtype!r}")
-        check(2 <= self.topk_bits <= FLOAT16_BITS, "--topk-bits", f"must be 2 to {FLOAT16_BITS}, got {self.topk_bits}")
-        check(self.topk_order in ORDERS, "--topk-order", f"must be one of {', '.join(ORDERS)}, got {self.topk_order!r}")
         parse_worker(self.worker)
         check(self.teacher_name is None or (self.teacher_name.strip() and "/" not in self.teacher_name),
               "--teacher-name", f"must be a non-empty name without '/', got {self.teacher_name!r}")

@@ -113,16 +113,22 @@ def flat_column(table: pa.Table, name: str, dtype) -> torch.Tensor:
 
 
 STORED_COLUMNS = ("teacher_logprobs", "behavior_logprobs", "policy_logprobs", "topk_ids", "topk_logprobs",
-                  "teacher_log_tail", "reference_logprobs")
+                  "teacher_log_tail", "reference_logprobs", "support_ids", "support_logprobs")
 
 
 def stored_tensors(table: pa.Table, names, k: int | None, device) -> dict[str, torch.Tensor]:
     """The per-token stored columns among `names` as flat tensors on `device`: log-probs float32 [N],
-    top-k ids int64 and log-probs float32 reshaped to [N, k]."""
+    top-k ids int64 and log-probs float32 reshaped to [N, k], the sampled support's to [N, m] (m: its
+    values per completion token)."""
     out = {}
+    tokens = None
     for name in STORED_COLUMNS:
         if name in names:
-            values = flat_column(table, name, np.int64 if name == "topk_ids" else np.float32).to(device)
+            values = flat_column(table, name, np.int64 if name.endswith("_ids") else np.float32).to(device)
+            if name.startswith("support_"):
+                if tokens is None:
+                    tokens = int(pc.sum(pc.list_value_length(table.column("completion_ids"))).as_py() or 0)
+                values = values.view(tokens, -1) if tokens else values.view(0, 1)
             out[name] = values.view(-1, k) if name.startswith("topk_") else values
     return out
 

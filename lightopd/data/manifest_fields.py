@@ -92,6 +92,8 @@ OPTIONAL = {  # checked where present
     "scoring.topk_order": _one_of("id", "logprob"),
     "scoring.topk_bits": _int(2),
     "scoring.entropy_bits": _int(2),
+    "scoring.support_samples": _int(0),
+    "scoring.support_seed": _int(0),
     "tokenizer.vocab_size": _int(1),
     "teacher.name": STRING,  # routed teachers (score-teacher --where) are told apart by it
     "rollouts.rows": _int(0),

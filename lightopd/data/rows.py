@@ -8,7 +8,8 @@ readers how to interpret. So before any of its rows is used:
   checks below catch any disagreement all the same;
 - each column read has the type of the store's schema;
 - each row has the shape its layout implies: ids and prompt id present, a non-empty prompt, every
-  per-token column as long as the completion, k top-k entries per completion token, and token ids
+  per-token column as long as the completion, k top-k entries and m sampled-support entries per
+  completion token, and token ids
   within the vocabulary.
 Failures are InputErrors naming the shard, the row and the column. The checks are Arrow kernels
 over whole record batches: no Python loop over rows.
@@ -28,7 +29,8 @@ from lightopd.errors import InputError
 PER_TOKEN = ("behavior_logprobs", "policy_logprobs", "teacher_logprobs", "teacher_log_tail", "teacher_entropy",
              "reference_logprobs")
 PER_TOP_K = ("topk_ids", "topk_logprobs")
-TOKEN_IDS = ("prompt_ids", "completion_ids", "topk_ids")
+PER_DRAW = ("support_ids", "support_logprobs")  # m per completion token (the sampled support)
+TOKEN_IDS = ("prompt_ids", "completion_ids", "topk_ids", "support_ids")
 REQUIRED = ("prompt_id", "prompt_ids", "completion_ids")  # never null
 
 
@@ -52,6 +54,7 @@ class ShardLayout:
                 raise self.error(f"it was written with {'; '.join(differs)}: the manifest was edited or belongs to "
                                  "another store; re-run the command that wrote the store")
         self.k = expected["top_k"]
+        self.m = expected.get("support_samples") or 0
         self.by_id = expected.get("topk_order") == "id"  # read back in descending order (topk_layout.py)
         self.empty = set(unavailable(manifest))  # columns its scorer left null
         self.vocab = manifest["tokenizer"].get("vocab_size")
@@ -71,7 +74,7 @@ class ShardLayout:
     def columns_to_read(self, columns: list[str] | None, names: list[str]) -> list[str]:
         """`columns` (None: all) and whatever their checks need (completion_ids for per-token lengths)."""
         wanted = list(names if columns is None else columns)
-        if any(c in PER_TOKEN + PER_TOP_K for c in wanted) and "completion_ids" not in wanted:
+        if any(c in PER_TOKEN + PER_TOP_K + PER_DRAW for c in wanted) and "completion_ids" not in wanted:
             wanted.append("completion_ids")
         if self.by_id and any(c in PER_TOP_K for c in wanted):  # the order is restored from both
             wanted += [c for c in PER_TOP_K if c not in wanted]
@@ -87,18 +90,19 @@ class ShardLayout:
             self._first(pc.equal(pc.list_value_length(batch.column("prompt_ids")), 0), first_row, "prompt_ids",
                         "is empty (a completion needs a prompt)")
         lengths = pc.list_value_length(batch.column("completion_ids")) if "completion_ids" in names else None
-        for name in PER_TOKEN + PER_TOP_K:
+        for name in PER_TOKEN + PER_TOP_K + PER_DRAW:
             if name not in names or name in self.empty or lengths is None:
                 continue
             values = batch.column(name)
-            per = self.k if name in PER_TOP_K else 1
+            per = self.k if name in PER_TOP_K else self.m if name in PER_DRAW else 1
             expected = pc.multiply(lengths, per)
             got = pc.list_value_length(values)
             bad = pc.or_kleene(pc.is_null(values), pc.not_equal(got, expected))
             if pc.any(bad).as_py():
                 i = pc.index(bad, True).as_py()
                 raise self.error(f"holds {got[i].as_py()} values for {lengths[i].as_py()} completion tokens"
-                                 + (f" at k = {self.k}" if per > 1 else "") + f", not {expected[i].as_py()}",
+                                 + (f" at {'m' if name in PER_DRAW else 'k'} = {per}" if per > 1 else "")
+                                 + f", not {expected[i].as_py()}",
                                  first_row + i, name)
         for name in TOKEN_IDS:
             if name in names and name not in self.empty:

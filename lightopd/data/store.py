@@ -56,7 +56,12 @@ def teacher_schema(topk_dtype: str = "float16") -> pa.Schema:
         ("teacher_entropy", pa.list_(pa.float32())),
         ("teacher_prompt_ids", pa.list_(pa.int32())),  # what the teacher saw before the completion (null: prompt_ids)
         ("reference_logprobs", pa.list_(pa.float32())),  # a reference model's sampled-token log-probs (--reference)
+        ("support_ids", pa.list_(pa.int32())),  # m tokens per position drawn from the teacher (--support-samples)
+        ("support_logprobs", pa.list_(values)),  # the teacher's log-probs of them
     ])
+
+
+SUPPORT_COLUMNS = ("support_ids", "support_logprobs")
 
 
 def store_columns(manifest: dict) -> tuple[str, ...]:
@@ -69,7 +74,8 @@ def unavailable(manifest: dict) -> list[str]:
     """The columns a store's rows lack: teacher columns its scorer left empty (score-teacher --engine
     vllm), `policy_logprobs` where rows do not carry them (`policy_recorded`), and what stores written
     before rows carried them lack: `reward`, `prompt` (the text) and `teacher_prompt_ids`; and
-    `reference_logprobs` unless score-teacher scored a `--reference`."""
+    `reference_logprobs` unless score-teacher scored a `--reference`, and the sampled support unless
+    it drew one (`--support-samples`)."""
     out = list(manifest.get("scoring", {}).get("unavailable", []))
     out += [] if policy_recorded(manifest) else ["policy_logprobs"]
     rollouts = rollouts_of(manifest)
@@ -79,7 +85,8 @@ def unavailable(manifest: dict) -> list[str]:
     if scoring is None:
         return out
     return out + (["teacher_prompt_ids"] if "context" not in scoring else []) + (
-        ["reference_logprobs"] if not scoring.get("reference") else [])
+        ["reference_logprobs"] if not scoring.get("reference") else []) + (
+        list(SUPPORT_COLUMNS) if not scoring.get("support_samples") else [])
 
 
 def teacher_context(manifest: dict) -> dict | None:
@@ -123,7 +130,8 @@ def shard_layout(manifest: dict) -> dict:
     """What decides how a shard's bytes are read: its format, the vocabulary its ids index (the
     tokenizer's fingerprint and size), the sampler its behaviour log-probs were drawn from
     (temperature, top-p and, where the store records them, top-k, min-p and penalties) and, for
-    a teacher store, k (the top-k values per position), their dtype and the teacher's temperature.
+    a teacher store, k (the top-k values per position), their dtype, order and bits, the teacher's
+    temperature and the draws per position of its sampled support.
     Every shard carries it in its own Parquet metadata (LAYOUT_KEY), and readers check the manifest
     against it: no manifest edit changes what the bytes mean."""
     scoring = manifest.get("scoring") or {}
@@ -136,6 +144,8 @@ def shard_layout(manifest: dict) -> dict:
               "teacher_temperature": scoring.get("temperature")}
     if "topk_order" in scoring:  # (stores from before it: descending)
         layout |= {"topk_order": scoring["topk_order"], "topk_bits": scoring.get("topk_bits")}
+    if "support_samples" in scoring:  # (stores from before it drew none)
+        layout |= {"support_samples": scoring["support_samples"]}
     if "top_k" in sampling:  # stores from before these settings existed declare none of them
         layout |= {"sampling": {key: sampling.get(key) for key in SAMPLER_KEYS}}
     return layout

@@ -38,7 +38,8 @@ class VllmScorer:
         self.candidates = k + max(0, (info.output_rows or info.vocab) - info.vocab)
         self.llm = open_llm(model_dir, spec, engine, 0, "--teacher", max_logprobs=self.candidates)
 
-    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[LogprobStats]:
+    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+              keys: Sequence[tuple[str, int]] = ()) -> list[LogprobStats]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -32,6 +32,7 @@ EPS = 1e-8  # floors probabilities inside logs (the tail buckets)
 LOG_EPS = math.log(EPS)
 TEACHER_COLUMNS = ("teacher_logprobs", "topk_ids", "topk_logprobs", "teacher_log_tail")
 TOPK = ("topk_ids", "topk_logprobs", "teacher_log_tail")
+SUPPORT_COLUMNS = ("support_ids", "support_logprobs")  # the sampled support (score-teacher --support-samples)
 ROW_WEIGHTS = ("none", "paced")
 
 
@@ -116,6 +117,8 @@ class Inputs:
     topk_logprobs: Tensor | None = None  # LT [N, k]
     teacher_log_tail: Tensor | None = None  # log of the teacher's mass outside its top-k [N]
     reference_logprobs: Tensor | None = None  # ℓref [N]: a reference model's, scored once (score-teacher --reference)
+    support_ids: Tensor | None = None  # [N, m] tokens drawn from the teacher's distribution, ascending
+    support_logprobs: Tensor | None = None  # ℓT at them [N, m]
     prepared: dict[str, Tensor] = field(default_factory=dict)  # the objective's `prepare` outputs, [N] each
 
     @property

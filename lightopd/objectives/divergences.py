@@ -2,7 +2,8 @@
 
 Each is computed between the student's and the teacher's distributions on the top-k support
 (support.py): with the tail bucket (default) a lower bound of the full-vocabulary divergence,
-exact when k = V.
+exact when k = V. fkl and rkl also take the sampled support, an unbiased estimate of the
+full-vocabulary divergence from tokens drawn from the teacher (support.sampled_kl).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lightopd.objectives.base import TOPK, Inputs, Objective, ObjectiveParams
-from lightopd.objectives.support import SUPPORTS, kl, mixture, supports
+from lightopd.objectives.base import SUPPORT_COLUMNS, TOPK, Inputs, Objective, ObjectiveParams, Requirements
+from lightopd.objectives.support import SAMPLED, SUPPORTS, kl, mixture, sampled_kl, supports
 from lightopd.options import check, opt
 
 if TYPE_CHECKING:
@@ -21,11 +22,20 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, kw_only=True)
 class DivergenceParams(ObjectiveParams):
     support: str = opt("tail", "tail: the top-k plus one bucket for every other token (a lower bound of the "
-                               "full divergence); renormalized: the top-k alone.", choices=SUPPORTS)
+                               "full divergence); renormalized: the top-k alone; sampled (fkl and rkl): the "
+                               "tokens drawn from the teacher (score-teacher --support-samples), an unbiased "
+                               "estimate of the full divergence.", choices=(*SUPPORTS, SAMPLED))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.support in SUPPORTS, "objective.support", f"must be tail or renormalized, got {self.support!r}")
+        check(self.support in (*SUPPORTS, SAMPLED), "objective.support",
+              f"must be tail, renormalized or sampled, got {self.support!r}")
+
+
+def top_k_only(params: DivergenceParams, name: str) -> None:
+    """InputError unless `params.support` is a top-k support (the objectives other than fkl and rkl)."""
+    check(params.support in SUPPORTS, "objective.support",
+          f"{name} needs the top-k (tail or renormalized): the sampled support serves fkl and rkl only")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,12 +60,22 @@ class TopKDivergence(Objective):
     Params = DivergenceParams
     columns = TOPK
 
+    def __init__(self, params: DivergenceParams | None = None, total_steps: int = 1):
+        super().__init__(params, total_steps)
+        if type(self) not in (ForwardKL, ReverseKL):
+            top_k_only(self.params, self.name)
+
+    def requirements(self) -> Requirements:
+        return Requirements(SUPPORT_COLUMNS if self.params.support == SAMPLED else self.columns)
+
 
 class ReverseKL(TopKDivergence):
     name = "rkl"
     summary = "reverse KL(q̂ ‖ p̂) on the teacher's top-k (mode-seeking)"
 
     def loss(self, inputs: Inputs) -> Tensor:
+        if self.params.support == SAMPLED:
+            return sampled_kl(inputs, forward=False)
         log_q, log_p = supports(inputs, self.params.support)
         return kl(log_q, log_p)
 
@@ -65,6 +85,8 @@ class ForwardKL(TopKDivergence):
     summary = "forward KL(p̂ ‖ q̂) on the teacher's top-k (word-level KD, mass-covering)"
 
     def loss(self, inputs: Inputs) -> Tensor:
+        if self.params.support == SAMPLED:
+            return sampled_kl(inputs, forward=True)
         log_q, log_p = supports(inputs, self.params.support)
         return kl(log_p, log_q)
 

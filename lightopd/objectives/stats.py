@@ -2,9 +2,10 @@
 (float64 when the logits are).
 
 One function serves both sides: the teacher's scoring (the sampled token's log-prob, its top-k,
-the log-mass outside the top-k, its entropy, under inference mode) and the student's view in
-training (the sampled token's log-prob under the full softmax, its log-probs at the teacher's
-top-k ids and the log-mass outside them, with gradient; entropy and argmax as diagnostics).
+the log-mass outside the top-k, its entropy, and optionally m tokens drawn from it, under
+inference mode) and the student's view in training (the sampled token's log-prob under the full
+softmax, its log-probs at the teacher's top-k ids and the log-mass outside them, and at the drawn
+tokens, with gradient; entropy and argmax as diagnostics).
 Everything is gathered from a single float32 [N × V] log-softmax: no second
 [N × V] copy is kept for backward, the entropy is a batched dot product, and the log-mass
 outside a set of ids is a log-sum-exp over the excluded ids (never 1 − Σ p, which cancels
@@ -76,6 +77,9 @@ class LogprobStats:
     topk_logprobs: Tensor | None = None  # [N, k] the k largest log-probs, descending (`k=`)
     topk_ids: Tensor | None = None  # [N, k] their ids
     topk_rest: Tensor | None = None  # [N] log-mass outside the top-k (`k=`), no gradient
+    support_ids: Tensor | None = None  # [N, m] ids drawn from this distribution, ascending (`draws=`)
+    support_logprobs: Tensor | None = None  # [N, m] their log-probs
+    at_support: Tensor | None = None  # [N, m] log-probs at the ids of a sampled support (`support=`), with gradient
     at_ids: Tensor | None = field(default=None, repr=False)  # the ids of `at`
     lq: Tensor | None = field(default=None, repr=False)  # [N, V] the log-softmax, kept for `at_rest`
     _at_rest: Tensor | None = field(default=None, repr=False)
@@ -92,14 +96,29 @@ class LogprobStats:
         return [LogprobStats(**{name: parts[i] for name, parts in pieces.items()}) for i in range(len(lengths))]
 
 
-SPLIT = ("sampled", "entropy", "argmax", "at", "topk_logprobs", "topk_ids", "topk_rest")
+SPLIT = ("sampled", "entropy", "argmax", "at", "topk_logprobs", "topk_ids", "topk_rest", "support_ids",
+         "support_logprobs")
+
+
+def draw_support(lq: Tensor, uniforms: Tensor) -> Tensor:
+    """[N, m] token ids drawn with replacement from the distributions exp(lq) [N, V] by inverse CDF,
+    one per uniform in [0, 1) of `uniforms` [N, m], each row ascending. The CDF is a float64 running
+    sum, so its rounding moves no token's chance by more than about V·2^-53; a token of probability 0
+    is never drawn."""
+    out = []
+    for x, u in zip(lq.split(ROWS), uniforms.split(ROWS), strict=True):
+        cdf = x.detach().double().exp().cumsum_(-1)
+        ids = torch.searchsorted(cdf, (u.double() * cdf[:, -1:]).contiguous(), right=True)
+        out.append(ids.clamp_(max=lq.shape[-1] - 1).sort(-1).values)
+    return torch.cat(out) if out else uniforms.new_zeros(uniforms.shape, dtype=torch.long)
 
 
 def logprob_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, at: Tensor | None = None,
-                  k: int | None = None) -> LogprobStats:
+                  k: int | None = None, draws: Tensor | None = None, support: Tensor | None = None) -> LogprobStats:
     """Statistics of softmax(logits / temperature) over the full vocabulary, for logits [N, V]:
     at `at` ids [N, m] (and the mass outside them, on demand), the top `k` (and the mass outside
-    them), and the targets' log-probs."""
+    them), a sampled support of m tokens per position from `draws` uniforms [N, m] (and their
+    log-probs), the log-probs at a stored sampled `support` [N, m], and the targets' log-probs."""
     z = logits if logits.dtype == torch.float64 else logits.float()  # at least float32
     lq = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
     del z
@@ -115,6 +134,7 @@ def logprob_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, 
         top_rest = (torch.cat(top_rest) if top_rest else lq.new_zeros(0)) if top_ids is not None else None
         argmax = top_ids[:, 0] if top_ids is not None else lq.argmax(dim=-1)
     sampled = lq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    drawn = None if draws is None else draw_support(lq, draws)
     return LogprobStats(
         sampled=sampled,
         entropy=entropy,
@@ -123,6 +143,9 @@ def logprob_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0, *, 
         topk_logprobs=top_lp,
         topk_ids=top_ids,
         topk_rest=top_rest,
+        support_ids=drawn,
+        support_logprobs=None if drawn is None else lq.gather(-1, drawn),
+        at_support=None if support is None else lq.gather(-1, support),
         at_ids=at,
         lq=lq if at is not None else None,
     )

@@ -91,6 +91,9 @@ def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
     if vllm and cfg.temperature != 1.0:
         raise InputError(f"--temperature {cfg.temperature}: --engine vllm scores at temperature 1 only (vLLM's "
                          "prompt log-probs are the raw distribution); score with --engine hf")
+    if vllm and cfg.encoding.support_samples:
+        raise InputError(f"--support-samples {cfg.encoding.support_samples}: draws from the teacher's whole "
+                         "distribution, which --engine vllm does not hand out; score with --engine hf")
     mismatch = eos_mismatch(rollout_manifest["tokenizer"]["eos_token_ids"], info.eos_ids, spec.path, "the teacher")
     if mismatch:
         warn(mismatch)
@@ -110,6 +113,7 @@ def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
     device = models.resolve_device(spec.device)
     dtype = models.resolve_dtype(spec.dtype, device)
 
+    encoding = cfg.encoding
     metadata = {
         "teacher": {"path": str(teacher_dir.resolve()), **locate(spec.path).record(),
                     "fingerprint": fingerprint, "dtype": str(dtype).removeprefix("torch."),
@@ -125,9 +129,10 @@ def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
             "prompts": rollout_manifest["prompts"],
             **({"reward": rollout_manifest["reward"]} if "reward" in rollout_manifest else {}),
         },
-        "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": cfg.topk_dtype,
-                    "topk_order": cfg.topk_order, "entropy_bits": ENTROPY_BITS,
-                    "topk_bits": cfg.topk_bits if cfg.topk_dtype == "float16" else FLOAT32_BITS,
+        "scoring": {"top_k": cfg.top_k, "temperature": cfg.temperature, "topk_logprobs_dtype": encoding.topk_dtype,
+                    "topk_order": encoding.topk_order, "entropy_bits": ENTROPY_BITS,
+                    "topk_bits": encoding.topk_bits if encoding.topk_dtype == "float16" else FLOAT32_BITS,
+                    "support_samples": encoding.support_samples, "support_seed": encoding.support_seed,
                     "vocab_size": info.vocab, "engine": engine_record(cfg.engine),
                     "unavailable": list(UNAVAILABLE) if vllm else [],
                     "context": None if context is None else context.describe(plan),
@@ -135,7 +140,7 @@ def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
                     "reference": None if reference is None else reference[1]},
     }
     with shard_work(cfg.out, TEACHER_FORMAT, metadata, rollout_manifest["num_shards"], cfg.worker,
-                    parquet_options(cfg.topk_order)) as work:
+                    parquet_options(encoding.topk_order)) as work:
         if work.todo:
             if vllm:
                 scorer = VllmScorer(teacher_dir, spec, cfg.engine, info, cfg.top_k)
@@ -143,7 +148,8 @@ def run(cfg: ScoreConfig, loaded: dict | None = None) -> dict:
                 model = _model(loaded, (fingerprint, str(device), dtype, spec.attn_implementation),
                                lambda: models.load_model(teacher_dir, device, dtype, spec.trust_remote_code,
                                                          "--teacher", spec.attn_implementation))
-                scorer = Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements)
+                scorer = Scorer(model, info.vocab, cfg.top_k, cfg.temperature, cfg.chunk_elements,
+                                encoding.support_samples, encoding.support_seed)
             scorers = [scorer]
             if reference is not None:  # beside the teacher: its sampled-token log-prob alone
                 directory, record = reference
@@ -261,8 +267,10 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorers: list[Scorer | Vllm
             stats: list[LogprobStats | None] = [None] * len(prompts)
             references: list[LogprobStats | None] | None = None if reference is None else [None] * len(prompts)
             lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+            keys = list(zip(rollouts["prompt_id"].to_pylist(), rollouts["sample_index"].to_pylist(), strict=True))
             for batch in pack_by_tokens(lengths, cfg.micro_batch_tokens):
-                scored = scorer.score([prompts[i] for i in batch], [completions[i] for i in batch])
+                scored = scorer.score([prompts[i] for i in batch], [completions[i] for i in batch],
+                                      [keys[i] for i in batch])
                 for i, s in zip(batch, scored, strict=True):
                     stats[i] = s
                 if reference is not None:  # on the student's own prompt
@@ -270,10 +278,9 @@ def _score_shards(cfg: ScoreConfig, work: ShardWork, scorers: list[Scorer | Vllm
                                     strict=True):
                         references[i] = s
                 bar.advance(items=len(batch), tokens=sum(len(completions[i]) for i in batch))
-            table = (teacher_table(rollouts, stats, cfg.topk_dtype, scorer.unavailable, teacher_prompts, references,
-                                   cfg.topk_order, cfg.topk_bits)
+            table = (teacher_table(rollouts, stats, cfg.encoding, scorer.unavailable, teacher_prompts, references)
                      if stats
-                     else teacher_schema(cfg.topk_dtype).empty_table())  # every prompt of the shard skipped
+                     else teacher_schema(cfg.encoding.topk_dtype).empty_table())  # every prompt of the shard skipped
             if pending is not None:
                 pending.result()  # at most one shard waits to be written while the next is scored
             tokens = sum(len(c) for c in completions)

@@ -1,5 +1,6 @@
 """The rows of a teacher store: the rollout rows with the teacher's columns appended, in the
-store's top-k encoding (data/topk_layout.py), and the Parquet options it is written with."""
+store's encoding (data/encoding.py: the top-k's dtype, bits and order, and the sampled support),
+and the Parquet options it is written with."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from lightopd.data.encoding import StoreEncoding
 from lightopd.data.store import teacher_schema
 from lightopd.data.topk_layout import ENTROPY_BITS, FLOAT16_BITS, by_id, round_significand
 
@@ -20,6 +22,8 @@ PARQUET_OPTIONS = {
     "column_encoding": {
         "teacher_logprobs": "BYTE_STREAM_SPLIT",
         "topk_logprobs": "BYTE_STREAM_SPLIT",
+        "support_ids": "DELTA_BINARY_PACKED",  # ascending within each position
+        "support_logprobs": "BYTE_STREAM_SPLIT",
         "teacher_log_tail": "BYTE_STREAM_SPLIT",
         "teacher_entropy": "BYTE_STREAM_SPLIT",
         "behavior_logprobs": "BYTE_STREAM_SPLIT",
@@ -42,33 +46,44 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
-def teacher_table(rollouts: pa.Table, stats: list, topk_dtype: str,
+def _rounded(values: np.ndarray, encoding: StoreEncoding) -> np.ndarray:
+    """Log-probs as the store keeps them: float16 at --topk-bits, rounded once from float32, or float32."""
+    if encoding.topk_dtype == "float16" and encoding.topk_bits < FLOAT16_BITS:
+        values = round_significand(values.astype(np.float32), encoding.topk_bits, float(np.finfo(np.float16).max))
+    return values.astype(encoding.topk_dtype)
+
+
+def teacher_table(rollouts: pa.Table, stats: list, encoding: StoreEncoding,
                   unavailable: tuple[str, ...] = (), teacher_prompts: list[list[int]] | None = None,
-                  reference: list | None = None, topk_order: str = "logprob",
-                  topk_bits: int = FLOAT16_BITS) -> pa.Table:
-    """The rollout rows with the teacher columns appended (top-k flattened row-major by position);
-    `unavailable` columns, and rollout columns the rows lack (policy_logprobs of an older store), are
-    null in every row, as are `teacher_prompt_ids` without `teacher_prompts` and `reference_logprobs`
-    without the `reference` model's statistics."""
-    schema = teacher_schema(topk_dtype)
+                  reference: list | None = None) -> pa.Table:
+    """The rollout rows with the teacher columns appended (top-k and sampled support flattened
+    row-major by position); `unavailable` columns, and rollout columns the rows lack (policy_logprobs
+    of an older store), are null in every row, as are `teacher_prompt_ids` without `teacher_prompts`,
+    `reference_logprobs` without the `reference` model's statistics and the support without draws."""
+    schema = teacher_schema(encoding.topk_dtype)
     lengths = np.array([len(s.sampled) for s in stats], dtype=np.int64)
     k = stats[0].topk_ids.shape[1] if stats else 0
+    drawn = bool(stats) and stats[0].support_ids is not None
     cat = {f: torch.cat([getattr(s, f) for s in stats]).numpy() for f in
-           ("sampled", "topk_ids", "topk_logprobs", "topk_rest", "entropy")}
-    if topk_dtype == "float16" and topk_bits < FLOAT16_BITS:  # rounded once, from float32
-        cat["topk_logprobs"] = round_significand(cat["topk_logprobs"].astype(np.float32), topk_bits,
-                                                 float(np.finfo(np.float16).max))
+           ("sampled", "topk_ids", "topk_logprobs", "topk_rest", "entropy",
+            *(("support_ids", "support_logprobs") if drawn else ()))}
+    cat["topk_logprobs"] = _rounded(cat["topk_logprobs"], encoding)
     cat["entropy"] = round_significand(cat["entropy"].astype(np.float32), ENTROPY_BITS)
-    if topk_order == "id":
+    if encoding.topk_order == "id":
         cat["topk_ids"], cat["topk_logprobs"] = by_id(cat["topk_ids"], cat["topk_logprobs"])
     columns = {
         "teacher_logprobs": _list_array(cat["sampled"].astype(np.float32), lengths, pa.float32()),
         "topk_ids": _list_array(cat["topk_ids"].astype(np.int32).reshape(-1), lengths * k, pa.int32()),
-        "topk_logprobs": _list_array(cat["topk_logprobs"].astype(topk_dtype).reshape(-1), lengths * k,
+        "topk_logprobs": _list_array(cat["topk_logprobs"].reshape(-1), lengths * k,
                                      schema.field("topk_logprobs").type.value_type),
         "teacher_log_tail": _list_array(cat["topk_rest"].astype(np.float32), lengths, pa.float32()),
         "teacher_entropy": _list_array(cat["entropy"].astype(np.float32), lengths, pa.float32()),
     }
+    if drawn:
+        m = cat["support_ids"].shape[1]
+        columns["support_ids"] = _list_array(cat["support_ids"].astype(np.int32).reshape(-1), lengths * m, pa.int32())
+        columns["support_logprobs"] = _list_array(_rounded(cat["support_logprobs"], encoding).reshape(-1),
+                                                  lengths * m, schema.field("support_logprobs").type.value_type)
     if teacher_prompts is not None:
         columns["teacher_prompt_ids"] = pa.array(teacher_prompts, type=pa.list_(pa.int32()))
     if reference is not None:

@@ -24,6 +24,7 @@ from lightopd.data.routes import check_cover
 from lightopd.data.spans import Spans
 from lightopd.data.store import (
     ROLLOUT_FORMAT,
+    SUPPORT_COLUMNS,
     TEACHER_FORMAT,
     manifest_fingerprint,
     open_store,
@@ -59,6 +60,11 @@ def check_data(path: str, name: str, needs: Requirements) -> dict:
                          "one (objective.reference=scored); score the rollouts with `lightopd score-teacher "
                          "--reference MODEL` (the student's base), or take ℓref from the rollout model: "
                          "--set objective.reference=behavior")
+    if any(c in SUPPORT_COLUMNS for c in missing) and manifest["format"] == TEACHER_FORMAT:
+        raise InputError(f"--data {path}: scored without a sampled support, and --objective {name} with "
+                         "objective.support=sampled reads one; score the rollouts with `lightopd score-teacher "
+                         "--support-samples M` (50 draws hold about 12 distinct tokens), or train on the top-k: "
+                         "--set objective.support=tail")
     empty = [c for c in missing if c in unavailable(manifest)]
     if empty:
         raise InputError(

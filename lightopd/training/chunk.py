@@ -26,7 +26,8 @@ def chunk_inputs(mb, logits: torch.Tensor, lo: int, hi: int, temperature: float 
     """The objectives' view of positions lo:hi of a micro-batch, from their logits: the student's
     statistics at `temperature`, the stored columns and the prepared inputs of those positions."""
     stored = {name: values[lo:hi] for name, values in mb.stored.items()}
-    student = logprob_stats(logits, mb.targets[lo:hi], temperature, at=stored.get("topk_ids"))
+    student = logprob_stats(logits, mb.targets[lo:hi], temperature, at=stored.get("topk_ids"),
+                            support=stored.get("support_ids"))
     return Inputs(student, **stored, prepared={name: v[lo:hi] for name, v in (prepared or {}).items()})
 
 
