@@ -52,7 +52,7 @@ def test_matches_float64_reference(teacher_model, gpt2_teacher, rollout_store, t
         # orders log-probs that tie in float16 by id)
         assert (np.sort(ids, axis=-1) == np.sort(want_ids, axis=-1)).all() and (ids[:, 0] == want_ids[:, 0]).all()
         want_lps = np.take_along_axis(ref, ids, axis=-1)
-        bits = ScoreConfig.of(teacher="", data="", out="").topk_bits  # float16 rounded to this many bits
+        bits = ScoreConfig.of(teacher="", data="", out="").encoding.topk_bits  # float16 rounded to this many bits
         tol = np.abs(want_lps) * 2.0**-bits + 1e-6 if topk_dtype == "float16" else 1e-5
         assert (np.abs(lps - want_lps) <= tol).all()
         assert (np.diff(lps, axis=-1) <= 0).all(), "top-k in descending order"
@@ -76,8 +76,8 @@ def test_teacher_store_carries_rollout_columns_and_provenance(teacher_model, rol
     assert manifest["rows"] == rollouts["rows"] and manifest["tokens"] == rollouts["tokens"]
     assert manifest["scoring"] == {"top_k": 4, "temperature": 1.0, "topk_logprobs_dtype": "float16",
                                    "topk_order": "id", "vocab_size": 50,
-                                   "topk_bits": ScoreConfig.of(teacher="", data="", out="").topk_bits,
-                                   "entropy_bits": 11,
+                                   "topk_bits": ScoreConfig.of(teacher="", data="", out="").encoding.topk_bits,
+                                   "entropy_bits": 11, "support_samples": 0, "support_seed": 0,
                                    "engine": {"name": "hf"}, "unavailable": [], "context": None, "route": None,
                                    "reference": None}
     assert manifest["tokenizer"]["fingerprint"] == rollouts["tokenizer"]["fingerprint"]

@@ -1,0 +1,141 @@
+"""The sampled support against the top-k at comparable bytes (score-teacher --support-samples M
+against --top-k K); prints JSON.
+
+The bench world's rollouts (--prompts prompts × 2 samples of 128 tokens from a 32k-vocabulary
+student) are scored by two teachers, the bench teacher and the same teacher made confident (as
+bench/tail.py does), each into stores that hold a top-k of K and M draws per position at once,
+in the default encoding (float16 log-probs at 7 bits). For each (K, M) pair it reports:
+- bytes per completion token of the top-k's columns (ids, log-probs, the tail mass) and of the
+  sampled support's (ids, log-probs), from the Parquet metadata;
+- for fkl and rkl on each support (the top-k with its tail bucket; the draws), over the first --rows
+  rows taken as one batch, against float64 full-vocabulary values from both models' logits:
+  `loss_error`, the relative error of the batch's mean loss; `angle`, the angle in degrees between
+  the batch's gradient with respect to the student's logits and the full divergence's; and
+  `norm_ratio`, their norms' ratio (1 and 0° are exact). The top-k's error is all bias and stays
+  whatever the batch; the draws' is all variance (tests/test_sampled_support.py checks they are
+  unbiased), so it shrinks as batches and steps average it.
+
+    python bench/sampled_support.py [--prompts 32] [--rows 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, make_bench_model  # noqa: E402
+from tail import confident_scale, log_softmax64, logits64  # noqa: E402
+
+from lightopd import objectives as O  # noqa: E402
+from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
+from lightopd.data.reader import iter_batches  # noqa: E402
+from lightopd.data.store import open_store  # noqa: E402
+from lightopd.data.store_stats import column_bytes  # noqa: E402
+from lightopd.objectives.stats import logprob_stats  # noqa: E402
+from lightopd.stages import rollout, score  # noqa: E402
+
+PAIRS = [(4, 8), (8, 16), (16, 32), (32, 64)]  # (K, M)
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "teacher_log_tail")
+SUPPORT_COLUMNS = ("support_ids", "support_logprobs")
+
+
+def bytes_per_token(store: Path) -> dict:
+    manifest = open_store(store)
+    columns = column_bytes([store / shard["name"] for shard in manifest["shards"]])
+    return {"top_k": round(sum(columns[c] for c in TOPK_COLUMNS) / manifest["tokens"], 1),
+            "sampled": round(sum(columns[c] for c in SUPPORT_COLUMNS) / manifest["tokens"], 1)}
+
+
+def exact(name: str, lq: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n] the full divergence in float64 and [n, V] its gradient with respect to the student's logits."""
+    q, p = np.exp(lq), np.exp(lp)
+    if name == "fkl":
+        return (p * (lp - lq)).sum(-1), q - p
+    value = (q * (lq - lp)).sum(-1)
+    return value, q * ((lq - lp) - value[:, None])
+
+
+def fidelity(rows: list[dict], refs: list[tuple[np.ndarray, np.ndarray]], k: int, m: int) -> dict:
+    sums = {(name, support): np.zeros(5) for name in ("fkl", "rkl") for support in ("tail", "sampled")}
+    for row, (lq, lp) in zip(rows, refs, strict=True):
+        n = len(row["completion_ids"])
+        ids = torch.tensor(row["topk_ids"]).view(n, k)
+        drawn = torch.tensor(row["support_ids"]).view(n, m)
+        for (name, support), acc in sums.items():
+            logits = torch.from_numpy(lq).requires_grad_()
+            view = logprob_stats(logits, torch.tensor(row["completion_ids"]), at=ids, support=drawn)
+            inputs = O.Inputs(view, topk_ids=ids, topk_logprobs=torch.tensor(row["topk_logprobs"]).view(n, k),
+                              teacher_log_tail=torch.tensor(row["teacher_log_tail"]), support_ids=drawn,
+                              support_logprobs=torch.tensor(row["support_logprobs"]).view(n, m))
+            objective = O.OBJECTIVES[name](O.OBJECTIVES[name].Params(support=support))
+            loss = objective.loss(inputs)
+            loss.sum().backward()
+            got = logits.grad.numpy()
+            value, grad = exact(name, lq, lp)
+            acc += [loss.detach().sum().item(), value.sum(), (got * grad).sum(), (got * got).sum(), (grad * grad).sum()]
+    out = {}
+    for (name, support), (got, want, dot, gg, ww) in sums.items():
+        out.setdefault(name, {})[support] = {
+            "loss_error": round(abs(got - want) / abs(want), 4),
+            "angle": round(float(np.degrees(np.arccos(np.clip(dot / np.sqrt(gg * ww), -1, 1)))), 1),
+            "norm_ratio": round(float(np.sqrt(gg / ww)), 3)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=16, help="rows checked against float64 per store")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        student = make_bench_model(tmp / "student", seed=0)
+        teachers = {"bench": make_bench_model(tmp / "teacher", seed=1)}
+        from transformers import AutoModelForCausalLM
+
+        confident = AutoModelForCausalLM.from_pretrained(teachers["bench"])
+        with torch.no_grad():
+            confident.lm_head.weight.mul_(confident_scale(confident))
+        confident.save_pretrained(tmp / "confident")
+        for name in ("tokenizer.json", "tokenizer_config.json", "lightopd.json"):
+            if (teachers["bench"] / name).is_file():
+                (tmp / "confident" / name).write_bytes((teachers["bench"] / name).read_bytes())
+        teachers["confident"] = tmp / "confident"
+        rng = random.Random(0)
+        prompts = tmp / "prompts.jsonl"
+        prompts.write_text("".join(
+            json.dumps({"prompt": " ".join(f"w{rng.randrange(31990)}" for _ in range(rng.randint(16, 128)))}) + "\n"
+            for _ in range(args.prompts)))
+        rollout.run(RolloutConfig.of(model=str(student), prompts=str(prompts), out=str(tmp / "r"), n=2,
+                                     max_new_tokens=128, prompts_per_shard=16, device="cpu"))
+        s64 = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float64).eval()
+        result = {"benchmark": "sampled_support", "machine": machine(), "teachers": {}}
+        for teacher_name, teacher in teachers.items():
+            t64 = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float64).eval()
+            refs, per_pair = None, []
+            for k, m in PAIRS:
+                store = tmp / f"{teacher_name}-{k}-{m}"
+                score.run(ScoreConfig.of(teacher=str(teacher), data=str(tmp / "r"), out=str(store), top_k=k,
+                                         support_samples=m, device="cpu"))
+                rows = [r for b in iter_batches(store) for r in b.to_pylist()][: args.rows]
+                refs = refs if refs is not None else [
+                    (log_softmax64(logits64(s64, r["prompt_ids"], r["completion_ids"])),
+                     log_softmax64(logits64(t64, r["prompt_ids"], r["completion_ids"]))) for r in rows]
+                distinct = np.mean([len(set(row["support_ids"][i: i + m]))
+                                    for row in rows for i in range(0, len(row["support_ids"]), m)])
+                per_pair.append({"k": k, "m": m, "distinct_drawn": round(float(distinct), 1),
+                                 "bytes_per_token": bytes_per_token(store), **fidelity(rows, refs, k, m)})
+            result["teachers"][teacher_name] = per_pair
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
