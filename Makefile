@@ -42,6 +42,7 @@ bench:
 	$(PYTHON) bench/gpu.py
 	$(PYTHON) bench/tail.py
 	$(PYTHON) bench/store_encodings.py
+	$(PYTHON) bench/sampled_support.py
 	$(PYTHON) bench/inspect_stats.py
 	$(PYTHON) bench/selection.py
 	$(PYTHON) bench/demo.py

@@ -2,18 +2,23 @@
 against --top-k K); prints JSON.
 
 The bench world's rollouts (--prompts prompts × 2 samples of 128 tokens from a 32k-vocabulary
-student) are scored by two teachers, the bench teacher and the same teacher made confident (as
-bench/tail.py does), each into stores that hold a top-k of K and M draws per position at once,
-in the default encoding (float16 log-probs at 7 bits). For each (K, M) pair it reports:
+student) are scored by three teachers: the bench teacher, the same teacher made confident (its
+output layer scaled until the median mass outside its top-32 is about 1e-6, as bench/tail.py
+does) and made flat (scaled until that mass is about 0.3), each into stores that hold a top-k of
+K and M draws per position at once, in the default encoding (float16 log-probs at 7 bits). For
+each (K, M) pair it reports:
 - bytes per completion token of the top-k's columns (ids, log-probs, the tail mass) and of the
-  sampled support's (ids, log-probs), from the Parquet metadata;
-- for fkl and rkl on each support (the top-k with its tail bucket; the draws), over the first --rows
-  rows taken as one batch, against float64 full-vocabulary values from both models' logits:
+  sampled support's (ids, log-probs), from the Parquet metadata, and the distinct tokens drawn;
+- for fkl on each support (the top-k with its tail bucket; the draws), over the first --rows rows
+  taken as one batch, against float64 full-vocabulary values from both models' logits:
   `loss_error`, the relative error of the batch's mean loss; `angle`, the angle in degrees between
   the batch's gradient with respect to the student's logits and the full divergence's; and
   `norm_ratio`, their norms' ratio (1 and 0° are exact). The top-k's error is all bias and stays
   whatever the batch; the draws' is all variance (tests/test_sampled_support.py checks they are
-  unbiased), so it shrinks as batches and steps average it.
+  unbiased), so it shrinks as batches and steps average it;
+- `rkl_importance_sampled`: the same figures for the reverse KL estimated from the same draws by
+  importance sampling, (1/M) Σ_j (q/p)(y_j)·(lq − ℓT)(y_j), written out here (lightopd does not
+  offer it: see docs/objectives.md), beside rkl on the top-k with its tail bucket.
 
     python bench/sampled_support.py [--prompts 32] [--rows 16]
 """
@@ -54,6 +59,12 @@ def bytes_per_token(store: Path) -> dict:
             "sampled": round(sum(columns[c] for c in SUPPORT_COLUMNS) / manifest["tokens"], 1)}
 
 
+def importance_sampled_rkl(view, support_logprobs):
+    """[n] (1/M) Σ_j w_j (lq − ℓT)(y_j), w = q/p: unbiased for KL(q ‖ p), by hand."""
+    log_ratio = view.at_support - support_logprobs.double()
+    return (log_ratio.exp() * log_ratio).mean(-1)
+
+
 def exact(name: str, lq: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[n] the full divergence in float64 and [n, V] its gradient with respect to the student's logits."""
     q, p = np.exp(lq), np.exp(lp)
@@ -65,8 +76,10 @@ def exact(name: str, lq: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def fidelity(rows: list[dict], refs: list[tuple[np.ndarray, np.ndarray]], k: int, m: int) -> dict:
     sums = {(name, support): np.zeros(5) for name in ("fkl", "rkl") for support in ("tail", "sampled")}
+    positions = 0
     for row, (lq, lp) in zip(rows, refs, strict=True):
         n = len(row["completion_ids"])
+        positions += n
         ids = torch.tensor(row["topk_ids"]).view(n, k)
         drawn = torch.tensor(row["support_ids"]).view(n, m)
         for (name, support), acc in sums.items():
@@ -75,15 +88,18 @@ def fidelity(rows: list[dict], refs: list[tuple[np.ndarray, np.ndarray]], k: int
             inputs = O.Inputs(view, topk_ids=ids, topk_logprobs=torch.tensor(row["topk_logprobs"]).view(n, k),
                               teacher_log_tail=torch.tensor(row["teacher_log_tail"]), support_ids=drawn,
                               support_logprobs=torch.tensor(row["support_logprobs"]).view(n, m))
-            objective = O.OBJECTIVES[name](O.OBJECTIVES[name].Params(support=support))
-            loss = objective.loss(inputs)
+            if name == "rkl" and support == "sampled":
+                loss = importance_sampled_rkl(view, inputs.support_logprobs)
+            else:
+                loss = O.OBJECTIVES[name](O.OBJECTIVES[name].Params(support=support)).loss(inputs)
             loss.sum().backward()
             got = logits.grad.numpy()
             value, grad = exact(name, lq, lp)
             acc += [loss.detach().sum().item(), value.sum(), (got * grad).sum(), (got * got).sum(), (grad * grad).sum()]
-    out = {}
+    out = {"positions": positions}
     for (name, support), (got, want, dot, gg, ww) in sums.items():
-        out.setdefault(name, {})[support] = {
+        label = "rkl_importance_sampled" if (name, support) == ("rkl", "sampled") else f"{name}_{support}"
+        out[label] = {
             "loss_error": round(abs(got - want) / abs(want), 4),
             "angle": round(float(np.degrees(np.arccos(np.clip(dot / np.sqrt(gg * ww), -1, 1)))), 1),
             "norm_ratio": round(float(np.sqrt(gg / ww)), 3)}
@@ -101,14 +117,15 @@ def main() -> None:
         teachers = {"bench": make_bench_model(tmp / "teacher", seed=1)}
         from transformers import AutoModelForCausalLM
 
-        confident = AutoModelForCausalLM.from_pretrained(teachers["bench"])
-        with torch.no_grad():
-            confident.lm_head.weight.mul_(confident_scale(confident))
-        confident.save_pretrained(tmp / "confident")
-        for name in ("tokenizer.json", "tokenizer_config.json", "lightopd.json"):
-            if (teachers["bench"] / name).is_file():
-                (tmp / "confident" / name).write_bytes((teachers["bench"] / name).read_bytes())
-        teachers["confident"] = tmp / "confident"
+        for label, tail in (("confident", 1e-6), ("flat", 0.3)):
+            scaled = AutoModelForCausalLM.from_pretrained(teachers["bench"])
+            with torch.no_grad():
+                scaled.lm_head.weight.mul_(confident_scale(scaled, tail))
+            scaled.save_pretrained(tmp / label)
+            for name in ("tokenizer.json", "tokenizer_config.json", "lightopd.json"):
+                if (teachers["bench"] / name).is_file():
+                    (tmp / label / name).write_bytes((teachers["bench"] / name).read_bytes())
+            teachers[label] = tmp / label
         rng = random.Random(0)
         prompts = tmp / "prompts.jsonl"
         prompts.write_text("".join(

@@ -1,7 +1,16 @@
-"""The stderr console: rich progress bars for long stages (items done, tokens/s, ETA) and warnings."""
+"""The stderr console: progress of long stages (items done, tokens/s, ETA) and warnings.
+
+On a terminal, progress is a rich bar redrawn in place. Elsewhere (a batch job's log, `nohup`,
+`2> log`) a bar would only write its last frame, so a plain line is written instead when the stage
+starts, every LIGHTOPD_PROGRESS_SECONDS seconds (30 by default) from a timer thread, whether or not
+an item finished since (a log that keeps repeating the same count is a stage that is stuck, not
+slow), and when it ends.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 from rich.console import Console
@@ -15,6 +24,14 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+INTERVAL = "LIGHTOPD_PROGRESS_SECONDS"  # seconds between plain progress lines (not on a terminal)
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def warn(message: str) -> None:
@@ -25,9 +42,17 @@ def warn(message: str) -> None:
 
 
 class StageProgress:
-    """A progress bar counting items (samples, rows) that also shows tokens/s since the start."""
+    """Progress counting items (samples, rows, steps) that also shows tokens/s since the start: a
+    rich bar on a terminal, plain timed lines elsewhere (see the module doc)."""
 
     def __init__(self, description: str, total: int, completed: int = 0, disable: bool = False):
+        self.description, self.total, self.completed, self.status = description, total, completed, ""
+        self._first = completed
+        self.tokens = 0
+        self._start = time.perf_counter()
+        self._plain = not disable and not console.is_terminal and not console.quiet
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -39,18 +64,41 @@ class StageProgress:
             TimeRemainingColumn(),
             console=console,
             transient=False,
-            disable=disable,
+            disable=disable or self._plain,
         )
         self._task = self._progress.add_task(description, total=total, completed=completed, rate="-", status="")
-        self.tokens = 0
-        self._start = time.perf_counter()
 
     def __enter__(self) -> StageProgress:
+        if self._plain:
+            self.line()
+            self._timer = threading.Thread(target=self._every, args=(float(os.environ.get(INTERVAL, 30)),),
+                                           daemon=True)
+            self._timer.start()
         self._progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._progress.stop()
+        if self._timer is not None:
+            self._stop.set()
+            self._timer.join()
+            self.line()
+
+    def _every(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.line()
+
+    def line(self) -> None:
+        """One plain line: `stage: done/total (pct) rate tok/s status elapsed H:MM:SS eta H:MM:SS`."""
+        elapsed = self.seconds
+        done = self.completed - self._first
+        left = self.total - self.completed
+        eta = elapsed / done * left if done > 0 and left >= 0 else None
+        share = f" ({100 * self.completed / self.total:.0f}%)" if self.total else ""
+        rate = f"{self.tokens / elapsed:,.0f}" if elapsed > 0 else "-"
+        status = f" {self.status}" if self.status else ""
+        console.print(f"{self.description}: {self.completed}/{self.total}{share} {rate} tok/s{status} "
+                      f"elapsed {_clock(elapsed)} eta {_clock(eta)}", highlight=False, soft_wrap=True)
 
     @property
     def seconds(self) -> float:
@@ -58,11 +106,13 @@ class StageProgress:
 
     def add_total(self, items: int) -> None:
         """Count `items` more (or, negative, fewer) to do: work found smaller once it is read."""
-        task = self._progress.tasks[0]
-        self._progress.update(self._task, total=(task.total or 0) + items)
+        self.total += items
+        self._progress.update(self._task, total=self.total)
 
     def advance(self, items: int = 0, tokens: int = 0, status: str | None = None) -> None:
         self.tokens += tokens
+        self.completed += items
+        self.status = self.status if status is None else status
         rate = f"{self.tokens / self.seconds:,.0f}" if self.seconds > 0 else "-"
         fields = {"rate": rate} if status is None else {"rate": rate, "status": status}
         self._progress.update(self._task, advance=items, **fields)

@@ -233,8 +233,9 @@ def _save(fig, plt, path: str | Path) -> Path:
     return path
 
 
-def render_rows(rows: list[dict]) -> None:
-    """Decoded store rows (`inspect --show`), one panel each."""
+def render_rows(rows: list[dict], out=None) -> None:
+    """Decoded store rows (`inspect --show`), one panel each, on `out` (a rich Console; the stderr one
+    by default)."""
     from rich.panel import Panel
     from rich.text import Text
 
@@ -246,4 +247,4 @@ def render_rows(rows: list[dict]) -> None:
         rest = {k: v for k, v in row.items()
                 if k not in ("prompt", "teacher_prompt", "completion", "prompt_id", "sample_index")}
         body.append("  ".join(f"{k}={v}" for k, v in rest.items() if v is not None), style="dim")
-        console.print(Panel(body, title=f"{row['prompt_id']} #{row['sample_index']}", title_align="left"))
+        (out or console).print(Panel(body, title=f"{row['prompt_id']} #{row['sample_index']}", title_align="left"))

@@ -2,8 +2,8 @@
 
 Each is computed between the student's and the teacher's distributions on the top-k support
 (support.py): with the tail bucket (default) a lower bound of the full-vocabulary divergence,
-exact when k = V. fkl and rkl also take the sampled support, an unbiased estimate of the
-full-vocabulary divergence from tokens drawn from the teacher (support.sampled_kl).
+exact when k = V. fkl also takes the sampled support, an unbiased estimate of the
+full-vocabulary divergence from tokens drawn from the teacher (support.sampled_forward_kl).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lightopd.objectives.base import SUPPORT_COLUMNS, TOPK, Inputs, Objective, ObjectiveParams, Requirements
-from lightopd.objectives.support import SAMPLED, SUPPORTS, kl, mixture, sampled_kl, supports
+from lightopd.objectives.support import SAMPLED, SUPPORTS, kl, mixture, sampled_forward_kl, supports
 from lightopd.options import check, opt
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, kw_only=True)
 class DivergenceParams(ObjectiveParams):
     support: str = opt("tail", "tail: the top-k plus one bucket for every other token (a lower bound of the "
-                               "full divergence); renormalized: the top-k alone; sampled (fkl and rkl): the "
+                               "full divergence); renormalized: the top-k alone; sampled (fkl only): the "
                                "tokens drawn from the teacher (score-teacher --support-samples), an unbiased "
                                "estimate of the full divergence.", choices=(*SUPPORTS, SAMPLED))
 
@@ -33,9 +33,11 @@ class DivergenceParams(ObjectiveParams):
 
 
 def top_k_only(params: DivergenceParams, name: str) -> None:
-    """InputError unless `params.support` is a top-k support (the objectives other than fkl and rkl)."""
+    """InputError unless `params.support` is a top-k support (every objective but fkl)."""
     check(params.support in SUPPORTS, "objective.support",
-          f"{name} needs the top-k (tail or renormalized): the sampled support serves fkl and rkl only")
+          f"{name} needs the top-k (tail or renormalized): the sampled support serves fkl only (an estimate of "
+          "the others from the teacher's draws needs the student's mass where the teacher rarely draws; "
+          "docs/objectives.md)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +64,7 @@ class TopKDivergence(Objective):
 
     def __init__(self, params: DivergenceParams | None = None, total_steps: int = 1):
         super().__init__(params, total_steps)
-        if type(self) not in (ForwardKL, ReverseKL):
+        if type(self) is not ForwardKL:
             top_k_only(self.params, self.name)
 
     def requirements(self) -> Requirements:
@@ -74,8 +76,6 @@ class ReverseKL(TopKDivergence):
     summary = "reverse KL(q̂ ‖ p̂) on the teacher's top-k (mode-seeking)"
 
     def loss(self, inputs: Inputs) -> Tensor:
-        if self.params.support == SAMPLED:
-            return sampled_kl(inputs, forward=False)
         log_q, log_p = supports(inputs, self.params.support)
         return kl(log_q, log_p)
 
@@ -86,7 +86,7 @@ class ForwardKL(TopKDivergence):
 
     def loss(self, inputs: Inputs) -> Tensor:
         if self.params.support == SAMPLED:
-            return sampled_kl(inputs, forward=True)
+            return sampled_forward_kl(inputs)
         log_q, log_p = supports(inputs, self.params.support)
         return kl(log_p, log_q)
 

@@ -1,5 +1,5 @@
 """Distributions over the teacher's top-k support, and the divergences between them (pure math);
-and the two divergences estimated from a sampled support instead (`sampled_kl`).
+and the forward KL estimated from a sampled support instead (`sampled_forward_kl`).
 
 `p̂` and `q̂` of docs/objectives.md: the teacher's and the student's distributions over the k
 tokens the teacher ranked highest, plus (support "tail") one bucket holding the mass of every
@@ -10,8 +10,8 @@ log-sum-exp over the ids outside the top-k; neither is rebuilt as 1 − Σ exp(t
 
 The sampled support (score-teacher --support-samples) is m tokens y_j drawn from the teacher's whole
 distribution p, with ℓT(y_j); the student's lq(y_j) are gathered from its full softmax. From them,
-without any bucket, come unbiased estimates of the full-vocabulary divergences (Sparse Logit
-Sampling): KL(p ‖ q) = E_p[ℓT − lq], and KL(q ‖ p) = E_p[(q/p)(lq − ℓT)] by importance sampling.
+without any bucket, comes an unbiased estimate of the full-vocabulary forward KL (Sparse Logit
+Sampling): KL(p ‖ q) = E_p[ℓT − lq].
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 SUPPORTS = ("tail", "renormalized")
-SAMPLED = "sampled"  # the support of fkl and rkl estimated from the teacher's draws
+SAMPLED = "sampled"  # fkl's support estimated from the teacher's draws
 
 
 @dataclass
@@ -87,13 +87,9 @@ def blend(a: Dist, b: Dist, t: float) -> Dist:
     return Dist(top - norm.unsqueeze(-1), None if rest is None else rest - norm)
 
 
-def sampled_kl(inputs: Inputs, forward: bool) -> Tensor:
-    """[N] KL(p ‖ q) (`forward`) or KL(q ‖ p) over the whole vocabulary, estimated from the m tokens drawn
-    from p: (1/m) Σ_j (ℓT(y_j) − lq(y_j)), or (1/m) Σ_j w_j (lq(y_j) − ℓT(y_j)) with w_j = q(y_j) / p(y_j).
-    Both are unbiased, and so are their gradients (the draws do not depend on the student): the forward
-    one's, −(1/m) Σ_j ∇lq(y_j), is Sparse Logit Sampling's with the target count/m."""
+def sampled_forward_kl(inputs: Inputs) -> Tensor:
+    """[N] KL(p ‖ q) over the whole vocabulary, estimated from the m tokens drawn from p:
+    (1/m) Σ_j (ℓT(y_j) − lq(y_j)). Unbiased, and so is its gradient −(1/m) Σ_j ∇lq(y_j) (the draws do
+    not depend on the student): Sparse Logit Sampling's, with the target count/m."""
     at = inputs.student.at_support
-    log_ratio = at - inputs.support_logprobs.to(at.dtype)
-    if forward:
-        return (-log_ratio).mean(-1)
-    return (log_ratio.exp() * log_ratio).mean(-1)
+    return (inputs.support_logprobs.to(at.dtype) - at).mean(-1)

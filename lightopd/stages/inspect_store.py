@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.console import Console
+
 from lightopd.config import InspectConfig
 from lightopd.data.groups import reward_summary, rewards_by_prompt
 from lightopd.data.reader import iter_batches, verify
@@ -54,7 +56,8 @@ def _run(cfg: InspectConfig) -> tuple[dict, bool]:
             console.print(f"[green]verified[/] {n} shard{'' if n == 1 else 's'}: checksums and row counts match")
     if cfg.show:
         summary["show"] = show(cfg.data, cfg.show)
-        render_rows(summary["show"])
+        if cfg.format != "json":  # to stdout, before the JSON line: `| less` pages the rows
+            render_rows(summary["show"], Console(soft_wrap=False))
     return summary, ok
 
 
