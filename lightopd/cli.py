@@ -33,6 +33,7 @@ from lightopd.errors import InputError, TrainingError, full_disk
 from lightopd.objectives import OBJECTIVES
 from lightopd.objectives.base import SHARED
 from lightopd.options import Option, build, describe, flag_of, metavar, options
+from lightopd.panels import PanelledCommand, panel, rank
 from lightopd.progress import console
 from lightopd.rounds_config import RoundsConfig
 
@@ -59,12 +60,14 @@ def _parameter(o: Option, required: bool) -> inspect.Parameter:
     kind = o.kind if (not o.optional and (required or o.default is not None)) else Optional[o.kind]
     if o.repeatable:  # a tuple of strings: the flag is given once per item
         kind = Optional[list[str]]
+    group = panel(o.key, o.path)
     if o.doc.argument:
-        info = typer.Argument(help=describe(o), metavar=metavar(o), show_default=False)
+        info = typer.Argument(help=describe(o), metavar=metavar(o), show_default=False, rich_help_panel=group)
     elif o.kind is bool and o.default is True:  # on by default: a flag that turns it off
-        info = typer.Option(f"{o.flag}/--no-{o.flag[2:]}", help=f"{describe(o)} [default: True]", show_default=False)
+        info = typer.Option(f"{o.flag}/--no-{o.flag[2:]}", help=f"{describe(o)} [default: True]", show_default=False,
+                            rich_help_panel=group)
     else:
-        info = typer.Option(o.flag, help=describe(o), metavar=metavar(o))
+        info = typer.Option(o.flag, help=describe(o), metavar=metavar(o), rich_help_panel=group)
     default = inspect.Parameter.empty if required else (None if o.required or o.repeatable else o.default)
     return inspect.Parameter(o.key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
 
@@ -73,7 +76,8 @@ def command(name: str, cls: type, doc: str, epilog: str | None = None, extra: tu
             optional: tuple[str, ...] = ()) -> Callable:
     """Register `name` with one option per CLI field of `cls` (plus `extra`); the decorated handler
     gets (values of every option, the subset given explicitly on the command line)."""
-    cli_options = sorted((o for o in options(cls) if o.doc.cli), key=lambda o: (not o.required, o.doc.at_end))
+    cli_options = sorted((o for o in options(cls) if o.doc.cli),
+                         key=lambda o: (not o.required, rank(o.key, o.path), o.doc.at_end))
 
     def register(handler: Callable[[dict, dict], None]) -> Callable:
         def run(ctx: typer.Context, **values: Any) -> None:
@@ -86,13 +90,15 @@ def command(name: str, cls: type, doc: str, epilog: str | None = None, extra: tu
         params += [_parameter(o, o.required and o.key not in optional) for o in cli_options]
         run.__signature__ = inspect.Signature([*params, *extra])
         run.__doc__ = doc
-        app.command(name, epilog=epilog)(run)
+        short = " ".join(doc.split("\n\n")[0].split())  # the first paragraph, whole, in `lightopd --help`
+        app.command(name, epilog=epilog, short_help=short, cls=PanelledCommand)(run)
         return handler
 
     return register
 
 
 def _extra(name: str, kind: Any, info: Any, default: Any = None) -> inspect.Parameter:
+    info.rich_help_panel = panel(name)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
 
 
@@ -171,8 +177,9 @@ the store and gradients are all-reduced (DDP, or FSDP2 with --fsdp); rank 0 writ
 docs/scaling.md.""", epilog=_objectives_epilog(), extra=(
     _extra("recipe", Optional[str], typer.Option("--recipe", metavar="FILE|NAME", help=_recipe_help())),
     _extra("set_", Optional[list[str]], typer.Option(
-        "--set", metavar="KEY=VALUE", help="Set a training key or objective.KEY (repeatable), e.g. --set lr=1e-6 "
-                                           "--set objective.beta=0.3; keys are the options above, with _ for -.")),
+        "--set", metavar="KEY=VALUE",
+        help="Set a training key or objective.KEY (repeatable), e.g. --set lr=1e-6 --set objective.beta=0.3; keys "
+             "are the options' names, with _ for -.")),
 ))
 def _train(values: dict, given: dict) -> None:
     from lightopd.layering import load_recipe, parse_set, train_settings
@@ -266,9 +273,9 @@ OUT/rounds.jsonl has a line per round (steps, tokens sampled, scored and trained
 drift measures, held-out accuracy and KL to the teacher). Killed and re-run with the same
 options, it goes on where it stopped.""", extra=(
     _extra("set_", Optional[list[str]], typer.Option(
-        "--set", metavar="KEY=VALUE", help="A training key or objective.KEY for every round's training "
-                                           "(repeatable), e.g. --set objective.beta=0.3 --set schedule=cosine; "
-                                           "the options above set their own keys.")),
+        "--set", metavar="KEY=VALUE",
+        help="A training key or objective.KEY for every round's training (repeatable), e.g. --set objective.beta=0.3 "
+             "--set schedule=cosine; the options of this command set their own keys.")),
 ))
 def _rounds(values: dict, given: dict) -> None:
     from lightopd.layering import parse_set

@@ -50,6 +50,28 @@ def test_help_shows_every_option_with_its_default_and_doc(command):
             assert f"[default: {o.default}]" in text, (command, o.key)
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_groups_every_option(command):
+    """Options in named groups, the main inputs first; only --help left under "Other options"."""
+    from lightopd.panels import MAIN, ORDER, OTHER
+
+    text = help_text(command)
+    groups = [line[:-1] for line in text.splitlines() if line.endswith(":") and line[:1].isupper()]
+    assert groups[0] == MAIN and groups[-1] == OTHER
+    assert groups == sorted(groups, key=ORDER.index)  # most used first, the same order in every command
+    other = text[text.index(f"{OTHER}:"):].split("\n\n")[0]
+    assert [line.split()[0] for line in other.splitlines()[1:] if line.startswith("  -")] == ["--help"]
+
+
+def test_top_level_help_shows_each_commands_summary_whole():
+    from click.testing import CliRunner
+
+    output = CliRunner().invoke(command_line(), ["--help"], terminal_width=100).output
+    text = " ".join(output[output.index("Commands:"):].split())
+    assert "..." not in text
+    assert "with --stats, what its columns hold." in text  # inspect's summary, to its end
+
+
 def test_train_help_lists_every_objective_and_parameter():
     text = help_text("train")
     for name, objective in O.OBJECTIVES.items():

@@ -15,7 +15,7 @@ MAX_LINES = 350
 
 # Each unit (a module or subpackage) may import its own modules and units of lower layers only.
 LAYERS = [
-    ("lightopd", "lightopd.errors", "lightopd.progress", "lightopd.memory"),
+    ("lightopd", "lightopd.errors", "lightopd.progress", "lightopd.memory", "lightopd.panels"),
     ("lightopd.options", "lightopd.hub", "lightopd.stopping"),
     ("lightopd.objectives", "lightopd.data", "lightopd.tiny", "lightopd.report"),
     ("lightopd.tasks",),

@@ -9,7 +9,8 @@ import time
 from lightopd.progress import StageProgress
 from tests.helpers import last_json, run_cli, write_jsonl
 
-LINE = re.compile(r"^([\w -]+): (\d+)/(\d+) \(\d+%\) [\d,-]+ tok/s .*elapsed \d+:\d\d:\d\d eta (\d+:\d\d:\d\d|-:--:--)$")
+LINE = re.compile(r"^([\w -]+): (\d+)/(\d+) \(\d+%\) [\d,-]+ tok/s .*elapsed \d+:\d\d:\d\d "
+                  r"eta (\d+:\d\d:\d\d|-:--:--)$")
 
 
 def test_a_stuck_stage_keeps_writing_its_count(capsys, monkeypatch):
