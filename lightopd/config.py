@@ -298,6 +298,8 @@ class PromptsConfig(Config):
     n: int | None = opt(None, "Records to write: the size of a reasoning-gym task's dataset [default: 1000], or the "
                               "first N records of another source [default: all].", metavar="N")
     seed: int = opt(0, "Seed of a reasoning-gym task's generator.", metavar="S")
+    task_config: str | None = opt(None, "A reasoning-gym task's settings, a JSON object passed to its config (e.g. "
+                                        "'{\"min_terms\": 4, \"max_terms\": 6}' for chain_sum).", metavar="JSON")
 
     def __post_init__(self) -> None:
         check(self.n is None or self.n >= 1, "--n", f"must be >= 1, got {self.n}")

@@ -255,10 +255,12 @@ def test_reasoning_gym_records_and_checker(tmp_path, tiny_model):
     assert all(r.prompt.startswith("State the final answer") for r in records)
     with open_verifier("reasoning-gym", 10) as verify:
         for r in records:
-            assert r.metadata["metadata"]["source_dataset"] == "chain_sum"
+            assert r.metadata["source_dataset"] == "chain_sum" and "metadata" not in r.metadata  # not nested
             assert verify(f"so <answer>{r.answer}</answer>", r.answer, r.metadata, r.prompt)[0] is True
             assert verify(f"<answer>{int(r.answer) + 1}</answer>", r.answer, r.metadata, r.prompt)[0] is False
             assert verify(r.answer, r.answer, r.metadata, r.prompt)[0] is True  # no tag: the whole completion
+            nested = {"metadata": r.metadata}  # as a store written before the metadata was flattened keeps it
+            assert verify(f"<answer>{r.answer}</answer>", r.answer, nested, r.prompt)[0] is True
     again = tmp_path / "again.jsonl"
     run_cli("prompts", "reasoning-gym:chain_sum", "--n", "6", "--seed", "3", "--out", str(again))
     assert again.read_text() == out.read_text()  # the seed fixes the records
@@ -267,6 +269,24 @@ def test_reasoning_gym_records_and_checker(tmp_path, tiny_model):
     evaluated = last_json(run_cli("eval", "--model", str(tiny_model), "--prompts", str(out), "--max-new-tokens", "3",
                                   "--checker", "reasoning-gym"))
     assert evaluated["accuracy"] == 0.0 and evaluated["prompts_evaluated"] == 6  # a random model reads no sums
+
+
+def test_reasoning_gym_tasks_are_listed_and_configured(tmp_path):
+    pytest.importorskip("reasoning_gym", reason="the reasoning-gym extra is not installed")
+    proc = run_cli("prompts", "reasoning-gym:chain_sums", "--out", str(tmp_path / "x.jsonl"), check=False)
+    assert proc.returncode == 2 and "no such task" in proc.stderr and "chain_sum," in proc.stderr
+    assert not (tmp_path / "x.jsonl").exists()
+    out = tmp_path / "hard.jsonl"
+    run_cli("prompts", "reasoning-gym:chain_sum", "--n", "4", "--out", str(out),
+            "--task-config", '{"min_terms": 5, "max_terms": 5}')
+    records = read_prompts(out)
+    assert [r.metadata["num_terms"] for r in records] == [5] * 4
+    assert all(r.prompt.count(" + ") + r.prompt.count(" - ") == 4 for r in records)
+    for config, message in (('{"bogus": 1}', "unexpected keyword argument 'bogus'"), ("[1]", "a JSON object"),
+                            ("{", "not JSON")):
+        proc = run_cli("prompts", "reasoning-gym:chain_sum", "--out", str(tmp_path / "y.jsonl"),
+                       "--task-config", config, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_prompts_from_a_source_with_a_mapping_need_no_flags_later(tmp_path):

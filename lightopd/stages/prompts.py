@@ -1,8 +1,9 @@
 """Stage `prompts`: write a prompt file (JSONL) from a reasoning-gym task or another prompt source.
 
-`reasoning-gym:TASK` draws `--n` records from the task's generator with `--seed`; each keeps the
-task's own fields, `question`, `answer` and `metadata` (which names the task, for
-`eval --checker reasoning-gym`), plus an `id`. Any other source (a file, a Hugging Face dataset)
+`reasoning-gym:TASK` draws `--n` records from the task's generator with `--seed` and the task's
+own settings (`--task-config`, e.g. its difficulty); each keeps the task's own fields,
+`question`, `answer` and `metadata` (which names the task, for `eval --checker reasoning-gym`),
+plus an `id`. An unknown task name is answered with the list of tasks. Any other source (a file, a Hugging Face dataset)
 is read with its field mapping, and each record is written under the names lightopd recognises
 (`id`, `prompt` or `messages`, `answer`) with its other fields beside them, so the file needs no
 flags later. The file is written whole or not at all, and never over an existing one, as standard
@@ -25,18 +26,34 @@ REASONING_GYM = "reasoning-gym:"
 RG_DEFAULT_SIZE = 1000
 
 
-def _reasoning_gym(task: str, n: int, seed: int) -> list[dict]:
+def _reasoning_gym(task: str, n: int, seed: int, config: dict) -> list[dict]:
     try:
         import reasoning_gym
+        from reasoning_gym.factory import DATASETS
     except ImportError:
         raise InputError("reasoning-gym: tasks need the reasoning-gym package: "
                          "pip install 'lightopd[reasoning-gym]'") from None
+    if task not in DATASETS:
+        raise InputError(f"{REASONING_GYM}{task}: no such task; reasoning-gym {reasoning_gym.__version__} offers "
+                         f"{len(DATASETS)}: {', '.join(sorted(DATASETS))}")
     try:
-        dataset = reasoning_gym.create_dataset(task, size=n, seed=seed)
-    except (ValueError, KeyError) as e:
-        raise InputError(f"{REASONING_GYM}{task}: {e}") from None
+        dataset = reasoning_gym.create_dataset(task, size=n, seed=seed, **config)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise InputError(f"{REASONING_GYM}{task}" + (f" with --task-config {json.dumps(config)}" if config else "")
+                         + f": {e}") from None
     return [{"id": f"{task}-{i}", "question": entry["question"], "answer": entry["answer"],
              "metadata": entry["metadata"]} for i, entry in enumerate(dataset)]
+
+
+def task_settings(text: str | None) -> dict:
+    """--task-config as a dict ({} without it)."""
+    try:
+        value = {} if text is None else json.loads(text)
+    except ValueError as e:
+        raise InputError(f"--task-config: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"--task-config: must be a JSON object, got {text}")
+    return value
 
 
 def mapped(spec: SourceSpec, n: int | None = None) -> list[dict]:
@@ -73,7 +90,10 @@ def run(cfg: PromptsConfig) -> dict:
         raise InputError(f"--out {out}: no such directory {out.parent}")
     spec = cfg.source.source
     if spec.startswith(REASONING_GYM):
-        records = _reasoning_gym(spec.removeprefix(REASONING_GYM), cfg.n or RG_DEFAULT_SIZE, cfg.seed)
+        records = _reasoning_gym(spec.removeprefix(REASONING_GYM), cfg.n or RG_DEFAULT_SIZE, cfg.seed,
+                                 task_settings(cfg.task_config))
+    elif cfg.task_config is not None:
+        raise InputError("--task-config: only for a reasoning-gym:TASK source")
     else:
         records = mapped(cfg.source, cfg.n)
     write_records(out, records)

@@ -3,8 +3,9 @@
 - `auto`, `exact`, `math`: the built-in checkers (checkers.py).
 - `reasoning-gym`: the task's own `score_answer` (`pip install 'lightopd[reasoning-gym]'`), given
   the content of the completion's last `<answer>` tag (else the whole completion) and the record
-  as reasoning-gym's entry: its prompt, its answer and its `metadata` field (which names the task,
-  `source_dataset`). Prompt files from `lightopd prompts reasoning-gym:TASK` carry all three.
+  as reasoning-gym's entry: its prompt, its answer and its metadata (the task's own fields, kept at
+  the top level of the record's metadata, among them `source_dataset`, which names the task).
+  Prompt files from `lightopd prompts reasoning-gym:TASK` carry all three.
   Correct when the score is 1.
 - `MODULE:FUNCTION` or `path/to/file.py:FUNCTION`: a function of your own, called once per sample as
   `FUNCTION(completion: str, reference: str | None, metadata: dict)`, where `metadata` holds the
@@ -100,10 +101,11 @@ def _reasoning_gym() -> Verifier:
     scorers: dict[str, Callable] = {}
 
     def scored(text: str, answer: str | None, metadata: dict, prompt: str) -> tuple[float, str | None]:
-        task_metadata = metadata.get("metadata")
-        task = task_metadata.get("source_dataset") if isinstance(task_metadata, dict) else None
+        nested = metadata.get("metadata")  # a store written before records' metadata objects were flattened
+        task_metadata = nested if isinstance(nested, dict) and "source_dataset" in nested else metadata
+        task = task_metadata.get("source_dataset")
         if task is None:
-            raise InputError("--checker reasoning-gym: the prompt record has no metadata.source_dataset naming its "
+            raise InputError("--checker reasoning-gym: the prompt record's metadata has no source_dataset naming its "
                              "task (write prompt files with `lightopd prompts reasoning-gym:TASK`)")
         if task not in scorers:
             try:
