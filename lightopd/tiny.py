@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+from lightopd.errors import InputError
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TEMPLATE = (  # a template whose turns do not end with the end token, as a base model's does not
@@ -33,18 +36,33 @@ def default_words(count: int) -> list[str]:
     return [f"w{i}" for i in range(count)] + ["user", "assistant", ":", "?", "what", "is"]
 
 
+PROMPT_FILES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv")
+
+
 def words_from(path: str | Path) -> list[str]:
-    """The distinct whitespace-separated words of a text file, or of every string in a JSONL file's
-    records, in order of appearance: a vocabulary in which that text decodes as it reads."""
-    text = Path(path).read_text()
-    if Path(path).suffix == ".jsonl":
-        def strings(value):
-            if isinstance(value, str):
-                yield value
-            elif isinstance(value, (list, dict)):
-                for v in value.values() if isinstance(value, dict) else value:
-                    yield from strings(v)
-        text = " ".join(s for line in text.splitlines() if line.strip() for s in strings(json.loads(line)))
+    """The distinct whitespace-separated words of a text file, or of every string in the records of a
+    prompt source (a JSONL, Parquet or CSV file, a save_to_disk directory, hf:org/name), in order of
+    appearance: a vocabulary in which that text decodes as it reads."""
+    from lightopd.data.sources import Source
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, (list, tuple, dict)):
+            for v in value.values() if isinstance(value, dict) else value:
+                yield from strings(v)
+
+    spec = str(path)
+    if Path(spec).suffix.lower() in PROMPT_FILES or Path(spec).is_dir() or spec.startswith("hf:"):
+        text = " ".join(s for _, record in Source(spec).records() for s in strings(record))
+    else:
+        try:
+            text = Path(path).read_text()
+        except UnicodeDecodeError:
+            raise InputError(f"--vocab-from {path}: not a text file (nor a prompt file: "
+                             f"{', '.join(PROMPT_FILES)}, a save_to_disk directory or hf:org/name)") from None
+        except OSError as e:
+            raise InputError(f"--vocab-from {path}: cannot read it ({e.strerror})") from None
     return list(dict.fromkeys(text.split()))
 
 
@@ -146,17 +164,25 @@ def main() -> None:
     ap.add_argument("--arch", choices=["llama", "qwen3", "gpt2"], default="llama")
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--context", type=int, default=64,
+                    help="positions the model takes (default 64): raise it for long prompts, since a prompt and "
+                         "its completion must fit (rollout says which record does not)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocab-from", type=Path, metavar="FILE", action="append", default=[],
-                    help="also give the vocabulary every word of FILE (text, or the strings of a JSONL file's "
-                         "records), so prompts written in it decode as they read (repeatable)")
+    ap.add_argument("--vocab-from", metavar="FILE", action="append", default=[],
+                    help="also give the vocabulary every word of FILE (text, or every string of the records of a "
+                         "prompt source: JSONL, Parquet, CSV, a save_to_disk directory, hf:org/name), so prompts "
+                         "written in it decode as they read (repeatable)")
     ap.add_argument("--chat-model", action="store_true",
                     help="a chat model's tokenizer: its template ends each turn with </s> and takes enable_thinking")
     args = ap.parse_args()
     words = default_words(args.words) + (CHAT_MODEL_WORDS if args.chat_model else [])
-    for path in args.vocab_from:
-        words += [w for w in words_from(path) if w not in words and w not in SPECIALS]
+    try:
+        for path in args.vocab_from:
+            words += words_from(path)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    words = [w for w in dict.fromkeys(words) if w not in SPECIALS]
     template = CHAT_MODEL_TEMPLATE if args.chat_model else CHAT_TEMPLATE
     path = make_model(args.out, words, args.arch, args.hidden, args.layers, args.context, args.seed,
                       chat_template=template)

@@ -17,7 +17,8 @@ MAX_LINES = 350
 LAYERS = [
     ("lightopd", "lightopd.errors", "lightopd.progress", "lightopd.memory", "lightopd.panels"),
     ("lightopd.options", "lightopd.hub", "lightopd.stopping"),
-    ("lightopd.objectives", "lightopd.data", "lightopd.tiny", "lightopd.report"),
+    ("lightopd.objectives", "lightopd.data", "lightopd.report"),
+    ("lightopd.tiny",),
     ("lightopd.tasks",),
     ("lightopd.specs",),
     ("lightopd.config",),

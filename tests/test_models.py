@@ -83,3 +83,31 @@ def test_provenance_round_trip(tmp_path):
 def test_auto_dtype_is_float32_on_cpu():
     assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_a_tiny_models_vocabulary_from_any_prompt_file(tmp_path):
+    """`python -m lightopd.tiny --vocab-from` reads Parquet and CSV as prompt sources (their records'
+    strings), text as text, and names a file it cannot read (exit 2, no traceback)."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    table = pa.table({"question": ["how many apples ?"], "answer": ["#### 3"], "n": [1]})
+    pq.write_table(table, tmp_path / "g.parquet")
+    (tmp_path / "g.csv").write_text("question,answer\nhow many pears ?,#### 5\n")
+    (tmp_path / "notes.txt").write_text("plain words here\n")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)))
+    run = [sys.executable, "-m", "lightopd.tiny", str(tmp_path / "m")]
+    for name in ("g.parquet", "g.csv", "notes.txt"):
+        run += ["--vocab-from", str(tmp_path / name)]
+    subprocess.run(run, check=True, capture_output=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    for text in ("how many apples ? #### 3", "how many pears ? #### 5", "plain words here"):
+        assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+    assert tokenizer.unk_token_id not in tokenizer("apples pears #### 5")["input_ids"]
+    bad = subprocess.run([sys.executable, "-m", "lightopd.tiny", str(tmp_path / "b"), "--vocab-from",
+                          str(tmp_path / "blob.bin")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a text file" in bad.stderr and "Traceback" not in bad.stderr
