@@ -261,6 +261,9 @@ class EvalConfig(Config):
     data: str | None = opt(None, "A teacher store: also measure agreement with its teacher on its rows (tail-bucket "
                                  "rkl and fkl, k1, top-1 agreement; token means).", metavar="DIR")
     out: str | None = opt(None, "Also write the result JSON to this file.", metavar="FILE")
+    group_by: str | None = opt(None, "Also score the prompts of each value of this metadata field apart (a "
+                                     "reasoning-gym task's source_dataset, a dataset's subject), beside the overall "
+                                     "score.", metavar="FIELD")
     log_samples: str | None = opt(None, "Also write every sample to this JSONL file: prompt id and text, sample index, "
                                         "completion text, the answer read from it, the reference, the verdict.",
                                   metavar="FILE")
@@ -279,6 +282,7 @@ class EvalConfig(Config):
         check(self.prompts is not None or self.render == RenderSpec(), "--chat/--system-prompt/...",
               "only with --prompts (they say how prompts are rendered)")
         check(self.prompts is not None or self.log_samples is None, "--log-samples", "only with --prompts")
+        check(self.prompts is not None or self.group_by is None, "--group-by", "only with --prompts")
         check(self.limit is None or self.limit >= 1, "--limit", f"must be >= 1, got {self.limit}")
         check(self.generation_batch_size >= 1, "--generation-batch-size",
               f"must be >= 1, got {self.generation_batch_size}")

@@ -28,6 +28,11 @@ def flatten_eval(result: dict) -> dict[str, object]:
     for k in ("rkl", "fkl", "k1", "top1_agree"):
         if k in result.get("teacher", {}):
             rows[f"teacher.{k}"] = result["teacher"][k]
+    groups = result.get("groups") or {}
+    for value, scores in (groups.get("scores") or {}).items():  # eval --group-by: each group's own rows
+        for key in ("prompts", "accuracy", "majority_accuracy"):
+            if key in scores:
+                rows[f"{key} ({groups.get('field')} = {value})"] = scores[key]
     return rows
 
 

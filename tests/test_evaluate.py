@@ -71,16 +71,23 @@ def test_end_to_end_accuracy_against_known_answers(tiny_model, tmp_path):
               for b in iter_batches(tmp_path / "greedy") for r in b.to_pylist()}
     for i, p in enumerate(prompts):
         p["answer"] = greedy[p["id"]] if i % 2 == 0 else "w39 w39 w39"
+        p["subject"] = ["even", "odd", "even", "odd", "mixed", "mixed"][i]  # right: q0 q2 q4; wrong: q1 q3 q5
     with_answers = write_jsonl(tmp_path / "answers.jsonl", prompts)
     out = tmp_path / "eval.json"
     result = last_json(run_cli("eval", "--model", str(tiny_model), "--prompts", str(with_answers), "--checker", "exact",
-                               "--temperature", "0", "--max-new-tokens", "6", "--n", "2", "--out", str(out)))
+                               "--temperature", "0", "--max-new-tokens", "6", "--n", "2", "--out", str(out),
+                               "--group-by", "subject"))
     assert result["accuracy"] == 0.5 and result["pass@k"] == {"1": 0.5, "2": 0.5}
+    groups = result["groups"]["scores"]
+    assert result["groups"]["field"] == "subject" and list(groups) == ["even", "mixed", "odd"]
+    assert [(g["prompts"], g["accuracy"], g["majority_accuracy"]) for g in groups.values()] == [
+        (2, 1.0, 1.0), (2, 0.5, 0.5), (2, 0.0, 0.0)]
     assert result["majority_accuracy"] == 0.5 and result["prompts_evaluated"] == 6
     assert 1 <= result["mean_completion_tokens"] <= 6 and 0 <= result["truncation_rate"] <= 1
     assert json.loads(out.read_text()) == result
     compared = last_json(run_cli("eval", "--compare", str(out), str(out)))
     assert compared["compare"]["eval"]["accuracy"] == 0.5
+    assert compared["compare"]["eval"]["accuracy (subject = even)"] == 1.0  # a row per group in the table
     (tmp_path / "other").mkdir()
     other = tmp_path / "other" / "eval.json"
     other.write_text(json.dumps({**result, "accuracy": 0.25}))

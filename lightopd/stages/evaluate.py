@@ -114,7 +114,23 @@ def read_checked_prompts(cfg: EvalConfig, tokenizer, info: models.ModelInfo) -> 
         raise InputError(f"{missing.where}: no reference answer (no field answer, final_answer, target, ground_truth "
                          "or solution; name it with --answer-field), so there is nothing to check its samples "
                          "against; eval needs an answer in every prompt record")
+    if cfg.group_by is not None and all(cfg.group_by not in r.metadata for r in encoded.records):
+        fields = sorted({k for r in encoded.records for k in r.metadata})
+        raise InputError(f"--group-by {cfg.group_by}: no prompt record has this metadata field (they have: "
+                         f"{', '.join(fields) or 'none'})")
     return Prompts(encoded.records, encoded.ids, provenance)
+
+
+def group_scores(prompts: Prompts, samples: Samples, n: int, field: str) -> dict:
+    """The answer metrics of the prompts of each value of metadata field `field` (records without it
+    under "(none)")."""
+    by: dict[str, list[int]] = {}
+    for i, record in enumerate(prompts.records):
+        value = record.metadata.get(field)
+        by.setdefault("(none)" if value is None else str(value), []).append(i)
+    return {"field": field, "scores": {value: {"prompts": len(index),
+                                               **answer_metrics([samples.results[i] for i in index], n)}
+                                       for value, index in sorted(by.items())}}
 
 
 def sample_and_check(sampler: Sampler, tokenizer, prompts: Prompts, cfg: EvalConfig, verify: Verifier) -> Samples:
@@ -267,6 +283,8 @@ def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
                       top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
                       checker=cfg.checking.checker, prompts_evaluated=len(prompts.records),
                       **samples.metrics(sampling.n))
+        if cfg.group_by is not None:
+            result["groups"] = group_scores(prompts, samples, sampling.n, cfg.group_by)
         if cfg.log_samples is not None:
             log_samples(cfg.log_samples, tokenizer, prompts, samples, cfg.checking.checker)
             result["log_samples"] = str(cfg.log_samples)
