@@ -30,6 +30,7 @@ from lightopd.config import (
 )
 from lightopd.demo_config import DemoConfig
 from lightopd.errors import InputError, TrainingError, full_disk
+from lightopd.merge_config import MergeConfig
 from lightopd.objectives import OBJECTIVES
 from lightopd.objectives.base import SHARED
 from lightopd.options import Option, build, describe, flag_of, metavar, options
@@ -287,15 +288,21 @@ def _rounds(values: dict, given: dict) -> None:
         _emit(result)
 
 
+@command("merge", MergeConfig, """Fold a LoRA adapter into its base model and write a plain transformers model.""")
+def _merge(values: dict, given: dict) -> None:
+    from lightopd.stages import merge
+
+    _emit(merge.run(build(MergeConfig, values)))
+
+
 @command("demo", DemoConfig, """Run the Lightning OPD recipe end to end on a bundled task, in minutes on a laptop CPU.
 
-The task is 3-digit addition. The bundled teacher (398k parameters) solves it in two formats:
-worked (the sum's digits from the last, `|`, the sum) or direct (`|`, the sum). The teacher
-writes the SFT data; a 1-layer student is SFT-trained on it, rolled out and scored by the teacher
-once; then it trains offline with an OPD objective, next to a control that spends the same steps
-on more SFT. base, SFT, SFT-more, OPD and the teacher answer held-out pairs (one sample each at
-T = 1): accuracy, and each solution format's share and accuracy. Prints a table, and the result
-as JSON on stdout (also OUT/demo.json).""")
+The task is 3-digit addition, which the bundled teacher (398k parameters) solves worked (the sum's
+digits from the last, `|`, the sum) or direct (`|`, the sum). It writes the SFT data; a 1-layer
+student is SFT-trained on it, rolled out, scored by the teacher once, and trained offline with an
+OPD objective, beside a control that spends those steps on more SFT. base, SFT, SFT-more, OPD and
+the teacher answer held-out pairs (one sample each at T = 1): a table of accuracy and each
+format's share and accuracy, and the result as JSON on stdout (also OUT/demo.json).""")
 def _demo(values: dict, given: dict) -> None:
     from lightopd.stages import demo
 

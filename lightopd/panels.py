@@ -32,8 +32,8 @@ ORDER = (MAIN, OBJECTIVE, TEACHER, OPTIMISATION, TOKENS, SAMPLING, PROMPTS, DEMO
 SPECS = {"selection": TOKENS, "sampling": SAMPLING, "prompts": PROMPTS, "source": PROMPTS, "render": PROMPTS,
          "context": TEACHER, "encoding": TEACHER, "engine": ENGINE, "checking": CHECKS}
 KEYS = {
-    MAIN: ("student", "teacher", "model", "data", "out", "prompts", "source", "tokenizer", "heldout", "rounds",
-           "verify", "show", "stats", "format", "n", "compare", "plot", "group_by"),
+    MAIN: ("student", "teacher", "model", "data", "out", "adapter", "base", "prompts", "source", "tokenizer",
+           "heldout", "rounds", "verify", "show", "stats", "format", "n", "compare", "plot", "group_by"),
     OBJECTIVE: ("objective", "recipe", "set_", "set", "teacher_weight"),
     TEACHER: ("top_k", "temperature", "teacher_top_k", "where", "teacher_name", "reference"),
     PROMPTS: ("limit",),

@@ -22,7 +22,7 @@ LAYERS = [
     ("lightopd.tasks",),
     ("lightopd.specs",),
     ("lightopd.config",),
-    ("lightopd.demo_config", "lightopd.rounds_config"),
+    ("lightopd.demo_config", "lightopd.rounds_config", "lightopd.merge_config"),
     ("lightopd.layering", "lightopd.engine"),
     ("lightopd.provenance",),
     ("lightopd.training",),

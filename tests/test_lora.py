@@ -61,6 +61,39 @@ def test_merge_lora_writes_a_plain_model_equal_to_base_plus_adapter(consistent_s
     assert changed and all(k.endswith("proj.weight") for k in changed)  # linear layers only
 
 
+def test_lightopd_merge_writes_what_merge_lora_would_and_eval_takes_an_adapter(consistent_student, teacher_store,
+                                                                               tmp_path):
+    do_train(consistent_student, teacher_store, tmp_path / "adapter", steps=3, lora_rank=4, **KW)
+    do_train(consistent_student, teacher_store, tmp_path / "merged", steps=3, lora_rank=4, merge_lora=True, **KW)
+    result = json.loads(run_cli("merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")).stdout)
+    assert result["base"] == str(consistent_student) and (tmp_path / "m" / "config.json").is_file()
+    for name, value in weights(tmp_path / "merged").items():  # train --merge-lora's own output, to float rounding
+        torch.testing.assert_close(weights(tmp_path / "m")[name], value, atol=1e-6, rtol=1e-6)
+    record = json.loads((tmp_path / "m" / "lightopd.json").read_text())
+    assert record["lora"]["merged"] is True and record["merged_from"] == str((tmp_path / "adapter").resolve())
+    assert record["sft_teacher"] == json.loads((tmp_path / "adapter" / "lightopd.json").read_text())["sft_teacher"]
+    again = run_cli("merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m"), check=False)
+    assert again.returncode == 2 and "exists" in again.stderr
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "adapter", moved)
+    record = json.loads((moved / "lightopd.json").read_text())
+    (moved / "lightopd.json").write_text(json.dumps({**record, "parent": {**record["parent"], "path": "gone"}}))
+    (moved / "adapter_config.json").write_text(json.dumps(
+        {**json.loads((moved / "adapter_config.json").read_text()), "base_model_name_or_path": "gone"}))
+    lost = run_cli("merge", str(moved), "--out", str(tmp_path / "m2"), check=False)
+    assert lost.returncode == 2 and "--base" in lost.stderr and "Traceback" not in lost.stderr
+    run_cli("merge", str(moved), "--out", str(tmp_path / "m2"), "--base", str(consistent_student))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"w{i} w{i + 2}", "answer": "w3"}) + "\n"
+                               for i in range(4)))
+    evals = [json.loads(run_cli("eval", "--model", str(model), "--prompts", str(prompts), "--temperature", "0",
+                                "--max-new-tokens", "4", "--data", str(teacher_store), "--limit", "2"
+                                ).stdout.splitlines()[-1]) for model in (tmp_path / "adapter", tmp_path / "m")]
+    assert evals[0]["accuracy"] == evals[1]["accuracy"] and evals[0]["mean_completion_tokens"] == evals[1][
+        "mean_completion_tokens"]
+    assert evals[0]["teacher"]["rkl"] == pytest.approx(evals[1]["teacher"]["rkl"], rel=1e-5)  # the same model
+
+
 def test_lora_resume_reproduces_the_uninterrupted_run(consistent_student, teacher_store, tmp_path):
     kw = dict(steps=4, save_every=2, lora_rank=4, **KW)
     do_train(consistent_student, teacher_store, tmp_path / "full", **kw)

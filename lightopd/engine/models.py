@@ -34,8 +34,8 @@ def check_model_dir(path: str | Path, what: str = "--model") -> Path:
                          "(the run's own command plus --resume), or wait if it is still running")
     if not (p / "config.json").is_file():
         if (p / "adapter_config.json").is_file():
-            raise InputError(f"{what} {path}: a LoRA adapter, not a model; train with --merge-lora to write the "
-                             "merged model, or merge it with peft (PeftModel.from_pretrained(...).merge_and_unload())")
+            raise InputError(f"{what} {path}: a LoRA adapter, not a model; write the merged model with `lightopd "
+                             f"merge {path} --out DIR` (or train with --merge-lora), and use that")
         raise InputError(f"{what} {path}: not a Hugging Face model directory (no config.json)")
     if not weight_files(p):
         raise InputError(

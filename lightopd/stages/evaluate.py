@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -45,12 +46,14 @@ from lightopd.engine.samplers import (
     open_sampler,
 )
 from lightopd.errors import InputError
+from lightopd.hub import locate
 from lightopd.objectives.diagnostics import diagnostics
 from lightopd.objectives.divergences import ForwardKL, ReverseKL
 from lightopd.progress import StageProgress, console, warn
 from lightopd.provenance import tokenizer_fingerprint
 from lightopd.report import compare_results, eval_result_problem, render_eval, setting_differences
 from lightopd.specs import load_prompts
+from lightopd.stages import merge
 from lightopd.tasks.checkers import reference_answer
 from lightopd.tasks.verifiers import CHECKERS, Verifier, open_verifier
 from lightopd.training.chunk import chunk_inputs
@@ -201,6 +204,7 @@ def teacher_agreement(model, vocab: int, store: str, micro_batch_tokens: int, li
                     sums["top1_agree"] += float(diag["top1_agree"].sum())
                 tokens += len(mb.targets)
             bar.advance(items=batch.num_rows, tokens=batches.tokens)
+        bar.add_total(rows - bar.total)  # --limit: the rows of the first prompts were all there was to do
     return {**{name: total / tokens for name, total in sums.items()}, "tokens": tokens, "rows": rows,
             "prompts": first.count, "store": str(store), "teacher": manifest["teacher"]["path"], "top_k": k,
             "teacher_context": teacher_context(manifest)}
@@ -261,7 +265,12 @@ def settings(cfg: EvalConfig, prompts: Prompts | None, store: dict | None) -> di
 def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
     """The evaluation; `opened` holds what it opens for as long as it runs (a user checker's process)."""
     spec, sampling = cfg.model, cfg.sampling
-    model_dir = models.check_model_dir(spec.path)
+    if merge.is_adapter(locate(spec.path).path):  # evaluated merged into its base, in a temporary copy ($TMPDIR)
+        merged = Path(opened.enter_context(tempfile.TemporaryDirectory(prefix="lightopd-merged-"))) / "model"
+        base = merge.merge(locate(spec.path).path, merged, None, spec.trust_remote_code, "--model")["base"]
+        console.print(f"--model {spec.path}: a LoRA adapter, evaluated merged into its base {base}", highlight=False,
+                      soft_wrap=True)
+    model_dir = merged if merge.is_adapter(locate(spec.path).path) else models.check_model_dir(spec.path)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
     result: dict = {"command": "eval", "model": str(spec.path)}
     info = engine_context(models.model_info(model_dir, tokenizer, spec.trust_remote_code), cfg.engine)
