@@ -5,6 +5,7 @@ the consistency experiment."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.table import Table
@@ -105,6 +106,56 @@ def compare_results(results: list[dict], names: list[str], plot: str | None = No
         series = {name: {k: v for k, v in values.items() if k in BOUNDED or k.startswith("pass@")}
                   for name, values in flat.items()}
         summary["plot"] = str(bars(plot, series, "lightopd eval"))
+    return summary
+
+
+NOT_CURVES = ("step", "tokens", "rows", "tokens_per_s", "seconds")  # a metrics.jsonl line's counts, not curves
+
+
+def run_curves(paths: list[str], plot: str | None = None) -> dict:
+    """Training runs side by side from their metrics.jsonl files: a table of each one's last step, and
+    with `plot` a PNG of every curve (loss, lr, grad_norm, the objective's diagnostics) against the step."""
+    runs: dict[str, list[dict]] = {}
+    for p in paths:
+        try:
+            lines = [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            raise InputError(f"--compare {p}: not a readable metrics.jsonl ({type(e).__name__}: {e})") from None
+        if not lines or not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in lines):
+            raise InputError(f"--compare {p}: not a training run's metrics.jsonl (a JSON line per step)")
+        name = Path(p).parent.name or Path(p).stem
+        runs[name if name not in runs else p] = lines
+    keys = list(dict.fromkeys(k for lines in runs.values() for r in lines for k, v in r.items()
+                              if k not in NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)))
+    table = Table(title="lightopd train: the last step", title_justify="left")
+    table.add_column("metric", style="bold")
+    for name in runs:
+        table.add_column(name, justify="right")
+    table.add_row("step", *[str(lines[-1]["step"]) for lines in runs.values()])
+    for key in keys:
+        table.add_row(key, *[f"{lines[-1][key]:.4g}" if key in lines[-1] else "-" for lines in runs.values()])
+    console.print(table)
+    summary = {"command": "eval", "runs": {name: {"steps": lines[-1]["step"], "last": {k: lines[-1].get(k)
+                                                                                      for k in keys}}
+                                           for name, lines in runs.items()}}
+    if plot is not None:
+        plt = _pyplot()
+        cols = 3
+        fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(12, 3 * ((len(keys) + 2) // cols)),
+                                 squeeze=False)
+        for ax, key in zip(axes.flat, keys, strict=False):
+            for name, lines in runs.items():
+                points = [(r["step"], r[key]) for r in lines if isinstance(r.get(key), (int, float))]
+                if points:
+                    ax.plot(*zip(*points, strict=True), label=name)
+            ax.set_title(key)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(keys):]:
+            ax.axis("off")
+        axes.flat[0].legend()
+        fig.supxlabel("step")
+        fig.tight_layout()
+        summary["plot"] = str(_save(fig, plt, plot))
     return summary
 
 

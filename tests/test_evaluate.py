@@ -114,6 +114,31 @@ def test_compare_writes_a_bar_chart(tmp_path):
     assert images[0].tobytes() != images[1].tobytes()  # the bars' heights are drawn from the results
 
 
+def test_compare_draws_the_training_curves_of_runs(tmp_path):
+    """`eval --compare RUN/metrics.jsonl ... --plot PNG`: each run's last step, and every curve."""
+    pytest.importorskip("matplotlib", reason="charts need the optional plot extra")
+    from PIL import Image
+
+    def run(name: str, losses: list[float]) -> str:
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "metrics.jsonl"
+        path.write_text("".join(json.dumps({"step": i + 1, "loss": loss, "lr": 1e-3 * (i + 1), "grad_norm": 2.0,
+                                            "k1": loss / 2, "tokens": 100, "tokens_per_s": 9.0}) + "\n"
+                                for i, loss in enumerate(losses)))
+        return str(path)
+
+    png = tmp_path / "curves.png"
+    proc = run_cli("eval", "--compare", run("a", [3.0, 2.0, 1.5]), run("b", [3.0, 2.5]), "--plot", str(png))
+    summary = last_json(proc)
+    assert summary["runs"]["a"] == {"steps": 3, "last": {"loss": 1.5, "lr": 3e-3, "grad_norm": 2.0, "k1": 0.75}}
+    assert summary["runs"]["b"]["steps"] == 2 and summary["plot"] == str(png)
+    assert Image.open(png).size[0] > 800 and "the last step" in proc.stderr
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.jsonl").write_text('{"accuracy": 1}\n')
+    bad = run_cli("eval", "--compare", str(tmp_path / "c" / "metrics.jsonl"), check=False)
+    assert bad.returncode == 2 and "not a training run's metrics.jsonl" in bad.stderr
+
+
 def test_limit_applies_to_the_teacher_store(tiny_model, teacher_store):
     """--limit N measures agreement on the rows of the store's first N prompts, and only those."""
     rows = read_rows(teacher_store)

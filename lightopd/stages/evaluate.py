@@ -51,7 +51,7 @@ from lightopd.objectives.diagnostics import diagnostics
 from lightopd.objectives.divergences import ForwardKL, ReverseKL
 from lightopd.progress import StageProgress, console, warn
 from lightopd.provenance import tokenizer_fingerprint
-from lightopd.report import compare_results, eval_result_problem, render_eval, setting_differences
+from lightopd.report import compare_results, eval_result_problem, render_eval, run_curves, setting_differences
 from lightopd.specs import load_prompts
 from lightopd.stages import merge
 from lightopd.tasks.checkers import reference_answer
@@ -321,7 +321,10 @@ def _not_json(constant: str):
 
 
 def compare(paths: list[str], plot: str | None = None) -> dict:
-    """Saved eval results side by side (a table, and with `plot` a PNG chart)."""
+    """Saved eval results side by side (a table, and with `plot` a PNG chart); or training runs' metrics.jsonl
+    files, their last steps and (`plot`) their curves."""
+    if paths and all(Path(p).suffix == ".jsonl" for p in paths):
+        return run_curves(paths, plot)
     results = []
     for p in paths:
         try:
