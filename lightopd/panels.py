@@ -36,7 +36,7 @@ KEYS = {
            "heldout", "rounds", "verify", "show", "stats", "format", "n", "compare", "plot", "group_by"),
     OBJECTIVE: ("objective", "recipe", "set_", "set", "teacher_weight"),
     TEACHER: ("top_k", "temperature", "teacher_top_k", "where", "teacher_name", "reference"),
-    PROMPTS: ("limit",),
+    PROMPTS: ("limit", "task_config"),
     DEMO: ("sft_prompts", "sft_steps", "sft_lr", "sft_batch_size", "opd_prompts", "opd_samples", "opd_steps", "opd_lr",
            "opd_batch_size", "heldout_prompts", "student_hidden", "student_layers", "student_heads", "student_arch",
            "student_dropout", "context"),
