@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -36,16 +35,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, make_bench_model  # noqa: E402
-from tail import confident_scale, log_softmax64, logits64  # noqa: E402
+from common import machine  # noqa: E402
+from tail import bench_world, log_softmax64, logits64  # noqa: E402
 
 from lightopd import objectives as O  # noqa: E402
-from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
+from lightopd.config import ScoreConfig  # noqa: E402
 from lightopd.data.reader import iter_batches  # noqa: E402
 from lightopd.data.store import open_store  # noqa: E402
 from lightopd.data.store_stats import column_bytes  # noqa: E402
 from lightopd.objectives.stats import logprob_stats  # noqa: E402
-from lightopd.stages import rollout, score  # noqa: E402
+from lightopd.stages import score  # noqa: E402
 
 PAIRS = [(4, 8), (8, 16), (16, 32), (32, 64)]  # (K, M)
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "teacher_log_tail")
@@ -113,26 +112,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        student = make_bench_model(tmp / "student", seed=0)
-        teachers = {"bench": make_bench_model(tmp / "teacher", seed=1)}
+        student, teachers, rollouts = bench_world(tmp, args.prompts, {"confident": 1e-6, "flat": 0.3})
         from transformers import AutoModelForCausalLM
 
-        for label, tail in (("confident", 1e-6), ("flat", 0.3)):
-            scaled = AutoModelForCausalLM.from_pretrained(teachers["bench"])
-            with torch.no_grad():
-                scaled.lm_head.weight.mul_(confident_scale(scaled, tail))
-            scaled.save_pretrained(tmp / label)
-            for name in ("tokenizer.json", "tokenizer_config.json", "lightopd.json"):
-                if (teachers["bench"] / name).is_file():
-                    (tmp / label / name).write_bytes((teachers["bench"] / name).read_bytes())
-            teachers[label] = tmp / label
-        rng = random.Random(0)
-        prompts = tmp / "prompts.jsonl"
-        prompts.write_text("".join(
-            json.dumps({"prompt": " ".join(f"w{rng.randrange(31990)}" for _ in range(rng.randint(16, 128)))}) + "\n"
-            for _ in range(args.prompts)))
-        rollout.run(RolloutConfig.of(model=str(student), prompts=str(prompts), out=str(tmp / "r"), n=2,
-                                     max_new_tokens=128, prompts_per_shard=16, device="cpu"))
         s64 = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float64).eval()
         result = {"benchmark": "sampled_support", "machine": machine(), "teachers": {}}
         for teacher_name, teacher in teachers.items():
@@ -140,7 +122,7 @@ def main() -> None:
             refs, per_pair = None, []
             for k, m in PAIRS:
                 store = tmp / f"{teacher_name}-{k}-{m}"
-                score.run(ScoreConfig.of(teacher=str(teacher), data=str(tmp / "r"), out=str(store), top_k=k,
+                score.run(ScoreConfig.of(teacher=str(teacher), data=str(rollouts), out=str(store), top_k=k,
                                          support_samples=m, device="cpu"))
                 rows = [r for b in iter_batches(store) for r in b.to_pylist()][: args.rows]
                 refs = refs if refs is not None else [

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -30,16 +29,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, make_bench_model  # noqa: E402
-from tail import NAMES, confident_scale, log_softmax64, logits64, reference  # noqa: E402
+from common import machine  # noqa: E402
+from tail import NAMES, bench_world, log_softmax64, logits64, reference  # noqa: E402
 
 from lightopd import objectives as O  # noqa: E402
-from lightopd.config import RolloutConfig, ScoreConfig  # noqa: E402
+from lightopd.config import ScoreConfig  # noqa: E402
 from lightopd.data.reader import iter_batches  # noqa: E402
 from lightopd.data.store import open_store  # noqa: E402
 from lightopd.data.store_stats import column_bytes  # noqa: E402
 from lightopd.objectives.stats import logprob_stats  # noqa: E402
-from lightopd.stages import rollout, score  # noqa: E402
+from lightopd.stages import score  # noqa: E402
 
 K = 32
 ENCODINGS = {
@@ -107,31 +106,13 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        student = make_bench_model(tmp / "student", seed=0)
-        teachers = {"bench": make_bench_model(tmp / "teacher", seed=1)}
-        from transformers import AutoModelForCausalLM
-
-        confident = AutoModelForCausalLM.from_pretrained(teachers["bench"])
-        with torch.no_grad():
-            confident.lm_head.weight.mul_(confident_scale(confident))
-        confident.save_pretrained(tmp / "confident")
-        for name in ("tokenizer.json", "tokenizer_config.json", "lightopd.json"):
-            if (teachers["bench"] / name).is_file():
-                (tmp / "confident" / name).write_bytes((teachers["bench"] / name).read_bytes())
-        teachers["confident"] = tmp / "confident"
-        rng = random.Random(0)
-        prompts = tmp / "prompts.jsonl"
-        prompts.write_text("".join(
-            json.dumps({"prompt": " ".join(f"w{rng.randrange(31990)}" for _ in range(rng.randint(16, 128)))}) + "\n"
-            for _ in range(args.prompts)))
-        rollout.run(RolloutConfig.of(model=str(student), prompts=str(prompts), out=str(tmp / "r"), n=2,
-                                     max_new_tokens=128, prompts_per_shard=16, device="cpu"))
+        student, teachers, rollouts = bench_world(tmp, args.prompts, {"confident": 1e-6})
         result = {"benchmark": "store_encodings", "machine": machine(), "top_k": K, "teachers": {}}
         for teacher_name, teacher in teachers.items():
             refs, per_encoding = None, {}
             for label, options in ENCODINGS.items():
                 store = tmp / f"{teacher_name}-{label.replace(' ', '_').replace(',', '')}"
-                score.run(ScoreConfig.of(teacher=str(teacher), data=str(tmp / "r"), out=str(store), top_k=K,
+                score.run(ScoreConfig.of(teacher=str(teacher), data=str(rollouts), out=str(store), top_k=K,
                                          device="cpu", **options))
                 rows = [r for b in iter_batches(store) for r in b.to_pylist()][: args.rows]
                 refs = refs if refs is not None else references(student, teacher, rows)

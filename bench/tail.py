@@ -89,6 +89,39 @@ def confident_scale(model, target: float = 1e-6) -> float:
     return high
 
 
+def scaled_teacher(source: Path, out: Path, tail: float) -> Path:
+    """A copy of the teacher at `source` with its output layer scaled (confident_scale) until the median
+    mass outside its top-K is `tail`, with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(confident_scale(model, tail))
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "lightopd.json"):
+        if (source / name).is_file():
+            (out / name).write_bytes((source / name).read_bytes())
+    return out
+
+
+def bench_world(tmp: Path, prompts: int, tails: dict[str, float]) -> tuple[Path, dict[str, Path], Path]:
+    """The bench world of the store benchmarks: a 32k-vocabulary student's rollouts (`prompts` prompts
+    of 16 to 128 words × 2 samples of 128 tokens), and the bench teacher beside its copies scaled to
+    each of `tails` (name: median mass outside the top-K). Returns (student, teachers, rollouts)."""
+    student = make_bench_model(tmp / "student", seed=0)
+    teachers = {"bench": make_bench_model(tmp / "teacher", seed=1)}
+    for label, tail in tails.items():
+        teachers[label] = scaled_teacher(teachers["bench"], tmp / label, tail)
+    rng = random.Random(0)
+    source = tmp / "prompts.jsonl"
+    source.write_text("".join(
+        json.dumps({"prompt": " ".join(f"w{rng.randrange(31990)}" for _ in range(rng.randint(16, 128)))}) + "\n"
+        for _ in range(prompts)))
+    rollout.run(RolloutConfig.of(model=str(student), prompts=str(source), out=str(tmp / "r"), n=2,
+                                 max_new_tokens=128, prompts_per_shard=16, device="cpu"))
+    return student, teachers, tmp / "r"
+
+
 def summary(values: list[float]) -> dict:
     return {"median": float(np.median(values)), "worst": float(np.max(values))}
 

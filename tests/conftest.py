@@ -72,3 +72,13 @@ def teacher_store(tmp_path_factory, teacher_model, rollout_store) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "store"
     do_score(teacher_model, rollout_store, out, top_k=6)
     return out
+
+
+@pytest.fixture
+def card_rollouts(tiny_model, tmp_path) -> Path:
+    """A rollout store sampled at a model card's settings: 8 prompts × 2 at T = 0.6, top-p 0.95, top-k 20."""
+    records = [{"id": f"p{i}", "prompt": f"w{i} w{i + 3} w{i % 4}"} for i in range(8)]
+    out = tmp_path / "r"
+    do_rollout(tiny_model, write_jsonl(tmp_path / "p.jsonl", records), out, n=2, max_new_tokens=10,
+               temperature=0.6, top_p=0.95, top_k=20)
+    return out

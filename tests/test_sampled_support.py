@@ -15,7 +15,7 @@ from lightopd.data.support_draws import row_uniforms
 from lightopd.errors import InputError
 from lightopd.objectives import Inputs, lookup
 from lightopd.objectives.stats import draw_support, logprob_stats
-from tests.helpers import do_rollout, do_score, do_train, metrics, read_rows, write_jsonl
+from tests.helpers import do_score, do_train, metrics, read_rows
 from tests.reference import completion_logits, log_softmax64
 
 
@@ -101,15 +101,6 @@ def test_the_sampled_estimate_and_its_gradient_are_unbiased():
                                        topk_logprobs=torch.from_numpy(-np.sort(-lp, 1)[:, :4]),
                                        teacher_log_tail=torch.from_numpy(np.log(np.sort(p, 1)[:, :-4].sum(1)))))
     assert (top_k.numpy() < value - 5 * se).any()  # the top-4 with its tail bucket is biased low; the draws are not
-
-
-@pytest.fixture
-def card_rollouts(tiny_model, tmp_path):
-    records = [{"id": f"p{i}", "prompt": f"w{i} w{i + 3} w{i % 4}"} for i in range(8)]
-    out = tmp_path / "r"
-    do_rollout(tiny_model, write_jsonl(tmp_path / "p.jsonl", records), out, n=2, max_new_tokens=10,
-               temperature=0.6, top_p=0.95, top_k=20)
-    return out
 
 
 def test_a_store_keeps_the_draws_and_their_teacher_log_probs(teacher_model, card_rollouts, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from lightopd.data.store import open_store
 from lightopd.data.topk_layout import by_id, descending, round_significand
-from tests.helpers import do_rollout, do_score, do_train, metrics, read_rows, write_jsonl
+from tests.helpers import do_score, do_train, metrics, read_rows
 
 
 def test_significand_rounding_matches_a_hand_formula():
@@ -44,15 +44,6 @@ def test_id_order_is_the_descending_order_rearranged():
     back_ids, back_lps = descending(stored_ids, stored_lps)
     np.testing.assert_array_equal(back_ids, ids)
     np.testing.assert_array_equal(back_lps, lps)
-
-
-@pytest.fixture
-def card_rollouts(tiny_model, tmp_path):
-    records = [{"id": f"p{i}", "prompt": f"w{i} w{i + 3} w{i % 4}"} for i in range(8)]
-    out = tmp_path / "r"
-    do_rollout(tiny_model, write_jsonl(tmp_path / "p.jsonl", records), out, n=2, max_new_tokens=10,
-               temperature=0.6, top_p=0.95, top_k=20)
-    return out
 
 
 def _pairs(row, k):
