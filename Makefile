@@ -39,7 +39,7 @@ demo: $(SETUP)
 test: $(SETUP)
 	$(PYTHON) -m pytest
 
-# Unit and numerics tests, without the end-to-end runs marked slow: a few minutes
+# Unit and numerics tests, without the end-to-end runs marked slow: about a minute
 test-fast: $(SETUP)
 	$(PYTHON) -m pytest -m "not slow"
 

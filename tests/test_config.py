@@ -160,6 +160,7 @@ def test_objective_requirements_reach_the_demo_config():
         DemoConfig.of(objective="grpo", opd_samples=1)
 
 
+@pytest.mark.slow
 def test_cli_recipe_with_a_steps_flag_runs(tiny_model, rollout_store, tmp_path):
     """Flags override the recipe (--steps 3 replaces its epochs = 1) and --set (--lr over lr=1e-4)."""
     out = tmp_path / "sft"
@@ -171,6 +172,7 @@ def test_cli_recipe_with_a_steps_flag_runs(tiny_model, rollout_store, tmp_path):
     assert all(m["rows"] == 4 for m in metrics(out))
 
 
+@pytest.mark.slow
 def test_opd_seq_refuses_a_store_with_one_sample_per_prompt(tiny_model, teacher_model, prompts_file, tmp_path):
     do_rollout(tiny_model, prompts_file, tmp_path / "r", n=1, max_new_tokens=4)
     do_score(teacher_model, tmp_path / "r", tmp_path / "t", top_k=4)

@@ -35,6 +35,7 @@ def chat_pair(tmp_path_factory):
     return student, teacher, rollouts
 
 
+@pytest.mark.slow
 def test_teacher_logprobs_under_a_template_equal_a_direct_forward(chat_pair, tmp_path):
     """At k < V, temperature 0.7 and a chat template with a system turn and template options: every
     statistic equals a float64 forward of the independently rendered teacher prompt + the completion."""

@@ -15,6 +15,8 @@ from lightopd.stages import demo
 from lightopd.tasks import addition as A
 from tests.helpers import last_json, read_rows, run_cli
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
+
 
 def test_task_formats_answers_and_splits():
     assert A.solution(123, 456, "worked") == "975|579"

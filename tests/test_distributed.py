@@ -20,6 +20,8 @@ from lightopd.data.store import open_store
 from lightopd.errors import InputError
 from tests.helpers import last_json, metrics, run_cli, weights
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
+
 TRAIN = ["--steps", "5", "--batch-size", "4", "--lr", "3e-4", "--micro-batch-tokens", "24", "--seed", "3"]
 
 

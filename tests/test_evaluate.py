@@ -61,6 +61,7 @@ def test_teacher_agreement_equals_full_vocabulary_reference(tiny_model, teacher_
     assert got["top1_agree"] == pytest.approx(np.mean(agree))
 
 
+@pytest.mark.slow
 def test_end_to_end_accuracy_against_known_answers(tiny_model, tmp_path):
     """Answers set to the model's own greedy output for half the prompts: accuracy is exactly 1/2."""
     prompts = [{"id": f"q{i}", "prompt": f"w{i} w{i + 1}"} for i in range(6)]
@@ -149,6 +150,7 @@ def test_limit_applies_to_the_teacher_store(tiny_model, teacher_store):
     assert got["tokens"] == sum(len(r["completion_ids"]) for r in kept)
 
 
+@pytest.mark.slow
 def test_compare_warns_when_settings_differ_and_refuses_options_it_ignores(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w1", "answer": "w2"}, {"prompt": "w3", "answer": "w4"}])
     for name, extra in (("a", []), ("b", []), ("c", ["--n", "2", "--limit", "1"])):

@@ -9,10 +9,13 @@ import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from transformers import AutoTokenizer
 
 from lightopd.data.reader import iter_batches
 from tests.helpers import do_rollout, last_json, read_rows, run_cli, write_jsonl
+
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
 
 
 def test_a_gsm8k_file_goes_through_every_stage(tiny_model, teacher_model, tmp_path):

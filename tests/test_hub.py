@@ -13,6 +13,8 @@ import pytest
 from lightopd.provenance import model_fingerprint
 from tests.helpers import last_json, run_cli, write_jsonl
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NO_NETWORK = "http://127.0.0.1:9"  # any request fails at once
 

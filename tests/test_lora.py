@@ -61,6 +61,7 @@ def test_merge_lora_writes_a_plain_model_equal_to_base_plus_adapter(consistent_s
     assert changed and all(k.endswith("proj.weight") for k in changed)  # linear layers only
 
 
+@pytest.mark.slow
 def test_lightopd_merge_writes_what_merge_lora_would_and_eval_takes_an_adapter(consistent_student, teacher_store,
                                                                                tmp_path):
     do_train(consistent_student, teacher_store, tmp_path / "adapter", steps=3, lora_rank=4, **KW)
@@ -115,6 +116,7 @@ def test_lora_without_peft_is_exit_2(consistent_student, teacher_store, tmp_path
         do_train(consistent_student, teacher_store, tmp_path / "b", steps=1, lora_rank=4, **KW)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_adapter_of_one_process(consistent_student, teacher_store, tmp_path):
     from tests.test_distributed import torchrun
 
@@ -128,6 +130,7 @@ def test_two_ranks_train_the_adapter_of_one_process(consistent_student, teacher_
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_fsdp_trains_the_adapter_of_one_process_resumes_exactly_and_merges(consistent_student, teacher_store,
                                                                              tmp_path):
     """Under --fsdp the base and the adapters are sharded together; checkpoints hold each rank's shards

@@ -85,6 +85,7 @@ def test_auto_dtype_is_float32_on_cpu():
     assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_a_tiny_models_vocabulary_from_any_prompt_file(tmp_path):
     """`python -m lightopd.tiny --vocab-from` reads Parquet and CSV as prompt sources (their records'
     strings), text as text, and names a file it cannot read (exit 2, no traceback)."""

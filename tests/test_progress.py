@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 from lightopd.progress import StageProgress
 from tests.helpers import last_json, run_cli, write_jsonl
 
@@ -24,6 +26,7 @@ def test_a_stuck_stage_keeps_writing_its_count(capsys, monkeypatch):
     assert lines[0].startswith("score-teacher: 0/3") and "eta -:--:--" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_redirected_run_logs_plain_progress_lines(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": f"w{i} w{i + 1}"} for i in range(6)])
     proc = run_cli("rollout", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(tmp_path / "r"),

@@ -162,6 +162,7 @@ def test_metadata_that_is_not_finite_is_written_as_null(tmp_path, tiny_model):
     json.loads((tmp_path / "r" / "manifest.json").read_text(), parse_constant=strict)
 
 
+@pytest.mark.slow
 def test_the_mapping_is_part_of_the_prompt_fingerprint(tmp_path, tiny_model):
     """The same file read with another mapping is other prompts: the stores say so."""
     path = write_jsonl(tmp_path / "p.jsonl", [{"question": "w1 w2", "title": "w3", "answer": "4"}])
@@ -188,6 +189,7 @@ def test_save_to_disk_directories(tmp_path):
         read_prompts(Source(str(tmp_path / "ds"), split="dev"))
 
 
+@pytest.mark.slow
 def test_rollout_records_the_models_sft_teacher(tiny_model, prompts_file, tmp_path):
     import shutil
 

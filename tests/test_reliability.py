@@ -18,6 +18,8 @@ from lightopd.data.lock import LOCK, exclusive
 from lightopd.provenance import read_provenance
 from tests.helpers import Exploit, cli, last_json, metrics, run_cli, weights
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
+
 
 def train_args(student, store, out, *extra):
     return ["train", "--student", str(student), "--data", str(store), "--out", str(out), "--batch-size", "4",

@@ -83,6 +83,7 @@ def test_long_prompts_error_skip_or_truncate(tiny_model):
     assert encode_all(renderer, records, 8, long_prompts="truncate").ids[1] == text_ids(tok, "w3 w4 w5 w6 w7 w8 w9")
 
 
+@pytest.mark.slow
 def test_rollout_and_eval_render_alike_and_the_store_records_how(chat_model, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "w1 w2", "answer": "3", "level": 1},
                                                  {"question": "w3", "answer": "4", "level": 2}])

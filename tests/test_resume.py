@@ -9,8 +9,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from lightopd.data.reader import verify
 from tests.helpers import do_rollout, last_json, read_rows, run_cli, write_jsonl
+
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
 
 
 def _args(model, prompts, out):

@@ -48,6 +48,7 @@ def test_rewards_are_the_builtin_checkers_verdicts(tiny_model, answered, tmp_pat
     assert [r["reward"] for r in read_rows(tmp_path / "t")] == [r["reward"] for r in rows]
 
 
+@pytest.mark.slow
 def test_a_graded_score_is_kept_and_eval_agrees(tiny_model, answered, tmp_path, monkeypatch):
     (tmp_path / "graded.py").write_text(CHECKER)
     monkeypatch.chdir(tmp_path)
@@ -68,6 +69,7 @@ def test_a_graded_score_is_kept_and_eval_agrees(tiny_model, answered, tmp_path, 
     assert graded, "scores that are not 0/1 are kept as given"
 
 
+@pytest.mark.slow
 def test_the_reward_command_rescores_a_store_without_sampling(tiny_model, answered, tmp_path, monkeypatch):
     """Same rows, rewards of the new checker; rollout and teacher stores alike; the result verifies."""
     (tmp_path / "graded.py").write_text(CHECKER)
@@ -103,6 +105,7 @@ def test_reward_summary_of_a_hand_built_store():
                    "prompts_all_pass": 1, "prompts_none_pass": 2, "prompts_all_equal_share": 0.5}
 
 
+@pytest.mark.slow
 def test_grpo_and_kdrl_train_on_rewards_and_refuse_a_store_without(tiny_model, answered, tmp_path, monkeypatch,
                                                                    capsys):
     (tmp_path / "graded.py").write_text(CHECKER)
@@ -128,6 +131,7 @@ def test_grpo_and_kdrl_train_on_rewards_and_refuse_a_store_without(tiny_model, a
     assert code == 0 and "every group-relative advantage is 0" in err
 
 
+@pytest.mark.slow
 def test_row_weights_reach_the_loss(tiny_model, teacher_model, answered, tmp_path, monkeypatch, capsys):
     (tmp_path / "graded.py").write_text(CHECKER)
     monkeypatch.chdir(tmp_path)

@@ -132,6 +132,7 @@ def test_n_larger_than_batch_size(tiny_model, prompts_file, tmp_path):
     assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(p, j) for p in ("p0", "p1", "p2") for j in range(5)]
 
 
+@pytest.mark.slow
 def test_two_concurrent_workers_write_the_rows_of_one_process(tiny_model, prompts_file, tmp_path):
     args = ["rollout", "--model", str(tiny_model), "--prompts", str(prompts_file), "--out", str(tmp_path / "two"),
             "--n", "2", "--max-new-tokens", "8", "--prompts-per-shard", "3"]

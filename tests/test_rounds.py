@@ -21,6 +21,8 @@ from lightopd.provenance import model_fingerprint, read_provenance
 from tests.helpers import cli, last_json, read_rows, run_cli, weights, write_jsonl
 from tests.reference import completion_logits, log_softmax64
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
+
 
 @pytest.fixture
 def args(consistent_student, teacher_model, tmp_path):

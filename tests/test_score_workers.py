@@ -9,9 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from lightopd.data.reader import verify
 from lightopd.data.store import open_store
 from tests.helpers import do_rollout, do_score, last_json, read_rows, run_cli, run_workers, write_jsonl
+
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
 
 
 def test_two_concurrent_workers_fill_one_store(teacher_model, rollout_store, tmp_path):

@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.helpers import cli, last_json, run_cli
+
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
 
 
 def test_kill_9_loses_only_steps_since_the_last_checkpoint(tiny_model, teacher_model, teacher_store, tmp_path):

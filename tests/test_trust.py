@@ -57,6 +57,8 @@ def _teacher_rows(k: int, topk_per_row: list[int]) -> pa.Table:
         "teacher_entropy": pa.array([[0.5] * n for n in lengths], pa.list_(pa.float32())),
         "teacher_prompt_ids": pa.nulls(2, pa.list_(pa.int32())),
         "reference_logprobs": pa.nulls(2, pa.list_(pa.float32())),
+        "support_ids": pa.nulls(2, pa.list_(pa.int32())),
+        "support_logprobs": pa.nulls(2, pa.list_(pa.float16())),
     }
     return pa.Table.from_arrays([*rollouts.columns, *extra.values()], schema=teacher_schema())
 
@@ -184,6 +186,7 @@ def _limit(size: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_scoring_is_one_line_and_leaves_no_temporary(teacher_model, rollout_store, tmp_path):
     out = tmp_path / "t"
     args = [sys.executable, "-m", "lightopd", "score-teacher", "--teacher", str(teacher_model), "--data",
@@ -199,6 +202,7 @@ def test_a_full_disk_while_scoring_is_one_line_and_leaves_no_temporary(teacher_m
     assert run_cli("inspect", "--verify", str(out), check=False).returncode == 0
 
 
+@pytest.mark.slow
 def test_eval_out_replaces_a_symlink_and_leaves_its_target(tiny_model, tmp_path):
     precious = tmp_path / "precious.txt"
     precious.write_text("keep")
@@ -211,6 +215,7 @@ def test_eval_out_replaces_a_symlink_and_leaves_its_target(tiny_model, tmp_path)
     assert not (tmp_path / "r.json").is_symlink() and json.loads((tmp_path / "r.json").read_text())["command"] == "eval"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_is_a_symlink_is_skipped_and_only_the_link_removed(tiny_model, teacher_store, tmp_path):
     out = tmp_path / "run"
     common = ["train", "--student", str(tiny_model), "--data", str(teacher_store), "--out", str(out), "--batch-size",

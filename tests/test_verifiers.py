@@ -20,6 +20,8 @@ from lightopd.tasks.isolated import CheckerProcess
 from lightopd.tasks.verifiers import open_verifier
 from tests.helpers import last_json, run_cli, write_jsonl
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes: `make test-fast` leaves them out
+
 CHECKER = '''
 def by_level(completion, reference, metadata):
     """Correct exactly when the record's level is 2: a verdict the completion cannot change."""
