@@ -27,6 +27,15 @@ console = Console(stderr=True)
 INTERVAL = "LIGHTOPD_PROGRESS_SECONDS"  # seconds between plain progress lines (not on a terminal)
 
 
+def interval() -> float:
+    """Seconds between plain progress lines: LIGHTOPD_PROGRESS_SECONDS when it is a positive number, else 30."""
+    try:
+        value = float(os.environ.get(INTERVAL, 30))
+    except ValueError:
+        value = 0.0
+    return value if value > 0 and value == value else 30.0
+
+
 def _clock(seconds: float | None) -> str:
     if seconds is None:
         return "-:--:--"
@@ -71,8 +80,7 @@ class StageProgress:
     def __enter__(self) -> StageProgress:
         if self._plain:
             self.line()
-            self._timer = threading.Thread(target=self._every, args=(float(os.environ.get(INTERVAL, 30)),),
-                                           daemon=True)
+            self._timer = threading.Thread(target=self._every, args=(interval(),), daemon=True)
             self._timer.start()
         self._progress.start()
         return self

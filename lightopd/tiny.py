@@ -36,7 +36,7 @@ def default_words(count: int) -> list[str]:
     return [f"w{i}" for i in range(count)] + ["user", "assistant", ":", "?", "what", "is"]
 
 
-PROMPT_FILES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv")
+PROMPT_FILES = (".jsonl", ".ndjson", ".parquet", ".csv")
 
 
 def words_from(path: str | Path) -> list[str]:

@@ -84,6 +84,8 @@ def test_lightopd_merge_writes_what_merge_lora_would_and_eval_takes_an_adapter(c
     lost = run_cli("merge", str(moved), "--out", str(tmp_path / "m2"), check=False)
     assert lost.returncode == 2 and "--base" in lost.stderr and "Traceback" not in lost.stderr
     run_cli("merge", str(moved), "--out", str(tmp_path / "m2"), "--base", str(consistent_student))
+    other = run_cli("merge", str(moved), "--out", str(tmp_path / "m3"), "--base", str(tmp_path / "merged"), check=False)
+    assert other.returncode == 2 and "not the model it was trained on" in other.stderr  # its recorded fingerprint
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"w{i} w{i + 2}", "answer": "w3"}) + "\n"
                                for i in range(4)))

@@ -15,6 +15,14 @@ LINE = re.compile(r"^([\w -]+): (\d+)/(\d+) \(\d+%\) [\d,-]+ tok/s .*elapsed \d+
                   r"eta (\d+:\d\d:\d\d|-:--:--)$")
 
 
+def test_the_interval_is_a_positive_number_or_thirty_seconds(monkeypatch):
+    from lightopd.progress import interval
+
+    for value, want in (("0.5", 0.5), ("0", 30.0), ("-3", 30.0), ("soon", 30.0), ("nan", 30.0)):
+        monkeypatch.setenv("LIGHTOPD_PROGRESS_SECONDS", value)
+        assert interval() == want, value
+
+
 def test_a_stuck_stage_keeps_writing_its_count(capsys, monkeypatch):
     monkeypatch.setenv("LIGHTOPD_PROGRESS_SECONDS", "0.02")
     with StageProgress("score-teacher", total=3) as bar:

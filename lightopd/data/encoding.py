@@ -11,7 +11,7 @@ from lightopd.data.topk_layout import FLOAT16_BITS, ORDERS
 from lightopd.options import check, opt
 
 TOPK_DTYPES = ("float16", "float32")
-MAX_SUPPORT = 1024  # draws per position (a [positions × M] int64 tensor per micro-batch in training)
+MAX_SUPPORT = 256  # draws per position (a [positions × M] int64 tensor per micro-batch in training)
 
 
 @dataclass(frozen=True, kw_only=True)

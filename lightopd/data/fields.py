@@ -13,11 +13,11 @@ A record yields exactly one of a prompt and messages; a prompt holds more than w
 null field (a JSON null, an empty cell) is a missing one, and an error that it causes says it is
 null. Every other field is kept in the record's metadata (a JSON column of the rollout store, and
 what a checker receives) as it is; a field named `metadata` that holds an object (a reasoning-gym
-entry's) has its keys kept there directly rather than nested under `metadata` (the record's other
-fields win where both name a key); except that a number that is not finite (NaN, ±inf: a float
-column's missing value, or JSON's non-standard NaN) becomes null there, so that every JSON
-lightopd writes of it is standard JSON. `Mapping` counts which field played each role, so the
-choice can be printed once for the whole source.
+entry's) has its keys kept there directly rather than nested under `metadata`, unless one of them
+is also a field of the record (then it stays nested, so nothing is lost); except that a number
+that is not finite (NaN, ±inf: a float column's missing value, or JSON's non-standard NaN)
+becomes null there, so that every JSON lightopd writes of it is standard JSON. `Mapping` counts
+which field played each role, so the choice can be printed once for the whole source.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ class Mapping:
         roles = {"prompt": prompt_field, "messages": messages_field, "answer": answer_field, "id": id_field}
         self.used.update((role, name) for role, name in roles.items() if name)
         metadata = {k: finite(v) for k, v in raw.items() if k not in roles.values()}
-        if isinstance(metadata.get("metadata"), dict):  # the record's own metadata object, not nested in ours
+        own = metadata.get("metadata")
+        if isinstance(own, dict) and not set(own) & set(metadata):  # its own metadata object, not nested in ours
             metadata = {**metadata.pop("metadata"), **metadata}
         return PromptRecord(str(rid), prompt, messages, answer, metadata, where)
 

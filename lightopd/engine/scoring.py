@@ -54,7 +54,9 @@ class Scorer:
         if m:
             uniforms = torch.from_numpy(np.concatenate([
                 row_uniforms(self.support_seed, prompt_id, index, n, m)
-                for (prompt_id, index), n in zip(keys, lengths, strict=True)])).to(self.positions.device)
+                for (prompt_id, index), n in zip(keys, lengths, strict=True)]))
+            if self.positions.device.type != "mps":  # (no float64 on MPS: the draws are made on the CPU there)
+                uniforms = uniforms.to(self.positions.device)
 
         def stats_of(logits: torch.Tensor, lo: int, hi: int) -> LogprobStats:
             if not bool(torch.isfinite(logits).all()):

@@ -106,10 +106,11 @@ def draw_support(lq: Tensor, uniforms: Tensor) -> Tensor:
     sum, so its rounding moves no token's chance by more than about V·2^-53; a token of probability 0
     is never drawn."""
     out = []
+    here = "cpu" if lq.device.type == "mps" else lq.device  # (no float64 on MPS)
     for x, u in zip(lq.split(ROWS), uniforms.split(ROWS), strict=True):
-        cdf = x.detach().double().exp().cumsum_(-1)
-        ids = torch.searchsorted(cdf, (u.double() * cdf[:, -1:]).contiguous(), right=True)
-        out.append(ids.clamp_(max=lq.shape[-1] - 1).sort(-1).values)
+        cdf = x.detach().to(here).double().exp().cumsum_(-1)
+        ids = torch.searchsorted(cdf, (u.to(here).double() * cdf[:, -1:]).contiguous(), right=True)
+        out.append(ids.clamp_(max=lq.shape[-1] - 1).sort(-1).values.to(lq.device))
     return torch.cat(out) if out else uniforms.new_zeros(uniforms.shape, dtype=torch.long)
 
 

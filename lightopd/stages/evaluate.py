@@ -265,14 +265,15 @@ def settings(cfg: EvalConfig, prompts: Prompts | None, store: dict | None) -> di
 def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
     """The evaluation; `opened` holds what it opens for as long as it runs (a user checker's process)."""
     spec, sampling = cfg.model, cfg.sampling
+    merged = base = None
     if merge.is_adapter(locate(spec.path).path):  # evaluated merged into its base, in a temporary copy ($TMPDIR)
         merged = Path(opened.enter_context(tempfile.TemporaryDirectory(prefix="lightopd-merged-"))) / "model"
         base = merge.merge(locate(spec.path).path, merged, None, spec.trust_remote_code, "--model")["base"]
         console.print(f"--model {spec.path}: a LoRA adapter, evaluated merged into its base {base}", highlight=False,
                       soft_wrap=True)
-    model_dir = merged if merge.is_adapter(locate(spec.path).path) else models.check_model_dir(spec.path)
+    model_dir = merged if merged is not None else models.check_model_dir(spec.path)
     tokenizer = models.load_tokenizer(model_dir, spec.trust_remote_code)
-    result: dict = {"command": "eval", "model": str(spec.path)}
+    result: dict = {"command": "eval", "model": str(spec.path), **({"merged_base": base} if base else {})}
     info = engine_context(models.model_info(model_dir, tokenizer, spec.trust_remote_code), cfg.engine)
     check_engine(cfg.engine)
     prompts = None if cfg.prompts is None else read_checked_prompts(cfg, tokenizer, info)

@@ -22,7 +22,7 @@ import torch
 from lightopd.engine import models
 from lightopd.errors import InputError
 from lightopd.merge_config import MergeConfig
-from lightopd.provenance import read_provenance
+from lightopd.provenance import model_fingerprint, read_provenance
 from lightopd.training.checkpoints import save_model, saved_dtype
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,21 +35,32 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def base_of(adapter: Path, base: str | None, what: str) -> Path:
-    """The adapter's base model directory: `base`, else the one it records; InputError if it is gone."""
+    """The adapter's base model directory: `base`, else the one it records (the directory it was trained
+    from, else its Hub id at the recorded commit, else peft's record). InputError if it is gone, or if
+    its weights are not the ones the adapter was trained on (the recorded fingerprint)."""
+    hint = "give it with `lightopd merge ADAPTER --base MODEL --out DIR`"
+    parent = (read_provenance(adapter) or {}).get("parent") or {}
     if base is None:
-        parent = (read_provenance(adapter) or {}).get("parent") or {}
         try:
             recorded = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         except (OSError, ValueError) as e:
             raise InputError(f"{what} {adapter}: unreadable {ADAPTER_CONFIG} ({e})") from None
-        base = parent.get("hub_id") or parent.get("path") or recorded
+        hub = f"{parent['hub_id']}@{parent['commit']}" if parent.get("hub_id") and parent.get("commit") else None
+        local = parent.get("path") if parent.get("path") and Path(parent["path"]).is_dir() else None
+        base = local or hub or parent.get("hub_id") or parent.get("path") or recorded
         if not base:
-            raise InputError(f"{what} {adapter}: the adapter names no base model; give it with --base")
+            raise InputError(f"{what} {adapter}: the adapter names no base model; {hint}")
         try:
-            return models.check_model_dir(base, "the adapter's base")
+            found = models.check_model_dir(base, "the adapter's base")
         except InputError as e:
-            raise InputError(f"{what} {adapter}: {e}; give the base model with --base") from None
-    return models.check_model_dir(base, "--base")
+            raise InputError(f"{what} {adapter}: {e}; {hint}") from None
+    else:
+        found = models.check_model_dir(base, "--base")
+    trained_on = parent.get("fingerprint")
+    if trained_on and model_fingerprint(found) != trained_on:
+        raise InputError(f"{what} {adapter}: the base {base} is not the model it was trained on (fingerprint "
+                         f"{model_fingerprint(found)}, the adapter records {trained_on}); {hint}")
+    return found
 
 
 def merge(adapter: str | Path, out: Path, base: str | None = None, trust_remote_code: bool = False,

@@ -11,6 +11,7 @@ import torch
 from lightopd.data.encoding import StoreEncoding
 from lightopd.data.store import teacher_schema
 from lightopd.data.topk_layout import ENTROPY_BITS, FLOAT16_BITS, by_id, round_significand
+from lightopd.errors import InputError
 
 # Chosen by measurement on a 32k-vocabulary teacher at k = 32 (bytes per completion token, whole
 # shard): zstd-3 defaults 108.8; byte-stream-split floats 95.9; and zstd level 6 90.3, which
@@ -81,6 +82,10 @@ def teacher_table(rollouts: pa.Table, stats: list, encoding: StoreEncoding,
     }
     if drawn:
         m = cat["support_ids"].shape[1]
+        if int(lengths.sum()) * m >= 2**31:  # a list column's offsets are int32
+            raise InputError(f"--support-samples {m}: a shard of {int(lengths.sum())} completion tokens would hold "
+                             f"{int(lengths.sum()) * m} draws, past a Parquet list column's 2^31; draw fewer, or "
+                             "sample the rollouts into smaller shards (rollout --prompts-per-shard)")
         columns["support_ids"] = _list_array(cat["support_ids"].astype(np.int32).reshape(-1), lengths * m, pa.int32())
         columns["support_logprobs"] = _list_array(_rounded(cat["support_logprobs"], encoding).reshape(-1),
                                                   lengths * m, schema.field("support_logprobs").type.value_type)

@@ -196,6 +196,7 @@ def mixture(cfg: TrainConfig, name: str, needs: Requirements) -> Mixture:
                           ("sampling temperature", lambda m: sampling_of(m)["temperature"]),
                           ("top-k", lambda m: m.get("scoring", {}).get("top_k")),
                           ("top-k dtype", lambda m: m.get("scoring", {}).get("topk_logprobs_dtype")),
+                          ("draws per position", lambda m: m.get("scoring", {}).get("support_samples") or 0),
                           ("columns", store_columns), ("record of ℓold", policy_is_behavior)):
             if get(manifest) != get(first):
                 raise InputError(f"--data {path}: its {what} ({get(manifest)}) differs from --data {head}'s "
