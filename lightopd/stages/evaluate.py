@@ -46,7 +46,6 @@ from lightopd.engine.samplers import (
     open_sampler,
 )
 from lightopd.errors import InputError
-from lightopd.hub import locate
 from lightopd.objectives.diagnostics import diagnostics
 from lightopd.objectives.divergences import ForwardKL, ReverseKL
 from lightopd.progress import StageProgress, console, warn
@@ -266,9 +265,9 @@ def _run(cfg: EvalConfig, opened: contextlib.ExitStack) -> dict:
     """The evaluation; `opened` holds what it opens for as long as it runs (a user checker's process)."""
     spec, sampling = cfg.model, cfg.sampling
     merged = base = None
-    if merge.is_adapter(locate(spec.path).path):  # evaluated merged into its base, in a temporary copy ($TMPDIR)
+    if merge.is_adapter(spec.path):  # a local adapter: evaluated merged into its base, a temporary copy ($TMPDIR)
         merged = Path(opened.enter_context(tempfile.TemporaryDirectory(prefix="lightopd-merged-"))) / "model"
-        base = merge.merge(locate(spec.path).path, merged, None, spec.trust_remote_code, "--model")["base"]
+        base = merge.merge(spec.path, merged, None, spec.trust_remote_code, "--model")["base"]
         console.print(f"--model {spec.path}: a LoRA adapter, evaluated merged into its base {base}", highlight=False,
                       soft_wrap=True)
     model_dir = merged if merged is not None else models.check_model_dir(spec.path)

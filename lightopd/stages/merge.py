@@ -89,10 +89,14 @@ def merge(adapter: str | Path, out: Path, base: str | None = None, trust_remote_
     provenance = {**provenance, "lora": {**lora, "merged": True}, "merged_from": str(adapter.resolve()),
                   "merged_base": str(base_dir.resolve())}
     dtype = saved_dtype(base_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.tmp")  # written beside OUT and renamed: never half a model in OUT
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(tmp, merged, tokenizer, provenance, None, dtype)
+    try:
+        save_model(tmp, merged, tokenizer, provenance, None, dtype)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(out)
     return {"adapter": str(adapter), "base": str(base_dir), "dtype": str(dtype).removeprefix("torch.")}
 
